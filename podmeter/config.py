@@ -81,7 +81,7 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 class ComponentConfig(BaseModel):
     """Base of every component config: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class ScraperConfig(ComponentConfig):

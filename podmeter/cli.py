@@ -1,0 +1,232 @@
+"""The `podmeter` command: run, validate, components, collect --once, inspect.
+
+Exit codes: 0 success; 1 runtime failure; 2 bad usage or bad configuration. Expected failures print one clear
+message and never a traceback (PODMETER_DEBUG=1 shows one for bugs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from podmeter import __version__
+
+log = logging.getLogger("podmeter")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str = "info", encoding: str = "console") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if encoding == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel({"warn": "WARNING"}.get(level, level.upper()))
+    # libraries that log every retry or connection at INFO would drown the agent's own messages
+    for noisy in ("kubernetes", "urllib3", "opentelemetry", "grpc"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _load(paths: list[str] | None):
+    from podmeter.config import ConfigError, default_config_path, load
+
+    try:
+        return load(paths or [default_config_path()])
+    except ConfigError as exc:
+        files = ", ".join(paths or [default_config_path()])
+        print(f"podmeter: invalid configuration ({files}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_validate(args) -> int:
+    _load(args.config)
+    print("configuration is valid", file=sys.stderr)
+    return 0
+
+
+def cmd_components(args) -> int:
+    from podmeter.component import KINDS, registry
+
+    reg = registry()
+    for kind in KINDS:
+        for type_ in reg.types(kind):
+            f = reg.get(kind, type_)
+            print(f"{kind:<10} {type_:<18} {f.stability.value:<12} {f.description}")
+    for (kind, type_), error in sorted(reg.broken.items()):
+        print(f"{kind:<10} {type_:<18} {'broken':<12} failed to load: {error}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from podmeter.runtime import Service, StartError
+
+    config = _load(args.config)
+    logs = config.service.telemetry.logs
+    setup_logging(args.log_level or logs.level, logs.encoding)
+    stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        signals.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service = Service(config, strict=args.strict)
+        service.start()
+    except StartError as exc:
+        log.error("start-up failed (--strict): %s", exc)
+        return 1
+    while not stop.wait(1.0):
+        pass
+    log.info("received %s: stopping receivers and flushing exporters (deadline %gs)",
+             signal.Signals(signals[0]).name, config.service.shutdown_timeout)
+    flushed = service.shutdown()
+    log.info("stopped%s", "" if flushed else " (some data was not flushed before the deadline)")
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from podmeter.runtime import Service, StartError
+
+    if not args.once:
+        print("podmeter collect: only --once is supported (use `podmeter run` to run continuously)", file=sys.stderr)
+        return 2
+    config = _load(args.config)
+    setup_logging(args.log_level or "warning", "console")
+    try:
+        service = Service(config, strict=args.strict)
+        data = service.collect_once(wait_timeout=args.wait)
+    except StartError as exc:
+        log.error("start-up failed (--strict): %s", exc)
+        return 1
+    if args.format == "otlp-json":
+        from google.protobuf.json_format import MessageToJson
+        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+        print(MessageToJson(encode_metrics(data)))
+    else:
+        print(render_table(data))
+    return 0
+
+
+def render_table(data) -> str:
+    """A readable summary grouped per pod and container (other resources: GPUs, nodes, processes)."""
+    groups: dict[tuple, list[str]] = {}
+    for rm in data.resource_metrics:
+        a = rm.resource.attributes
+        if a.get("k8s.pod.uid") or a.get("k8s.pod.name"):
+            pod = f"{a.get('k8s.namespace.name', '?')}/{a.get('k8s.pod.name', '?')} uid={a.get('k8s.pod.uid', '?')}"
+            container = a.get("k8s.container.name") or (str(a.get("container.id", ""))[:12] or "(pod)")
+            key = ("pod", pod, container)
+        else:
+            other = {k: v for k, v in a.items() if k in ("hw.id", "hw.name", "process.pid", "k8s.node.name")}
+            key = ("other", ", ".join(f"{k}={v}" for k, v in sorted(other.items())) or "(node)", "")
+        lines = groups.setdefault(key, [])
+        extra = {k: v for k, v in a.items() if k.startswith(("process.", "hw.")) and key[0] == "pod"}
+        if extra and not any(line.startswith("  #") for line in lines):
+            lines.append("  # " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for p in m.data.data_points:
+                    attrs = ",".join(f"{k}={v}" for k, v in sorted(p.attributes.items()))
+                    value = getattr(p, "value", None)
+                    shown = (f"{value:.6g}" if isinstance(value, float) else str(value)) if value is not None \
+                        else f"count={p.count} sum={p.sum:.6g}"
+                    lines.append(f"  {m.name}{'{' + attrs + '}' if attrs else ''} = {shown} {m.unit or ''}".rstrip())
+    out = []
+    for (kind, what, container), lines in sorted(groups.items()):
+        out.append(f"POD {what}  CONTAINER {container}" if kind == "pod" else f"RESOURCE {what}")
+        out.extend(lines)
+    return "\n".join(out) if out else "(no data points)"
+
+
+def cmd_inspect(args) -> int:
+    try:
+        from podmeter import inspect as inspect_cmd
+    except ImportError as exc:
+        print(f"podmeter inspect is not available: {exc}", file=sys.stderr)
+        return 2
+    return inspect_cmd.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="podmeter", description="Per-pod metrics agent for Kubernetes nodes.")
+    parser.add_argument("--version", action="version", version=f"podmeter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def config_arg(p, required=False):
+        p.add_argument("--config", action="append", metavar="FILE", required=required,
+                       help="configuration file; repeat to merge several in order (default: the shipped pipelines.yaml)")
+
+    p = sub.add_parser("run", help="run the agent")
+    config_arg(p)
+    p.add_argument("--strict", action="store_true", help="fail if any component cannot start on this host")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check configuration files and exit (2 on any problem)")
+    config_arg(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("components", help="list every receiver, processor, exporter and extension type")
+    p.set_defaults(func=cmd_components)
+
+    p = sub.add_parser("collect", help="collect once, process, and print instead of exporting")
+    config_arg(p)
+    p.add_argument("--once", action="store_true", help="collect once (required)")
+    p.add_argument("--format", choices=["table", "otlp-json"], default="table")
+    p.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                   help="longest wait for metadata (k8sattributes' first sync)")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("inspect", help="what podmeter knows of a cgroup line/path or a PID",
+                       description="podmeter inspect cgroup LINE_OR_PATH | podmeter inspect pid PID [--config F]")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: one line, not a traceback, unless asked
+        if os.environ.get("PODMETER_DEBUG"):
+            raise
+        print(f"podmeter: internal error: {type(exc).__name__}: {exc} (set PODMETER_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

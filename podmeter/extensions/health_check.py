@@ -1,0 +1,71 @@
+"""health_check extension: HTTP 200 while every pipeline runs, 503 naming the failing components otherwise.
+
+Components that are unavailable on this host (no GPU, no socket) do not fail health: a DaemonSet on a CPU-only
+node must be ready. Exporter delivery failures (a backend outage) do not fail it either: restarting the agent
+would not bring the backend back, and it would lose the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pydantic import Field
+
+from podmeter.component import Extension, Factory, Host, Stability
+from podmeter.config import ComponentConfig, Endpoint, split_endpoint
+
+
+class HealthCheckConfig(ComponentConfig):
+    endpoint: Endpoint = Field("0.0.0.0:13133", description="Address to serve health on")
+    path: str = Field("/", description="URL path answering health (any path answers; this one is documented)")
+
+
+class HealthCheck(Extension):
+    def __init__(self, settings, config: HealthCheckConfig) -> None:
+        self.settings, self.config = settings, config
+        self.server: ThreadingHTTPServer | None = None
+        self.service = None
+
+    def start(self, host: Host) -> None:
+        providers = host.lookup("component_status")
+        self.service = providers[0] if providers else None
+        extension = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                code, body = extension.report()
+                payload = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:  # probes every few seconds: keep the log quiet
+                pass
+
+        host_, port = split_endpoint(self.config.endpoint)
+        self.server = ThreadingHTTPServer((host_, port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, name="health_check", daemon=True).start()
+
+    def report(self) -> tuple[int, dict]:
+        if self.service is None:
+            return 200, {"status": "Server available"}
+        statuses = self.service.statuses()
+        failing = {s.id: s.message for s in statuses.values() if s.state == "error"}
+        components = {f"{s.kind}:{s.id}": s.state for s in statuses.values()}
+        if failing:
+            return 503, {"status": "Server not available", "failing": failing, "components": components}
+        return 200, {"status": "Server available", "components": components}
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+factory = Factory(kind="extension", type="health_check", config_model=HealthCheckConfig, create=HealthCheck,
+                  stability=Stability.BETA, description="HTTP health endpoint for liveness and readiness probes")

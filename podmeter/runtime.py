@@ -1,0 +1,465 @@
+"""The service: builds components from a validated config, runs collection on schedules, fans out to exporters.
+
+Threads, one way: each receiver has a scheduler thread that collects on its own interval and pushes the batch
+through every pipeline that lists it (one processor chain per pipeline); each exporter has a worker thread with
+a bounded queue, so a slow, failing or hanging exporter never delays collection or the other exporters.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import MetricExportResult, MetricsData
+
+from podmeter.component import (
+    Component,
+    ComponentID,
+    ComponentStatus,
+    ComponentUnavailable,
+    CreateSettings,
+    Exporter,
+    Host,
+    Kind,
+    Processor,
+    Receiver,
+    registry,
+)
+from podmeter.config import Config
+from podmeter.metrics import count_points
+from podmeter.telemetry import ComponentTelemetry, Telemetry
+
+log = logging.getLogger("podmeter")
+
+EXPORTER_QUEUE_BATCHES = 64  # isolation buffer per exporter; otlp exporters keep their own sending_queue
+
+
+class StartError(Exception):
+    """A component failed to start and the service runs with --strict."""
+
+
+@dataclass
+class Pipeline:
+    id: str
+    processors: list[tuple[str, Processor]]
+    exporters: list[ExporterWorker]
+    telemetry: Telemetry
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    status: dict[str, ComponentStatus] = field(default_factory=dict)
+
+    def process(self, data: MetricsData) -> MetricsData | None:
+        """Run the processor chain; a processor that raises drops this batch (counted, logged once)."""
+        with self.lock:  # receivers on different threads share this pipeline's processor instances
+            for pid, proc in self.processors:
+                n_in = count_points(data)
+                self.telemetry.processor_in.labels(pid, self.id).inc(n_in)
+                try:
+                    data = proc.process(data)
+                except Exception as exc:
+                    status = self.status.get(f"processor:{pid}:{self.id}")
+                    _component_error(status, proc, f"process failed: {type(exc).__name__}: {exc}")
+                    return None
+                self.telemetry.processor_out.labels(pid, self.id).inc(count_points(data))
+                if data is None or not data.resource_metrics:
+                    return None
+        return data
+
+    def consume(self, data: MetricsData) -> None:
+        out = self.process(data)
+        if out is not None:
+            for worker in self.exporters:
+                worker.enqueue(out)
+
+
+def _component_error(status: ComponentStatus | None, component: Any, message: str) -> None:
+    telemetry: ComponentTelemetry | None = getattr(component, "_podmeter_telemetry", None)
+    if telemetry is not None:
+        telemetry.error("internal", message)
+    else:
+        log.warning("%s", message)
+    if status is not None:
+        status.state, status.message = "error", message
+
+
+class ExporterWorker:
+    """One exporter's thread and bounded queue. A full queue drops the oldest batch and counts it."""
+
+    def __init__(self, id: str, exporter: Exporter, telemetry: Telemetry, status: ComponentStatus,
+                 capacity: int = EXPORTER_QUEUE_BATCHES, export_timeout: float = 30.0) -> None:
+        self.id, self.exporter, self.telemetry, self.status = id, exporter, telemetry, status
+        self.capacity = capacity
+        self.export_timeout = export_timeout
+        self.queue: collections.deque[MetricsData] = collections.deque()
+        self.cond = threading.Condition()
+        self.busy = False
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name=f"exporter-{id}", daemon=True)
+        telemetry.exporter_queue_capacity.labels(id).set(capacity)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def enqueue(self, data: MetricsData) -> None:
+        with self.cond:
+            if len(self.queue) >= self.capacity:
+                dropped = self.queue.popleft()
+                self.telemetry.exporter_enqueue_failed.labels(self.id).inc(count_points(dropped))
+            self.queue.append(data)
+            self.telemetry.exporter_queue_size.labels(self.id).set(len(self.queue))
+            self.cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopping:
+                    self.cond.wait()
+                if not self.queue and self.stopping:
+                    return
+                data = self.queue.popleft()
+                self.busy = True
+                self.telemetry.exporter_queue_size.labels(self.id).set(len(self.queue))
+            points = count_points(data)
+            try:
+                result = self.exporter.export(data, timeout_millis=self.export_timeout * 1000)
+            except Exception as exc:
+                result = MetricExportResult.FAILURE
+                _component_error(None, self.exporter, f"export raised {type(exc).__name__}: {exc}")
+            if result == MetricExportResult.SUCCESS or result is None:
+                self.telemetry.exporter_sent.labels(self.id).inc(points)
+            else:
+                self.telemetry.exporter_failed.labels(self.id).inc(points)
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+
+    def drain(self, deadline: float) -> bool:
+        """Wait until everything queued was handed to the exporter, or the deadline passes."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            while self.queue or self.busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cond.wait(remaining)
+        return True
+
+
+class ReceiverRunner:
+    """Collects one receiver on its interval and feeds every pipeline that lists it."""
+
+    def __init__(self, id: str, receiver: Receiver, config: Any, pipelines: list[Pipeline], telemetry: Telemetry,
+                 status: ComponentStatus) -> None:
+        self.id, self.receiver, self.pipelines, self.telemetry, self.status = id, receiver, pipelines, telemetry, status
+        self.interval = float(getattr(config, "collection_interval", 10.0) or 10.0)
+        self.initial_delay = float(getattr(config, "initial_delay", 0.0) or 0.0)
+        self.timeout = float(getattr(config, "timeout", 0.0) or 0.0) or self.interval
+        self.stop_event = threading.Event()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"collect-{id}")
+        self.pending: concurrent.futures.Future | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"receiver-{id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        if self.stop_event.wait(self.initial_delay):
+            return
+        next_tick = time.monotonic()
+        while not self.stop_event.is_set():
+            self.collect_once()
+            next_tick += self.interval
+            now = time.monotonic()
+            if next_tick < now:  # fell behind (slow collection): skip missed ticks rather than burst
+                next_tick = now + self.interval
+            if self.stop_event.wait(next_tick - now):
+                return
+
+    def collect_once(self) -> None:
+        if self.pending is not None and not self.pending.done():
+            self.telemetry.receiver_collections.labels(self.id, "skipped").inc()
+            return
+        started = time.perf_counter()
+        self.pending = self.pool.submit(self.receiver.collect)
+        try:
+            data = self.pending.result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            self.telemetry.receiver_collections.labels(self.id, "timeout").inc()
+            _component_error(self.status, self.receiver, f"collection exceeded its timeout of {self.timeout:g}s")
+            return
+        except Exception as exc:
+            self.telemetry.receiver_collections.labels(self.id, "error").inc()
+            _component_error(self.status, self.receiver, f"collection failed: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            self.telemetry.receiver_duration.labels(self.id).observe(time.perf_counter() - started)
+        self.telemetry.receiver_collections.labels(self.id, "ok").inc()
+        if self.status.state == "error":
+            self.status.state, self.status.message = "ok", ""
+            telemetry = getattr(self.receiver, "_podmeter_telemetry", None)
+            if telemetry is not None:
+                telemetry.recovered("internal")
+        if data is None:
+            return
+        points = count_points(data)
+        self.telemetry.receiver_accepted.labels(self.id).inc(points)
+        for pipeline in self.pipelines:
+            pipeline.consume(data)
+
+
+class Service:
+    def __init__(self, config: Config, telemetry: Telemetry | None = None, strict: bool = False) -> None:
+        self.config = config
+        self.strict = strict
+        self.telemetry = telemetry or Telemetry()
+        self.host = Host()
+        self.status: dict[str, ComponentStatus] = {}
+        self.receivers: dict[str, Receiver] = {}
+        self.exporters: dict[str, ExporterWorker] = {}
+        self.extensions: dict[str, Component] = {}
+        self.pipelines: dict[str, Pipeline] = {}
+        self.runners: list[ReceiverRunner] = []
+        self._telemetry_server = None
+        self.host.publish("component_status", self)
+        self._build()
+
+    # -- construction -------------------------------------------------------------------------------------
+
+    def _create(self, kind: Kind, cid: ComponentID, pipeline: str = "") -> Any:
+        factory = registry().get(kind, cid.type)
+        assert factory is not None, f"{kind} {cid} passed validation without a factory"
+        cfg = self.config.section(kind)[cid]
+        name = str(cid) if not pipeline else f"{cid} in {pipeline}"
+        logger = logging.getLogger(f"podmeter.{kind}.{cid}")
+        ct = ComponentTelemetry(self.telemetry, str(cid), logger)
+        settings = CreateSettings(id=cid, kind=kind, logger=logger, telemetry=ct, pipeline=pipeline)
+        try:
+            component = factory.create(settings, cfg)
+        except ComponentUnavailable:
+            raise
+        except Exception as exc:
+            raise StartError(f"{kind} {name}: cannot be created: {type(exc).__name__}: {exc}") from exc
+        try:
+            component._podmeter_telemetry = ct
+        except AttributeError:  # e.g. a slotted third-party exporter
+            pass
+        return component
+
+    def _build(self) -> None:
+        svc = self.config.service
+        for ext in svc.extensions:
+            self._add(f"extension:{ext}", "extension", lambda e=ext: self.extensions.__setitem__(
+                e, self._create("extension", ComponentID.parse(e))))
+        exporter_pipelines: dict[str, list[str]] = {}
+        receiver_pipelines: dict[str, list[str]] = {}
+        for pid, p in svc.pipelines.items():
+            for e in p.exporters:
+                exporter_pipelines.setdefault(e, []).append(pid)
+            for r in p.receivers:
+                receiver_pipelines.setdefault(r, []).append(pid)
+        for eid, pids in exporter_pipelines.items():
+            def make_exporter(eid=eid):
+                exporter = self._create("exporter", ComponentID.parse(eid))
+                self.exporters[eid] = ExporterWorker(eid, exporter, self.telemetry, self.status[f"exporter:{eid}"])
+            self._add(f"exporter:{eid}", "exporter", make_exporter, pids)
+        for pid, p in svc.pipelines.items():
+            procs: list[tuple[str, Processor]] = []
+            pipeline = Pipeline(pid, procs, [], self.telemetry, status=self.status)
+            for proc_id in p.processors:
+                key = f"processor:{proc_id}:{pid}"
+                self._add(key, "processor", lambda proc_id=proc_id: procs.append(
+                    (proc_id, self._create("processor", ComponentID.parse(proc_id), pid))), [pid])
+            self.pipelines[pid] = pipeline
+        for rid, pids in receiver_pipelines.items():
+            self._add(f"receiver:{rid}", "receiver", lambda rid=rid: self.receivers.__setitem__(
+                rid, self._create("receiver", ComponentID.parse(rid))), pids)
+
+    def _add(self, key: str, kind: Kind, create, pipelines: list[str] | None = None) -> None:
+        status = self.status[key] = ComponentStatus(id=key.split(":", 1)[1], kind=kind, pipelines=pipelines or [])
+        try:
+            create()
+        except ComponentUnavailable as exc:
+            self._unavailable(status, str(exc))
+        except StartError as exc:
+            if self.strict:
+                raise
+            status.state, status.message = "error", str(exc)
+            log.error("%s", exc)
+
+    def _unavailable(self, status: ComponentStatus, reason: str) -> None:
+        if self.strict:
+            raise StartError(f"{status.kind} {status.id} cannot run on this host: {reason}")
+        status.state, status.message = "unavailable", reason
+        log.warning("%s %s is not available on this host and is disabled: %s", status.kind, status.id, reason)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def _start_component(self, key: str, component: Component) -> bool:
+        status = self.status[key]
+        try:
+            component.start(self.host)
+        except ComponentUnavailable as exc:
+            self._unavailable(status, str(exc))
+            return False
+        except Exception as exc:
+            message = f"failed to start: {type(exc).__name__}: {exc}"
+            if self.strict:
+                raise StartError(f"{status.kind} {status.id} {message}") from exc
+            status.state, status.message = "error", message
+            log.error("%s %s %s", status.kind, status.id, message)
+            return False
+        status.state = "ok"
+        return True
+
+    def start_components(self, exporters: bool = True) -> None:
+        """Start in dependency order: extensions, exporters, processors, receivers (receivers not scheduled).
+
+        With exporters=False (collect --once) extensions and exporters are left unstarted: nothing binds a port.
+        """
+        if not exporters:
+            self.extensions.clear()
+            self.exporters.clear()
+        for eid, ext in list(self.extensions.items()):
+            self._start_component(f"extension:{eid}", ext)
+        for eid, worker in list(self.exporters.items()):
+            if self._start_component(f"exporter:{eid}", worker.exporter):
+                worker.start()
+            else:
+                del self.exporters[eid]
+        for pid, pipeline in self.pipelines.items():
+            kept = []
+            for proc_id, proc in pipeline.processors:
+                if self._start_component(f"processor:{proc_id}:{pid}", proc):
+                    kept.append((proc_id, proc))
+            pipeline.processors[:] = kept
+            # a pipeline whose processor failed still runs without it: losing enrichment beats losing data
+            pipeline.exporters = [self.exporters[e] for e in self.config.service.pipelines[pid].exporters
+                                  if e in self.exporters]
+        for rid, receiver in list(self.receivers.items()):
+            if not self._start_component(f"receiver:{rid}", receiver):
+                del self.receivers[rid]
+        self._notify_extensions()
+
+    def start(self) -> None:
+        self._start_telemetry_server()
+        self.start_components()
+        for rid, receiver in self.receivers.items():
+            pipes = [self.pipelines[p] for p in self.status[f"receiver:{rid}"].pipelines]
+            runner = ReceiverRunner(rid, receiver, self.config.receivers[ComponentID.parse(rid)], pipes,
+                                    self.telemetry, self.status[f"receiver:{rid}"])
+            self.runners.append(runner)
+            runner.start()
+        running = [k for k, s in self.status.items() if s.state == "ok"]
+        log.info("podmeter started: %d pipelines, %d components running (%s)", len(self.pipelines), len(running),
+                 ", ".join(running))
+
+    def _start_telemetry_server(self) -> None:
+        cfg = self.config.service.telemetry.metrics
+        if cfg.level == "none":
+            return
+        from prometheus_client import start_http_server
+
+        from podmeter.config import split_endpoint
+
+        host, port = split_endpoint(cfg.address)
+        try:
+            self._telemetry_server = start_http_server(port, addr=host, registry=self.telemetry.registry)
+        except OSError as exc:
+            message = f"cannot serve self-telemetry on {cfg.address}: {exc.strerror or exc}"
+            if self.strict:
+                raise StartError(message) from exc
+            log.warning("%s", message)
+
+    def statuses(self) -> dict[str, ComponentStatus]:
+        return dict(self.status)
+
+    def failing(self) -> list[ComponentStatus]:
+        return [s for s in self.status.values() if s.state == "error"]
+
+    def _notify_extensions(self) -> None:
+        for ext in self.extensions.values():
+            setter = getattr(ext, "set_status", None)
+            if setter:
+                setter(self.statuses())
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop receivers, flush exporters within the deadline, stop the rest. True if everything flushed."""
+        timeout = self.config.service.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            runner.stop()
+        for runner in self.runners:
+            runner.join(max(0.0, min(2.0, deadline - time.monotonic())))
+        for rid, receiver in self.receivers.items():
+            _safe_shutdown(receiver, f"receiver {rid}")
+            self.status[f"receiver:{rid}"].state = "stopped"
+        for pid, pipeline in self.pipelines.items():
+            for proc_id, proc in pipeline.processors:
+                _safe_shutdown(proc, f"processor {proc_id} in {pid}")
+        flushed = True
+        for eid, worker in self.exporters.items():
+            if not worker.drain(deadline):
+                flushed = False
+                log.warning("exporter %s: %d batches not exported before the shutdown deadline", eid, len(worker.queue))
+            remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
+            try:
+                worker.exporter.force_flush(timeout_millis=remaining_ms)
+                worker.exporter.shutdown(timeout_millis=max(0.0, deadline - time.monotonic()) * 1000)
+            except Exception as exc:
+                flushed = False
+                log.warning("exporter %s: shutdown failed: %s: %s", eid, type(exc).__name__, exc)
+            self.status[f"exporter:{eid}"].state = "stopped"
+        for eid, ext in self.extensions.items():
+            _safe_shutdown(ext, f"extension {eid}")
+        if self._telemetry_server is not None:
+            server = self._telemetry_server[0] if isinstance(self._telemetry_server, tuple) else None
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        return flushed
+
+    # -- one-shot collection (podmeter collect --once) ------------------------------------------------------
+
+    def collect_once(self, wait_timeout: float = 30.0) -> MetricsData:
+        """Start components, wait for metadata and event windows, collect every receiver once, process."""
+        self.start_components(exporters=False)
+        deadline = time.monotonic() + wait_timeout
+        for pipeline in self.pipelines.values():
+            for _, proc in pipeline.processors:
+                proc.ready(max(0.0, deadline - time.monotonic()))
+        windows = [float(getattr(self.config.receivers[ComponentID.parse(rid)], "collection_interval", 0) or 0)
+                   for rid, r in self.receivers.items() if r.counts_events]
+        if windows:
+            time.sleep(max(windows))
+        out: list[MetricsData] = []
+        for rid, receiver in self.receivers.items():
+            try:
+                data = receiver.collect()
+            except Exception as exc:
+                log.error("receiver %s: collection failed: %s: %s", rid, type(exc).__name__, exc)
+                continue
+            for pid in self.status[f"receiver:{rid}"].pipelines:
+                processed = self.pipelines[pid].process(data)
+                if processed is not None:
+                    out.append(processed)
+        self.shutdown(timeout=5.0)
+        return MetricsData(resource_metrics=[rm for d in out for rm in d.resource_metrics])
+
+
+def _safe_shutdown(component: Any, name: str) -> None:
+    try:
+        component.shutdown()
+    except Exception as exc:
+        log.warning("%s: shutdown failed: %s: %s", name, type(exc).__name__, exc)

@@ -1,0 +1,295 @@
+"""Runtime: scheduling, fan-out isolation, per-pipeline processors, shutdown flushing, health, CLI run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from harness import free_port, wait_for
+
+from podmeter.config import load
+from podmeter.runtime import Service, StartError
+
+HERE = os.path.dirname(__file__)
+PLUGINS = os.path.join(HERE, "plugins.py")
+
+
+@pytest.fixture(autouse=True)
+def plugins():
+    from core import plugins
+
+    plugins.register()
+    plugins.RECORDS.clear()
+    return plugins
+
+
+def config(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(text))
+    return load([str(path)], env={})
+
+
+def base(extra_exporters: str = "", exporters: str = "[record/ok]", interval: str = "50ms", telemetry_port: int = 0):
+    return f"""
+        receivers:
+          counter:
+            collection_interval: {interval}
+            initial_delay: 0s
+        exporters:
+          record/ok:
+            name: ok
+        {extra_exporters}
+        service:
+          telemetry:
+            metrics:
+              {"level: none" if not telemetry_port else f"address: 127.0.0.1:{telemetry_port}"}
+          pipelines:
+            metrics:
+              receivers: [counter]
+              exporters: {exporters}
+        """
+
+
+def test_failing_and_hanging_exporters_do_not_delay_the_others(tmp_path, plugins):
+    text = base("""  record/fail:
+            name: fail
+            fail: true
+          record/hang:
+            name: hang
+            hang: true""", exporters="[record/fail, record/hang, record/ok]")
+    service = Service(config(tmp_path, text))
+    service.start()
+    try:
+        wait_for(lambda: len(plugins.RECORDS.get("ok", [])) >= 10, what="10 batches at the healthy exporter")
+        hang = service.exporters["record/hang"]
+        assert len(hang.queue) > 0  # the hanging exporter's own queue fills...
+        assert len(hang.queue) <= hang.capacity  # ...bounded
+        failed = service.telemetry.exporter_failed.labels("record/fail")._value.get()
+        assert failed >= 5
+    finally:
+        service.exporters["record/hang"].exporter.release.set()
+        service.shutdown(timeout=2)
+
+
+def test_full_queue_drops_oldest_and_counts(tmp_path, plugins):
+    text = base("""  record/hang:
+            name: hang
+            hang: true""", exporters="[record/hang]", interval="10ms")
+    service = Service(config(tmp_path, text))
+    service.exporters["record/hang"].capacity = 3
+    service.start()
+    try:
+        wait_for(lambda: service.telemetry.exporter_enqueue_failed.labels("record/hang")._value.get() >= 3,
+                 what="dropped batches counted")
+        newest = service.exporters["record/hang"].queue[-1]
+        oldest = service.exporters["record/hang"].queue[0]
+        value = lambda d: d.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0].value  # noqa: E731
+        assert value(newest) > value(oldest)
+    finally:
+        service.exporters["record/hang"].exporter.release.set()
+        service.shutdown(timeout=2)
+
+
+def test_receiver_shared_by_pipelines_collects_once_and_processors_are_per_pipeline(tmp_path, plugins):
+    text = """
+        receivers:
+          counter:
+            collection_interval: 50ms
+            initial_delay: 0s
+        processors:
+          tag:
+        exporters:
+          record/a:
+            name: a
+          record/b:
+            name: b
+        service:
+          telemetry: {metrics: {level: none}}
+          pipelines:
+            metrics/a: {receivers: [counter], processors: [tag], exporters: [record/a]}
+            metrics/b: {receivers: [counter], processors: [tag], exporters: [record/b]}
+        """
+    service = Service(config(tmp_path, text))
+    service.start()
+    try:
+        wait_for(lambda: len(plugins.RECORDS.get("a", [])) >= 3 and len(plugins.RECORDS.get("b", [])) >= 3)
+    finally:
+        service.shutdown(timeout=2)
+    procs = [p for pipe in service.pipelines.values() for _, p in pipe.processors]
+    assert len(procs) == 2 and procs[0] is not procs[1]
+    assert {r[0][3] for r in plugins.RECORDS["a"]} == {"metrics/a"}
+    assert {r[0][3] for r in plugins.RECORDS["b"]} == {"metrics/b"}
+    # one receiver instance: both pipelines saw the same sequence of collection counts
+    seq_a = [r[0][2] for r in plugins.RECORDS["a"]]
+    seq_b = [r[0][2] for r in plugins.RECORDS["b"]]
+    n = min(len(seq_a), len(seq_b))
+    assert seq_a[:n] == seq_b[:n] == list(range(1, n + 1))
+
+
+def test_shutdown_flushes_queued_batches(tmp_path, plugins):
+    text = base("""  record/slow:
+            name: slow
+            delay: 0.2""", exporters="[record/slow]", interval="20ms")
+    service = Service(config(tmp_path, text))
+    service.start()
+    wait_for(lambda: len(service.exporters["record/slow"].queue) >= 3, what="a backlog")
+    service.runners[0].stop()
+    service.runners[0].join(2)
+    backlog = len(service.exporters["record/slow"].queue)
+    delivered_before = len(plugins.RECORDS["slow"])
+    assert service.shutdown(timeout=10) is True
+    assert len(plugins.RECORDS["slow"]) >= delivered_before + backlog
+
+
+def test_unavailable_component_is_disabled_and_strict_makes_it_fatal(tmp_path, plugins, caplog):
+    text = base().replace("initial_delay: 0s", "initial_delay: 0s\n            unavailable: no GPU on this host")
+    service = Service(config(tmp_path, text))
+    service.start()
+    service.shutdown(timeout=1)
+    assert service.status["receiver:counter"].state == "unavailable"
+    assert sum("no GPU on this host" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(StartError):
+        Service(config(tmp_path, text), strict=True).start()
+
+
+def test_collection_errors_are_counted_and_collection_goes_on(tmp_path, plugins):
+    text = base().replace("initial_delay: 0s", "initial_delay: 0s\n            fail_every: 2")
+    service = Service(config(tmp_path, text))
+    service.start()
+    try:
+        wait_for(lambda: service.telemetry.receiver_collections.labels("counter", "error")._value.get() >= 3)
+        wait_for(lambda: len(plugins.RECORDS["ok"]) >= 3)
+    finally:
+        service.shutdown(timeout=1)
+
+
+def test_failing_processor_drops_batch_not_pipeline(tmp_path, plugins):
+    text = base().replace("exporters:\n", "processors:\n          tag:\n            fail: true\n        exporters:\n", 1)
+    text = text.replace("receivers: [counter]", "receivers: [counter]\n              processors: [tag]")
+    service = Service(config(tmp_path, text))
+    service.start()
+    try:
+        wait_for(lambda: service.status["processor:tag:metrics"].state == "error")
+        assert service.runners[0].thread.is_alive()
+    finally:
+        service.shutdown(timeout=1)
+
+
+def test_collect_once_runs_processors_and_binds_nothing(tmp_path, plugins):
+    port = free_port()
+    text = base(telemetry_port=port).replace("exporters:\n", "processors:\n          tag:\n        exporters:\n", 1)
+    text = text.replace("receivers: [counter]", "receivers: [counter]\n              processors: [tag]")
+    data = Service(config(tmp_path, text)).collect_once()
+    attrs = data.resource_metrics[0].resource.attributes
+    assert attrs["tagged"] == "yes"
+    assert plugins.RECORDS.get("ok", []) == []  # printed, not exported
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, PLUGINS, *args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def test_cli_collect_once_formats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(base().replace("initial_delay: 0s", "initial_delay: 0s\n            pods: 2")))
+    out = _cli("collect", "--once", "--config", str(path), "--format", "otlp-json")
+    assert out.returncode == 0, out.stderr
+    request = json.loads(out.stdout)
+    names = {a["value"]["stringValue"] for rm in request["resourceMetrics"] for a in rm["resource"]["attributes"]
+             if a["key"] == "k8s.pod.name"}
+    assert names == {"pod-0", "pod-1"}
+    table = _cli("collect", "--once", "--config", str(path))
+    assert table.returncode == 0, table.stderr
+    assert "POD default/pod-0 uid=uid-0" in table.stdout and "test.value = 1" in table.stdout
+
+
+def test_cli_components_and_version():
+    out = subprocess.run([sys.executable, "-m", "podmeter.cli", "components"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert any(line.split()[:2] == ["exporter", "debug"] for line in out.stdout.splitlines())
+    version = subprocess.run([sys.executable, "-m", "podmeter.cli", "--version"], capture_output=True, text=True)
+    assert version.stdout.startswith("podmeter ")
+
+
+def test_cli_run_health_telemetry_and_sigterm(tmp_path):
+    health, telemetry = free_port(), free_port()
+    out_file = tmp_path / "out.jsonl"
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(f"""
+        receivers:
+          counter: {{collection_interval: 100ms, initial_delay: 0s}}
+          counter/broken: {{collection_interval: 100ms, fail_start: true}}
+          counter/gpu: {{unavailable: "no NVML library"}}
+        exporters:
+          record: {{path: {out_file}}}
+          debug:
+        extensions:
+          health_check: {{endpoint: "127.0.0.1:{health}"}}
+        service:
+          extensions: [health_check]
+          telemetry: {{metrics: {{address: "127.0.0.1:{telemetry}"}}}}
+          pipelines:
+            metrics: {{receivers: [counter, counter/gpu], exporters: [record, debug]}}
+            metrics/broken: {{receivers: [counter/broken], exporters: [debug]}}
+        """))
+    proc = subprocess.Popen([sys.executable, PLUGINS, "run", "--config", str(path)], stderr=subprocess.PIPE, text=True)
+    try:
+        def get(port, p="/"):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{p}", timeout=1) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+            except OSError:
+                return None
+
+        status = wait_for(lambda: get(health), what="health endpoint")
+        assert status[0] == 503 and "counter/broken" in status[1]  # start failure names the component
+        metrics = wait_for(lambda: get(telemetry, "/metrics"), what="self-telemetry")[1]
+        assert "podmeter_receiver_accepted_metric_points_total" in metrics
+        assert "podmeter_process_resident_memory_bytes" in metrics
+        wait_for(lambda: out_file.exists() and len(out_file.read_text().splitlines()) >= 3, what="exports")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read()
+    assert stderr.count("no NVML library") == 1
+    assert "Traceback" not in stderr
+
+
+def test_health_ok_when_only_unavailable_components(tmp_path):
+    health = free_port()
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(f"""
+        receivers:
+          counter: {{collection_interval: 100ms, initial_delay: 0s}}
+          counter/gpu: {{unavailable: "no GPU"}}
+        exporters: {{debug: {{}}}}
+        extensions: {{health_check: {{endpoint: "127.0.0.1:{health}"}}}}
+        service:
+          extensions: [health_check]
+          telemetry: {{metrics: {{level: none}}}}
+          pipelines: {{metrics: {{receivers: [counter, counter/gpu], exporters: [debug]}}}}
+        """))
+    proc = subprocess.Popen([sys.executable, PLUGINS, "run", "--config", str(path)], stderr=subprocess.DEVNULL)
+    try:
+        def ok():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_for(ok, what="health 200")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
