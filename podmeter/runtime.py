@@ -279,7 +279,7 @@ class Service:
             pipeline = Pipeline(pid, procs, [], self.telemetry, status=self.status)
             for proc_id in p.processors:
                 key = f"processor:{proc_id}:{pid}"
-                self._add(key, "processor", lambda proc_id=proc_id: procs.append(
+                self._add(key, "processor", lambda proc_id=proc_id, procs=procs, pid=pid: procs.append(
                     (proc_id, self._create("processor", ComponentID.parse(proc_id), pid))), [pid])
             self.pipelines[pid] = pipeline
         for rid, pids in receiver_pipelines.items():

@@ -22,7 +22,7 @@ from podmeter.component import (
     registry,
 )
 from podmeter.config import ComponentConfig, ScraperConfig
-from podmeter.metrics import MetricSpec, MetricsBuilder, iter_points, now_ns, with_resource
+from podmeter.metrics import MetricsBuilder, MetricSpec, iter_points, now_ns, with_resource
 
 VALUE = MetricSpec("test.value", "gauge", "1", "Collections so far")
 RECORDS: dict[str, list] = {}

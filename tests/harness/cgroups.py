@@ -120,7 +120,7 @@ def _rmdir_tree(path: str) -> None:
     for entry in os.scandir(path):
         if entry.is_dir(follow_symlinks=False):
             _rmdir_tree(entry.path)
-    for attempt in range(50):
+    for _attempt in range(50):
         try:
             os.rmdir(path)
             return
