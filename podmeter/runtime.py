@@ -53,7 +53,11 @@ class Pipeline:
     status: dict[str, ComponentStatus] = field(default_factory=dict)
 
     def process(self, data: MetricsData) -> MetricsData | None:
-        """Run the processor chain; a processor that raises drops this batch (counted, logged once)."""
+        return self.run(data)[0]
+
+    def run(self, data: MetricsData) -> tuple[MetricsData | None, bool]:
+        """Run the processor chain -> (output, refused). A processor that raises refuses this batch (counted,
+        logged once); an empty output is filtering, not refusal."""
         with self.lock:  # receivers on different threads share this pipeline's processor instances
             for pid, proc in self.processors:
                 n_in = count_points(data)
@@ -63,17 +67,19 @@ class Pipeline:
                 except Exception as exc:
                     status = self.status.get(f"processor:{pid}:{self.id}")
                     _component_error(status, proc, f"process failed: {type(exc).__name__}: {exc}")
-                    return None
+                    return None, True
                 self.telemetry.processor_out.labels(pid, self.id).inc(count_points(data))
                 if data is None or not data.resource_metrics:
-                    return None
-        return data
+                    return None, False
+        return data, False
 
-    def consume(self, data: MetricsData) -> None:
-        out = self.process(data)
+    def consume(self, data: MetricsData) -> bool:
+        """Process and fan out; False when a processor failure refused the batch."""
+        out, refused = self.run(data)
         if out is not None:
             for worker in self.exporters:
                 worker.enqueue(out)
+        return not refused
 
 
 def _component_error(status: ComponentStatus | None, component: Any, message: str) -> None:
@@ -214,9 +220,11 @@ class ReceiverRunner:
         if data is None:
             return
         points = count_points(data)
-        self.telemetry.receiver_accepted.labels(self.id).inc(points)
-        for pipeline in self.pipelines:
-            pipeline.consume(data)
+        refused = sum(not pipeline.consume(data) for pipeline in self.pipelines)
+        if refused:
+            self.telemetry.receiver_refused.labels(self.id).inc(points)
+        else:
+            self.telemetry.receiver_accepted.labels(self.id).inc(points)
 
 
 class Service:

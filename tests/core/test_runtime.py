@@ -177,6 +177,7 @@ def test_failing_processor_drops_batch_not_pipeline(tmp_path, plugins):
     service.start()
     try:
         wait_for(lambda: service.status["processor:tag:metrics"].state == "error")
+        wait_for(lambda: service.telemetry.receiver_refused.labels("counter")._value.get() >= 1)
         assert service.runners[0].thread.is_alive()
     finally:
         service.shutdown(timeout=1)
