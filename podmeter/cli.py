@@ -155,6 +155,8 @@ def render_table(data) -> str:
                     lines.append(f"  {m.name}{'{' + attrs + '}' if attrs else ''} = {shown} {m.unit or ''}".rstrip())
     out = []
     for (kind, what, container), lines in sorted(groups.items()):
+        if not lines:
+            continue
         out.append(f"POD {what}  CONTAINER {container}" if kind == "pod" else f"RESOURCE {what}")
         out.extend(lines)
     return "\n".join(out) if out else "(no data points)"

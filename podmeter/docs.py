@@ -125,4 +125,7 @@ def run(check: bool) -> int:
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     sys.exit(run("--check" in sys.argv[1:]))

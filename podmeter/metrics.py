@@ -72,7 +72,7 @@ class MetricsBuilder:
         self._resources: dict[tuple, tuple[dict, dict[str, tuple[MetricSpec, list]]]] = {}
 
     def _bucket(self, spec: MetricSpec, resource: Mapping[str, Any]) -> list:
-        key = tuple(sorted(resource.items()))
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resource.items()))
         entry = self._resources.get(key)
         if entry is None:
             entry = self._resources[key] = (dict(resource), {})
@@ -124,6 +124,11 @@ class MetricsBuilder:
                     scope_metrics=[ScopeMetrics(scope=self._scope, metrics=built, schema_url="")],
                     schema_url="",
                 ))
+        if not out:
+            # An empty scope still tells exporters "this receiver now has nothing": the prometheus exporter
+            # drops the series of the last pod that went away instead of keeping them until they expire.
+            out.append(ResourceMetrics(resource=Resource({}), schema_url="",
+                                       scope_metrics=[ScopeMetrics(scope=self._scope, metrics=[], schema_url="")]))
         return MetricsData(resource_metrics=out)
 
 

@@ -1,0 +1,102 @@
+"""Configuration of the otlp (gRPC) and otlphttp exporters: the collector's exporterhelper keys."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from podmeter.config import ComponentConfig, Duration
+
+
+class ClientTLSConfig(ComponentConfig):
+    insecure: bool = Field(False, description="gRPC: plaintext instead of TLS (an http:// endpoint implies it)")
+    insecure_skip_verify: bool = Field(False, description="Do not verify the server's certificate (testing only)")
+    ca_file: str = Field("", description="PEM CA bundle to verify the server with (default: the system's)")
+    cert_file: str = Field("", description="PEM client certificate for mutual TLS")
+    key_file: str = Field("", description="PEM private key of cert_file")
+
+    @model_validator(mode="after")
+    def _pair(self):
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class RetryConfig(ComponentConfig):
+    enabled: bool = Field(True, description="Retry batches that failed with a retryable error")
+    initial_interval: Duration = Field(5.0, gt=0, description="Wait after the first failure")
+    max_interval: Duration = Field(30.0, gt=0, description="Upper bound of the wait between attempts")
+    max_elapsed_time: Duration = Field(300.0, description="Give a batch up after this long; 0 retries forever")
+    multiplier: float = Field(1.5, ge=1.0, description="Growth of the wait after each failed attempt")
+    randomization_factor: float = Field(0.5, ge=0.0, le=1.0, description="Jitter: the wait is randomized by ±this")
+
+
+class QueueConfig(ComponentConfig):
+    enabled: bool = Field(True, description="Queue batches and send them from consumer threads")
+    queue_size: int = Field(1000, gt=0, description="Batches the queue holds; when full the oldest is dropped")
+    num_consumers: int = Field(10, gt=0, le=100, description="Threads sending batches in parallel")
+    storage: str = Field("", description="Directory of a persistent queue: batches survive a restart or kill "
+                                         "(each exporter uses its own subdirectory)")
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+class _OTLPBase(ComponentConfig):
+    tls: ClientTLSConfig = Field(default_factory=ClientTLSConfig, description="Client TLS settings")
+    headers: dict[str, str] = Field(default_factory=dict, description="Headers (gRPC metadata) sent with every request")
+    compression: Literal["gzip", "none", ""] = Field("gzip", description="gzip or none")
+    timeout: Duration = Field(5.0, gt=0, description="Deadline of one send attempt")
+    retry_on_failure: RetryConfig = Field(default_factory=RetryConfig, description="Retries with backoff")
+    sending_queue: QueueConfig = Field(default_factory=QueueConfig, description="The sending queue")
+    temporality_preference: Literal["cumulative", "delta"] = Field(
+        "cumulative", description="cumulative sends sums and histograms as collected; delta sends the change "
+                                  "since the previous collection (the first collection of a series is held back)")
+
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, value in v.items():
+            if not _HEADER_NAME.match(k):
+                raise ValueError(f"header name {k!r} is not a valid HTTP header / gRPC metadata key")
+            if "\n" in str(value) or "\r" in str(value):
+                raise ValueError(f"header {k!r}: the value must be one line")
+        return v
+
+
+class OTLPGrpcConfig(_OTLPBase):
+    endpoint: str = Field("localhost:4317", description="host:port of the OTLP gRPC receiver "
+                                                       "(http:// means plaintext, https:// TLS)")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        rest = v.split("://", 1)[1] if "://" in v else v
+        if "://" in v and not v.startswith(("http://", "https://")):
+            raise ValueError("the scheme must be http:// or https://, or none (host:port)")
+        host, sep, port = rest.rstrip("/").rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"invalid endpoint {v!r}: expected host:port, like otel-gateway:4317")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self):
+        if self.tls.insecure_skip_verify:
+            raise ValueError("tls::insecure_skip_verify is not supported by the gRPC exporter: give tls::ca_file "
+                             "(the server's CA) or use tls::insecure for plaintext")
+        return self
+
+
+class OTLPHttpConfig(_OTLPBase):
+    endpoint: str = Field("http://localhost:4318", description="Base URL; metrics are POSTed to <endpoint>/v1/metrics")
+    metrics_endpoint: str = Field("", description="Full URL for metrics, used as is instead of endpoint + /v1/metrics")
+
+    @field_validator("endpoint", "metrics_endpoint")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError(f"invalid URL {v!r}: must start with http:// or https://")
+        return v

@@ -1,0 +1,159 @@
+"""The sending queue: encoded OTLP requests waiting for a consumer, in memory or in a directory.
+
+Items are serialized ExportMetricsServiceRequest bytes, so what is queued is bounded by `queue_size` batches
+and a persistent queue needs no second encoding. When the queue is full the OLDEST waiting batch is dropped:
+for cumulative metrics the newest batch carries the most recent totals, so it is worth more than the oldest.
+
+The persistent queue keeps one file per batch (`<sequence>-<points>.otlp`, written to a temporary name and
+renamed, so a kill leaves either the whole file or none) and removes it once the batch is delivered or given
+up. On start it picks up what a previous process left. Delivery is at-least-once: a batch in flight when the
+process dies is sent again after the restart. Files are not fsynced: they survive the process being killed,
+not the machine losing power.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+_FILE = re.compile(r"^(\d{20})-(\d+)\.otlp$")
+
+
+@dataclass
+class Item:
+    seq: int
+    points: int
+    data: bytes | None = None  # None for a persistent item until it is read
+
+
+class QueueLocked(Exception):
+    """Another process holds the persistent queue directory."""
+
+
+class SendingQueue:
+    def __init__(self, capacity: int, directory: str = "") -> None:
+        self.capacity = capacity
+        self.directory = directory
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Item] = collections.deque()
+        self._in_flight = 0
+        self._closed = False
+        self._seq = 0
+        self._lock_file = None
+        self.trimmed: list[Item] = []  # stored batches dropped at start because they exceeded capacity
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            self._lock_file = open(os.path.join(directory, ".lock"), "w")
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                self._lock_file.close()
+                raise QueueLocked(f"{directory} is in use by another process") from exc
+            found = []
+            for name in os.listdir(directory):
+                m = _FILE.match(name)
+                if m:
+                    found.append(Item(int(m.group(1)), int(m.group(2))))
+                elif name.endswith(".tmp"):  # a write interrupted by a kill: never complete, never queued
+                    os.unlink(os.path.join(directory, name))
+            found.sort(key=lambda i: i.seq)
+            # queue_size may have shrunk since the files were written: keep the newest
+            while len(found) > capacity:
+                old = found.pop(0)
+                self._remove(old)
+                self.trimmed.append(old)
+            self._waiting.extend(found)
+            self._seq = found[-1].seq + 1 if found else 0
+
+    def _path(self, item: Item) -> str:
+        return os.path.join(self.directory, f"{item.seq:020d}-{item.points}.otlp")
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def recovered(self) -> int:
+        """Batches found on disk at start (before anything was put)."""
+        return len(self._waiting)
+
+    def put(self, data: bytes, points: int) -> list[Item]:
+        """Queue a batch; returns the batches dropped to make room (oldest first)."""
+        dropped: list[Item] = []
+        with self._cond:
+            item = Item(self._seq, points, data)
+            self._seq += 1
+            if self.directory:
+                path = self._path(item)
+                with open(path + ".tmp", "wb") as f:
+                    f.write(data)
+                os.replace(path + ".tmp", path)
+                item.data = None  # the file holds it; memory stays bounded by what is in flight
+            while len(self._waiting) >= self.capacity:
+                old = self._waiting.popleft()
+                self._remove(old)
+                dropped.append(old)
+            self._waiting.append(item)
+            self._cond.notify()
+        return dropped
+
+    def get(self, timeout: float | None = None) -> tuple[Item, bytes] | None:
+        """The oldest waiting batch and its bytes, or None when closed (or on timeout)."""
+        with self._cond:
+            while not self._waiting:
+                if self._closed:
+                    return None
+                if not self._cond.wait(timeout):
+                    return None
+            item = self._waiting.popleft()
+            self._in_flight += 1
+        data = item.data
+        if data is None:
+            try:
+                with open(self._path(item), "rb") as f:
+                    data = f.read()
+            except OSError:
+                data = b""  # removed behind our back: nothing to send
+        return item, data
+
+    def done(self, item: Item, keep: bool = False) -> None:
+        """The batch was delivered or given up (removed), or must stay for the next run (keep)."""
+        if not keep:
+            self._remove(item)
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def _remove(self, item: Item) -> None:
+        if self.directory:
+            try:
+                os.unlink(self._path(item))
+            except FileNotFoundError:
+                pass
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._waiting and self._in_flight == 0, timeout)
+
+    def close(self) -> None:
+        """Consumers get None once the queue is empty; waiting ones wake now."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def abandon(self) -> list[Item]:
+        """At shutdown: take what still waits. Persistent items stay on disk for the next start."""
+        with self._cond:
+            items = list(self._waiting)
+            self._waiting.clear()
+            self._closed = True
+            self._cond.notify_all()
+        return items
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None

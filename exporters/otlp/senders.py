@@ -1,0 +1,187 @@
+"""One attempt to deliver an encoded ExportMetricsServiceRequest, over gRPC or HTTP, classified for retrying.
+
+Why not `OTLPMetricExporter.export()` from opentelemetry-exporter-otlp: its gRPC and HTTP exporters run their
+own retry loop inside export() (exponential backoff up to ~64 s, bounded only by their timeout), which would
+fight `retry_on_failure` (two nested backoffs, and no way to count attempts or honour max_elapsed_time), and
+they take SDK objects, not the bytes a persistent queue holds. So podmeter encodes with the same
+opentelemetry-exporter-otlp-proto-common encoder and sends each attempt once here: gRPC through the official
+MetricsService method, HTTP as the spec's POST of application/x-protobuf.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from dataclasses import dataclass
+
+import grpc
+import requests
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+
+from podmeter import __version__
+
+USER_AGENT = f"podmeter/{__version__}"
+
+# The method the official stub calls (metrics_service_pb2_grpc.MetricsServiceStub.Export).
+EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+assert metrics_service_pb2_grpc.MetricsServiceStub  # the path above is that stub's
+
+# As the collector's exporterhelper: these codes mean "try again later"; others are permanent.
+RETRYABLE_GRPC = {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+                  grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS}
+RETRYABLE_HTTP = {429, 502, 503, 504}
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    retryable: bool = False
+    message: str = ""
+    retry_after: float | None = None  # the server's requested delay, seconds
+    rejected: int = 0  # points the server refused in a partial success
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _partial(resp: metrics_service_pb2.ExportMetricsServiceResponse) -> Outcome:
+    ps = resp.partial_success
+    if ps.rejected_data_points or ps.error_message:
+        return Outcome(True, rejected=ps.rejected_data_points, message=ps.error_message)
+    return Outcome(True)
+
+
+class GrpcSender:
+    def __init__(self, config) -> None:
+        endpoint = config.endpoint
+        insecure = config.tls.insecure
+        if endpoint.startswith("http://"):
+            insecure = True
+        elif endpoint.startswith("https://"):
+            insecure = False
+        self.target = endpoint.split("://", 1)[-1].rstrip("/")
+        options = [
+            # retry_on_failure is the one retry policy: no transparent gRPC retries under it
+            ("grpc.enable_retries", 0),
+            # After an outage the channel reconnects on its own backoff (default up to 120 s) and fails calls
+            # fast meanwhile; keep that short so delivery resumes soon after the backend is back.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.primary_user_agent", USER_AGENT),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+        if insecure:
+            self.channel = grpc.insecure_channel(self.target, options=options)
+        else:
+            tls = config.tls
+            creds = grpc.ssl_channel_credentials(root_certificates=_read(tls.ca_file),
+                                                 private_key=_read(tls.key_file),
+                                                 certificate_chain=_read(tls.cert_file))
+            self.channel = grpc.secure_channel(self.target, creds, options=options)
+        # request bytes go through as they are (request_serializer None): they are already encoded
+        self.call = self.channel.unary_unary(
+            EXPORT_METHOD, request_serializer=None,
+            response_deserializer=metrics_service_pb2.ExportMetricsServiceResponse.FromString)
+        self.metadata = [(k.lower(), v) for k, v in config.headers.items()]
+        self.compression = grpc.Compression.Gzip if config.compression == "gzip" else grpc.Compression.NoCompression
+        self.timeout = config.timeout
+
+    def send(self, data: bytes) -> Outcome:
+        try:
+            resp = self.call(data, timeout=self.timeout, metadata=self.metadata, compression=self.compression)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+            detail = err.details() if hasattr(err, "details") else str(err)
+            retry_after = _grpc_retry_after(err)
+            retryable = code in RETRYABLE_GRPC or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                                   and retry_after is not None)
+            return Outcome(False, retryable, f"{code.name}: {detail}", retry_after)
+        return _partial(resp)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _grpc_retry_after(err) -> float | None:
+    try:
+        trailing = dict(err.trailing_metadata() or ())
+    except Exception:
+        return None
+    raw = trailing.get("google.rpc.retryinfo-bin")
+    if raw is None:
+        return None
+    try:
+        from google.rpc.error_details_pb2 import RetryInfo
+
+        info = RetryInfo()
+        info.ParseFromString(raw)
+        return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    except Exception:
+        return None
+
+
+class HttpSender:
+    def __init__(self, config) -> None:
+        self.url = config.metrics_endpoint or config.endpoint.rstrip("/") + "/v1/metrics"
+        self.headers = {"Content-Type": "application/x-protobuf", "User-Agent": USER_AGENT, **config.headers}
+        # one Session (connection pool) per consumer thread: requests does not promise Session is thread-safe
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+        tls = config.tls
+        self.verify: bool | str = False if tls.insecure_skip_verify else (tls.ca_file or True)
+        self.cert = (tls.cert_file, tls.key_file) if tls.cert_file else None
+        self.gzip = config.compression == "gzip"
+        self.timeout = config.timeout
+
+    def send(self, data: bytes) -> Outcome:
+        headers = {}
+        body = data
+        if self.gzip:
+            body = gzip.compress(data, 5)
+            headers["Content-Encoding"] = "gzip"
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers.update(self.headers)
+            with self._sessions_lock:
+                self._sessions.append(session)
+        try:
+            resp = session.post(self.url, data=body, headers=headers, timeout=self.timeout,
+                                     verify=self.verify, cert=self.cert)
+        except requests.exceptions.SSLError as exc:
+            return Outcome(False, False, f"TLS error: {exc}")
+        except requests.exceptions.RequestException as exc:  # refused, reset, timed out: the backend is away
+            return Outcome(False, True, f"{type(exc).__name__}: {_short(exc)}")
+        if 200 <= resp.status_code < 300:
+            if resp.content and "protobuf" in resp.headers.get("Content-Type", ""):
+                try:
+                    return _partial(metrics_service_pb2.ExportMetricsServiceResponse.FromString(resp.content))
+                except Exception:
+                    return Outcome(True)
+            return Outcome(True)
+        retry_after = None
+        if resp.headers.get("Retry-After", "").strip().isdigit():
+            retry_after = float(resp.headers["Retry-After"])
+        text = resp.text[:200].strip() if resp.content else ""
+        return Outcome(False, resp.status_code in RETRYABLE_HTTP, f"HTTP {resp.status_code} {resp.reason}: {text}",
+                       retry_after)
+
+    def close(self) -> None:
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    # urllib3 wraps the cause in long reprs; the last part says what happened
+    if "Caused by" in text:
+        text = text.split("Caused by", 1)[1]
+    return text.strip(" ():'\"")[:200]

@@ -1,0 +1,92 @@
+"""Configuration of the prometheus exporter (keys as the collector's prometheusexporter where one exists)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from podmeter.config import ComponentConfig, Duration, Endpoint
+
+# Resource attributes that identify what was measured: promoted to labels by default so that per-pod,
+# per-container, per-process and per-GPU queries need no join with target_info. Glob patterns; a leading `!`
+# excludes (pod labels and annotations stay in target_info: they are many and they change).
+DEFAULT_PROMOTED = (
+    "k8s.*",
+    "!k8s.*.label.*",
+    "!k8s.*.annotation.*",
+    "container.*",
+    "process.pid",
+    "process.executable.name",
+    "process.owner",
+    "hw.*",
+)
+
+
+class ResourceToTelemetryConfig(ComponentConfig):
+    enabled: bool = Field(False, description="Copy every resource attribute onto every series as a label")
+
+
+class TargetInfoConfig(ComponentConfig):
+    enabled: bool = Field(True, description="Expose one `target_info` series per resource holding all its attributes")
+
+
+class ServerTLSConfig(ComponentConfig):
+    cert_file: str = Field("", description="PEM certificate (chain) served; with key_file enables HTTPS")
+    key_file: str = Field("", description="PEM private key of cert_file")
+    client_ca_file: str = Field("", description="PEM CA bundle; when set, scrapers must present a client "
+                                                "certificate signed by it (mutual TLS)")
+
+    @model_validator(mode="after")
+    def _pair(self):
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file must be given together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file needs cert_file and key_file (mutual TLS is served over HTTPS)")
+        return self
+
+
+class BasicAuthConfig(ComponentConfig):
+    username: str = Field("", description="User name scrapers must send; empty disables basic auth")
+    password: str = Field("", description="Password (use ${env:VAR} rather than writing it in the file)")
+
+
+class PrometheusConfig(ComponentConfig):
+    endpoint: Endpoint = Field("0.0.0.0:9464", description="Address the /metrics endpoint listens on")
+    namespace: str = Field("", description="Prefix added to every metric name (`namespace_name`)")
+    const_labels: dict[str, str] = Field(default_factory=dict, description="Labels added to every series")
+    metric_expiration: Duration = Field(300.0, gt=0, description="Series not updated for this long are removed")
+    add_metric_suffixes: bool = Field(
+        True, description="Add unit and `_total` suffixes by the OTel-to-Prometheus rules; false keeps names "
+                          "as given (only invalid characters are replaced)")
+    promote_resource_attributes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMOTED),
+        description="Resource attributes copied onto every series as labels (glob patterns like k8s.*; a leading ! excludes)")
+    resource_to_telemetry_conversion: ResourceToTelemetryConfig = Field(
+        default_factory=ResourceToTelemetryConfig, description="Promote all resource attributes to labels")
+    target_info: TargetInfoConfig = Field(default_factory=TargetInfoConfig, description="The target_info series")
+    tls: ServerTLSConfig | None = Field(None, description="Serve HTTPS (cert_file, key_file, client_ca_file)")
+    basic_auth: BasicAuthConfig | None = Field(None, description="Require HTTP basic authentication")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        import re
+
+        if v and not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", v):
+            raise ValueError("namespace must be a valid Prometheus name prefix ([a-zA-Z_][a-zA-Z0-9_]*)")
+        return v
+
+    @field_validator("const_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for k in v:
+            if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) or k.startswith("__"):
+                raise ValueError(f"const label name {k!r} is not a valid Prometheus label name")
+        return v
+
+    @model_validator(mode="after")
+    def _auth(self):
+        if self.basic_auth is not None and not self.basic_auth.username:
+            raise ValueError("basic_auth needs a username")
+        return self

@@ -1,0 +1,264 @@
+"""OTel metrics -> Prometheus series, following the OTel "Prometheus and OpenMetrics compatibility" spec.
+
+Names: invalid characters become `_`; with suffixes on, the unit is appended as a word (By -> bytes,
+s -> seconds, 1 -> ratio for gauges, `a/b` -> `a_per_b`, `{annotations}` dropped) unless the name already has it,
+and monotonic sums end in `_total`. Histograms become `_bucket{le}`, `_sum`, `_count`. Attributes become labels
+(`.` -> `_`); identifying resource attributes are promoted to labels and every resource gets a `target_info`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    Histogram,
+    Metric,
+    ResourceMetrics,
+    Sum,
+)
+from prometheus_client.utils import floatToGoString
+
+UNIT_WORDS = {
+    # time
+    "d": "days", "h": "hours", "min": "minutes", "s": "seconds", "ms": "milliseconds", "us": "microseconds",
+    "ns": "nanoseconds",
+    # bytes
+    "By": "bytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "GiBy": "gibibytes", "TiBy": "tibibytes",
+    "KBy": "kilobytes", "MBy": "megabytes", "GBy": "gigabytes", "TBy": "terabytes", "bit": "bits",
+    # SI
+    "m": "meters", "V": "volts", "A": "amperes", "J": "joules", "W": "watts", "g": "grams", "Cel": "celsius",
+    "Hz": "hertz", "%": "percent",
+}
+PER_UNIT_WORDS = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week", "mo": "month", "y": "year"}
+
+_INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]+")
+_INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]+")
+_ANNOTATION = re.compile(r"\{[^}]*\}")
+
+
+def sanitize_name(name: str) -> str:
+    out = _INVALID_NAME.sub("_", name)
+    out = re.sub(r"__+", "_", out)
+    if not out:
+        return "_"
+    if out[0].isdigit():
+        out = "_" + out
+    return out
+
+
+def sanitize_label(name: str) -> str:
+    out = _INVALID_LABEL.sub("_", name)
+    if not out:
+        return "_"
+    if out[0].isdigit():
+        out = "key_" + out
+    elif out.startswith("__"):
+        out = "key" + out  # __ is reserved for Prometheus' own labels
+    return out
+
+
+def unit_words(unit: str) -> tuple[str, str]:
+    """(main word, per word) for an OTel unit; ("", "") where it adds nothing."""
+    unit = _ANNOTATION.sub("", unit or "").strip()
+    main, _, per = unit.partition("/")
+    main_word = UNIT_WORDS.get(main, main if main and main != "1" else "")
+    per_word = PER_UNIT_WORDS.get(per, per)
+    clean = lambda w: _INVALID_LABEL.sub("_", w).strip("_")  # noqa: E731
+    return clean(main_word), clean(per_word)
+
+
+def metric_name(name: str, unit: str, kind: str, add_suffixes: bool, namespace: str = "") -> str:
+    """The Prometheus family name. kind: counter, gauge, histogram."""
+    base = sanitize_name(name)
+    if add_suffixes:
+        if kind == "counter" and base.endswith("_total"):
+            base = base[: -len("_total")]
+        main, per = unit_words(unit)
+        tokens = base.split("_")
+        if main and main not in tokens:
+            base += "_" + main
+        if per and not base.endswith("_per_" + per):
+            base += "_per_" + per
+        if kind == "gauge" and (unit or "").strip() == "1" and "ratio" not in tokens:
+            base += "_ratio"
+        if kind == "counter":
+            base += "_total"
+    if namespace:
+        base = f"{namespace}_{base}"
+    return base
+
+
+def label_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, Iterable):
+        return json.dumps([v if isinstance(v, str | int | float | bool) else str(v) for v in value])
+    return str(value)
+
+
+def labels_from(attributes: Mapping[str, Any], into: dict[str, str] | None = None) -> dict[str, str]:
+    """Sanitized labels, added over `into`; attributes that collide after sanitizing have their values joined
+    with `;` (as the collector does)."""
+    out = {} if into is None else into
+    seen: set[str] = set()
+    for key in sorted(attributes):
+        name = sanitize_label(key)
+        value = label_value(attributes[key])
+        if name in seen:
+            out[name] = f"{out[name]};{value}"
+        else:
+            out[name] = value
+            seen.add(name)
+    return out
+
+
+def promoter(patterns: Iterable[str], all_attributes: bool):
+    """A predicate on resource attribute keys: glob patterns (`k8s.*`); one starting with `!` excludes."""
+    if all_attributes:
+        return lambda key: True
+    import fnmatch
+
+    include = [re.compile(fnmatch.translate(p)) for p in patterns if not p.startswith("!")]
+    exclude = [re.compile(fnmatch.translate(p[1:])) for p in patterns if p.startswith("!")]
+    cache: dict[str, bool] = {}
+
+    def promote(key: str) -> bool:
+        hit = cache.get(key)
+        if hit is None:
+            hit = any(r.match(key) for r in include) and not any(r.match(key) for r in exclude)
+            if len(cache) < 4096:  # keys are a small, fixed vocabulary; the bound guards against odd input
+                cache[key] = hit
+        return hit
+
+    return promote
+
+
+def escape_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def series(name: str, labels: Mapping[str, str]) -> str:
+    """A sample's identity as exposed: `name{a="1",b="2"}` (labels sorted; names already sanitized)."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{escape_value(labels[k])}"' for k in sorted(labels)) + "}"
+
+
+def format_value(v: float) -> str:
+    return floatToGoString(v)
+
+
+@dataclass
+class Family:
+    """One metric family: its name, type and help, and samples as (series, formatted value).
+
+    Samples are kept as rendered text: the series string is both the exposition line's start and the identity
+    that duplicate detection needs, and it is built once per export instead of once per format.
+    """
+
+    name: str
+    type: str  # counter | gauge | histogram | unknown
+    help: str
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Translator:
+    namespace: str = ""
+    const_labels: Mapping[str, str] = field(default_factory=dict)
+    add_suffixes: bool = True
+    promote: Any = None  # key -> bool
+    target_info: bool = True
+    # counts of what could not be translated, by cause (read by the exporter for telemetry)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def _skip(self, cause: str, n: int = 1) -> None:
+        self.skipped[cause] = self.skipped.get(cause, 0) + n
+
+    def resource_metrics(self, rm: ResourceMetrics, families: dict[str, Family]) -> None:
+        """Translate one ResourceMetrics into `families` (family name -> Family)."""
+        attrs = dict(rm.resource.attributes)
+        promoted = {k: v for k, v in attrs.items() if self.promote(k)}
+        base = labels_from(promoted)
+        for k, v in self.const_labels.items():
+            base.setdefault(k, v)
+        if self.target_info and attrs:
+            info = labels_from({k: v for k, v in attrs.items() if k not in promoted})
+            info.update(base)
+            fam = families.get("target_info")
+            if fam is None:
+                fam = families["target_info"] = Family("target_info", "gauge", "Target metadata")
+            fam.samples.append((series("target_info", info), "1.0"))
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                self.metric(metric, base, families)
+
+    def metric(self, metric: Metric, base: Mapping[str, str], families: dict[str, Family]) -> None:
+        data = metric.data
+        if isinstance(data, Sum):
+            if data.aggregation_temporality == AggregationTemporality.DELTA:
+                # Prometheus is cumulative; podmeter's receivers emit cumulative sums.
+                self._skip("delta_temporality", len(data.data_points))
+                return
+            kind = "counter" if data.is_monotonic else "gauge"
+        elif isinstance(data, Gauge):
+            kind = "gauge"
+        elif isinstance(data, Histogram):
+            if data.aggregation_temporality == AggregationTemporality.DELTA:
+                self._skip("delta_temporality", len(data.data_points))
+                return
+            kind = "histogram"
+        else:
+            self._skip("unsupported_type", len(getattr(data, "data_points", ())))
+            return
+        name = metric_name(metric.name, metric.unit or "", kind, self.add_suffixes, self.namespace)
+        ftype = kind
+        if kind == "counter" and not name.endswith("_total"):
+            # Both exposition formats tie the counter type to a `_total` sample name; a counter kept under its
+            # exact name (add_metric_suffixes: false) is exposed untyped instead of as a malformed counter.
+            ftype = "unknown"
+        fam = families.get(name)
+        if fam is None:
+            fam = families[name] = Family(name, ftype, (metric.description or metric.name).strip())
+        elif fam.type != ftype:
+            self._skip("type_conflict", len(data.data_points))
+            return
+        for point in data.data_points:
+            labels = dict(base)
+            labels_from(point.attributes or {}, into=labels)
+            if kind == "histogram":
+                self._histogram(fam, name, labels, point)
+            else:
+                fam.samples.append((series(name, labels), format_value(point.value)))
+
+    @staticmethod
+    def _histogram(fam: Family, name: str, labels: dict[str, str], point) -> None:
+        cumulative = 0
+        bounds = list(point.explicit_bounds)
+        counts = list(point.bucket_counts)
+        for i, bound in enumerate(bounds):
+            cumulative += counts[i] if i < len(counts) else 0
+            fam.samples.append((series(name + "_bucket", {**labels, "le": _float_str(bound)}),
+                                format_value(cumulative)))
+        fam.samples.append((series(name + "_bucket", {**labels, "le": "+Inf"}), format_value(point.count)))
+        fam.samples.append((series(name + "_sum", labels), format_value(point.sum)))
+        fam.samples.append((series(name + "_count", labels), format_value(point.count)))
+
+
+def _float_str(v: float) -> str:
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))

@@ -1,0 +1,95 @@
+"""Configuration of the metricstransform processor: the collector's schema (transforms, operations, key names)
+plus podmeter's `copy_resource_attribute`, `copy_label` and `delete_label` operations."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from podmeter.config import ComponentConfig
+
+REQUIRED = {
+    "add_label": ("new_label", "new_value"),
+    "update_label": ("label",),
+    "delete_label_value": ("label", "label_value"),
+    "aggregate_labels": ("label_set", "aggregation_type"),
+    "aggregate_label_values": ("label", "aggregated_values", "new_value", "aggregation_type"),
+    "experimental_scale_value": ("experimental_scale",),
+    "toggle_scalar_data_type": (),
+    "copy_resource_attribute": ("resource_attribute",),
+    "copy_label": ("label", "new_label"),
+    "delete_label": ("label",),
+}
+
+
+class ValueAction(ComponentConfig):
+    value: str = Field(description="A label value to rename")
+    new_value: str = Field(description="What it becomes")
+
+
+class Operation(ComponentConfig):
+    action: Literal["add_label", "update_label", "delete_label_value", "aggregate_labels", "aggregate_label_values",
+                    "experimental_scale_value", "toggle_scalar_data_type", "copy_resource_attribute", "copy_label",
+                    "delete_label"] = Field(description="What to do to the matched metric's points")
+    label: str | None = Field(None, description="The data point attribute operated on")
+    new_label: str | None = Field(None, description="New attribute name (add_label, update_label, copy_label, "
+                                                    "copy_resource_attribute)")
+    new_value: str | None = Field(None, description="New value (add_label, aggregate_label_values)")
+    label_value: str | None = Field(None, description="delete_label_value: points with this value are deleted")
+    value_actions: list[ValueAction] = Field(default_factory=list, description="update_label: value renames")
+    label_set: list[str] | None = Field(None, description="aggregate_labels: the attributes kept")
+    aggregated_values: list[str] | None = Field(None, description="aggregate_label_values: values merged")
+    aggregation_type: Literal["sum", "mean", "max", "min"] | None = Field(None, description="How points merge")
+    experimental_scale: float | None = Field(None, description="experimental_scale_value: the factor")
+    resource_attribute: str | None = Field(None, description="copy_resource_attribute: the resource attribute")
+
+    @model_validator(mode="after")
+    def _required(self):
+        missing = [k for k in REQUIRED[self.action] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"action {self.action} needs {', '.join(missing)}")
+        if self.action == "update_label" and self.new_label is None and not self.value_actions:
+            raise ValueError("action update_label needs new_label or value_actions")
+        return self
+
+
+class Transform(ComponentConfig):
+    include: str = Field(description="Metric name (strict) or regular expression (regexp) to match")
+    match_type: Literal["strict", "regexp"] = Field("strict", description="strict or regexp")
+    action: Literal["update", "insert", "combine"] = Field(
+        description="update: change the metric in place; insert: add a changed copy; combine: merge the matched "
+                    "metrics into new_name, named regexp groups becoming attributes")
+    new_name: str | None = Field(None, description="The new name; with regexp, $1 / ${1} / ${name} expand groups")
+    submatch_case: Literal["lower", "upper", ""] = Field("", description="combine: case of the attribute values")
+    operations: list[Operation] = Field(default_factory=list, description="Operations applied in order")
+
+    @field_validator("include")
+    @classmethod
+    def _include(cls, v: str) -> str:
+        if not v:
+            raise ValueError("include must name a metric")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.match_type == "regexp":
+            try:
+                pattern = re.compile(self.include)
+            except re.error as exc:
+                raise ValueError(f"include is not a valid regular expression: {exc}") from None
+            if self.action == "combine" and not pattern.groupindex:
+                raise ValueError("action combine needs named groups in include, like ^disk\\.(?P<direction>.*)$")
+        if self.action == "combine":
+            if self.match_type != "regexp":
+                raise ValueError("action combine needs match_type: regexp")
+            if not self.new_name:
+                raise ValueError("action combine needs new_name")
+        if self.action == "insert" and not self.new_name:
+            raise ValueError("action insert needs new_name (the copy's name)")
+        return self
+
+
+class MetricsTransformConfig(ComponentConfig):
+    transforms: list[Transform] = Field(default_factory=list, description="Transforms applied in order")

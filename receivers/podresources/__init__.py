@@ -1,0 +1,242 @@
+"""The `podresources` receiver: which pod and container each device (GPU, MIG device, ...) is allocated to,
+from the kubelet's PodResources v1 gRPC API, shared with other components as "device_assignments"."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+
+import grpc
+
+from podmeter.component import Factory, Receiver, Stability
+from podmeter.metrics import MetricsBuilder, MetricSpec, now_ns
+
+from . import api_pb2 as pb
+from . import api_pb2_grpc as pbg
+from .config import PodResourcesConfig
+
+METRICS = (
+    MetricSpec("k8s.container.device.allocated", "gauge", "{device}",
+               "Allocation units of a device the kubelet gave the container: 1 for a whole device or MIG "
+               "device; the number of replicas for a time-sliced or MPS-shared GPU", attributes=("hw.id", "k8s.resource.name")),
+    MetricSpec("k8s.node.device.allocated", "gauge", "{device}",
+               "Distinct devices of a resource allocated to some container on this node",
+               attributes=("k8s.resource.name",)),
+    MetricSpec("k8s.node.device.allocatable", "gauge", "{device}",
+               "Devices of a resource the kubelet can allocate on this node (GetAllocatableResources)",
+               attributes=("k8s.resource.name",)),
+)
+ALLOCATED, NODE_ALLOCATED, ALLOCATABLE = METRICS
+BACKOFF_MAX = 30.0
+
+
+def device_key(device_id: str) -> str:
+    """The physical device behind a plugin id: time-slicing/MPS replicas are `<GPU UUID>::<n>`."""
+    return device_id.split("::", 1)[0]
+
+
+class DeviceAssignments:
+    """The "device_assignments" provider: device id -> the pods/containers it is allocated to."""
+
+    def __init__(self) -> None:
+        self._map: dict[str, tuple[dict, ...]] = {}
+        self.synced = threading.Event()
+
+    def assignments(self) -> dict[str, list[dict]]:
+        return {dev: [dict(e) for e in entries] for dev, entries in self._map.items()}
+
+    def device(self, device_id: str) -> list[dict]:
+        return [dict(e) for e in self._map.get(device_key(device_id), ())]
+
+    def replace(self, mapping: dict[str, tuple[dict, ...]]) -> None:
+        self._map = mapping
+        self.synced.set()
+
+
+class PodResourcesReceiver(Receiver):
+    def __init__(self, settings, config: PodResourcesConfig) -> None:
+        self.settings, self.config = settings, config
+        self.log, self.tel = settings.logger, settings.telemetry
+        self.start_ns = now_ns()
+        self.path = config.endpoint[len("unix://"):]
+        self.provider = DeviceAssignments()
+        self._patterns = list(config.resource_names)
+        self._allocations: dict[tuple, int] = {}  # (container resource items, device id, resource name) -> units
+        self._allocatable: dict[str, int] = {}
+        self._allocatable_supported = config.allocatable
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: pbg.PodResourcesListerStub | None = None
+        self._host = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self, host) -> None:
+        self._host = host
+        host.publish("device_assignments", self.provider)
+        ok = self._refresh()  # one synchronous sync: `collect --once` and nvml see allocations at once
+        self._thread = threading.Thread(target=self._run, args=(ok,), name=f"podresources-{self.settings.id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def ready(self, timeout: float) -> bool:
+        if not os.path.exists(self.path):
+            return False
+        return self.provider.synced.wait(timeout)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._reset()
+
+    def _run(self, last_ok: bool) -> None:
+        backoff = 1.0
+        wait = self.config.refresh_interval if last_ok else backoff
+        while not self._stop.wait(wait):
+            if self._refresh():
+                backoff, wait = 1.0, self.config.refresh_interval
+            else:
+                wait, backoff = backoff, min(backoff * 2, BACKOFF_MAX)
+
+    # -- gRPC -----------------------------------------------------------------------------------------------
+
+    def _get_stub(self) -> pbg.PodResourcesListerStub:
+        with self._lock:
+            if self._stub is None:
+                size = self.config.max_recv_msg_size_mib << 20
+                self._channel = grpc.insecure_channel(self.config.endpoint, options=[
+                    ("grpc.max_receive_message_length", size),
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 5000),
+                ])
+                self._stub = pbg.PodResourcesListerStub(self._channel)
+            return self._stub
+
+    def _reset(self) -> None:
+        """Drop the channel: a restarted kubelet recreates its socket, and a fresh dial finds it at once."""
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = self._stub = None
+
+    def _call(self, name: str, request):
+        try:
+            return getattr(self._get_stub(), name)(request, timeout=self.config.request_timeout)
+        except grpc.RpcError:
+            self._reset()
+            raise
+
+    # -- refresh --------------------------------------------------------------------------------------------
+
+    def _wanted(self, resource_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(resource_name, p) for p in self._patterns)
+
+    def _refresh(self) -> bool:
+        if not os.path.exists(self.path):
+            self.tel.error("socket_absent", f"{self.path} does not exist (is this a Kubernetes node, is the "
+                                            "pod-resources directory mounted, or does kubelet_root_dir need "
+                                            "setting?); retrying with backoff")
+            return False
+        self.tel.recovered("socket_absent")
+        try:
+            listed = self._call("List", pb.ListPodResourcesRequest())
+        except grpc.RpcError as exc:
+            self.tel.error("list", f"PodResources List at {self.config.endpoint} failed: {_describe(exc)}")
+            return False
+        self.tel.recovered("list")
+        uids = self._uid_lookup()
+        # (container, device, resource) -> allocation units: time-sliced replicas of one GPU given to one
+        # container add up instead of making duplicate series
+        allocations: dict[tuple, int] = {}
+        mapping: dict[str, list[dict]] = {}
+        for pod in listed.pod_resources:
+            for container in pod.containers:
+                for devices in container.devices:
+                    if not self._wanted(devices.resource_name):
+                        continue
+                    res = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace,
+                           "k8s.container.name": container.name}
+                    uid = uids(pod.namespace, pod.name)
+                    if uid:
+                        res["k8s.pod.uid"] = uid
+                    for device_id in devices.device_ids:
+                        key = device_key(device_id)
+                        akey = (tuple(sorted(res.items())), key, devices.resource_name)
+                        allocations[akey] = allocations.get(akey, 0) + 1
+                        entry = {**res, "k8s.resource.name": devices.resource_name}
+                        if key != device_id:
+                            entry["k8s.device.id"] = device_id  # the plugin's replica id
+                        mapping.setdefault(key, []).append(entry)
+        allocatable = self._fetch_allocatable()
+        self._allocations = allocations
+        if allocatable is not None:
+            self._allocatable = allocatable
+        self.provider.replace({k: tuple(v) for k, v in mapping.items()})
+        return True
+
+    def _fetch_allocatable(self) -> dict[str, int] | None:
+        if not self._allocatable_supported:
+            return None
+        try:
+            resp = self._call("GetAllocatableResources", pb.AllocatableResourcesRequest())
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # kubelet < 1.21, or the KubeletPodResourcesGetAllocatable gate off: List still works
+                self._allocatable_supported = False
+                self.log.info("the kubelet does not implement GetAllocatableResources: "
+                              "k8s.node.device.allocatable is off")
+            else:
+                self.tel.error("allocatable", f"GetAllocatableResources failed: {_describe(exc)}")
+            return None
+        self.tel.recovered("allocatable")
+        counts: dict[str, set[str]] = {}
+        for devices in resp.devices:
+            if self._wanted(devices.resource_name):
+                counts.setdefault(devices.resource_name, set()).update(device_key(d) for d in devices.device_ids)
+        return {name: len(ids) for name, ids in counts.items()}
+
+    def _uid_lookup(self):
+        """PodResources names pods but gives no uid: borrow it from the CRI cache when one runs."""
+        providers = [p for p in (self._host.lookup("container_metadata") if self._host else [])
+                     if hasattr(p, "pod_by_name")]
+
+        def uid(namespace: str, name: str) -> str | None:
+            for p in providers:
+                attrs = p.pod_by_name(namespace, name)
+                if attrs and attrs.get("k8s.pod.uid"):
+                    return attrs["k8s.pod.uid"]
+            return None
+
+        return uid
+
+    # -- collection -----------------------------------------------------------------------------------------
+
+    def collect(self):
+        b = MetricsBuilder(f"podmeter/receiver/{self.settings.id}", self.start_ns)
+        per_resource: dict[str, set[str]] = {}
+        for (res, device, resource_name), units in self._allocations.items():
+            b.add(ALLOCATED, units, {"hw.id": device, "k8s.resource.name": resource_name}, dict(res))
+            per_resource.setdefault(resource_name, set()).add(device)
+        for resource_name, devices in per_resource.items():
+            b.add(NODE_ALLOCATED, len(devices), {"k8s.resource.name": resource_name})
+        for resource_name, count in self._allocatable.items():
+            b.add(ALLOCATABLE, count, {"k8s.resource.name": resource_name})
+        return b.build()
+
+
+def _describe(exc: grpc.RpcError) -> str:
+    details = (exc.details() or "").splitlines()[0] if exc.details() else ""
+    return f"{exc.code().name}: {details}" if details else exc.code().name
+
+
+factory = Factory(
+    kind="receiver", type="podresources", config_model=PodResourcesConfig, create=PodResourcesReceiver,
+    stability=Stability.ALPHA, metrics=METRICS,
+    resource_attributes=("k8s.pod.name", "k8s.namespace.name", "k8s.container.name", "k8s.pod.uid"),
+    description="Device allocations (GPUs, MIG devices, other device plugin resources) per pod and container "
+                "from the kubelet's PodResources API, shared with nvml as device_assignments",
+)

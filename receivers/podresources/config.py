@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from podmeter.config import Duration, ScraperConfig
+from receivers.cri.config import parse_unix_endpoint
+
+DEFAULT_ROOT = "/var/lib/kubelet"
+
+
+class PodResourcesConfig(ScraperConfig):
+    endpoint: str = Field(
+        f"unix://{DEFAULT_ROOT}/pod-resources/kubelet.sock",
+        description="The kubelet's PodResources socket; derived from kubelet_root_dir when that is set instead")
+    kubelet_root_dir: str = Field(
+        "", description="The kubelet's --root-dir where a distribution moves it (e.g. /var/snap/microk8s/common/"
+                        "var/lib/kubelet); the socket is <root>/pod-resources/kubelet.sock")
+    resource_names: list[str] = Field(
+        default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/mig-*"],
+        description="Device plugin resource names to track (shell-style patterns, e.g. amd.com/gpu, "
+                    "gpu.intel.com/*)")
+    refresh_interval: Duration = Field(
+        10.0, gt=0, description="How often the allocation map shared with other components is refreshed")
+    request_timeout: Duration = Field(5.0, gt=0, description="Deadline of every PodResources call")
+    max_recv_msg_size_mib: int = Field(
+        64, ge=4, le=2048, description="Largest reply accepted, MiB (gRPC's default of 4 MiB is too small on "
+                                       "busy nodes)")
+    allocatable: bool = Field(True, description="Also call GetAllocatableResources (kubelet >= 1.21)")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return parse_unix_endpoint(value)
+
+    @field_validator("kubelet_root_dir")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith("/"):
+            raise ValueError(f"kubelet_root_dir {value!r} must be an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _derive(self):
+        if self.kubelet_root_dir:
+            if "endpoint" in self.model_fields_set:
+                raise ValueError("set endpoint or kubelet_root_dir, not both")
+            self.endpoint = f"unix://{self.kubelet_root_dir}/pod-resources/kubelet.sock"
+        if not self.resource_names:
+            raise ValueError("resource_names is empty: nothing would be tracked")
+        return self

@@ -1,0 +1,366 @@
+"""The cri receiver against a real containerd + runc running kubelet-shaped busybox pods."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+from harness import wait_for
+from pydantic import ValidationError
+
+from receivers.cri import METRICS, factory
+from receivers.cri import api_pb2 as pb
+from receivers.cri import api_pb2_grpc as pbg
+from receivers.cri.metadata import parse_image
+
+pytestmark = pytest.mark.root
+ALL = {"metrics": {m.name: {"enabled": True} for m in METRICS}}  # CPU and memory are off by default
+
+
+def points(data):
+    out = []
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for p in m.data.data_points:
+                    out.append((m.name, dict(rm.resource.attributes), dict(p.attributes), p.value))
+    return out
+
+
+def value_of(data, name: str, **resource):
+    for n, res, _attrs, value in points(data):
+        if n == name and all(res.get(k) == v for k, v in resource.items()):
+            return value
+    return None
+
+
+def cgroup_file(uid: str, cid: str, controller: str, name: str) -> str:
+    for base in (f"/sys/fs/cgroup/{controller}", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        path = f"{base}/kubepods/burstable/pod{uid}/{cid}/{name}"
+        if os.path.exists(path):
+            return path
+    raise AssertionError(f"no {name} for container {cid[:12]}")
+
+
+def read_cpu_ns(uid: str, cid: str) -> int:
+    try:
+        with open(cgroup_file(uid, cid, "cpuacct", "cpuacct.usage")) as f:
+            return int(f.read())
+    except AssertionError:  # cgroup v2
+        with open(cgroup_file(uid, cid, "", "cpu.stat")) as f:
+            return int(dict(line.split() for line in f)["usage_usec"]) * 1000
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_metadata_matches_runtime_and_kernel(ctrd, make_receiver):
+    web = ctrd.run_pod("web-7d9f", "shop", {"app": ["/bin/sleep", "3600"], "sidecar": ["/bin/sleep", "3601"]},
+                       labels={"app": "web", "tier": "front"}, annotations={"team": "payments"})
+    job = ctrd.run_pod("train-0", "ml", {"trainer": ["/bin/sleep", "3602"]})
+    try:
+        _, meta, telemetry = make_receiver(ctrd.endpoint)
+        for pod in (web, job):
+            assert meta.pod(pod.uid) == {"k8s.pod.uid": pod.uid, "k8s.pod.name": pod.name,
+                                         "k8s.namespace.name": pod.namespace}
+            assert meta.pod_by_name(pod.namespace, pod.name)["k8s.pod.uid"] == pod.uid
+            for cname, cid in pod.containers.items():
+                attrs = meta.container(cid)
+                assert attrs == {
+                    "k8s.pod.uid": pod.uid, "k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace,
+                    "k8s.container.name": cname, "container.id": cid,
+                    "container.image.name": "localhost/podmeter-busybox", "container.image.tag": "1.36",
+                    "container.runtime.name": "containerd",
+                }
+                # the API server's form of the id works too
+                assert meta.container(f"containerd://{cid}") == attrs
+                pid = meta.container_pid(cid)
+                assert pid == ctrd.container_pid(cid)
+                # the kernel agrees: that PID lives in the pod's cgroup under this container id
+                with open(f"/proc/{pid}/cgroup") as f:
+                    assert f"/kubepods/burstable/pod{pod.uid}/{cid}" in f.read()
+            # the pause container's cgroup resolves to its pod
+            sandbox = meta.container(pod.sandbox_id)
+            assert sandbox["k8s.pod.uid"] == pod.uid and "k8s.container.name" not in sandbox
+        assert meta.pod_labels(web.uid) == {"app": "web", "tier": "front"}
+        assert meta.pod_annotations(web.uid)["team"] == "payments"
+        assert telemetry.failing() == {}
+    finally:
+        ctrd.remove_pod(web)
+        ctrd.remove_pod(job)
+
+
+def test_stats_match_the_kernel(ctrd, make_receiver):
+    pod = ctrd.run_pod("stats", "default", {"worker": ["/bin/sleep", "3600"]})
+    cid = pod.containers["worker"]
+    try:
+        receiver, _, _ = make_receiver(ctrd.endpoint, **ALL)
+        first = receiver.collect()
+        names = {p[0] for p in points(first) if p[1].get("container.id") == cid}
+        assert {"container.cpu.time", "container.memory.working_set", "container.filesystem.usage"} <= names
+        # the runtime's first usage_nano_cores sample is 0 ("not computed yet"): omitted, not emitted as 0
+        assert "container.cpu.usage" not in names
+        # burn some CPU inside the container, then let it sleep again: the cgroup counter is then static
+        ctrd.exec(cid, ["/bin/sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"])
+        # writable layer: 512 KiB and one new file (containerd recomputes snapshot usage every second)
+        ctrd.exec(cid, ["/bin/dd", "if=/dev/zero", "of=/payload", "bs=1024", "count=512"])
+
+        def grown():
+            data = receiver.collect()
+            used = value_of(data, "container.filesystem.usage", **{"container.id": cid}) or 0
+            return data if used >= 512 * 1024 else None
+
+        data = wait_for(grown, timeout=20, interval=0.5, what="writable layer usage to include the 512 KiB file")
+        cpu = value_of(data, "container.cpu.time", **{"container.id": cid})
+        kernel_ns = read_cpu_ns(pod.uid, cid)
+        assert cpu > 0
+        assert abs(cpu * 1e9 - kernel_ns) < 5e6, (cpu, kernel_ns)  # same counter, read a moment apart
+        assert value_of(data, "container.filesystem.inodes.usage", **{"container.id": cid}) >= 1
+        assert value_of(data, "container.cpu.usage", **{"container.id": cid}) is not None
+        ws = value_of(data, "container.memory.working_set", **{"container.id": cid})
+        usage = value_of(data, "container.memory.usage", **{"container.id": cid})
+        assert 0 < ws <= usage
+        try:
+            with open(cgroup_file(pod.uid, cid, "memory", "memory.usage_in_bytes")) as f:
+                kernel_usage = int(f.read())
+        except AssertionError:
+            with open(cgroup_file(pod.uid, cid, "", "memory.current")) as f:
+                kernel_usage = int(f.read())
+        assert abs(usage - kernel_usage) < 4 << 20, (usage, kernel_usage)
+        # every container series carries the pod's identity from CRI
+        for name, res, _, _ in points(data):
+            if res.get("container.id") == cid:
+                assert res["k8s.pod.name"] == "stats" and res["k8s.pod.uid"] == pod.uid, name
+        pod_cpu = value_of(data, "k8s.pod.cpu.time", **{"k8s.pod.uid": pod.uid})
+        assert pod_cpu is not None and pod_cpu >= cpu
+        for metric in data.resource_metrics[0].scope_metrics:
+            assert metric.scope.name == "podmeter/receiver/cri"
+    finally:
+        ctrd.remove_pod(pod)
+
+
+def test_new_container_on_demand_and_removed_container_evicted(ctrd, make_receiver):
+    # the periodic refresh is far away: only an on-demand refresh can find the new pod
+    receiver, meta, _ = make_receiver(ctrd.endpoint, metadata_refresh_interval="1h",
+                                      on_demand_refresh_min_interval="0s", **ALL)
+    pod = ctrd.run_pod("late", "default", {"c": ["/bin/sleep", "3600"]})
+    cid = pod.containers["c"]
+    try:
+        assert meta.container(cid) is None  # unknown now; asks the refresher
+        attrs = wait_for(lambda: meta.container(cid), timeout=10, what="on-demand refresh to find the container")
+        assert attrs["k8s.pod.name"] == "late"
+        # stats of a container created after the last refresh still carry its pod (from the stats labels)
+        extra = ctrd.add_container(pod, "extra", ["/bin/sleep", "3600"])
+        data = receiver.collect()
+        assert value_of(data, "container.cpu.time", **{"container.id": extra, "k8s.pod.name": "late",
+                                                       "k8s.container.name": "extra"}) is not None
+    finally:
+        ctrd.remove_pod(pod)
+    # removed: the next refresh evicts it (an unknown id triggers one; the removed one is simply gone)
+    assert meta.container("0" * 64) is None
+    wait_for(lambda: meta.container_info(cid) is None, timeout=10, what="removed container to be evicted")
+    assert cid not in meta.container_ids() and meta.pod(pod.uid) is None
+
+
+def test_cache_is_bounded(ctrd, make_receiver):
+    pod = ctrd.run_pod("many", "default", {"a": ["/bin/sleep", "3600"], "b": ["/bin/sleep", "3600"]})
+    try:
+        _, meta, telemetry = make_receiver(ctrd.endpoint, max_containers=1)
+        assert len(meta) == 1
+        assert "cache_full" in telemetry.failing()
+    finally:
+        ctrd.remove_pod(pod)
+
+
+def test_containerd_killed_and_restarted_mid_run(ctrd, make_receiver):
+    pod = ctrd.run_pod("survivor", "default", {"c": ["/bin/sleep", "3600"]})
+    cid = pod.containers["c"]
+    try:
+        receiver, meta, telemetry = make_receiver(ctrd.endpoint, metadata_refresh_interval="200ms", **ALL)
+        assert value_of(receiver.collect(), "container.cpu.time", **{"container.id": cid}) is not None
+        ctrd.kill()
+        data = receiver.collect()  # must not raise
+        assert value_of(data, "container.cpu.time", **{"container.id": cid}) is None
+        assert {"stats", "list", "connect", "socket_absent"} & set(telemetry.failing())
+        # the cache keeps serving what it knew while the runtime is away
+        assert meta.container(cid)["k8s.pod.name"] == "survivor"
+        ctrd.launch()
+        wait_for(lambda: value_of(receiver.collect(), "container.cpu.time", **{"container.id": cid}),
+                 timeout=30, interval=0.2, what="stats after containerd restarted")
+        assert meta.container_pid(cid) == ctrd.container_pid(cid)
+        wait_for(lambda: not ({"stats", "list", "connect"} & set(telemetry.failing())), timeout=10,
+                 what="errors to recover")
+    finally:
+        ctrd.remove_pod(pod)
+
+
+def test_socket_absent_then_appears(ctrd, make_receiver, tmp_path, caplog):
+    link = tmp_path / "cri.sock"
+    receiver, meta, telemetry = make_receiver(f"unix://{link}")  # absent: start must not raise
+    assert receiver.collect().resource_metrics == []
+    assert "socket_absent" in telemetry.failing()
+    assert receiver.ready(0.1) is False
+    pod = ctrd.run_pod("appears", "default", {"c": ["/bin/sleep", "3600"]})
+    try:
+        os.symlink(ctrd.socket, link)  # the runtime comes up later (or its socket gets mounted)
+        wait_for(lambda: meta.container(pod.containers["c"]), timeout=15, what="metadata once the socket appears")
+        assert "socket_absent" not in telemetry.failing()
+        warnings = [r for r in caplog.records if "does not exist" in r.getMessage() and r.levelname == "WARNING"]
+        assert len(warnings) == 1  # said once, not at every retry
+    finally:
+        ctrd.remove_pod(pod)
+
+
+class OldRuntime(pbg.RuntimeServiceServicer):
+    """A test double of an older CRI runtime (none is installable here): it implements Version and the lists,
+    and answers UNIMPLEMENTED (the generated base class's behaviour) for everything else."""
+
+    def Version(self, request, context):
+        return pb.VersionResponse(version="0.1.0", runtime_name="oldrt", runtime_version="0.9",
+                                  runtime_api_version="v1")
+
+    def ListPodSandbox(self, request, context):
+        return pb.ListPodSandboxResponse(items=[pb.PodSandbox(
+            id="s" * 64, metadata=pb.PodSandboxMetadata(name="p", uid="u-1", namespace="n"), created_at=1)])
+
+    def ListContainers(self, request, context):
+        return pb.ListContainersResponse(containers=[pb.Container(
+            id="c" * 64, pod_sandbox_id="s" * 64, metadata=pb.ContainerMetadata(name="main"), state=1,
+            image=pb.ImageSpec(image="registry.local:5000/team/app:2.1@sha256:" + "0" * 64), created_at=1)])
+
+
+def test_unimplemented_rpcs_degrade(make_receiver, tmp_path):
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pbg.add_RuntimeServiceServicer_to_server(OldRuntime(), server)
+    sock = tmp_path / "old.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        receiver, meta, telemetry = make_receiver(f"unix://{sock}")
+        attrs = meta.container("c" * 64)
+        assert attrs["k8s.container.name"] == "main" and attrs["k8s.pod.name"] == "p"
+        assert attrs["container.image.name"] == "registry.local:5000/team/app"
+        assert attrs["container.image.tag"] == "2.1"
+        assert attrs["container.runtime.name"] == "oldrt"
+        assert receiver.collect().resource_metrics == []  # no stats RPC: empty, no exception
+        assert receiver.collect().resource_metrics == []
+        assert "stats" not in telemetry.failing()
+    finally:
+        server.stop(0)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValidationError, match="must be a unix socket"):
+        factory.config_model.model_validate({"endpoint": "tcp://127.0.0.1:1234"})
+    with pytest.raises(ValidationError, match="unknown metric container.cpu.tim"):
+        factory.config_model.model_validate({"metrics": {"container.cpu.tim": {"enabled": False}}})
+    cfg = factory.config_model.model_validate({"endpoint": "/var/run/crio/crio.sock"})
+    assert cfg.endpoint == "unix:///var/run/crio/crio.sock"
+
+
+@pytest.mark.parametrize("ref,expected", [
+    ("docker.io/library/nginx:1.25", ("docker.io/library/nginx", "1.25")),
+    ("localhost:5000/app", ("localhost:5000/app", None)),
+    ("quay.io/x/y:v1@sha256:" + "a" * 64, ("quay.io/x/y", "v1")),
+    ("quay.io/x/y@sha256:" + "a" * 64, ("quay.io/x/y", None)),
+    ("sha256:" + "a" * 64, (None, None)),
+    ("", (None, None)),
+])
+def test_parse_image(ref, expected):
+    assert parse_image(ref) == expected
+
+
+def test_metric_toggles(ctrd, make_receiver):
+    pod = ctrd.run_pod("quiet", "default", {"c": ["/bin/sleep", "3600"]})
+    try:
+        # default: only what the runtime alone knows (writable layer; pod network, none for host network)
+        receiver, _, _ = make_receiver(ctrd.endpoint)
+        names = {p[0] for p in points(receiver.collect())}
+        assert names == {"container.filesystem.usage", "container.filesystem.inodes.usage"}
+        assert receiver._pod_stats  # pod network is on
+        receiver, _, _ = make_receiver(ctrd.endpoint, metrics={
+            "container.memory.working_set": {"enabled": True}, "container.filesystem.usage": {"enabled": False},
+            "container.filesystem.inodes.usage": {"enabled": False}, "k8s.pod.network.io": {"enabled": False},
+            "k8s.pod.network.errors": {"enabled": False}})
+        names = {p[0] for p in points(receiver.collect())}
+        assert names == {"container.memory.working_set"}
+        assert not receiver._pod_stats  # no pod metric on: ListPodSandboxStats is not called at all
+    finally:
+        ctrd.remove_pod(pod)
+
+
+def test_collect_does_not_block_on_a_hung_runtime(make_receiver, tmp_path):
+    """A socket that accepts but never answers: every call has a deadline."""
+    import socket
+
+    sock_path = tmp_path / "hung.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock_path))
+    listener.listen(8)
+    try:
+        receiver, _, telemetry = make_receiver(f"unix://{sock_path}", request_timeout="300ms")
+        assert receiver.collect().resource_metrics == []
+        assert "connect" in telemetry.failing()
+    finally:
+        listener.close()
+
+
+def test_harness_runs_one_containerd_at_a_time(ctrd):
+    from harness.containerd import Containerd
+
+    with pytest.raises(RuntimeError, match="another containerd harness"):
+        Containerd().start(lock_timeout=0.3)
+
+
+def test_state_stays_bounded_under_churn(ctrd, make_receiver):
+    receiver, meta, _ = make_receiver(ctrd.endpoint, metadata_refresh_interval="1h")
+    for i in range(5):
+        pod = ctrd.run_pod(f"churn-{i}", "default", {"c": ["/bin/sleep", "3600"]})
+        receiver._refresh("periodic")
+        receiver.collect()
+        assert len(meta) == 1 and len(receiver._statuses) == 1
+        ctrd.remove_pod(pod)
+    receiver._refresh("periodic")
+    receiver.collect()
+    assert len(meta) == 0 and meta.pod(pod.uid) is None
+    assert receiver._statuses == {} and receiver._seen_cpu == set()
+    for i in range(10000):  # a flood of unknown ids: the negative cache and pending set stay capped
+        meta.container(f"{i:064x}")
+    receiver._refresh("on_demand")
+    assert len(receiver._pending_misses) <= 4096 and len(meta._negative) <= 4096
+
+
+def test_a_pods_new_sandbox_wins_over_its_stopped_one(ctrd, make_receiver):
+    old = ctrd.run_pod("flaky", "default", {"c": ["/bin/sleep", "3600"]})
+    ctrd.stop_pod(old)  # its containers are killed, the NOT_READY sandbox stays listed
+    try:
+        new = ctrd.run_pod("flaky", "default", {}, uid=old.uid, attempt=1)
+        ctrd.add_container(new, "c", ["/bin/sleep", "3600"], attempt=1)  # names are unique per attempt
+        _, meta, _ = make_receiver(ctrd.endpoint)
+        assert meta._snap.pods[old.uid].sandbox_id == new.sandbox_id
+        assert meta.container(new.containers["c"])["k8s.pod.uid"] == old.uid
+        assert meta.container(old.sandbox_id)["k8s.pod.uid"] == old.uid  # the old one still resolves
+        assert meta.container_pid(new.containers["c"]) == ctrd.container_pid(new.containers["c"])
+    finally:
+        for pod in list(ctrd.pods):
+            if pod.uid == old.uid:
+                ctrd.remove_pod(pod)
+
+
+def test_snapshot_prefers_ready_newest_sandboxes_and_caps_them():
+    from receivers.cri.metadata import build_snapshot
+
+    def sandbox(sid, uid, state, created):
+        return pb.PodSandbox(id=sid, state=state, created_at=created,
+                             metadata=pb.PodSandboxMetadata(name="db-0", namespace="prod", uid=uid))
+
+    # a StatefulSet pod recreated under the same name: the old uid's sandbox is NOT_READY (state 1)
+    listed = [sandbox("a" * 64, "old-uid", 1, 100), sandbox("b" * 64, "new-uid", 0, 200)]
+    snap, dropped = build_snapshot(listed, [], {}, "containerd", 10)
+    assert snap.by_name[("prod", "db-0")] == "new-uid" and dropped == 0
+    assert set(snap.pods) == {"old-uid", "new-uid"}
+    snap, dropped = build_snapshot(listed, [], {}, "containerd", 1)
+    assert set(snap.sandboxes) == {"b" * 64} and dropped == 1

@@ -1,0 +1,28 @@
+"""The checked-in gRPC stubs must be what `make proto` generates from api.proto."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+from harness import require
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_generated_stubs_are_fresh(tmp_path):
+    component = "cri"
+    require(shutil.which("make") is not None, "needs make")
+    require(importlib.util.find_spec("grpc_tools") is not None, "needs grpcio-tools (pip install -e '.[dev]')")
+    folder = os.path.join(ROOT, "receivers", component)
+    subprocess.run(["make", "-s", "-C", folder, "proto", f"PY={sys.executable}", f"OUT={tmp_path}"], check=True)
+    for name in ("api_pb2.py", "api_pb2_grpc.py"):
+        with open(os.path.join(folder, name)) as f:
+            checked_in = f.read()
+        with open(tmp_path / name) as f:
+            fresh = f.read()
+        assert checked_in == fresh, f"receivers/{component}/{name} is stale: run `make proto`"
+

@@ -1,0 +1,318 @@
+"""prometheus exporter against a real Prometheus server, promtool and prometheus_client's parsers."""
+
+from __future__ import annotations
+
+import gzip
+import ssl
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from harness import free_port, wait_for
+from harness.prometheus import PrometheusServer, promtool_check_metrics
+from harness.tls import make_certs
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from exporters.prometheus import factory
+from exporters.prometheus.translate import metric_name
+from podmeter.config import ConfigError, validate_component
+
+OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+
+
+def scrape(port: int, accept: str = "", gzip_ok: bool = False, scheme: str = "http", context=None,
+           auth: str | None = None) -> tuple[str, str]:
+    headers = {"Accept": accept} if accept else {}
+    if gzip_ok:
+        headers["Accept-Encoding"] = "gzip"
+    if auth:
+        headers["Authorization"] = auth
+    req = urllib.request.Request(f"{scheme}://127.0.0.1:{port}/metrics", headers=headers)
+    with urllib.request.urlopen(req, timeout=10, context=context) as r:
+        body = r.read()
+        if r.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        return r.headers["Content-Type"], body.decode()
+
+
+@pytest.fixture
+def exporter(kit, host):
+    created = []
+
+    def start(**config):
+        port = free_port()
+        exp, telemetry = kit.make(factory, {"endpoint": f"127.0.0.1:{port}", **config})
+        exp.start(host)
+        created.append(exp)
+        return exp, port, telemetry
+
+    yield start
+    for exp in created:
+        exp.shutdown()
+
+
+@pytest.mark.parametrize("name,unit,kind,expected", [
+    ("container.cpu.time", "s", "counter", "container_cpu_time_seconds_total"),
+    ("container.memory.usage", "By", "gauge", "container_memory_usage_bytes"),
+    ("hw.gpu.utilization", "1", "gauge", "hw_gpu_utilization_ratio"),
+    ("system.network.io", "By/s", "gauge", "system_network_io_bytes_per_second"),
+    ("k8s.pod.network.errors", "{errors}", "counter", "k8s_pod_network_errors_total"),
+    ("requests_total", "1", "counter", "requests_total"),
+    ("latency_seconds", "s", "histogram", "latency_seconds"),
+    ("hw.power", "W", "gauge", "hw_power_watts"),
+    ("2fast", "ms", "gauge", "_2fast_milliseconds"),
+])
+def test_metric_names_follow_the_otel_prometheus_rules(name, unit, kind, expected):
+    assert metric_name(name, unit, kind, add_suffixes=True) == expected
+
+
+def test_names_kept_as_given_without_suffixes():
+    assert metric_name("process_gpu_memory", "MiBy", "gauge", add_suffixes=False) == "process_gpu_memory"
+    assert metric_name("a.b", "s", "counter", add_suffixes=False, namespace="ns") == "ns_a_b"
+
+
+def test_real_prometheus_reads_back_the_values(exporter, kit):
+    exp, port, _ = exporter()
+    exp.export(kit.batch([0, 1, 2], step=5))
+    with PrometheusServer([f"127.0.0.1:{port}"]) as prom:
+        rows = prom.wait_for('container_cpu_time_seconds_total{cpu_mode="user"}', lambda r: len(r) == 3)
+        got = {labels["k8s_pod_uid"]: v for labels, v in rows}
+        assert got == {"uid-0": 5.0, "uid-1": 15.0, "uid-2": 25.0}
+        labels = rows[0][0]
+        # identifying resource attributes are labels, so per-pod queries need no join
+        assert {"k8s_pod_name", "k8s_namespace_name", "container_id", "k8s_container_name"} <= set(labels)
+        assert "host_name" not in labels and "k8s_pod_label_app" not in labels
+        mem = dict((lbl["k8s_pod_name"], v) for lbl, v in prom.query("container_memory_usage_bytes"))
+        assert mem == {"pod-0": 1048576.0, "pod-1": 2097152.0, "pod-2": 3145728.0}
+        assert prom.query('hw_gpu_utilization_ratio{k8s_pod_uid="uid-1"}')[0][1] == 0.25
+        assert prom.query('k8s_pod_run_queue_latency_seconds_bucket{k8s_pod_uid="uid-0",le="0.01"}')[0][1] == 3.0
+        assert prom.query('k8s_pod_run_queue_latency_seconds_count{k8s_pod_uid="uid-2"}')[0][1] == 6.0
+        # the rest of the resource is in target_info, joinable on the identifying labels
+        info = prom.query('target_info{k8s_pod_uid="uid-0"}')
+        assert info and info[0][0]["host_name"] == "node-1" and info[0][0]["k8s_pod_label_app"] == "trainer"
+        joined = prom.query('container_memory_usage_bytes * on (k8s_pod_uid) group_left (host_name) target_info')
+        assert len(joined) == 3 and all(lbl["host_name"] == "node-1" for lbl, _ in joined)
+        assert all(t["health"] == "up" for t in prom.target_health())
+
+        # pod 1 is gone: its series are gone from the very next exposition, and Prometheus marks them stale
+        exp.export(kit.batch([0, 2], step=6))
+        _, text = scrape(port)
+        assert "uid-1" not in text and "uid-0" in text
+        rows = prom.wait_for('container_memory_usage_bytes', lambda r: len(r) == 2)
+        assert {lbl["k8s_pod_uid"] for lbl, _ in rows} == {"uid-0", "uid-2"}
+
+
+def test_exposition_is_lint_clean_in_both_formats(exporter, kit):
+    exp, port, _ = exporter(const_labels={"cluster": "c1"}, namespace="podmeter")
+    exp.export(kit.batch(range(4)))
+    exp.export(kit.batch([7], scope="podmeter/receiver/nvml"))
+    ctype, text = scrape(port)
+    assert ctype.startswith("text/plain; version=0.0.4")
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0, out
+    families = {f.name: f for f in parse_text(text)}
+    assert families["podmeter_container_cpu_time_seconds"].type == "counter"
+    assert all(s.labels["cluster"] == "c1" for f in families.values() for s in f.samples)
+    # no duplicate series
+    keys = [(s.name, tuple(sorted(s.labels.items()))) for f in families.values() for s in f.samples]
+    assert len(keys) == len(set(keys))
+
+    ctype, om = scrape(port, accept=OM_ACCEPT, gzip_ok=True)
+    assert ctype.startswith("application/openmetrics-text")
+    assert om.endswith("# EOF\n")
+    om_families = {f.name: f for f in parse_openmetrics(om)}  # the strict OpenMetrics parser accepts it
+    assert om_families["podmeter_k8s_pod_run_queue_latency_seconds"].type == "histogram"
+    assert om_families["target"].type == "info"
+
+
+def test_gzip_only_when_asked(exporter, kit):
+    exp, port, _ = exporter()
+    exp.export(kit.batch([0]))
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert b"container_cpu_time_seconds_total" in gzip.decompress(r.read())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+        assert r.headers.get("Content-Encoding") is None
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other")
+    assert err.value.code == 404
+
+
+def test_concurrent_scrapes_while_collecting_never_error(exporter, kit):
+    exp, port, telemetry = exporter()
+    exp.export(kit.batch(range(20)))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def scraper(accept):
+        while not stop.is_set():
+            try:
+                _, body = scrape(port, accept=accept, gzip_ok=True)
+                if accept:
+                    list(parse_openmetrics(body))
+                else:
+                    list(parse_text(body))
+            except Exception as exc:  # any failure is the test's failure
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=scraper, args=(a,)) for a in ("", OM_ACCEPT, "", OM_ACCEPT)]
+    for t in threads:
+        t.start()
+    for step in range(60):  # pods come and go while scrapes run
+        exp.export(kit.batch(range(step % 7, 20 + step % 5), step=step))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert kit.sample(telemetry, "podmeter_prometheus_scrapes_total", component="prometheus", code="200") > 0
+
+
+def test_scope_batches_replace_only_their_own_series(exporter, kit):
+    exp, port, _ = exporter()
+    exp.export(kit.batch([0, 1], scope="podmeter/receiver/cgroup"))
+    exp.export(kit.batch([5], scope="podmeter/receiver/other"))
+    exp.export(kit.batch([1], scope="podmeter/receiver/cgroup"))
+    _, text = scrape(port)
+    uids = {s.labels.get("k8s_pod_uid") for f in parse_text(text) for s in f.samples}
+    assert uids == {"uid-1", "uid-5"}
+    # two receivers describing the same pod share one target_info, and that is not a duplicate
+    from podmeter.metrics import MetricsBuilder
+
+    b = MetricsBuilder("podmeter/receiver/other", kit.START_NS)
+    b.add(kit.UTIL, 0.5, resource=kit.pod_resource(1))
+    exp.export(b.build())
+    _, text = scrape(port)
+    assert text.count('target_info{') == 1
+    assert "duplicate_series" not in exp.telemetry.failing()
+
+
+def test_metric_expiration_removes_stale_series(exporter, kit):
+    exp, port, telemetry = exporter(metric_expiration="300ms")
+    exp.export(kit.batch([0]))
+    assert "uid-0" in scrape(port)[1]
+    wait_for(lambda: "uid-0" not in scrape(port)[1], timeout=10, what="series to expire")
+    assert kit.sample(telemetry, "podmeter_prometheus_expired_scopes_total", component="prometheus") == 1
+
+
+def test_duplicate_series_are_merged_and_counted(exporter, kit):
+    from podmeter.metrics import MetricsBuilder
+
+    exp, port, telemetry = exporter()
+    b = MetricsBuilder("podmeter/receiver/x", kit.START_NS)
+    # two resources that differ only in an attribute that is not promoted: same Prometheus series
+    b.add(kit.MEM, 1, resource={"k8s.pod.uid": "u", "host.name": "a"})
+    b.add(kit.MEM, 2, resource={"k8s.pod.uid": "u", "host.name": "b"})
+    exp.export(b.build())
+    _, text = scrape(port)
+    assert text.count("container_memory_usage_bytes{") == 1
+    assert promtool_check_metrics(text)[0] == 0
+    assert kit.sample(telemetry, "podmeter_prometheus_dropped_points_total", component="prometheus",
+                      cause="duplicate_series") == 1
+
+
+def test_resource_to_telemetry_conversion_and_exact_names(exporter, kit):
+    exp, port, _ = exporter(resource_to_telemetry_conversion={"enabled": True}, add_metric_suffixes=False,
+                            target_info={"enabled": False})
+    exp.export(kit.batch([0]))
+    _, text = scrape(port)
+    fams = {f.name: f for f in parse_text(text)}
+    assert "target_info" not in text
+    assert fams["container_memory_usage"].samples[0].labels["host_name"] == "node-1"
+    # a counter kept under its exact name cannot be typed counter (formats require _total): exposed untyped
+    assert fams["container_cpu_time"].type == "unknown"
+    assert promtool_check_metrics(text)[0] == 0
+
+
+def test_tls_basic_auth_with_real_prometheus(exporter, kit, tmp_path):
+    certs = make_certs(tmp_path)
+    exp, port, telemetry = exporter(tls={"cert_file": certs.server_cert, "key_file": certs.server_key,
+                                         "client_ca_file": certs.ca},
+                                    basic_auth={"username": "prom", "password": "s3cret"})
+    exp.export(kit.batch([3]))
+    tls = {"ca_file": certs.ca, "cert_file": certs.client_cert, "key_file": certs.client_key}
+    with PrometheusServer([f"127.0.0.1:{port}"], scheme="https", tls_config=tls,
+                          basic_auth={"username": "prom", "password": "s3cret"}) as prom:
+        rows = prom.wait_for('container_cpu_time_seconds_total{cpu_mode="system"}')
+        assert rows[0][1] == 4.0 and rows[0][0]["k8s_pod_uid"] == "uid-3"
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    ctx.load_cert_chain(certs.client_cert, certs.client_key)
+    with pytest.raises(urllib.error.HTTPError) as err:  # wrong password
+        scrape(port, scheme="https", context=ctx, auth="Basic cHJvbTp3cm9uZw==")
+    assert err.value.code == 401
+    no_client_cert = ssl.create_default_context(cafile=certs.ca)
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        scrape(port, scheme="https", context=no_client_cert)
+    assert kit.sample(telemetry, "podmeter_prometheus_scrapes_total", component="prometheus", code="401") == 1
+
+
+def test_bad_config_names_the_key():
+    problems: list[str] = []
+    validate_component(factory, {"endpoint": "nope", "tls": {"cert_file": "a"}, "metric_expiry": "5m"},
+                       "exporters::prometheus", problems)
+    text = "\n".join(problems)
+    assert "exporters::prometheus::endpoint: invalid endpoint" in text
+    assert "exporters::prometheus::tls: cert_file and key_file must be given together" in text
+    assert 'exporters::prometheus::metric_expiry: unknown key (did you mean "metric_expiration"?)' in text
+    assert ConfigError  # the same problems surface through `podmeter validate`
+
+
+def test_port_in_use_is_reported_not_raised(exporter, kit, host):
+    from podmeter.component import ComponentUnavailable
+
+    _, port, _ = exporter()
+    other, _ = kit.make(factory, {"endpoint": f"127.0.0.1:{port}"})
+    with pytest.raises(ComponentUnavailable, match="cannot listen"):
+        other.start(host)
+
+
+def test_pod_churn_keeps_memory_bounded(exporter, kit):
+    exp, port, telemetry = exporter()
+    for generation in range(100):  # 1,000 pods come and go, 10 alive at a time
+        exp.export(kit.batch(range(generation * 10, generation * 10 + 10)))
+    _, text = scrape(port)
+    uids = {s.labels["k8s_pod_uid"] for f in parse_text(text) for s in f.samples}
+    assert uids == {f"uid-{i}" for i in range(990, 1000)}
+    assert len(exp._scopes) == 1
+    assert kit.sample(telemetry, "podmeter_prometheus_series", component="prometheus") == exp.rendering().series
+
+
+def test_awkward_values_are_escaped_for_both_parsers(exporter, kit):
+    from podmeter.metrics import MetricsBuilder, MetricSpec
+
+    exp, port, _ = exporter()
+    spec = MetricSpec("odd.metric", "gauge", "{things}", 'help with "quotes", \\ and\na newline')
+    b = MetricsBuilder("podmeter/receiver/x", kit.START_NS)
+    value = 'a "quoted" \\ back\nslash ünïcode'
+    b.add(spec, float("nan"), {"weird.key-name/x": value, "9lives": "1"}, resource={"k8s.pod.name": value})
+    b.add(spec, float("inf"), {"weird.key-name/x": "other"}, resource={"k8s.pod.name": "p"})
+    exp.export(b.build())
+    _, text = scrape(port)
+    (fam,) = [f for f in parse_text(text) if f.name == "odd_metric"]
+    labels = next(s.labels for s in fam.samples if s.labels.get("k8s_pod_name") == value)
+    assert labels["weird_key_name_x"] == value and labels["key_9lives"] == "1"
+    assert promtool_check_metrics(text)[0] == 0
+    _, om = scrape(port, accept=OM_ACCEPT)
+    (fam,) = [f for f in parse_openmetrics(om) if f.name == "odd_metric"]
+    assert fam.documentation == 'help with "quotes", \\ and\na newline'
+    assert {s.labels["weird_key_name_x"] for s in fam.samples} == {value, "other"}
+
+
+def test_an_empty_scope_marker_removes_the_last_pods_series(exporter, kit):
+    """When a receiver's last pod goes, its batch has no points. A ScopeMetrics without metrics (the marker the
+    report asks MetricsBuilder.build() to emit for an empty collection) still names the scope, so the exporter
+    drops that receiver's series at once instead of after metric_expiration."""
+    from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    exp, port, _ = exporter()
+    exp.export(kit.batch([0], scope="podmeter/receiver/cgroup"))
+    exp.export(kit.batch([1], scope="podmeter/receiver/nvml"))
+    marker = MetricsData([ResourceMetrics(Resource({}), [ScopeMetrics(InstrumentationScope(
+        "podmeter/receiver/cgroup"), [], "")], "")])
+    exp.export(marker)
+    _, text = scrape(port)
+    assert "uid-0" not in text and "uid-1" in text

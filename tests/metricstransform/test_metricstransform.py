@@ -1,0 +1,173 @@
+"""metricstransform processor on MetricsData built the way receivers build it; the compatibility case goes on
+through the real prometheus exporter and promtool."""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+
+import pytest
+
+from podmeter.component import ComponentID, CreateSettings, Host
+from podmeter.config import validate_component
+from podmeter.metrics import MetricsBuilder, MetricSpec, iter_points
+from podmeter.telemetry import ComponentTelemetry, Telemetry
+from processors.metricstransform import factory
+
+CPU = MetricSpec("container.cpu.time", "sum", "s", "CPU time", attributes=("cpu.mode",))
+MEM = MetricSpec("container.memory.usage", "updowncounter", "By", "Memory")
+DISK_R = MetricSpec("container.disk.read", "sum", "By", "read")
+DISK_W = MetricSpec("container.disk.write", "sum", "By", "written")
+LAT = MetricSpec("lat", "histogram", "s", "latency")
+RES = {"k8s.pod.uid": "u1", "k8s.pod.name": "trainer-0", "k8s.namespace.name": "ml"}
+
+
+def make(transforms: list) -> tuple:
+    telemetry = Telemetry()
+    cid = ComponentID("metricstransform")
+    logger = logging.getLogger("test.metricstransform")
+    settings = CreateSettings(id=cid, kind="processor", logger=logger, pipeline="metrics",
+                              telemetry=ComponentTelemetry(telemetry, str(cid), logger))
+    return factory.create(settings, factory.config_model.model_validate({"transforms": transforms})), settings
+
+
+def data():
+    b = MetricsBuilder("podmeter/receiver/cgroup", 1)
+    for mode, v in (("user", 4.0), ("system", 1.0), ("iowait", 0.5)):
+        b.add(CPU, v, {"cpu.mode": mode, "cpu": "0"}, resource=RES)
+        b.add(CPU, v * 2, {"cpu.mode": mode, "cpu": "1"}, resource=RES)
+    b.add(MEM, 3 * 1048576, resource=RES)
+    b.add(DISK_R, 100, {"device": "sda"}, resource=RES)
+    b.add(DISK_W, 40, {"device": "sda"}, resource=RES)
+    b.add_histogram(LAT, [1, 1], [0.5], 1.0, attributes={"cpu": "0"}, resource=RES, minimum=0.1, maximum=0.9)
+    b.add_histogram(LAT, [2, 0], [0.5], 0.4, attributes={"cpu": "1"}, resource=RES, minimum=0.1, maximum=0.3)
+    return b.build()
+
+
+def points(md, name=None) -> list[tuple[str, dict, object]]:
+    return [(m.name, dict(p.attributes), getattr(p, "value", None) if hasattr(p, "value") else p)
+            for _, _, m, p in iter_points(md) if name is None or m.name == name]
+
+
+def test_rename_exact_and_regexp_with_groups():
+    proc, _ = make([
+        {"include": "container.memory.usage", "action": "update", "new_name": "pod_memory_bytes"},
+        {"include": r"^container\.disk\.(\w+)$", "match_type": "regexp", "action": "update",
+         "new_name": "disk_${1}_bytes_total"},
+    ])
+    names = {n for n, _, _ in points(proc.process(data()))}
+    assert {"pod_memory_bytes", "disk_read_bytes_total", "disk_write_bytes_total", "container.cpu.time"} <= names
+    assert "container.memory.usage" not in names
+
+
+def test_insert_keeps_the_original():
+    proc, _ = make([{"include": "container.memory.usage", "action": "insert", "new_name": "mem_mib",
+                     "operations": [{"action": "experimental_scale_value", "experimental_scale": 1 / 1048576}]}])
+    out = points(proc.process(data()))
+    assert ("container.memory.usage", {}, 3 * 1048576) in out
+    assert ("mem_mib", {}, 3) in out  # integer points stay integers
+
+
+def test_label_operations():
+    proc, _ = make([{"include": "container.cpu.time", "action": "update", "operations": [
+        {"action": "add_label", "new_label": "source", "new_value": "cgroup"},
+        {"action": "update_label", "label": "cpu.mode", "new_label": "state",
+         "value_actions": [{"value": "iowait", "new_value": "wait"}]},
+        {"action": "copy_label", "label": "state", "new_label": "mode"},
+        {"action": "delete_label_value", "label": "state", "label_value": "system"},
+        {"action": "copy_resource_attribute", "resource_attribute": "k8s.pod.name", "new_label": "pod"},
+    ]}])
+    out = points(proc.process(data()), "container.cpu.time")
+    assert len(out) == 4
+    for _, attrs, _ in out:
+        assert attrs["source"] == "cgroup" and attrs["pod"] == "trainer-0" and attrs["state"] == attrs["mode"]
+        assert "cpu.mode" not in attrs
+    assert {a["state"] for _, a, _ in out} == {"user", "wait"}
+
+
+@pytest.mark.parametrize("how,expected", [("sum", {"user": 12.0, "system": 3.0, "iowait": 1.5}),
+                                          ("mean", {"user": 6.0, "system": 1.5, "iowait": 0.75}),
+                                          ("max", {"user": 8.0, "system": 2.0, "iowait": 1.0}),
+                                          ("min", {"user": 4.0, "system": 1.0, "iowait": 0.5})])
+def test_aggregate_away_a_label(how, expected):
+    proc, _ = make([{"include": "container.cpu.time", "action": "update", "operations": [
+        {"action": "aggregate_labels", "label_set": ["cpu.mode"], "aggregation_type": how}]}])
+    out = points(proc.process(data()), "container.cpu.time")
+    assert {a["cpu.mode"]: v for _, a, v in out} == expected
+    assert all(set(a) == {"cpu.mode"} for _, a, _ in out)
+
+
+def test_delete_label_merges_points_and_histograms_sum():
+    proc, _ = make([{"include": "lat", "action": "update", "operations": [{"action": "delete_label", "label": "cpu"}]}])
+    (_, attrs, p), = points(proc.process(data()), "lat")
+    assert attrs == {} and p.count == 4 and list(p.bucket_counts) == [3, 1] and p.sum == 1.4 and p.max == 0.9
+
+
+def test_aggregate_label_values_and_combine():
+    proc, _ = make([
+        {"include": "container.cpu.time", "action": "update", "operations": [
+            {"action": "aggregate_label_values", "label": "cpu.mode", "aggregated_values": ["system", "iowait"],
+             "new_value": "other", "aggregation_type": "sum"}]},
+        {"include": r"^container\.disk\.(?P<direction>\w+)$", "match_type": "regexp", "action": "combine",
+         "new_name": "container.disk.io", "submatch_case": "upper"},
+    ])
+    md = proc.process(data())
+    cpu = {(a["cpu.mode"], a["cpu"]): v for _, a, v in points(md, "container.cpu.time")}
+    assert cpu == {("user", "0"): 4.0, ("user", "1"): 8.0, ("other", "0"): 1.5, ("other", "1"): 3.0}
+    disk = {a["direction"]: v for _, a, v in points(md, "container.disk.io")}
+    assert disk == {"READ": 100, "WRITE": 40}
+
+
+def test_problems_are_counted_and_the_metric_passes(caplog):
+    proc, settings = make([{"include": "lat", "action": "update", "new_name": "renamed", "operations": [
+        {"action": "aggregate_labels", "label_set": [], "aggregation_type": "max"}]}])
+    out = points(proc.process(data()), "lat")
+    assert len(out) == 2  # unchanged, not renamed
+    assert "transform" in settings.telemetry.failing()
+
+
+def test_strict_config_names_the_path():
+    problems: list[str] = []
+    validate_component(factory, {"transforms": [
+        {"include": "a", "action": "update", "operations": [{"action": "add_label", "new_label": "x"}]},
+        {"include": "(", "match_type": "regexp", "action": "update"},
+        {"include": "a", "action": "combine", "new_name": "b"},
+        {"include": "a", "action": "rename"},
+        {"include": "a", "action": "update", "operations": [{"action": "add_label", "new_label": "x",
+                                                             "new_value": "y", "lable": "z"}]},
+    ]}, "processors::metricstransform", problems)
+    text = "\n".join(problems)
+    assert "processors::metricstransform::transforms::0::operations::0: action add_label needs new_value" in text
+    assert "processors::metricstransform::transforms::1: include is not a valid regular expression" in text
+    assert "processors::metricstransform::transforms::2: action combine needs match_type: regexp" in text
+    assert "processors::metricstransform::transforms::3::action:" in text
+    assert "processors::metricstransform::transforms::4::operations::0::lable: unknown key" in text
+
+
+def test_compatibility_names_through_the_prometheus_exporter(tmp_path):
+    """An nvitop-exporter style series from OTel data: exact name, MiB, pod label, through the real exporter."""
+    from harness import free_port
+    from harness.prometheus import promtool_check_metrics
+
+    from exporters.prometheus import factory as prom_factory
+
+    proc, _ = make([{"include": "container.memory.usage", "action": "insert", "new_name": "process_rss_memory",
+                     "operations": [
+                         {"action": "experimental_scale_value", "experimental_scale": 1 / 1048576},
+                         {"action": "copy_resource_attribute", "resource_attribute": "k8s.pod.name",
+                          "new_label": "pod_name"}]}])
+    port = free_port()
+    telemetry = Telemetry()
+    logger = logging.getLogger("test.prometheus")
+    settings = CreateSettings(id=ComponentID("prometheus"), kind="exporter", logger=logger,
+                              telemetry=ComponentTelemetry(telemetry, "prometheus", logger))
+    exp = prom_factory.create(settings, prom_factory.config_model.model_validate(
+        {"endpoint": f"127.0.0.1:{port}", "add_metric_suffixes": False, "promote_resource_attributes": []}))
+    exp.start(Host())
+    try:
+        exp.export(proc.process(data()))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    finally:
+        exp.shutdown()
+    assert 'process_rss_memory{pod_name="trainer-0"} 3.0' in text
+    assert promtool_check_metrics(text)[0] == 0

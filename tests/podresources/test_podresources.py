@@ -1,0 +1,271 @@
+"""The podresources receiver against a PodResources v1 gRPC server.
+
+No kubelet can run here, so the server is the test's own (a double built on the project's proto, serving over a
+real unix socket with real gRPC): it stands in for the kubelet only, the client side is the real receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+from harness import wait_for
+from pydantic import ValidationError
+
+from podmeter.component import ComponentID, CreateSettings, Host
+from podmeter.telemetry import null_component_telemetry
+from receivers.podresources import api_pb2 as pb
+from receivers.podresources import api_pb2_grpc as pbg
+from receivers.podresources import factory
+
+GPU0 = "GPU-6b7a1c2e-0d4f-4c1e-9f7e-1a2b3c4d5e60"
+GPU1 = "GPU-6b7a1c2e-0d4f-4c1e-9f7e-1a2b3c4d5e61"
+GPU2 = "GPU-6b7a1c2e-0d4f-4c1e-9f7e-1a2b3c4d5e62"
+MIG_A = "MIG-2f1c9d3a-7b4e-5a6f-8c9d-0e1f2a3b4c5d"
+MIG_B = "MIG-3a2b1c0d-9e8f-5a6b-7c8d-9e0f1a2b3c4d"
+
+
+def pod(name, namespace, containers):
+    return pb.PodResources(name=name, namespace=namespace, containers=[
+        pb.ContainerResources(name=cname, devices=[pb.ContainerDevices(resource_name=r, device_ids=ids)
+                                                   for r, ids in devices])
+        for cname, devices in containers.items()])
+
+
+class Kubelet(pbg.PodResourcesListerServicer):
+    def __init__(self, pods, allocatable=None, implement_allocatable=True):
+        self.pods, self.allocatable, self.implement_allocatable = pods, allocatable or [], implement_allocatable
+        self.calls = 0
+
+    def List(self, request, context):
+        self.calls += 1
+        return pb.ListPodResourcesResponse(pod_resources=self.pods)
+
+    def GetAllocatableResources(self, request, context):
+        if not self.implement_allocatable:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
+        return pb.AllocatableResourcesResponse(devices=[pb.ContainerDevices(resource_name=r, device_ids=ids)
+                                                        for r, ids in self.allocatable])
+
+
+class Server:
+    """A PodResources server on <root>/pod-resources/kubelet.sock, restartable on the same path."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        os.makedirs(f"{self.root}/pod-resources", exist_ok=True)
+        self.path = f"{self.root}/pod-resources/kubelet.sock"
+        self.server = None
+
+    def start(self, servicer):
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # as kubelet does at start
+        self.server = grpc.server(futures.ThreadPoolExecutor(4),
+                                  options=[("grpc.max_send_message_length", -1)])
+        pbg.add_PodResourcesListerServicer_to_server(servicer, self.server)
+        self.server.add_insecure_port(f"unix://{self.path}")
+        self.server.start()
+        return self
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop(0).wait()
+            self.server = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path / "kubelet")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def make_receiver():
+    made = []
+
+    def make(host=None, **config):
+        telemetry = null_component_telemetry("podresources", logging.getLogger("test.podresources"))
+        settings = CreateSettings(id=ComponentID("podresources"), kind="receiver", logger=telemetry.logger,
+                                  telemetry=telemetry)
+        receiver = factory.create(settings, factory.config_model.model_validate(config))
+        host = host or Host()
+        receiver.start(host)
+        made.append(receiver)
+        (provider,) = host.lookup("device_assignments")
+        return receiver, provider, telemetry
+
+    yield make
+    for r in made:
+        r.shutdown()
+
+
+def points(data):
+    out = []
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for p in m.data.data_points:
+                    out.append((m.name, dict(rm.resource.attributes), dict(p.attributes), p.value))
+    return out
+
+
+NODE = [
+    pod("train-0", "ml", {"trainer": [("nvidia.com/gpu", [GPU0, GPU1])], "logger": []}),
+    pod("infer-a", "serving", {"server": [("nvidia.com/mig-1g.10gb", [MIG_A])]}),
+    pod("infer-b", "serving", {"server": [("nvidia.com/mig-1g.10gb", [MIG_B]), ("example.com/nic", ["nic0"])]}),
+    pod("web", "shop", {"app": []}),
+]
+ALLOCATABLE = [("nvidia.com/gpu", [GPU0, GPU1, GPU2]), ("nvidia.com/mig-1g.10gb", [MIG_A, MIG_B]),
+               ("example.com/nic", ["nic0", "nic1"])]
+
+
+def test_gpus_and_mig_devices_map_to_pods(server, make_receiver, tmp_path):
+    server.start(Kubelet(NODE, ALLOCATABLE))
+    # kubelet_root_dir: the socket is found under a moved kubelet root
+    receiver, provider, telemetry = make_receiver(kubelet_root_dir=server.root)
+    got = provider.assignments()
+    assert set(got) == {GPU0, GPU1, MIG_A, MIG_B}  # example.com/nic is not tracked by default
+    assert got[GPU0] == [{"k8s.pod.name": "train-0", "k8s.namespace.name": "ml", "k8s.container.name": "trainer",
+                          "k8s.resource.name": "nvidia.com/gpu"}]
+    assert got[MIG_B][0]["k8s.pod.name"] == "infer-b" and got[MIG_B][0]["k8s.resource.name"] == "nvidia.com/mig-1g.10gb"
+    pts = points(receiver.collect())
+    allocated = {(p[2]["hw.id"], p[1]["k8s.pod.name"], p[1]["k8s.container.name"]): p[3]
+                 for p in pts if p[0] == "k8s.container.device.allocated"}
+    assert allocated == {(GPU0, "train-0", "trainer"): 1, (GPU1, "train-0", "trainer"): 1,
+                         (MIG_A, "infer-a", "server"): 1, (MIG_B, "infer-b", "server"): 1}
+    node_alloc = {p[2]["k8s.resource.name"]: p[3] for p in pts if p[0] == "k8s.node.device.allocated"}
+    assert node_alloc == {"nvidia.com/gpu": 2, "nvidia.com/mig-1g.10gb": 2}
+    allocatable = {p[2]["k8s.resource.name"]: p[3] for p in pts if p[0] == "k8s.node.device.allocatable"}
+    assert allocatable == {"nvidia.com/gpu": 3, "nvidia.com/mig-1g.10gb": 2}
+    assert telemetry.failing() == {}
+
+
+def test_other_resource_names_are_configurable(server, make_receiver):
+    server.start(Kubelet(NODE, ALLOCATABLE))
+    _, provider, _ = make_receiver(endpoint=f"unix://{server.path}", resource_names=["example.com/*"])
+    assert set(provider.assignments()) == {"nic0"}
+
+
+def test_time_sliced_replicas_map_to_the_physical_gpu(server, make_receiver):
+    shared = [pod("a", "x", {"c": [("nvidia.com/gpu", [f"{GPU2}::0", f"{GPU2}::1"])]}),
+              pod("b", "x", {"c": [("nvidia.com/gpu", [f"{GPU2}::2"])]})]
+    server.start(Kubelet(shared, [("nvidia.com/gpu", [f"{GPU2}::{i}" for i in range(4)])]))
+    receiver, provider, _ = make_receiver(endpoint=f"unix://{server.path}")
+    entries = provider.assignments()[GPU2]
+    assert sorted(e["k8s.pod.name"] for e in entries) == ["a", "a", "b"]
+    assert provider.device(f"{GPU2}::7") == entries
+    pts = points(receiver.collect())
+    units = {p[1]["k8s.pod.name"]: p[3] for p in pts if p[0] == "k8s.container.device.allocated"}
+    assert units == {"a": 2, "b": 1}  # one series per container and GPU, no duplicates
+    assert [p[3] for p in pts if p[0] == "k8s.node.device.allocatable"] == [1]
+
+
+def test_replies_over_4_mib(server, make_receiver):
+    # ~6 MiB: 20,000 pods with a device each, as on nodes with many device-plugin resources
+    big = [pod(f"pod-{i:05d}-" + "x" * 200, "batch", {"main": [("nvidia.com/gpu", [f"GPU-{i:036d}"])]})
+           for i in range(20000)]
+    size = pb.ListPodResourcesResponse(pod_resources=big).ByteSize()
+    assert size > 4 << 20
+    server.start(Kubelet(big))
+    # a client with gRPC's default limit fails: the test does exercise the limit
+    with grpc.insecure_channel(f"unix://{server.path}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pbg.PodResourcesListerStub(channel).List(pb.ListPodResourcesRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}")
+    assert len(provider.assignments()) == 20000
+    assert telemetry.failing() == {}
+
+
+def test_kubelet_restart_is_survived(server, make_receiver):
+    server.start(Kubelet(NODE, ALLOCATABLE))
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}", refresh_interval="100ms")
+    assert provider.assignments()[GPU0][0]["k8s.pod.name"] == "train-0"
+    server.stop()  # gRPC removes the socket, as a stopping kubelet leaves none behind
+    wait_for(lambda: {"list", "socket_absent"} & set(telemetry.failing()), timeout=10, what="the outage noticed")
+    # what was allocated stays allocated while the kubelet restarts
+    assert GPU0 in provider.assignments()
+    assert receiver.collect().resource_metrics
+    moved = [pod("train-1", "ml", {"trainer": [("nvidia.com/gpu", [GPU0])]})]
+    server.start(Kubelet(moved, ALLOCATABLE))
+    wait_for(lambda: provider.assignments().get(GPU0, [{}])[0].get("k8s.pod.name") == "train-1", timeout=20,
+             what="allocations from the restarted kubelet")
+    assert set(provider.assignments()) == {GPU0}
+    wait_for(lambda: not ({"list", "socket_absent"} & set(telemetry.failing())), timeout=10, what="recovery")
+
+
+def test_socket_absent_is_said_once_and_retried(make_receiver, tmp_path, caplog):
+    server = Server(tmp_path / "later")
+    os.rmdir(f"{server.root}/pod-resources")
+    receiver, provider, telemetry = make_receiver(kubelet_root_dir=server.root)  # must not raise
+    assert provider.assignments() == {}
+    assert receiver.collect().resource_metrics == []
+    assert "socket_absent" in telemetry.failing()
+    assert receiver.ready(0.1) is False
+    os.makedirs(f"{server.root}/pod-resources")
+    server.start(Kubelet(NODE, ALLOCATABLE))
+    try:
+        wait_for(lambda: provider.assignments(), timeout=15, what="allocations once the kubelet socket appears")
+    finally:
+        server.stop()
+    warnings = [r for r in caplog.records if "does not exist" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_older_kubelet_without_allocatable(server, make_receiver, caplog):
+    caplog.set_level(logging.INFO)
+    server.start(Kubelet(NODE, implement_allocatable=False))
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}")
+    assert GPU0 in provider.assignments()
+    names = {p[0] for p in points(receiver.collect())}
+    assert names == {"k8s.container.device.allocated", "k8s.node.device.allocated"}
+    assert telemetry.failing() == {}
+    assert any("GetAllocatableResources" in r.getMessage() for r in caplog.records)
+
+
+def test_pod_uid_from_the_cri_cache(server, make_receiver):
+    class Cri:  # what the cri receiver publishes; its real behaviour is tested in tests/cri
+        def pod_by_name(self, namespace, name):
+            return {"k8s.pod.uid": "0f0e0d0c-0000-4000-8000-000000000001"} if name == "train-0" else None
+
+    host = Host()
+    host.publish("container_metadata", Cri())
+    server.start(Kubelet(NODE, ALLOCATABLE))
+    receiver, provider, _ = make_receiver(host=host, endpoint=f"unix://{server.path}")
+    assert provider.assignments()[GPU0][0]["k8s.pod.uid"] == "0f0e0d0c-0000-4000-8000-000000000001"
+    assert "k8s.pod.uid" not in provider.assignments()[MIG_A][0]
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValidationError, match="not both"):
+        factory.config_model.model_validate({"endpoint": "unix:///x.sock", "kubelet_root_dir": "/var/lib/k"})
+    with pytest.raises(ValidationError, match="must be an absolute path"):
+        factory.config_model.model_validate({"kubelet_root_dir": "var/lib/kubelet"})
+    with pytest.raises(ValidationError, match="must be a unix socket"):
+        factory.config_model.model_validate({"endpoint": "localhost:10250"})
+    cfg = factory.config_model.model_validate({})
+    assert cfg.endpoint == "unix:///var/lib/kubelet/pod-resources/kubelet.sock"
+
+
+def test_concurrent_readers_see_whole_snapshots(server, make_receiver):
+    server.start(Kubelet(NODE, ALLOCATABLE))
+    receiver, provider, _ = make_receiver(endpoint=f"unix://{server.path}", refresh_interval="10ms")
+    bad = []
+
+    def read():
+        for _ in range(300):
+            got = provider.assignments()
+            if set(got) != {GPU0, GPU1, MIG_A, MIG_B}:
+                bad.append(got)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []

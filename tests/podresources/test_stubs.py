@@ -1,0 +1,36 @@
+"""The checked-in gRPC stubs must be what `make proto` generates from api.proto."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+from harness import require
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_generated_stubs_are_fresh(tmp_path):
+    component = "podresources"
+    require(shutil.which("make") is not None, "needs make")
+    require(importlib.util.find_spec("grpc_tools") is not None, "needs grpcio-tools (pip install -e '.[dev]')")
+    folder = os.path.join(ROOT, "receivers", component)
+    subprocess.run(["make", "-s", "-C", folder, "proto", f"PY={sys.executable}", f"OUT={tmp_path}"], check=True)
+    for name in ("api_pb2.py", "api_pb2_grpc.py"):
+        with open(os.path.join(folder, name)) as f:
+            checked_in = f.read()
+        with open(tmp_path / name) as f:
+            fresh = f.read()
+        assert checked_in == fresh, f"receivers/{component}/{name} is stale: run `make proto`"
+
+
+def test_both_protos_load_in_one_process():
+    # both files are named api.proto upstream; registered as cri/api.proto and podresources/api.proto
+    from receivers.cri import api_pb2 as cri
+    from receivers.podresources import api_pb2 as podresources
+
+    assert cri.DESCRIPTOR.name == "cri/api.proto" and cri.DESCRIPTOR.package == "runtime.v1"
+    assert podresources.DESCRIPTOR.name == "podresources/api.proto" and podresources.DESCRIPTOR.package == "v1"
