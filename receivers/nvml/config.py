@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from podmeter.config import Duration, ScraperConfig
+
+
+class NvmlConfig(ScraperConfig):
+    library_path: str = Field(
+        "", description="Absolute path of libnvidia-ml.so.1 for drivers installed off the standard library path "
+                        "(e.g. /run/nvidia/driver/usr/lib64/libnvidia-ml.so.1); empty: the dynamic loader finds it")
+    proc_root: str = Field(
+        "/proc", description="Where the host's /proc is visible; NVML reports host PIDs, so run with hostPID: true "
+                             "or mount the host /proc and point this at it")
+    per_process: bool = Field(True, description="Collect per-process GPU memory and utilization, attributed to pods")
+    discovery_interval: Duration = Field(
+        60.0, gt=0, description="How often to re-enumerate GPUs and MIG devices (their static info is cached)")
+    ecc: bool = Field(True, description="Collect volatile ECC error counts (hw.errors)")
+    interconnect: bool = Field(True, description="Collect PCIe and NVLink byte counters (hw.gpu.io, hw.gpu.nvlink.io)")
+
+    @field_validator("library_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError("library_path must be absolute, like /usr/lib64/libnvidia-ml.so.1")
+        return value

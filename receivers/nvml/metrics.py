@@ -1,0 +1,61 @@
+"""What the nvml receiver emits. OTel `hw.*` semantic-convention names where one exists; ours in the same style."""
+
+from __future__ import annotations
+
+from podmeter.metrics import MetricSpec
+
+S = MetricSpec
+
+# Device (GPU or MIG device) metrics; resource: hw.id, hw.type, hw.name, hw.model, hw.vendor, ...
+GPU_UTILIZATION = S("hw.gpu.utilization", "gauge", "1",
+                    "Fraction of time the GPU was busy with a task: general (kernels running), encoder, decoder",
+                    attributes=("hw.gpu.task",))
+MEM_CTRL_UTILIZATION = S("hw.gpu.memory.controller.utilization", "gauge", "1",
+                         "Fraction of time device memory was being read or written")
+MEM_UTILIZATION = S("hw.gpu.memory.utilization", "gauge", "1", "Fraction of GPU memory used (usage / limit)")
+MEM_USAGE = S("hw.gpu.memory.usage", "updowncounter", "By", "GPU memory used")
+MEM_LIMIT = S("hw.gpu.memory.limit", "updowncounter", "By", "Size of the GPU memory")
+MEM_FREE = S("hw.gpu.memory.free", "updowncounter", "By", "GPU memory free")
+MEM_RESERVED = S("hw.gpu.memory.reserved", "updowncounter", "By", "GPU memory reserved by the driver and firmware")
+TEMPERATURE = S("hw.gpu.temperature", "gauge", "Cel", "GPU die temperature")
+POWER = S("hw.power", "gauge", "W", "Power drawn by the GPU")
+POWER_LIMIT = S("hw.gpu.power.limit", "gauge", "W", "Enforced power limit of the GPU")
+ENERGY = S("hw.energy", "sum", "J", "Energy consumed by the GPU since the driver was loaded")
+CLOCK = S("hw.gpu.clock.frequency", "gauge", "Hz", "Current clock frequency",
+          attributes=("hw.gpu.clock.domain",))
+THROTTLE = S("hw.gpu.throttle", "gauge", "1",
+             "1 while the clocks are held down for this reason, else 0 (NVML clock event reasons)",
+             attributes=("hw.gpu.throttle.reason",))
+ERRORS = S("hw.errors", "sum", "{error}", "ECC errors since the driver was loaded (volatile counters)",
+           attributes=("error.type",))
+IO = S("hw.gpu.io", "sum", "By", "Bytes moved over PCIe since the driver was loaded",
+       attributes=("network.io.direction",))
+NVLINK_IO = S("hw.gpu.nvlink.io", "sum", "By", "Bytes moved over all NVLink links since the driver was loaded",
+              attributes=("network.io.direction",))
+STATUS = S("hw.status", "updowncounter", "1", "1 for the GPU's current state (ok, failed: fell off the bus), else 0",
+           attributes=("hw.state",))
+ALLOCATION = S("hw.gpu.allocation", "gauge", "1",
+               "1 per pod container the kubelet allocated this GPU or MIG device to (from the podresources receiver; "
+               "time-slicing replicas of one GPU each appear with their k8s.device.id)",
+               attributes=("k8s.pod.uid", "k8s.pod.name", "k8s.namespace.name", "k8s.container.name",
+                           "k8s.resource.name", "k8s.device.id"))
+
+# Per-process metrics; resource: process.*, k8s.pod.uid, container.id and the device's hw.* attributes.
+PROCESS_MEMORY = S("process.gpu.memory.usage", "updowncounter", "By",
+                   "GPU memory used by the process on this GPU or MIG device (compute, graphics and MPS clients)")
+PROCESS_UTILIZATION = S("process.gpu.utilization", "gauge", "1",
+                        "Fraction of the GPU the process used since the previous collection, by task: sm, memory, "
+                        "encoder, decoder (not available on MIG devices: left out, never zero)",
+                        attributes=("hw.gpu.task",))
+
+METRICS = (GPU_UTILIZATION, MEM_CTRL_UTILIZATION, MEM_UTILIZATION, MEM_USAGE, MEM_LIMIT, MEM_FREE, MEM_RESERVED,
+           TEMPERATURE, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, STATUS, ALLOCATION,
+           PROCESS_MEMORY, PROCESS_UTILIZATION)
+
+RESOURCE_ATTRIBUTES = (
+    "hw.id", "hw.type", "hw.name", "hw.model", "hw.vendor", "hw.driver_version", "hw.serial_number", "hw.parent",
+    "hw.gpu.index", "hw.gpu.pci_bus_id", "hw.gpu.mig.gpu_instance_id", "hw.gpu.mig.compute_instance_id",
+    "hw.gpu.mig.profile",
+    "process.pid", "process.executable.name", "process.command", "process.owner", "process.creation.time",
+    "k8s.pod.uid", "container.id", "container.runtime.name",
+)

@@ -1,0 +1,676 @@
+"""The nvml receiver: per-GPU, per-MIG-device and per-process GPU metrics, processes attributed to pods.
+
+Static device facts (uuid, name, PCI bus id, MIG layout) are read at discovery and cached; a collection makes
+only the value calls. Every NVML error is handled per call: NOT_SUPPORTED / FUNCTION_NOT_FOUND are counted once
+and the call is not made again on that device until NVML is re-initialised; other errors are counted and that
+value is left out; GPU_IS_LOST skips the device (hw.status failed); UNINITIALIZED / DRIVER_NOT_LOADED / a library
+version mismatch (a driver reload) re-initialise NVML and rediscover.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pwd
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import MetricsData
+
+from podmeter.attribution import ProcessAttributor, read_process
+from podmeter.component import ComponentUnavailable, Host, Receiver
+from podmeter.metrics import MetricsBuilder, empty, now_ns
+
+from . import metrics as M
+from .config import NvmlConfig
+
+log = logging.getLogger(__name__)
+
+NO_ID = 0xFFFFFFFF
+# pynvml error codes (the module is imported lazily, so the agent starts on hosts without it)
+UNINITIALIZED, NOT_SUPPORTED, NOT_FOUND, DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND = 1, 3, 6, 9, 12
+FUNCTION_NOT_FOUND, GPU_IS_LOST, LIB_RM_VERSION_MISMATCH, ARGUMENT_VERSION_MISMATCH = 13, 15, 18, 25
+REINIT_CODES = (UNINITIALIZED, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH)
+SKIP_CODES = (NOT_SUPPORTED, FUNCTION_NOT_FOUND)
+
+FI_NVLINK_LINK_COUNT, FI_NVLINK_TX_KIB, FI_NVLINK_RX_KIB, FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES = 91, 138, 139, 197, 198
+
+THROTTLE_REASONS = (
+    (0x1, "gpu_idle"), (0x2, "applications_clocks_setting"), (0x4, "sw_power_cap"), (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"), (0x20, "sw_thermal_slowdown"), (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"), (0x100, "display_clock_setting"),
+)
+CLOCKS = ((0, "graphics"), (1, "sm"), (2, "memory"))  # NVML_CLOCK_GRAPHICS, _SM, _MEM
+
+
+class _Reinit(Exception):
+    """NVML lost its session (driver reload): re-initialise and rediscover."""
+
+
+class _Lost(Exception):
+    """The GPU fell off the bus."""
+
+
+@dataclass
+class Device:
+    """A GPU or a MIG device, with what is static about it."""
+
+    index: int
+    handle: Any
+    resource: dict
+    is_mig: bool = False
+    mig_mode: bool = False
+    lost: bool = False
+    migs: list[Device] = field(default_factory=list)
+    nvlink_links: int = 0
+    unsupported: set[str] = field(default_factory=set)  # calls that answered NOT_SUPPORTED: not made again
+    fields: list = field(default_factory=list)           # field value ids still asked for
+    last_seen: int = 0                                   # process utilization lastSeenTimeStamp (us)
+
+    @property
+    def uuid(self) -> str:
+        return self.resource["hw.id"]
+
+
+class NvmlReceiver(Receiver):
+    def __init__(self, settings, config: NvmlConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.logger = settings.logger
+        self.telemetry = settings.telemetry
+        self.scope = f"podmeter/receiver/{settings.id}"
+        self.start_ns = now_ns()
+        self.nvml: Any = None
+        self.ready = False
+        self.devices: list[Device] = []
+        self.driver_version = ""
+        self.discovered_at = 0.0
+        self.host: Host | None = None
+        self.attributor = ProcessAttributor(config.proc_root)
+        self._procs: dict[int, tuple[int, dict]] = {}  # pid -> (start_time, process resource attributes)
+        self._owners: dict[int, str] = {}
+        self._btime: float | None = None
+        self._ns_map: dict[int, int] | None = None      # NSpid translation, built only when needed
+        self._nested_pidns = False
+        self._error_names: dict[int, str] = {}
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self, host: Host) -> None:
+        self.host = host
+        try:
+            import pynvml
+        except ImportError as exc:  # packaging problem, not a host one: still say it plainly
+            raise ComponentUnavailable(f"nvidia-ml-py is not installed: {exc}") from None
+        self.nvml = pynvml
+        self._error_names = {getattr(pynvml, n): n[len("NVML_ERROR_"):] for n in dir(pynvml)
+                             if n.startswith("NVML_ERROR_") and isinstance(getattr(pynvml, n), int)}
+        self._load_library()
+        try:
+            self._init()
+        except _Reinit as exc:
+            # the library is there but the driver is not (yet): keep trying at each collection
+            self.telemetry.error("nvmlInit", f"NVML could not initialise: {exc}; retrying every collection")
+        self._check_pid_namespace()
+
+    def _load_library(self) -> None:
+        N = self.nvml
+        path = self.config.library_path
+        if path:
+            if not os.path.exists(path):
+                raise ComponentUnavailable(f"library_path {path} does not exist")
+            with N.libLoadLock:
+                current = getattr(N.nvmlLib, "_name", None)
+                if current != path:
+                    try:
+                        # pynvml keeps one library per process in N.nvmlLib; setting it is its own mechanism
+                        N.nvmlLib = ctypes.CDLL(path)
+                    except OSError as exc:
+                        raise ComponentUnavailable(f"cannot load the NVML library {path}: {exc}") from None
+                    N._nvmlGetFunctionPointer_cache.clear()
+            return
+        try:
+            N._LoadNvmlLibrary()
+        except N.NVMLError as exc:
+            raise ComponentUnavailable(
+                f"no NVML library on this host ({exc}): libnvidia-ml.so.1 is not on the library path; "
+                "is the NVIDIA driver installed? set library_path if it lives elsewhere") from None
+
+    def _init(self) -> None:
+        N = self.nvml
+        try:
+            N.nvmlInit()
+        except N.NVMLError as exc:
+            raise _Reinit(f"nvmlInit: {self._name(exc)}") from None
+        self.ready = True
+        self.telemetry.recovered("nvmlInit")
+        self._discover()
+
+    def _reinit(self, why: str) -> bool:
+        """After a driver reload: drop the old session, start a new one. False if NVML is still unavailable."""
+        self.telemetry.error("nvml_reinit", f"NVML session lost ({why}); re-initialising")
+        self.ready = False
+        self.devices = []  # a new driver may support what the old one did not: forget it all
+        try:
+            self.nvml.nvmlShutdown()
+        except Exception:  # the old session is gone anyway  # noqa: BLE001
+            pass
+        try:
+            self._init()
+        except _Reinit as exc:
+            self.telemetry.error("nvmlInit", f"NVML could not initialise: {exc}; retrying every collection")
+            return False
+        self.telemetry.recovered("nvml_reinit")
+        return True
+
+    def shutdown(self) -> None:
+        if self.ready and self.nvml is not None:
+            try:
+                self.nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                pass
+        self.ready = False
+
+    # ------------------------------------------------------------------------------------------------ discovery
+
+    def _name(self, exc) -> str:
+        return self._error_names.get(getattr(exc, "value", None), str(exc))
+
+    def _discover(self) -> None:
+        N = self.nvml
+        self.discovered_at = time.monotonic()
+        try:
+            self.driver_version = _text(N.nvmlSystemGetDriverVersion())
+            count = N.nvmlDeviceGetCount()
+        except N.NVMLError as exc:
+            if exc.value in REINIT_CODES:
+                raise _Reinit(f"nvmlDeviceGetCount: {self._name(exc)}") from None
+            self.telemetry.error(f"nvmlDeviceGetCount: {self._name(exc)}", f"cannot enumerate GPUs: {exc}")
+            self.devices = []
+            return
+        old = {d.uuid: d for gpu in self.devices for d in (gpu, *gpu.migs)}
+        devices = []
+        for i in range(count):
+            dev = self._discover_gpu(i)
+            for d in (dev, *dev.migs):
+                prev = old.get(d.uuid)
+                if prev is not None:
+                    # same driver session: keep the process-utilization cursor, and what is known unsupported
+                    # (counted once, not again at every discovery)
+                    d.last_seen = d.last_seen or prev.last_seen
+                    d.unsupported |= prev.unsupported
+            devices.append(dev)
+        self.devices = devices
+        if not devices:
+            self.logger.info("NVML reports no GPUs on this host")
+
+    def _discover_gpu(self, i: int) -> Device:
+        N = self.nvml
+        base = {"hw.type": "gpu", "hw.vendor": "NVIDIA", "hw.driver_version": self.driver_version,
+                "hw.gpu.index": i}
+        try:
+            handle = N.nvmlDeviceGetHandleByIndex(i)
+            uuid = _text(N.nvmlDeviceGetUUID(handle))
+            model = _text(N.nvmlDeviceGetName(handle))
+        except N.NVMLError as exc:
+            if exc.value in REINIT_CODES:
+                raise _Reinit(self._name(exc)) from None
+            self.telemetry.error(f"nvmlDeviceGetHandleByIndex: {self._name(exc)}", f"GPU {i}: {exc}")
+            return Device(i, None, {**base, "hw.id": f"nvidia-index-{i}", "hw.name": f"nvidia{i}"},
+                          lost=exc.value == GPU_IS_LOST)
+        dev = Device(i, handle, {**base, "hw.id": uuid, "hw.model": model})
+        minor = self._static(dev, "nvmlDeviceGetMinorNumber", N.nvmlDeviceGetMinorNumber, handle)
+        dev.resource["hw.name"] = f"nvidia{minor if minor is not None else i}"  # its /dev/nvidiaN, as dcgm's `device`
+        pci = self._static(dev, "nvmlDeviceGetPciInfo", N.nvmlDeviceGetPciInfo, handle)
+        if pci is not None:
+            dev.resource["hw.gpu.pci_bus_id"] = _text(pci.busId)
+        serial = self._static(dev, "nvmlDeviceGetSerial", N.nvmlDeviceGetSerial, handle, optional=True)
+        if serial:
+            dev.resource["hw.serial_number"] = _text(serial)
+        mode = self._static(dev, "nvmlDeviceGetMigMode", N.nvmlDeviceGetMigMode, handle, optional=True)
+        dev.mig_mode = bool(mode and mode[0])
+        if dev.mig_mode:
+            dev.migs = self._discover_migs(dev)
+        if self.config.interconnect:
+            dev.fields = [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES]
+            links = self._field_values(dev, [FI_NVLINK_LINK_COUNT])
+            dev.nvlink_links = int(links.get((FI_NVLINK_LINK_COUNT, 0), 0) or 0)
+            for link in range(dev.nvlink_links):
+                dev.fields += [(FI_NVLINK_TX_KIB, link), (FI_NVLINK_RX_KIB, link)]
+        return dev
+
+    def _discover_migs(self, parent: Device) -> list[Device]:
+        N = self.nvml
+        migs = []
+        count = self._static(parent, "nvmlDeviceGetMaxMigDeviceCount", N.nvmlDeviceGetMaxMigDeviceCount,
+                             parent.handle) or 0
+        for j in range(count):
+            try:
+                h = N.nvmlDeviceGetMigDeviceHandleByIndex(parent.handle, j)
+                uuid = _text(N.nvmlDeviceGetUUID(h))
+                name = _text(N.nvmlDeviceGetName(h))
+                gi = N.nvmlDeviceGetGpuInstanceId(h)
+                ci = N.nvmlDeviceGetComputeInstanceId(h)
+            except N.NVMLError as exc:
+                if exc.value == NOT_FOUND:  # an empty slot
+                    continue
+                if exc.value in REINIT_CODES:
+                    raise _Reinit(self._name(exc)) from None
+                self.telemetry.error(f"nvmlDeviceGetMigDeviceHandleByIndex: {self._name(exc)}",
+                                     f"GPU {parent.index} MIG device {j}: {exc}")
+                continue
+            # The driver names MIG devices "<GPU name> MIG <profile>", e.g. "NVIDIA A100-SXM4-40GB MIG 1g.5gb"
+            profile = name.rpartition(" MIG ")[2] if " MIG " in name else name
+            res = {**parent.resource, "hw.id": uuid, "hw.model": name, "hw.parent": parent.uuid,
+                   "hw.name": f"{parent.resource['hw.name']}/gi{gi}/ci{ci}",
+                   "hw.gpu.mig.gpu_instance_id": gi, "hw.gpu.mig.compute_instance_id": ci,
+                   "hw.gpu.mig.profile": profile}
+            res.pop("hw.serial_number", None)
+            migs.append(Device(parent.index, h, res, is_mig=True))
+        return migs
+
+    def _static(self, dev: Device, name: str, fn, *args, optional: bool = False):
+        """A discovery-time call: errors are counted (an optional fact's absence is not an error)."""
+        try:
+            return fn(*args)
+        except self.nvml.NVMLError as exc:
+            if exc.value in REINIT_CODES:
+                raise _Reinit(f"{name}: {self._name(exc)}") from None
+            if exc.value == GPU_IS_LOST:
+                dev.lost = True
+            if not (optional and exc.value in SKIP_CODES):
+                self._count(dev, name, exc)
+            return None
+
+    # ------------------------------------------------------------------------------------------------ calls
+
+    def _count(self, dev: Device, name: str, exc) -> None:
+        what = f"{'MIG device' if dev.is_mig else 'GPU'} {dev.index} ({dev.resource.get('hw.id')})"
+        self.telemetry.error(f"{name}: {self._name(exc)}", f"{name} on {what}: {exc}")
+
+    def _q(self, dev: Device, name: str, fn, *args):
+        """One value call: None (value left out) on a per-call error; raises _Lost / _Reinit."""
+        if name in dev.unsupported:
+            return None
+        try:
+            return fn(*args)
+        except self.nvml.NVMLError as exc:
+            code = exc.value
+            if code in REINIT_CODES:
+                raise _Reinit(f"{name}: {self._name(exc)}") from None
+            if code == GPU_IS_LOST:
+                raise _Lost(name) from None
+            if code in SKIP_CODES:
+                dev.unsupported.add(name)  # counted once; asking again every collection would only cost
+            self._count(dev, name, exc)
+            return None
+
+    def _field_values(self, dev: Device, ids: list) -> dict:
+        values = self._q(dev, "nvmlDeviceGetFieldValues", self.nvml.nvmlDeviceGetFieldValues, dev.handle, ids)
+        out = {}
+        if values is None:
+            return out
+        for want, v in zip(ids, values, strict=False):
+            key = want if isinstance(want, tuple) else (want, 0)
+            if v.nvmlReturn != 0:
+                if v.nvmlReturn in SKIP_CODES and want in dev.fields:
+                    dev.fields.remove(want)
+                continue
+            vt = v.valueType
+            out[key] = (v.value.dVal if vt == 0 else v.value.uiVal if vt == 1 else v.value.ulVal if vt == 2
+                        else v.value.ullVal if vt == 3 else v.value.sllVal if vt == 4 else v.value.siVal if vt == 5
+                        else v.value.usVal)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ collect
+
+    def collect(self) -> MetricsData:
+        if self.nvml is None:
+            return empty()
+        if not self.ready:
+            try:
+                self._init()
+            except _Reinit as exc:
+                self.telemetry.error("nvmlInit", f"NVML could not initialise: {exc}; retrying every collection")
+                return empty()
+        for attempt in (1, 2):
+            try:
+                if time.monotonic() - self.discovered_at >= self.config.discovery_interval:
+                    self._discover()
+                return self._collect()
+            except _Reinit as exc:
+                if attempt == 2 or not self._reinit(str(exc)):
+                    return empty()
+        return empty()
+
+    def _collect(self) -> MetricsData:
+        b = MetricsBuilder(self.scope, self.start_ns)
+        assignments = self._assignments()
+        seen_pids: set[int] = set()
+        for dev in self.devices:
+            if dev.lost and dev.handle is None:
+                self._status(b, dev, "failed")
+                continue
+            try:
+                self._collect_gpu(b, dev, assignments, seen_pids)
+                if dev.lost:
+                    dev.lost = False
+                    self.telemetry.recovered(f"gpu_lost {dev.uuid}")
+                self._status(b, dev, "ok")
+            except _Lost as exc:
+                dev.lost = True
+                self.telemetry.error(f"gpu_lost {dev.uuid}",
+                                     f"GPU {dev.index} ({dev.uuid}) fell off the bus ({exc}: GPU_IS_LOST); "
+                                     "its metrics are left out until it answers again")
+                self._status(b, dev, "failed")
+        self._forget_exited(seen_pids)
+        return b.build()
+
+    def _status(self, b: MetricsBuilder, dev: Device, state: str) -> None:
+        for s in ("ok", "failed"):
+            b.add(M.STATUS, 1 if s == state else 0, {"hw.state": s}, dev.resource)
+
+    def _collect_gpu(self, b: MetricsBuilder, dev: Device, assignments: dict, seen: set[int]) -> None:
+        N, h, res, q = self.nvml, dev.handle, dev.resource, self._q
+        self._memory(b, dev)
+        if not dev.mig_mode:  # device utilization is not available in MIG mode
+            util = q(dev, "nvmlDeviceGetUtilizationRates", N.nvmlDeviceGetUtilizationRates, h)
+            if util is not None:
+                b.add(M.GPU_UTILIZATION, util.gpu / 100, {"hw.gpu.task": "general"}, res)
+                b.add(M.MEM_CTRL_UTILIZATION, util.memory / 100, None, res)
+        for name, fn, task in (("nvmlDeviceGetEncoderUtilization", N.nvmlDeviceGetEncoderUtilization, "encoder"),
+                               ("nvmlDeviceGetDecoderUtilization", N.nvmlDeviceGetDecoderUtilization, "decoder")):
+            v = q(dev, name, fn, h)
+            if v is not None:
+                b.add(M.GPU_UTILIZATION, v[0] / 100, {"hw.gpu.task": task}, res)
+        v = q(dev, "nvmlDeviceGetTemperature", N.nvmlDeviceGetTemperature, h, 0)
+        b.add(M.TEMPERATURE, v, None, res)
+        v = q(dev, "nvmlDeviceGetPowerUsage", N.nvmlDeviceGetPowerUsage, h)
+        b.add(M.POWER, None if v is None else v / 1000, None, res)
+        v = q(dev, "nvmlDeviceGetEnforcedPowerLimit", N.nvmlDeviceGetEnforcedPowerLimit, h)
+        b.add(M.POWER_LIMIT, None if v is None else v / 1000, None, res)
+        v = q(dev, "nvmlDeviceGetTotalEnergyConsumption", N.nvmlDeviceGetTotalEnergyConsumption, h)
+        b.add(M.ENERGY, None if v is None else v / 1000, None, res)
+        for clock, domain in CLOCKS:
+            v = q(dev, f"nvmlDeviceGetClockInfo({domain})", N.nvmlDeviceGetClockInfo, h, clock)
+            b.add(M.CLOCK, None if v is None else v * 1_000_000, {"hw.gpu.clock.domain": domain}, res)
+        reasons = q(dev, "nvmlDeviceGetCurrentClocksEventReasons", N.nvmlDeviceGetCurrentClocksEventReasons, h)
+        if reasons is None and "nvmlDeviceGetCurrentClocksEventReasons" in dev.unsupported:
+            # drivers before R535 only have the older name
+            reasons = q(dev, "nvmlDeviceGetCurrentClocksThrottleReasons",
+                        N.nvmlDeviceGetCurrentClocksThrottleReasons, h)
+        if reasons is not None:
+            for bit, reason in THROTTLE_REASONS:
+                b.add(M.THROTTLE, 1 if reasons & bit else 0, {"hw.gpu.throttle.reason": reason}, res)
+        if self.config.ecc:
+            for etype, label in ((0, "corrected"), (1, "uncorrected")):
+                v = q(dev, f"nvmlDeviceGetTotalEccErrors({label})", N.nvmlDeviceGetTotalEccErrors, h, etype, 0)
+                b.add(M.ERRORS, v, {"error.type": label}, res)
+        if self.config.interconnect and dev.fields:
+            values = self._field_values(dev, list(dev.fields))
+            for fid, direction in ((FI_PCIE_TX_BYTES, "transmit"), (FI_PCIE_RX_BYTES, "receive")):
+                if (fid, 0) in values:
+                    b.add(M.IO, values[(fid, 0)], {"network.io.direction": direction}, res)
+            for fid, direction in ((FI_NVLINK_TX_KIB, "transmit"), (FI_NVLINK_RX_KIB, "receive")):
+                kib = [v for (f, _), v in values.items() if f == fid]
+                if kib:
+                    b.add(M.NVLINK_IO, sum(kib) * 1024, {"network.io.direction": direction}, res)
+        self._allocation(b, dev, assignments)
+        if self.config.per_process and not dev.mig_mode:
+            self._processes(b, dev, seen, utilization=True)
+        for mig in dev.migs:
+            self._memory(b, mig)
+            self._allocation(b, mig, assignments)
+            if self.config.per_process:
+                # MIG: NVML has no per-process utilization (nvmlDeviceGetProcessUtilization is NOT_SUPPORTED)
+                self._processes(b, mig, seen, utilization=False)
+
+    def _memory(self, b: MetricsBuilder, dev: Device) -> None:
+        N, res = self.nvml, dev.resource
+        mem, reserved = None, None
+        if "nvmlDeviceGetMemoryInfo_v2" not in dev.unsupported:
+            try:
+                mem = N.nvmlDeviceGetMemoryInfo(dev.handle, version=N.nvmlMemory_v2)
+                reserved = mem.reserved
+            except N.NVMLError as exc:
+                if exc.value in REINIT_CODES:
+                    raise _Reinit(f"nvmlDeviceGetMemoryInfo_v2: {self._name(exc)}") from None
+                if exc.value == GPU_IS_LOST:
+                    raise _Lost("nvmlDeviceGetMemoryInfo_v2") from None
+                if exc.value in (*SKIP_CODES, ARGUMENT_VERSION_MISMATCH):
+                    dev.unsupported.add("nvmlDeviceGetMemoryInfo_v2")  # older driver: use v1 from now on
+                else:
+                    self._count(dev, "nvmlDeviceGetMemoryInfo_v2", exc)
+                    return
+        if mem is None:
+            mem = self._q(dev, "nvmlDeviceGetMemoryInfo", N.nvmlDeviceGetMemoryInfo, dev.handle)
+            if mem is None:
+                return
+        b.add(M.MEM_USAGE, mem.used, None, res)
+        b.add(M.MEM_LIMIT, mem.total, None, res)
+        b.add(M.MEM_FREE, mem.free, None, res)
+        b.add(M.MEM_RESERVED, reserved, None, res)
+        if mem.total:
+            b.add(M.MEM_UTILIZATION, mem.used / mem.total, None, res)
+
+    def _allocation(self, b: MetricsBuilder, dev: Device, assignments: dict) -> None:
+        for attrs in assignments.get(dev.uuid, ()):
+            b.add(M.ALLOCATION, 1, attrs, dev.resource)
+
+    def _assignments(self) -> dict[str, list[dict]]:
+        """GPU/MIG UUID -> pods it is allocated to, from podresources when it runs (looked up lazily)."""
+        if self.host is None:
+            return {}
+        out: dict[str, list[dict]] = {}
+        for provider in self.host.lookup("device_assignments"):
+            try:
+                table = provider.assignments()
+            except Exception as exc:  # noqa: BLE001 - another component's trouble must not stop ours
+                self.telemetry.error("device_assignments", f"podresources lookup failed: {exc}")
+                continue
+            for device_id, pods in (table or {}).items():
+                # time-slicing replicas are advertised as "<uuid>::<n>": they are the same GPU
+                out.setdefault(str(device_id).split("::")[0], []).extend(dict(p) for p in pods)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ processes
+
+    def _processes(self, b: MetricsBuilder, dev: Device, seen: set[int], utilization: bool) -> None:
+        N, h = self.nvml, dev.handle
+        memory: dict[int, int | None] = {}
+        for kind in ("Compute", "Graphics", "MPSCompute"):
+            # the _v3 symbols need driver R510+; older drivers have _v2 (same struct): fall back once
+            name = f"nvmlDeviceGet{kind}RunningProcesses_v3"
+            found = self._q(dev, name, getattr(N, name), h)
+            if name in dev.unsupported:
+                name = f"nvmlDeviceGet{kind}RunningProcesses_v2"
+                found = self._q(dev, name, getattr(N, name), h)
+            for p in found or ():
+                used = p.usedGpuMemory  # None where the driver cannot say (no privilege)
+                # a process with compute and graphics contexts is listed twice with the same memory
+                if used is not None:
+                    memory[p.pid] = max(used, memory.get(p.pid) or 0)
+                else:
+                    memory.setdefault(p.pid, None)
+        if not memory:
+            return
+        samples = self._samples(dev) if utilization else None
+        for pid, used in memory.items():
+            res = self._process_resource(pid, dev)
+            seen.add(pid)
+            b.add(M.PROCESS_MEMORY, used, None, res)
+            if samples is None:
+                continue  # not supported (MIG) or failed: left out, never reported as zero
+            sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
+            for task, v in (("sm", sm), ("memory", mem), ("encoder", enc), ("decoder", dec)):
+                b.add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task}, res)
+
+    def _samples(self, dev: Device) -> dict[int, tuple[float, float, float, float]] | None:
+        """Per-PID utilization averaged over the samples newer than this device's last-seen timestamp.
+
+        A lastSeen of 0 returns the driver's whole buffer, a lagging average: the first call asks for one
+        collection interval back, later calls for what is newer than the newest sample seen."""
+        N = self.nvml
+        name = "nvmlDeviceGetProcessUtilization"
+        if name in dev.unsupported:
+            return None
+        if not dev.last_seen:
+            dev.last_seen = int((time.time() - self.config.collection_interval) * 1_000_000)
+        try:
+            raw = N.nvmlDeviceGetProcessUtilization(dev.handle, dev.last_seen)
+        except N.NVMLError as exc:
+            if exc.value == NOT_FOUND:
+                return {}  # no samples since last time: every process was idle
+            if exc.value in REINIT_CODES:
+                raise _Reinit(f"{name}: {self._name(exc)}") from None
+            if exc.value == GPU_IS_LOST:
+                raise _Lost(name) from None
+            if exc.value in SKIP_CODES:
+                dev.unsupported.add(name)
+            self._count(dev, name, exc)
+            return None
+        acc: dict[int, list] = {}
+        newest = dev.last_seen
+        for s in raw:
+            if s.timeStamp <= dev.last_seen:
+                continue
+            newest = max(newest, s.timeStamp)
+            a = acc.setdefault(s.pid, [0, 0, 0, 0, 0])
+            a[0] += s.smUtil
+            a[1] += s.memUtil
+            a[2] += s.encUtil
+            a[3] += s.decUtil
+            a[4] += 1
+        dev.last_seen = newest
+        return {pid: (a[0] / a[4], a[1] / a[4], a[2] / a[4], a[3] / a[4]) for pid, a in acc.items()}
+
+    def _process_resource(self, pid: int, dev: Device) -> dict:
+        """The process's attributes (cached per pid and start time) merged with the device's."""
+        attrs = self._process_attrs(pid)
+        return {**dev.resource, **attrs}
+
+    def _process_attrs(self, pid: int) -> dict:
+        host_pid = pid
+        info = self.attributor.lookup(pid)
+        if info is None and self._nested_pidns:
+            host_pid = self._translate(pid)
+            info = self.attributor.lookup(host_pid) if host_pid else None
+        if info is None:
+            self.telemetry.error("process_not_visible",
+                                 f"PID {pid} that NVML reports is not under {self.config.proc_root} (exited, or "
+                                 "podmeter does not see the host PID namespace: run with hostPID: true or mount "
+                                 "the host /proc and set proc_root); reported without a pod")
+            return {"process.pid": pid}
+        cached = self._procs.get(pid)
+        if cached is not None and cached[0] == info.start_time:
+            return cached[1]
+        attrs = info.attributes()
+        attrs["process.pid"] = host_pid
+        attrs.update(self._proc_details(host_pid, info.start_time))
+        self._procs[pid] = (info.start_time, attrs)
+        return attrs
+
+    def _proc_details(self, pid: int, start_ticks: int) -> dict:
+        root = self.attributor.proc_root
+        out: dict = {}
+        try:
+            with open(f"{root}/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                out["process.executable.name"] = f.read().strip()
+            with open(f"{root}/{pid}/cmdline", "rb") as f:
+                argv0 = f.read(4096).split(b"\0", 1)[0]
+            if argv0:
+                out["process.command"] = argv0.decode("utf-8", "replace")
+            uid = os.stat(f"{root}/{pid}").st_uid
+            out["process.owner"] = self._owner(uid)
+        except OSError:
+            pass  # exited between calls: what we have is enough
+        btime = self._boot_time()
+        if btime is not None:
+            started = btime + start_ticks / os.sysconf("SC_CLK_TCK")
+            out["process.creation.time"] = datetime.fromtimestamp(started, UTC).isoformat(
+                timespec="seconds").replace("+00:00", "Z")
+        return out
+
+    def _owner(self, uid: int) -> str:
+        name = self._owners.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)  # a container user unknown to this image's /etc/passwd
+            self._owners[uid] = name
+        return name
+
+    def _boot_time(self) -> float | None:
+        if self._btime is None:
+            try:
+                with open(f"{self.attributor.proc_root}/stat") as f:
+                    for line in f:
+                        if line.startswith("btime "):
+                            self._btime = float(line.split()[1])
+                            break
+            except OSError:
+                return None
+        return self._btime
+
+    def _forget_exited(self, seen: set[int]) -> None:
+        """Keep caches to the processes on GPUs now: bounded under churn."""
+        for pid in [p for p in self._procs if p not in seen]:
+            del self._procs[pid]
+            self.attributor.forget(pid)
+        self._ns_map = None
+
+    # ------------------------------------------------------------------------------------------------ PID namespaces
+
+    def _check_pid_namespace(self) -> None:
+        """NVML reports host PIDs. Say how they are resolved when podmeter is in its own PID namespace."""
+        root = self.attributor.proc_root
+        try:
+            with open("/proc/self/status") as f:
+                depth = next((len(line.split()) - 1 for line in f if line.startswith("NSpid:")), 1)
+        except OSError:
+            depth = 1
+        if depth <= 1:
+            return  # hostPID: NVML's PIDs are ours
+        self._nested_pidns = True
+        # proc_root's "self" is this process as that procfs's namespace sees it: more than one NSpid entry means
+        # proc_root shows an outer (the host's) namespace
+        try:
+            me = read_process(root, int(os.readlink(f"{root}/self")))
+        except (OSError, ValueError):
+            me = None
+        how = (f"{root} shows the host PID namespace, so host PIDs resolve directly"
+               if me is not None and len(me.nspid) > 1 else
+               f"{root} is this container's own /proc: other pods' processes are not visible; mount the host "
+               "/proc and set proc_root, or run with hostPID: true")
+        self.logger.info("podmeter runs in its own PID namespace (hostPID off): %s; PIDs NVML reports in "
+                         "podmeter's namespace are translated to host PIDs through NSpid", how)
+
+    def _translate(self, pid: int) -> int | None:
+        """A PID in podmeter's own namespace -> host PID, from NSpid of the processes sharing that namespace."""
+        if self._ns_map is None:
+            self._ns_map = {}
+            root = self.attributor.proc_root
+            try:
+                mine = os.readlink("/proc/self/ns/pid")
+                for entry in os.scandir(root):
+                    if not entry.name.isdigit():
+                        continue
+                    try:
+                        if os.readlink(f"{root}/{entry.name}/ns/pid") != mine:
+                            continue
+                        info = read_process(root, int(entry.name))
+                    except OSError:
+                        continue
+                    if info and info.nspid:
+                        self._ns_map[info.nspid[-1]] = info.nspid[0]
+            except OSError:
+                pass
+        return self._ns_map.get(pid)
+
+
+def _text(v) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)

@@ -1,0 +1,195 @@
+"""A fake libnvidia-ml.so.1 (a test double: no NVIDIA GPU can run here) and the scenarios that drive it.
+
+The real nvidia-ml-py runs unchanged against it. Usage:
+
+    from harness.fake_nvml import GPU, MigDevice, Process, Fail, Scenario, build_fake_nvml
+
+    lib = build_fake_nvml()                           # compiled once per source version into a cache dir
+    scenario = Scenario(
+        gpus=[GPU(uuid="GPU-0000...", mem_used=30 * GiB)],
+        processes=[Process(pid=proc.pid, gpu=0, used_mem=20 * GiB, sm=70)],
+    )
+    scenario.write(path)                              # atomic; the library re-reads it on its next call
+    os.environ["FAKE_NVML_SCENARIO"] = path           # read by the library at every call (in-process tests)
+    # receiver config: {"library_path": lib}; for a subprocess pass FAKE_NVML_SCENARIO in its environment.
+    # Another program that loads libnvidia-ml.so.1 by name (nvitop-exporter, nvidia-smi-like tools):
+    #   env LD_LIBRARY_PATH=os.path.dirname(lib) FAKE_NVML_SCENARIO=path <program>
+
+Rewriting the scenario while the code under test keeps its NVML session changes what NVML reports; bumping
+`Scenario.generation` simulates a driver reload (open sessions get NVML_ERROR_UNINITIALIZED until nvmlInit).
+`calls(lib, "nvmlDeviceGetName")` and `last_seen(lib, gpu_index)` read the library's own counters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "fake_nvml.c")
+GiB = 1 << 30
+MiB = 1 << 20
+
+# NVML return codes tests inject most
+NOT_SUPPORTED, NO_PERMISSION, NOT_FOUND, DRIVER_NOT_LOADED, GPU_IS_LOST, UNKNOWN = 3, 4, 6, 9, 15, 999
+
+# Clock event (throttle) reason bits
+THROTTLE_GPU_IDLE, THROTTLE_SW_POWER_CAP, THROTTLE_HW_SLOWDOWN, THROTTLE_SW_THERMAL = 0x1, 0x4, 0x8, 0x20
+
+
+def cache_dir() -> str:
+    return os.environ.get("PODMETER_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "podmeter-test-cache")
+
+
+def build_fake_nvml(outdir: str | None = None) -> str:
+    """Compile fake_nvml.c (gcc, about 0.5 s) once per source version; return the path of libnvidia-ml.so.1."""
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    outdir = outdir or os.path.join(cache_dir(), f"fake_nvml-{digest}")
+    so = os.path.join(outdir, "libnvidia-ml.so.1")
+    if os.path.exists(so):
+        return so
+    os.makedirs(outdir, exist_ok=True)
+    tmp = f"{so}.{os.getpid()}.tmp"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-Wl,-soname,libnvidia-ml.so.1",
+                    "-o", tmp, SOURCE, "-lpthread"], check=True)
+    os.replace(tmp, so)  # atomic: concurrent builders never see a half-written library
+    return so
+
+
+@dataclass
+class GPU:
+    """One physical GPU; index is its position in Scenario.gpus. Units as NVML reports them."""
+
+    uuid: str
+    name: str = "NVIDIA H100 80GB HBM3"
+    mem_total: int = 80 * GiB
+    mem_used: int = 0
+    mem_reserved: int = 0
+    util_gpu: int = 0          # percent
+    util_mem: int = 0
+    util_enc: int = 0
+    util_dec: int = 0
+    temp: int = 40             # Celsius
+    power_mw: int = 70_000
+    power_limit_mw: int = 700_000
+    energy_mj: int = 1_000_000
+    clock_sm: int = 1980       # MHz
+    clock_mem: int = 2619
+    clock_gfx: int = 1980
+    throttle: int = 0          # clock event reason bitmask
+    ecc_corr: int = 0
+    ecc_uncorr: int = 0
+    pcie: int = 1              # 0: PCIe counters not supported
+    pcie_tx: int = 0           # bytes since driver load
+    pcie_rx: int = 0
+    nvlink_links: int = 0
+    nvlink_tx: int = 0         # KiB, split evenly over the links
+    nvlink_rx: int = 0
+    serial: str = ""
+    pci_bus_id: str = ""       # default 00000000:<18+index>:00.0
+    minor: int = -1            # default = index
+    mig: int = 0               # 1: MIG mode on (add MigDevice entries)
+    lost: int = 0              # 1: every call on it returns GPU_IS_LOST
+
+
+@dataclass
+class MigDevice:
+    gpu: int                   # parent GPU index
+    gi: int                    # GPU instance id
+    uuid: str
+    ci: int = 0                # compute instance id
+    profile: str = "1g.10gb"
+    mem_total: int = 10 * GiB
+    mem_used: int = 0
+
+
+@dataclass
+class Process:
+    pid: int
+    gpu: int = 0
+    used_mem: int = 0
+    type: str = "compute"      # compute | graphics | mps
+    sm: int = 0                # percent, in utilization samples
+    mem: int = 0
+    enc: int = 0
+    dec: int = 0
+    ts: int = -1               # sample timestamp (us); -1: "now" at every call (a process that keeps running)
+    util: int = 1              # 0: no utilization samples at all
+    gi: int = 0xFFFFFFFF       # MIG GPU instance the process runs in
+    ci: int = 0xFFFFFFFF
+
+
+@dataclass
+class Fail:
+    fn: str                    # NVML symbol name, "*" for every call on the device, or "nvmlInit"
+    code: int
+    gpu: int = -1              # -1: every device
+
+
+@dataclass
+class Scenario:
+    gpus: list[GPU] = field(default_factory=list)
+    processes: list[Process] = field(default_factory=list)
+    mig: list[MigDevice] = field(default_factory=list)
+    fail: list[Fail] = field(default_factory=list)
+    driver_version: str = "550.54.15"
+    generation: int = 0        # change it to simulate a driver reload
+    loaded: int = 1            # 0: the driver is not loaded (nvmlInit fails)
+
+    def text(self) -> str:
+        lines = [f"driver\tversion={self.driver_version}\tgeneration={self.generation}\tloaded={self.loaded}"]
+        for g in self.gpus:
+            lines.append("device\t" + _kv(g, skip={"minor": -1, "serial": "", "pci_bus_id": ""}))
+        for m in self.mig:
+            lines.append("mig\t" + _kv(m, rename={"gpu": "dev"}))
+        for p in self.processes:
+            lines.append("proc\t" + _kv(p, rename={"gpu": "dev"}))
+        for x in self.fail:
+            lines.append(f"fail\tfn={x.fn}\tcode={x.code}\tdev={x.gpu}")
+        return "\n".join(lines) + "\n"
+
+    def write(self, path: str) -> str:
+        """Atomically replace `path`; the mtime always moves forward so the library notices the change."""
+        prev = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.text())
+        ns = max(time.time_ns(), prev + 1_000_000)
+        os.utime(tmp, ns=(ns, ns))
+        os.replace(tmp, path)
+        return path
+
+
+def _kv(obj, rename=None, skip=None) -> str:
+    out = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if skip and f.name in skip and skip[f.name] == value:
+            continue
+        out.append(f"{(rename or {}).get(f.name, f.name)}={value}")
+    return "\t".join(out)
+
+
+def _lib(path: str):
+    lib = ctypes.CDLL(path)
+    lib.fakeNvmlCalls.restype = ctypes.c_ulonglong
+    lib.fakeNvmlCalls.argtypes = [ctypes.c_char_p]
+    lib.fakeNvmlLastSeen.restype = ctypes.c_ulonglong
+    lib.fakeNvmlLastSeen.argtypes = [ctypes.c_uint]
+    return lib
+
+
+def calls(lib_path: str, fn: str) -> int:
+    """How many times this process called NVML symbol `fn` of the fake library."""
+    return _lib(lib_path).fakeNvmlCalls(fn.encode())
+
+
+def last_seen(lib_path: str, gpu: int) -> int:
+    """The lastSeenTimeStamp the latest nvmlDeviceGetProcessUtilization call on GPU `gpu` passed."""
+    return _lib(lib_path).fakeNvmlLastSeen(gpu)
