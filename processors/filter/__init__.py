@@ -1,0 +1,206 @@
+"""filter: keeps or drops metrics by metric name, namespace, pod label selector and resource attributes, with the
+collector's filter processor's include/exclude layout (`metrics: {include: ..., exclude: ...}`).
+
+Namespace and pod labels come from the resource (`k8s.namespace.name`) or, by `k8s.pod.uid`, from the
+k8sattributes informer ("pod_metadata") or the CRI cache ("container_metadata"): put k8sattributes first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Literal
+
+from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+from pydantic import Field, field_validator, model_validator
+
+from podmeter.component import Factory, Host, Processor, Stability
+from podmeter.config import ComponentConfig
+
+_TERM_SET = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+_TERM_EQ = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s*(==|!=|=)\s*([A-Za-z0-9_.-]*)\s*$")
+_TERM_EXISTS = re.compile(r"^\s*(!?)\s*([A-Za-z0-9_./-]+)\s*$")
+
+
+def parse_selector(text: str) -> Callable[[dict], bool]:
+    """A Kubernetes label selector (`app=a,tier!=b,env in (x,y),gpu,!spot`) -> predicate on a labels dict."""
+    preds: list[Callable[[dict], bool]] = []
+    for term in re.split(r",(?![^(]*\))", text):
+        if not term.strip():
+            raise ValueError(f"label selector {text!r} has an empty term")
+        if m := _TERM_SET.match(term):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
+            preds.append(lambda labels, k=key, vs=values, inside=(op == "in"): (labels.get(k) in vs) == inside
+                         if inside else labels.get(k) not in vs)
+        elif m := _TERM_EQ.match(term):
+            key, op, value = m.groups()
+            preds.append(lambda labels, k=key, v=value, eq=(op != "!="): (labels.get(k) == v) == eq)
+        elif m := _TERM_EXISTS.match(term):
+            neg, key = m.group(1) == "!", m.group(2)
+            preds.append(lambda labels, k=key, neg=neg: (k in labels) != neg)
+        else:
+            raise ValueError(f"label selector term {term.strip()!r} is not key=value, key!=value, key in (a,b), "
+                             "key notin (a,b), key or !key")
+    return lambda labels: all(p(labels) for p in preds)
+
+
+class ResourceAttribute(ComponentConfig):
+    key: str = Field(min_length=1, description="Resource attribute key")
+    value: str = Field(description="Value (a regular expression with match_type regexp)")
+
+
+class MatchProperties(ComponentConfig):
+    match_type: Literal["strict", "regexp"] = Field("strict", description="How metric_names, namespaces and "
+                                                                          "resource attribute values match")
+    metric_names: list[str] = Field(default_factory=list, description="Metric names (any of them)")
+    namespaces: list[str] = Field(default_factory=list, description="Pod namespaces (any of them)")
+    pod_selector: str = Field("", description="Kubernetes label selector on the pod's labels, e.g. "
+                                              "\"app=trainer,tier in (gpu,cpu)\"")
+    resource_attributes: list[ResourceAttribute] = Field(default_factory=list,
+                                                         description="Resource attributes (all of them)")
+
+    @model_validator(mode="after")
+    def _compile(self) -> MatchProperties:
+        if self.match_type == "regexp":
+            for pattern in [*self.metric_names, *self.namespaces, *(a.value for a in self.resource_attributes)]:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return self
+
+    @field_validator("pod_selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        if value.strip():
+            parse_selector(value)
+        return value
+
+    def empty(self) -> bool:
+        return not (self.metric_names or self.namespaces or self.pod_selector.strip() or self.resource_attributes)
+
+
+class MetricsFilter(ComponentConfig):
+    include: MatchProperties | None = Field(None, description="Keep only metrics matching all of these criteria")
+    exclude: MatchProperties | None = Field(None, description="Drop metrics matching all of these criteria")
+
+
+class FilterConfig(ComponentConfig):
+    metrics: MetricsFilter = Field(default_factory=MetricsFilter, description="Metric include/exclude rules")
+
+
+class _Matcher:
+    def __init__(self, props: MatchProperties) -> None:
+        regexp = props.match_type == "regexp"
+
+        def one_of(values: list[str]) -> Callable[[str], bool] | None:
+            if not values:
+                return None
+            if regexp:
+                compiled = [re.compile(v) for v in values]
+                return lambda s: any(c.search(s) for c in compiled)  # unanchored, as the collector's regexp
+            allowed = frozenset(values)
+            return lambda s: s in allowed
+
+        self.names = one_of(props.metric_names)
+        self.namespaces = one_of(props.namespaces)
+        self.selector = parse_selector(props.pod_selector) if props.pod_selector.strip() else None
+        self.attrs = [(a.key, one_of([a.value])) for a in props.resource_attributes]
+        self.needs_pod = self.namespaces is not None or self.selector is not None
+
+    def resource_matches(self, attrs, pod: _PodView) -> bool:
+        for key, test in self.attrs:
+            value = attrs.get(key)
+            if value is None or not test(str(value)):
+                return False
+        if self.namespaces is not None:
+            ns = pod.namespace()
+            if ns is None or not self.namespaces(ns):
+                return False
+        if self.selector is not None:
+            labels = pod.labels()
+            if labels is None or not self.selector(labels):
+                return False
+        return True
+
+    def name_matches(self, name: str) -> bool:
+        return self.names is None or self.names(name)
+
+
+class _PodView:
+    """Namespace and labels of one resource's pod, looked up lazily (only when a rule needs them)."""
+
+    def __init__(self, attrs, host: Host | None) -> None:
+        self.attrs, self.host = attrs, host
+
+    def _providers(self, key: str) -> list:
+        return self.host.lookup(key) if self.host is not None else []
+
+    def namespace(self) -> str | None:
+        ns = self.attrs.get("k8s.namespace.name")
+        if ns:
+            return str(ns)
+        uid = self.attrs.get("k8s.pod.uid")
+        if not uid:
+            return None
+        for key in ("pod_metadata", "container_metadata"):
+            for p in self._providers(key):
+                found = p.pod(str(uid))
+                if found and found.get("k8s.namespace.name"):
+                    return str(found["k8s.namespace.name"])
+        return None
+
+    def labels(self) -> dict | None:
+        uid = self.attrs.get("k8s.pod.uid")
+        if not uid:
+            return None
+        for key in ("pod_metadata", "container_metadata"):
+            for p in self._providers(key):
+                fn = getattr(p, "pod_labels", None)
+                found = fn(str(uid)) if fn else None
+                if found is not None and (found or key == "pod_metadata"):
+                    return dict(found)
+        return None
+
+
+class FilterProcessor(Processor):
+    def __init__(self, settings, config: FilterConfig) -> None:
+        inc, exc = config.metrics.include, config.metrics.exclude
+        self.include = _Matcher(inc) if inc is not None and not inc.empty() else None
+        self.exclude = _Matcher(exc) if exc is not None and not exc.empty() else None
+        self.host: Host | None = None
+
+    def start(self, host: Host) -> None:
+        self.host = host
+
+    def process(self, data: MetricsData) -> MetricsData | None:
+        if self.include is None and self.exclude is None:
+            return data
+        out = []
+        for rm in data.resource_metrics:
+            attrs = rm.resource.attributes
+            pod = _PodView(attrs, self.host)
+            inc_res = self.include.resource_matches(attrs, pod) if self.include else True
+            exc_res = self.exclude.resource_matches(attrs, pod) if self.exclude else False
+            if not inc_res:
+                continue  # nothing of this resource can be included
+            scopes = []
+            for sm in rm.scope_metrics:
+                kept = [m for m in sm.metrics
+                        if (self.include is None or self.include.name_matches(m.name))
+                        and not (exc_res and self.exclude.name_matches(m.name))]
+                if kept:
+                    scopes.append(ScopeMetrics(scope=sm.scope, metrics=kept, schema_url=sm.schema_url))
+            if scopes:
+                out.append(ResourceMetrics(resource=rm.resource, scope_metrics=scopes, schema_url=rm.schema_url))
+        return MetricsData(resource_metrics=out)
+
+
+factory = Factory(
+    kind="processor",
+    type="filter",
+    config_model=FilterConfig,
+    create=FilterProcessor,
+    stability=Stability.ALPHA,
+    description="Keeps or drops metrics by metric name, pod namespace, pod label selector and resource attributes",
+)

@@ -1,0 +1,522 @@
+"""k8sattributes: adds pod, namespace, container, workload and node metadata to resources.
+
+Sources: an API-server informer on this node's pods (plus cached ReplicaSet/Job owner lookups and, only when
+namespace labels or annotations are asked, a namespace informer) and the CRI receiver's local cache
+("container_metadata"). Association: `pod_association` rules over k8s.pod.uid, container.id, process.pid
+(through the cgroup attribution module), k8s.pod.name + k8s.namespace.name and k8s.pod.ip.
+The processing path never calls the API server: it reads caches the informer threads keep current.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from kubernetes import client
+from opentelemetry.sdk.metrics.export import MetricsData
+
+from podmeter.attribution import ProcessAttributor
+from podmeter.component import ComponentUnavailable, Factory, Host, Processor, Stability
+from podmeter.metrics import with_resource
+
+from .config import K8sAttributesConfig
+from .informer import (
+    EMPTY,
+    ConfigurationError,
+    OwnerResolver,
+    PodCache,
+    PodRecord,
+    Reflector,
+    Resource,
+    build_api_client,
+    controller_of,
+    deployment_from_hash,
+    normalise_container_id,
+    parse_image,
+)
+
+POD_LEVEL = ("k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.pod.ip", "k8s.namespace.name", "k8s.node.name",
+             "k8s.deployment.name", "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name",
+             "k8s.job.name", "k8s.cronjob.name")
+SWEEP_INTERVAL = 5.0
+
+
+@dataclass
+class _Rule:
+    """A compiled label/annotation extraction rule."""
+
+    tag_name: str
+    key: str
+    regex: re.Pattern | None
+    kind: str  # "labels" | "annotations"
+    source: str  # "pod" | "namespace"
+
+    def apply(self, values: dict, out: dict) -> None:
+        if self.regex is None:
+            if self.key in values:
+                out[self.tag_name or f"k8s.{self.source}.{self.kind}.{self.key}"] = values[self.key]
+            return
+        for k, v in values.items():
+            m = self.regex.fullmatch(k)
+            if m:
+                name = m.expand(self.tag_name.replace("$", "\\")) if self.tag_name else f"k8s.{self.source}.{self.kind}.{k}"
+                out[name] = v
+
+
+class _Match:
+    __slots__ = ("record", "cri_pod", "uid", "container_id", "container_name")
+
+    def __init__(self, record: PodRecord | None = None, cri_pod: dict | None = None, uid: str | None = None,
+                 container_id: str | None = None, container_name: str | None = None) -> None:
+        self.record, self.cri_pod, self.uid = record, cri_pod, uid
+        self.container_id, self.container_name = container_id, container_name
+
+
+class PodMetadataProvider:
+    """Published under the Host key "pod_metadata"."""
+
+    def __init__(self, processor: K8sAttributesProcessor) -> None:
+        self._p = processor
+
+    def pod(self, pod_uid: str) -> dict | None:
+        rec = self._p.cache.get(pod_uid)
+        if rec is None:
+            return None
+        out = dict(rec.attrs)
+        out.update(self._p._namespace_attrs(rec.namespace))
+        return out
+
+    def pod_labels(self, pod_uid: str) -> dict[str, str] | None:
+        rec = self._p.cache.get(pod_uid)
+        return dict(rec.labels) if rec is not None else None
+
+    def synced(self) -> bool:
+        return self._p.pods_reflector is not None and self._p.pods_reflector.synced.is_set()
+
+
+class K8sAttributesProcessor(Processor):
+    def __init__(self, settings, config: K8sAttributesConfig) -> None:
+        self.settings, self.config = settings, config
+        self.telemetry = settings.telemetry
+        meta = set(config.extract.metadata)
+        self.pod_keys = tuple(k for k in POD_LEVEL if k in meta)
+        self.want_container = {k for k in ("k8s.container.name", "container.image.name", "container.image.tag",
+                                           "container.id") if k in meta}
+        self.rules: list[_Rule] = []
+        for kind, entries in (("labels", config.extract.labels), ("annotations", config.extract.annotations)):
+            for e in entries:
+                self.rules.append(_Rule(e.tag_name, e.key, re.compile(e.key_regex) if e.key_regex else None, kind,
+                                        e.from_))
+        self.pod_rules = [r for r in self.rules if r.source == "pod"]
+        self.ns_rules = [r for r in self.rules if r.source == "namespace"]
+        self.associations = [tuple(s.name for s in rule.sources) for rule in config.association()]
+        self.cache = PodCache(config.pod_delete_grace_period)
+        self.namespaces: dict[str, MappingProxyType] = {}  # name -> extracted namespace attributes
+        self.attributor = ProcessAttributor(config.proc_root)
+        self.api_client: client.ApiClient | None = None
+        self.owners: OwnerResolver | None = None
+        self.pods_reflector: Reflector | None = None
+        self.ns_reflector: Reflector | None = None
+        self.host: Host | None = None
+        self._last_sweep = time.monotonic()
+        self._cri_providers: list = []
+        self._cri_at = float("-inf")
+        self._sweep_lock = threading.Lock()
+        t = self.telemetry
+        self.m_pods = t.gauge("podmeter_k8sattributes_pods", "Pods in the metadata table, live or deleted "
+                                                             "(kept for pod_delete_grace_period)", ["state"])
+        self.m_misses = t.counter("podmeter_k8sattributes_association_misses",
+                                  "Resources with pod identifiers that matched no known pod")
+        self.m_restarts = t.counter("podmeter_k8sattributes_watch_restarts",
+                                    "List/watch restarts by resource and reason (error, expired, forbidden, unauthorized)",
+                                    ["resource", "reason"])
+        self.m_sync_age = t.gauge("podmeter_k8sattributes_last_sync_age_seconds",
+                                  "Seconds since the API server last confirmed the pod cache (list, event or bookmark); "
+                                  "-1 before the first sync", ["resource"])
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self, host: Host) -> None:
+        self.host = host
+        self.m_pods.labels("live").set_function(lambda: self.cache.counts()[0])
+        self.m_pods.labels("deleted").set_function(lambda: self.cache.counts()[1])
+        host.publish("pod_metadata", PodMetadataProvider(self))
+        if self.config.auth_type == "none":
+            return
+        try:
+            self.api_client = build_api_client(self.config.auth_type, self.config.kube_config_path, self.config.context)
+        except ConfigurationError as exc:
+            raise ComponentUnavailable(f"no Kubernetes API access: {exc}") from None
+        cfg = self.config
+        self.owners = OwnerResolver(self.api_client, cfg.owner_lookup_ttl, self.telemetry, cfg.request_timeout)
+        api_client = self.api_client
+
+        def core() -> client.CoreV1Api:
+            # built on the informer thread, not in start(): the API module's first import takes about a second
+            return client.CoreV1Api(api_client)
+
+        kwargs: dict[str, Any] = {}
+        if cfg.filter.node:
+            kwargs["field_selector"] = f"spec.nodeName={cfg.filter.node}"
+        else:
+            self.settings.logger.warning("filter.node is empty: watching every pod of the cluster (memory and API "
+                                         "load grow with the cluster); set it to ${env:K8S_NODE_NAME} in a DaemonSet")
+        if cfg.filter.labels:
+            kwargs["label_selector"] = ",".join(f.selector() for f in cfg.filter.labels)
+        if cfg.filter.namespace:
+            kwargs["namespace"] = cfg.filter.namespace
+
+            def list_fn(**kw):
+                return core().list_namespaced_pod(**kw)
+        else:
+            def list_fn(**kw):
+                return core().list_pod_for_all_namespaces(**kw)
+        common = dict(telemetry=self.telemetry, restarts=self.m_restarts, request_timeout=cfg.request_timeout,
+                      watch_timeout=cfg.watch_timeout, backoff=(cfg.reconnect.initial_interval, cfg.reconnect.max_interval))
+        self.pods_reflector = Reflector(Resource("pods", "", list_fn, kwargs), self._pods_replaced, self._pod_event,
+                                        **common)
+        self.m_sync_age.labels("pods").set_function(lambda: self._age(self.pods_reflector))
+        if self.ns_rules:
+            self.ns_reflector = Reflector(Resource("namespaces", "", lambda **kw: core().list_namespace(**kw)), self._namespaces_replaced,
+                                          self._namespace_event, **common)
+            self.m_sync_age.labels("namespaces").set_function(lambda: self._age(self.ns_reflector))
+            self.ns_reflector.start()
+        self.pods_reflector.start()
+        if cfg.wait_for_metadata and not self.ready(cfg.wait_for_metadata_timeout):
+            self.telemetry.error("metadata_timeout", f"no pod list from the API server within "
+                                                     f"{cfg.wait_for_metadata_timeout:g}s (wait_for_metadata); going on "
+                                                     "with CRI metadata while the informer keeps trying")
+
+    def ready(self, timeout: float) -> bool:
+        """True once the first pod list (and namespace list, when asked) arrived; False on timeout or on a
+        failure waiting does not fix (403, 401)."""
+        deadline = time.monotonic() + timeout
+        for r in (self.pods_reflector, self.ns_reflector):
+            if r is None:
+                continue
+            if not r.settled.wait(max(0.0, deadline - time.monotonic())) or not r.synced.is_set():
+                return False
+        return True
+
+    def shutdown(self) -> None:
+        for r in (self.pods_reflector, self.ns_reflector):
+            if r is not None:
+                r.stop()
+        if self.api_client is not None:
+            try:
+                self.api_client.close()
+            except Exception:  # closing a pool must not fail shutdown
+                pass
+
+    @staticmethod
+    def _age(r: Reflector | None) -> float:
+        return time.monotonic() - r.last_sync if r is not None and r.last_sync else -1.0
+
+    # -- informer callbacks (informer threads) -------------------------------------------------------------------
+
+    def _pods_replaced(self, items: list[dict]) -> None:
+        records = [r for r in (self._record(o) for o in items) if r is not None]
+        self.cache.replace(records)
+
+    def _pod_event(self, etype: str, obj: dict) -> None:
+        if etype == "DELETED":
+            uid = (obj.get("metadata") or {}).get("uid")
+            if uid:
+                self.cache.delete(uid)
+        else:
+            rec = self._record(obj)
+            if rec is not None:
+                self.cache.upsert(rec)
+        self._maybe_sweep()
+
+    def _namespaces_replaced(self, items: list[dict]) -> None:
+        fresh = {}
+        for o in items:
+            name = (o.get("metadata") or {}).get("name")
+            if name:
+                fresh[name] = self._ns_attrs(o)
+        self.namespaces = fresh  # swapped whole: readers see one or the other
+
+    def _namespace_event(self, etype: str, obj: dict) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        if not name:
+            return
+        fresh = dict(self.namespaces)
+        if etype == "DELETED":
+            fresh.pop(name, None)
+        else:
+            fresh[name] = self._ns_attrs(obj)
+        self.namespaces = fresh
+
+    def _ns_attrs(self, obj: dict) -> MappingProxyType:
+        md = obj.get("metadata") or {}
+        out: dict = {}
+        for rule in self.ns_rules:
+            rule.apply(md.get(rule.kind) or {}, out)
+        return MappingProxyType(out)
+
+    def _record(self, obj: dict) -> PodRecord | None:
+        """Everything the processing path needs from a pod object, computed once per event."""
+        md, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+        uid, name, ns = md.get("uid"), md.get("name"), md.get("namespace", "")
+        if not uid or not name:
+            return None
+        labels, annotations = md.get("labels") or {}, md.get("annotations") or {}
+        ip = status.get("podIP") or ""
+        # host-network pods share the node's IP: it identifies none of them
+        index_ip = "" if spec.get("hostNetwork") else ip
+        attrs: dict[str, Any] = {"k8s.pod.name": name, "k8s.pod.uid": uid, "k8s.namespace.name": ns}
+        if spec.get("nodeName"):
+            attrs["k8s.node.name"] = spec["nodeName"]
+        if status.get("startTime"):
+            attrs["k8s.pod.start_time"] = status["startTime"]
+        if ip:
+            attrs["k8s.pod.ip"] = ip
+        attrs.update(self._workload(md, ns, labels))
+        attrs = {k: v for k, v in attrs.items() if k in self.pod_keys}
+        for rule in self.pod_rules:
+            rule.apply(labels if rule.kind == "labels" else annotations, attrs)
+        images = {}
+        for c in (spec.get("initContainers") or []) + (spec.get("containers") or []) + \
+                 (spec.get("ephemeralContainers") or []):
+            if c.get("name"):
+                images[c["name"]] = parse_image(c.get("image", ""))
+        cids = {}
+        for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
+            for cs in status.get(key) or []:
+                if cs.get("containerID") and cs.get("name"):
+                    cids[normalise_container_id(cs["containerID"])] = cs["name"]
+                # the previous instance's id (a restarted container's last samples)
+                last = ((cs.get("lastState") or {}).get("terminated") or {}).get("containerID")
+                if last and cs.get("name"):
+                    cids[normalise_container_id(last)] = cs["name"]
+        return PodRecord(uid, name, ns, index_ip, MappingProxyType(dict(labels)), MappingProxyType(dict(annotations)),
+                         MappingProxyType(attrs), MappingProxyType(images), MappingProxyType(cids))
+
+    def _workload(self, md: dict, ns: str, labels: dict) -> dict:
+        out: dict[str, str] = {}
+        owner = controller_of({"metadata": md})
+        if owner is None:
+            return out
+        kind, name = owner
+        if kind == "ReplicaSet":
+            out["k8s.replicaset.name"] = name
+            parent = self._owner(kind, ns, name) if "k8s.deployment.name" in self.pod_keys else None
+            if parent is not None and parent[0] == "Deployment":
+                out["k8s.deployment.name"] = parent[1]
+            elif parent is None:
+                dep = deployment_from_hash(name, labels)
+                if dep:
+                    out["k8s.deployment.name"] = dep
+        elif kind == "StatefulSet":
+            out["k8s.statefulset.name"] = name
+        elif kind == "DaemonSet":
+            out["k8s.daemonset.name"] = name
+        elif kind == "Job":
+            out["k8s.job.name"] = name
+            parent = self._owner(kind, ns, name) if "k8s.cronjob.name" in self.pod_keys else None
+            if parent is not None and parent[0] == "CronJob":
+                out["k8s.cronjob.name"] = parent[1]
+        return out
+
+    def _owner(self, kind: str, ns: str, name: str) -> tuple[str, str] | None:
+        return self.owners.owner(kind, ns, name) if self.owners is not None else None
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < SWEEP_INTERVAL or not self._sweep_lock.acquire(blocking=False):
+            return
+        try:
+            self._last_sweep = now
+            self.cache.sweep(now)
+            self.attributor.sweep()
+        finally:
+            self._sweep_lock.release()
+
+    # -- processing ------------------------------------------------------------------------------------------------
+
+    def process(self, data: MetricsData) -> MetricsData:
+        self._maybe_sweep()
+        out = []
+        changed = False
+        for rm in data.resource_metrics:
+            attrs = rm.resource.attributes
+            extra = self.attributes_for(attrs)
+            add = {k: v for k, v in extra.items() if attrs.get(k) in (None, "")}
+            if add:
+                rm = with_resource(rm, {**attrs, **add})
+                changed = True
+            out.append(rm)
+        return MetricsData(resource_metrics=out) if changed else data
+
+    def attributes_for(self, attrs) -> dict:
+        """The attributes to add to a resource with these attributes (empty when no pod matches)."""
+        match = self._associate(attrs)
+        if match is None:
+            return {}
+        out: dict[str, Any] = {}
+        rec = match.record
+        if rec is not None:
+            out.update(rec.attrs)
+            out.update(self._namespace_attrs(rec.namespace))
+        elif match.cri_pod is not None:
+            out.update(self._cri_pod_attrs(match))
+            if match.cri_pod.get("k8s.namespace.name"):
+                out.update(self._namespace_attrs(str(match.cri_pod["k8s.namespace.name"])))
+        if self.want_container:
+            out.update(self._container_attrs(match, attrs))
+        return out
+
+    def _namespace_attrs(self, namespace: str):
+        return self.namespaces.get(namespace, EMPTY) if self.ns_rules else EMPTY
+
+    def _associate(self, attrs) -> _Match | None:
+        tried = False
+        for names in self.associations:
+            values = [attrs.get(n) for n in names]
+            if any(v in (None, "") for v in values):
+                continue
+            tried = True
+            found = self._lookup(names, values)
+            if found is not None:
+                return found
+        if tried:
+            self.m_misses.inc()
+        return None
+
+    def _lookup(self, names: tuple[str, ...], values: list) -> _Match | None:
+        if len(names) == 2:  # k8s.pod.name + k8s.namespace.name (validated as a pair)
+            given = dict(zip(names, values, strict=True))
+            ns, name = str(given["k8s.namespace.name"]), str(given["k8s.pod.name"])
+            rec = self.cache.by_name(ns, name)
+            if rec is not None:
+                return _Match(rec, uid=rec.uid)
+            for cri in self._cri():
+                fn = getattr(cri, "pod_by_name", None)
+                found = fn(ns, name) if fn else None
+                if found:
+                    return _Match(cri_pod=found, uid=found.get("k8s.pod.uid"))
+            return None
+        name, value = names[0], values[0]
+        if name == "k8s.pod.uid":
+            return self._by_uid(str(value))
+        if name == "container.id":
+            return self._by_container(normalise_container_id(str(value)))
+        if name == "process.pid":
+            try:
+                info = self.attributor.lookup(int(value))
+            except (TypeError, ValueError):
+                return None
+            if info is None or not info.ref.pod_uid:
+                return None
+            found = self._by_uid(info.ref.pod_uid)
+            if found is not None and info.ref.container_id:
+                found.container_id = info.ref.container_id
+            return found
+        if name == "k8s.pod.ip":
+            rec = self.cache.by_ip(str(value))
+            return _Match(rec, uid=rec.uid) if rec is not None else None
+        return None
+
+    def _by_uid(self, uid: str) -> _Match | None:
+        rec = self.cache.get(uid)
+        if rec is not None:
+            return _Match(rec, uid=uid)
+        for cri in self._cri():
+            found = cri.pod(uid)
+            if found:
+                return _Match(cri_pod=found, uid=uid)
+        return None
+
+    def _by_container(self, cid: str) -> _Match | None:
+        rec = self.cache.by_container(cid)
+        if rec is not None:
+            return _Match(rec, uid=rec.uid, container_id=cid, container_name=rec.container_ids.get(cid))
+        for cri in self._cri():
+            found = cri.container(cid)
+            if found and found.get("k8s.pod.uid"):
+                uid = found["k8s.pod.uid"]
+                rec = self.cache.get(uid)
+                return _Match(rec, cri_pod=None if rec else (cri.pod(uid) or found), uid=uid, container_id=cid,
+                              container_name=found.get("k8s.container.name"))
+        return None
+
+    def _cri(self) -> list:
+        # providers are published as receivers start (after processors): look up lazily, at most once a second
+        now = time.monotonic()
+        if now - self._cri_at > 1.0 and self.host is not None:
+            self._cri_providers = self.host.lookup("container_metadata")
+            self._cri_at = now
+        return self._cri_providers
+
+    def _cri_pod_attrs(self, match: _Match) -> dict:
+        """CRI metadata (no API server, or it forbids us): names from kubelet's sandbox labels."""
+        found = match.cri_pod or {}
+        out = {k: v for k, v in found.items() if k in self.pod_keys}
+        labels: dict = {}
+        for cri in self._cri():
+            fn = getattr(cri, "pod_labels", None)
+            if fn and match.uid:
+                labels = fn(match.uid) or {}
+                if labels:
+                    break
+        if "k8s.deployment.name" in self.pod_keys and labels.get("pod-template-hash") and found.get("k8s.pod.name"):
+            # <deployment>-<hash>-<5 chars>: the pod's ReplicaSet is its name without the random suffix
+            rs = re.sub(r"-[a-z0-9]{5}$", "", found["k8s.pod.name"])
+            dep = deployment_from_hash(rs, labels)
+            if dep:
+                out["k8s.deployment.name"] = dep
+                if "k8s.replicaset.name" in self.pod_keys:
+                    out["k8s.replicaset.name"] = rs
+        for rule in self.pod_rules:
+            if rule.kind == "labels":
+                rule.apply(labels, out)
+        return out
+
+    def _container_attrs(self, match: _Match, attrs) -> dict:
+        out: dict[str, Any] = {}
+        cid = attrs.get("container.id") or match.container_id
+        cid = normalise_container_id(str(cid)) if cid else None
+        name = attrs.get("k8s.container.name") or match.container_name
+        rec = match.record
+        if not name and cid and rec is not None:
+            name = rec.container_ids.get(cid)
+        cri_attrs = None
+        if cid and (not name or rec is None):
+            for cri in self._cri():
+                cri_attrs = cri.container(cid)
+                if cri_attrs:
+                    name = name or cri_attrs.get("k8s.container.name")
+                    break
+        if name and "k8s.container.name" in self.want_container:
+            out["k8s.container.name"] = name
+        if cid and "container.id" in self.want_container:
+            out["container.id"] = cid
+        image = rec.images.get(name) if rec is not None and name else None
+        if image is None and cri_attrs:
+            image = (cri_attrs.get("container.image.name"), cri_attrs.get("container.image.tag"))
+        if image:
+            if image[0] and "container.image.name" in self.want_container:
+                out["container.image.name"] = image[0]
+            if image[1] and "container.image.tag" in self.want_container:
+                out["container.image.tag"] = image[1]
+        return out
+
+
+factory = Factory(
+    kind="processor",
+    type="k8sattributes",
+    config_model=K8sAttributesConfig,
+    create=K8sAttributesProcessor,
+    stability=Stability.ALPHA,
+    description="Adds pod, namespace, container, workload and node metadata from the API server (this node's pods) "
+                "and CRI; associates by pod uid, container id, process id (cgroup), pod name or IP",
+    resource_attributes=("k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.namespace.name", "k8s.node.name",
+                         "k8s.container.name", "container.image.name", "container.image.tag", "k8s.deployment.name",
+                         "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name", "k8s.job.name",
+                         "k8s.cronjob.name"),
+)

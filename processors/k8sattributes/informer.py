@@ -1,0 +1,513 @@
+"""The API-server side of k8sattributes: client setup, list/watch reflectors, owner lookups and the pod cache.
+
+Everything here runs on the informer threads; the processing path only reads the cache (dict lookups under a
+short lock). A reflector lists once, then watches from the list's resourceVersion with bookmarks, re-watches
+from the last resourceVersion when a watch ends or breaks, and lists again only on 410 Gone — as client-go's
+reflector does. During an outage the cache keeps its last state and keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+
+log = logging.getLogger(__name__)
+
+# The in-cluster service account mount; a module constant so tests can point it at a temporary directory.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+EMPTY: MappingProxyType = MappingProxyType({})
+
+
+class Gone(Exception):
+    """The watch's resourceVersion was compacted away (410): list again."""
+
+
+class ConfigurationError(Exception):
+    """The client cannot be configured (no kubeconfig, not in a cluster); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client
+
+
+class _TokenFile:
+    """Re-reads the service account token when kubelet rotates it (the projected volume swaps a symlink, so the
+    file's inode and mtime change); a stat per request, a read only on change."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple | None = None
+        self.token = ""
+        self.refresh()
+
+    def refresh(self) -> str:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                with open(self.path, encoding="utf-8") as f:
+                    self.token = f.read().strip()
+                self._stamp = stamp
+        except OSError as exc:
+            if not self.token:
+                raise ConfigurationError(f"cannot read the service account token {self.path}: {exc.strerror}") from None
+        return self.token
+
+    def hook(self, conf: client.Configuration) -> None:
+        conf.api_key["authorization"] = self.refresh()
+
+
+def build_api_client(auth_type: str, kube_config_path: str = "", context: str = "") -> client.ApiClient:
+    conf = client.Configuration()
+    if auth_type == "kubeConfig":
+        from kubernetes import config as kconfig
+        from kubernetes.config.config_exception import ConfigException
+
+        path = kube_config_path or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        path = os.pathsep.join(os.path.expanduser(p) for p in path.split(os.pathsep))
+        try:
+            kconfig.load_kube_config(config_file=path, context=context or None, client_configuration=conf,
+                                     persist_config=False)
+        except (ConfigException, OSError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"cannot load kubeconfig {path}: {exc}") from None
+    elif auth_type == "serviceAccount":
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+        if not host or not port:
+            raise ConfigurationError("not running in a pod (KUBERNETES_SERVICE_HOST/PORT unset); use auth_type "
+                                     "kubeConfig outside a cluster, or none for CRI metadata only")
+        if ":" in host:
+            host = f"[{host}]"
+        conf.host = f"https://{host}:{port}"
+        ca = os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt")
+        if not os.path.exists(ca):
+            raise ConfigurationError(f"the service account CA {ca} is missing (is automountServiceAccountToken off?)")
+        conf.ssl_ca_cert = ca
+        token = _TokenFile(os.path.join(SERVICE_ACCOUNT_DIR, "token"))
+        conf.api_key["authorization"] = token.token
+        conf.api_key_prefix["authorization"] = "Bearer"
+        conf.refresh_api_key_hook = token.hook
+    else:
+        raise ConfigurationError(f"auth_type {auth_type} has no API client")
+    # our own loop retries with backoff; urllib3's retries would only hide outages and stretch deadlines
+    conf.retries = False
+    return client.ApiClient(conf)
+
+
+class _RawWatch(watch.Watch):
+    """Watch yielding the event JSON as dicts: no model deserialization (costly, and we read few fields)."""
+
+    def get_return_type(self, func):
+        return None
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        reason = exc.reason or ""
+        try:
+            body = json.loads(exc.body) if exc.body else {}
+            reason = body.get("message") or reason
+        except (ValueError, TypeError):
+            pass
+        return f"HTTP {exc.status}: {reason}".strip()
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reflector
+
+
+@dataclass
+class Resource:
+    """What one reflector lists and watches."""
+
+    name: str  # "pods", "namespaces"
+    group: str  # "" or "apps" (for the permission message)
+    list_fn: Callable  # e.g. CoreV1Api.list_pod_for_all_namespaces
+    kwargs: dict = field(default_factory=dict)  # field_selector, label_selector, namespace
+
+
+class Reflector:
+    """List, then watch from the resourceVersion with bookmarks; re-watch on timeouts, relist on 410,
+    back off on errors. `on_replace(items)` gets each full list, `on_event(type, obj)` each change."""
+
+    def __init__(self, resource: Resource, on_replace: Callable[[list[dict]], None],
+                 on_event: Callable[[str, dict], None], *, telemetry, restarts, request_timeout: float,
+                 watch_timeout: float, backoff: tuple[float, float]) -> None:
+        self.resource = resource
+        self.on_replace, self.on_event = on_replace, on_event
+        self.telemetry = telemetry
+        self.restarts = restarts  # counter labelled (resource, reason)
+        self.request_timeout = request_timeout
+        self.watch_timeout = max(1, int(watch_timeout))
+        self.backoff_initial, self.backoff_max = backoff
+        self.synced = threading.Event()  # first list done
+        self.settled = threading.Event()  # first list done, or a failure that waiting will not fix (403, 401)
+        self.forbidden = False
+        self.last_sync = 0.0  # monotonic time the cache was last confirmed current (list, event, bookmark)
+        self.rv: str | None = None
+        self._stop = threading.Event()
+        self._watch: _RawWatch | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"k8sattributes-{self.resource.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        w = self._watch
+        if w is not None:
+            w.stop()  # shuts the socket down, unblocking the read
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def verb_resource(self) -> str:
+        r = self.resource
+        return f"{r.name}.{r.group}" if r.group else r.name
+
+    def _run(self) -> None:
+        delay = self.backoff_initial
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                if self.rv is None:
+                    self._list()
+                events = self._watch_once()
+                if events == 0 and time.monotonic() - started < 1.0:
+                    # a watch the server ends at once, again and again, must not become a busy loop
+                    self._stop.wait(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, self.backoff_max)
+                else:
+                    delay = self.backoff_initial
+            except Gone:
+                self.restarts.labels(self.resource.name, "expired").inc()
+                self.rv = None  # relist: the server told us our view is too old
+                if time.monotonic() - started < 1.0:
+                    # 410 right after a list: a server this confused gets backoff, not a relist storm
+                    self._stop.wait(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, self.backoff_max)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                delay = self._failed(exc, delay)
+
+    def _failed(self, exc: Exception, delay: float) -> float:
+        status = exc.status if isinstance(exc, ApiException) else None
+        reason = {403: "forbidden", 401: "unauthorized", 410: "expired"}.get(status, "error")
+        if status == 410:
+            self.rv = None
+            self.restarts.labels(self.resource.name, reason).inc()
+            return delay
+        if status == 403:
+            self.forbidden = True
+            verb = "list" if self.rv is None else "watch"
+            self.telemetry.error(f"forbidden_{self.resource.name}",
+                                 f"the API server forbids {verb} on {self.verb_resource} ({describe(exc)}); grant get, "
+                                 f"list and watch on {self.verb_resource} to podmeter's service account. Going on "
+                                 "with CRI metadata; retrying in the background")
+            self.settled.set()
+            delay = self.backoff_max  # RBAC changes are slow: retry at the longest interval
+        elif status == 401:
+            self.telemetry.error("unauthorized", f"the API server rejected podmeter's credentials ({describe(exc)}); "
+                                                 "retrying (a rotated token is re-read)")
+            self.settled.set()
+        else:
+            self.telemetry.error(f"api_{self.resource.name}",
+                                 f"{'list' if self.rv is None else 'watch'} {self.verb_resource} failed: "
+                                 f"{describe(exc)}; serving cached metadata, retrying with backoff")
+        self.restarts.labels(self.resource.name, reason).inc()
+        self._stop.wait(delay * random.uniform(0.5, 1.0))
+        return min(delay * 2, self.backoff_max)
+
+    def _list(self) -> None:
+        r = self.resource
+        resp = r.list_fn(**r.kwargs, _preload_content=False, _request_timeout=(5, self.request_timeout))
+        doc = json.loads(resp.data)
+        items = doc.get("items") or []
+        self.on_replace(items)
+        self.rv = (doc.get("metadata") or {}).get("resourceVersion") or "0"
+        self._ok()
+        self.synced.set()
+        self.settled.set()
+
+    def _ok(self) -> None:
+        self.last_sync = time.monotonic()
+        if self.forbidden:
+            self.forbidden = False
+            self.telemetry.recovered(f"forbidden_{self.resource.name}")
+        self.telemetry.recovered(f"api_{self.resource.name}")
+        self.telemetry.recovered("unauthorized")
+
+    def _watch_once(self) -> int:
+        """One watch request; returns how many events (bookmarks included) it brought."""
+        r = self.resource
+        w = self._watch = _RawWatch()
+        count = 0
+        try:
+            # the read timeout catches silent dead connections: the server ends each watch at timeout_seconds
+            stream = w.stream(r.list_fn, **r.kwargs, resource_version=self.rv, allow_watch_bookmarks=True,
+                              timeout_seconds=self.watch_timeout,
+                              _request_timeout=(5, self.watch_timeout + self.request_timeout))
+            for event in stream:
+                if self._stop.is_set():
+                    return count
+                count += 1
+                etype, obj = event.get("type"), event.get("raw_object") or event.get("object") or {}
+                if etype == "ERROR":
+                    if obj.get("code") == 410:
+                        raise Gone()
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if etype in ("ADDED", "MODIFIED", "DELETED"):
+                    self.on_event(etype, obj)
+                if rv:
+                    self.rv = rv
+                self._ok()
+        except ApiException as exc:
+            if exc.status == 410:
+                raise Gone() from None
+            raise
+        finally:
+            self._watch = None
+        # a watch that ended normally (server-side timeout) proves the connection and the view are current
+        self._ok()
+        return count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Owners
+
+
+class OwnerResolver:
+    """(kind, namespace, name) of a ReplicaSet or Job -> its controller (kind, name), by cached GETs.
+
+    Bounded (LRU) and expiring; failures are cached briefly so a broken API is not asked per pod."""
+
+    FAILURE_TTL = 30.0
+
+    def __init__(self, api_client: client.ApiClient | None, ttl: float, telemetry, request_timeout: float,
+                 max_entries: int = 4096) -> None:
+        self.api_client = api_client
+        self._apps: client.AppsV1Api | None = None
+        self._batch: client.BatchV1Api | None = None
+        self.ttl = ttl
+        self.telemetry = telemetry
+        self.request_timeout = request_timeout
+        self.max_entries = max_entries
+        self._cache: OrderedDict[tuple[str, str, str], tuple[float, tuple[str, str] | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.gets = 0
+
+    def owner(self, kind: str, namespace: str, name: str) -> tuple[str, str] | None:
+        key = (kind, namespace, name)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                self._cache.move_to_end(key)
+                return hit[1]
+        if self.api_client is None:
+            return None
+        ttl = self.ttl
+        resource = "replicasets.apps" if kind == "ReplicaSet" else "jobs.batch"
+        try:
+            self.gets += 1
+            # API classes are built here, on the informer thread: their first import takes about a second
+            if kind == "ReplicaSet":
+                self._apps = self._apps or client.AppsV1Api(self.api_client)
+                fn = self._apps.read_namespaced_replica_set
+            else:
+                self._batch = self._batch or client.BatchV1Api(self.api_client)
+                fn = self._batch.read_namespaced_job
+            resp = fn(name, namespace, _preload_content=False, _request_timeout=(5, self.request_timeout))
+            obj = json.loads(resp.data)
+            result = controller_of(obj)
+            self.telemetry.recovered(f"owner_{kind}")
+        except ApiException as exc:
+            result, ttl = None, self.FAILURE_TTL
+            if exc.status == 404:
+                pass  # the owner is gone (or not created yet): nothing to add
+            elif exc.status == 403:
+                self.telemetry.error(f"owner_{kind}", f"the API server forbids get on {resource} ({describe(exc)}); "
+                                                      f"grant get on {resource} for workload names. Deployment names "
+                                                      "fall back to the pod-template-hash label")
+            else:
+                self.telemetry.error(f"owner_{kind}", f"get {resource} {namespace}/{name} failed: {describe(exc)}")
+        except Exception as exc:
+            result, ttl = None, self.FAILURE_TTL
+            self.telemetry.error(f"owner_{kind}", f"get {kind} {namespace}/{name} failed: {describe(exc)}")
+        with self._lock:
+            self._cache[key] = (now + ttl, result)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return result
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+def controller_of(obj: dict) -> tuple[str, str] | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    for ref in refs:
+        if ref.get("controller"):
+            return ref.get("kind", ""), ref.get("name", "")
+    return (refs[0].get("kind", ""), refs[0].get("name", "")) if refs else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pod records and the cache
+
+
+def parse_image(ref: str) -> tuple[str | None, str | None]:
+    """`registry:5000/ns/app:1.2@sha256:...` -> ("registry:5000/ns/app", "1.2"); a digest-only ref -> (name, None)."""
+    ref = (ref or "").strip()
+    if not ref or ref.startswith("sha256:"):
+        return None, None
+    name = ref.partition("@")[0]
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1:]
+    return name, ("latest" if "@" not in ref else None)
+
+
+def normalise_container_id(cid: str) -> str:
+    return cid.rpartition("://")[2] if "://" in cid else cid
+
+
+_POD_SUFFIX = re.compile(r"-[a-z0-9]{5}$")
+
+
+def deployment_from_hash(replicaset: str, labels: dict) -> str | None:
+    """A Deployment's ReplicaSet is named `<deployment>-<pod-template-hash>`: the fallback when the
+    ReplicaSet cannot be read (no permission, CRI metadata only)."""
+    h = labels.get("pod-template-hash")
+    if h and replicaset.endswith("-" + h) and len(replicaset) > len(h) + 1:
+        return replicaset[: -len(h) - 1]
+    return None
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    uid: str
+    name: str
+    namespace: str
+    ip: str
+    labels: MappingProxyType
+    annotations: MappingProxyType
+    attrs: MappingProxyType  # pod-level resource attributes (metadata + pod labels/annotations), precomputed
+    images: MappingProxyType  # container name -> (image name, image tag)
+    container_ids: MappingProxyType  # container id -> container name
+    deleted_at: float | None = None
+
+
+class PodCache:
+    """Pods by uid with indexes by (namespace, name), IP and container id. Deleted pods stay for a grace period."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._lock = threading.Lock()
+        self._pods: dict[str, PodRecord] = {}
+        self._by_name: dict[tuple[str, str], str] = {}
+        self._by_ip: dict[str, str] = {}
+        self._by_cid: dict[str, str] = {}
+
+    # -- reads (processing path) ---------------------------------------------------------------------------
+
+    def get(self, uid: str) -> PodRecord | None:
+        return self._pods.get(uid)
+
+    def by_name(self, namespace: str, name: str) -> PodRecord | None:
+        uid = self._by_name.get((namespace, name))
+        return self._pods.get(uid) if uid else None
+
+    def by_ip(self, ip: str) -> PodRecord | None:
+        uid = self._by_ip.get(ip)
+        return self._pods.get(uid) if uid else None
+
+    def by_container(self, cid: str) -> PodRecord | None:
+        uid = self._by_cid.get(cid)
+        return self._pods.get(uid) if uid else None
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            deleted = sum(1 for p in self._pods.values() if p.deleted_at is not None)
+            return len(self._pods) - deleted, deleted
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def uids(self) -> list[str]:
+        return list(self._pods)
+
+    # -- writes (informer thread) -----------------------------------------------------------------------------
+
+    def upsert(self, rec: PodRecord) -> None:
+        with self._lock:
+            old = self._pods.get(rec.uid)
+            if old is not None:
+                self._unindex(old)
+            self._pods[rec.uid] = rec
+            self._index(rec)
+
+    def delete(self, uid: str, now: float | None = None) -> None:
+        with self._lock:
+            rec = self._pods.get(uid)
+            if rec is not None and rec.deleted_at is None:
+                # a live pod with the same name or IP wins the index from now on; this one keeps its uid and ids
+                self._pods[uid] = _replace(rec, deleted_at=time.monotonic() if now is None else now)
+
+    def replace(self, records: list[PodRecord]) -> None:
+        """A full list: pods absent from it were deleted while we were not watching."""
+        seen = {r.uid for r in records}
+        now = time.monotonic()
+        for uid in [u for u in self._pods if u not in seen]:
+            self.delete(uid, now)
+        for rec in records:
+            self.upsert(rec)
+
+    def sweep(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            gone = [p for p in self._pods.values() if p.deleted_at is not None and now - p.deleted_at >= self.grace]
+            for rec in gone:
+                self._unindex(rec)
+                del self._pods[rec.uid]
+            return len(gone)
+
+    def _index(self, rec: PodRecord) -> None:
+        self._by_name[(rec.namespace, rec.name)] = rec.uid
+        if rec.ip:
+            self._by_ip[rec.ip] = rec.uid
+        for cid in rec.container_ids:
+            self._by_cid[cid] = rec.uid
+
+    def _unindex(self, rec: PodRecord) -> None:
+        # only entries still pointing at this pod: a newer pod may have taken the name or the IP
+        if self._by_name.get((rec.namespace, rec.name)) == rec.uid:
+            del self._by_name[(rec.namespace, rec.name)]
+        if rec.ip and self._by_ip.get(rec.ip) == rec.uid:
+            del self._by_ip[rec.ip]
+        for cid in rec.container_ids:
+            if self._by_cid.get(cid) == rec.uid:
+                del self._by_cid[cid]
+
+
+def _replace(rec: PodRecord, **changes) -> PodRecord:
+    from dataclasses import replace
+
+    return replace(rec, **changes)
