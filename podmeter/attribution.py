@@ -17,8 +17,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 _UID = r"[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
-# `pod<uid>` as a cgroupfs directory or inside a systemd slice name (kubepods-burstable-pod<uid>.slice)
-_POD = re.compile(rf"(?:^|[-/])pod({_UID})(?:\.slice)?$")
+# `pod<uid>` as a cgroupfs directory or at the end of a systemd slice name (kubepods-burstable-pod<uid>.slice)
+_POD = re.compile(rf"(?:^|-)pod({_UID})(?:\.slice)?$")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # runtime prefixes of systemd scopes and of containerd's "slice:prefix:id" form
 _RUNTIME_PREFIX = {
@@ -29,8 +29,11 @@ _RUNTIME_PREFIX = {
     "cri-o": "cri-o",
     "containerd": "containerd",
 }
+# systemd scopes (`cri-containerd-<id>.scope`) and CRI-O's cgroupfs names (`crio-<id>`)
 _SCOPE = re.compile(r"^(cri-containerd|crio-conmon|crio|docker)-([0-9a-f]{64})(?:\.scope)?$")
 _LINE = re.compile(r"^\d+:[^:]*:(/.*)$")
+# the kernel appends this to the v2 path of a process whose cgroup was removed (a zombie, or a race with rmdir)
+_DELETED = " (deleted)"
 
 
 @dataclass(frozen=True)
@@ -55,53 +58,71 @@ def cgroup_path_of(line_or_path: str) -> str:
     """The path part of a `/proc/<pid>/cgroup` line (`12:memory:/x`, `0::/x`), or the input itself."""
     text = line_or_path.strip()
     m = _LINE.match(text)
-    return m.group(1) if m else text
+    path = m.group(1) if m else text
+    if path.endswith(_DELETED):
+        path = path[: -len(_DELETED)]
+    return path
+
+
+def pod_uid_of(name: str) -> str | None:
+    """The pod uid if one cgroup directory name is a pod's (`pod<uid>`, `kubepods-<qos>-pod<uid_>.slice`)."""
+    m = _POD.search(name)
+    return _normalise_uid(m.group(1)) if m else None
+
+
+def container_of(name: str) -> tuple[str, str | None] | None:
+    """(container id, runtime or None) if one directory name below a pod is a container's; else None.
+
+    `<64 hex>` (cgroupfs driver: containerd, Docker; runtime not named), `crio-<id>`, `cri-containerd-<id>.scope`,
+    `crio-<id>.scope`, `crio-conmon-<id>.scope` (CRI-O's monitor process of that container), `docker-<id>.scope`,
+    `<prefix>:<id>` (containerd's form with the systemd driver outside systemd).
+    """
+    m = _SCOPE.match(name)
+    if m:
+        return m.group(2), _RUNTIME_PREFIX[m.group(1)]
+    if _HEX64.fullmatch(name):
+        return name, None
+    if ":" in name:
+        prefix, _, cid = name.rpartition(":")
+        if _HEX64.fullmatch(cid):
+            return cid, _RUNTIME_PREFIX.get(prefix.rpartition(":")[2])
+    return None
 
 
 def parse_cgroup(line_or_path: str) -> CgroupRef:
-    """Pod uid, container id, runtime and QoS class from a cgroup line or path; None where it does not say."""
+    """Pod uid, container id, runtime and QoS class from a cgroup line or path; None where it does not say.
+
+    Never raises: anything that is not a kubelet pod cgroup (host services, the root, garbage) is `NOT_A_POD`.
+    """
+    if not isinstance(line_or_path, str):
+        return NOT_A_POD
     path = cgroup_path_of(line_or_path)
+    if "kubepods" not in path:
+        return NOT_A_POD
     parts = [p for p in path.split("/") if p]
-    pod_uid = qos = container_id = runtime = None
-    pod_index = None
     for i, part in enumerate(parts):
-        m = _POD.search(part)
-        if m and ("kubepods" in path):
-            pod_uid = _normalise_uid(m.group(1))
-            pod_index = i
-            qos = _qos_from(parts[:i + 1])
-            break
-    if pod_index is None:
-        # containerd with the systemd driver may put the pod slice and the id in one segment
-        for part in parts:
-            if ":" in part and "kubepods" in part:
-                slice_, _, rest = part.partition(":")
-                m = _POD.search(slice_)
-                if m:
-                    pod_uid = _normalise_uid(m.group(1))
-                    qos = _qos_from(slice_.split("-"))
-                    prefix, _, cid = rest.partition(":")
-                    if _HEX64.fullmatch(cid):
-                        container_id, runtime = cid, _RUNTIME_PREFIX.get(prefix)
+        # containerd with the systemd driver outside systemd puts pod slice and container in one segment:
+        # `kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`
+        head, sep, tail = part.partition(":")
+        uid = pod_uid_of(head)
+        if uid is None:
+            continue
+        # a `pod<uid>` outside a kubepods tree is not kubelet's
+        if "kubepods" not in head and not any("kubepods" in p for p in parts[:i]):
+            continue
+        qos = _qos_from(parts[:i] + [head])
+        container = None
+        if sep:
+            container = container_of(tail)
+        else:
+            # the first container-looking segment below the pod; deeper ones are sub-cgroups made inside it
+            for below in parts[i + 1:]:
+                container = container_of(below)
+                if container:
                     break
-        if pod_uid is None:
-            return NOT_A_POD
-        return CgroupRef(pod_uid, container_id, runtime, qos)
-    # the first container-looking segment below the pod; deeper segments are sub-cgroups of that container
-    for part in parts[pod_index + 1:]:
-        m = _SCOPE.match(part)
-        if m:
-            container_id, runtime = m.group(2), _RUNTIME_PREFIX[m.group(1)]
-            break
-        if ":" in part:
-            prefix, _, cid = part.rpartition(":")[0].rpartition(":")[2], None, part.rpartition(":")[2]
-            if _HEX64.fullmatch(cid):
-                container_id, runtime = cid, _RUNTIME_PREFIX.get(prefix)
-                break
-        if _HEX64.fullmatch(part):
-            container_id = part
-            break
-    return CgroupRef(pod_uid, container_id, runtime, qos)
+        cid, runtime = container if container else (None, None)
+        return CgroupRef(uid, cid, runtime, qos)
+    return NOT_A_POD
 
 
 def _normalise_uid(uid: str) -> str:
@@ -109,7 +130,8 @@ def _normalise_uid(uid: str) -> str:
 
 
 def _qos_from(parts: list[str]) -> str:
-    joined = "/".join(parts)
+    """kubelet puts Burstable and BestEffort pods under their QoS level and Guaranteed pods directly below kubepods."""
+    joined = "/".join(parts).lower()
     if "besteffort" in joined:
         return "BestEffort"
     if "burstable" in joined:
@@ -143,6 +165,7 @@ class ProcessInfo:
 
 
 def read_start_time(proc_root: str, pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); None if the process is gone."""
     try:
         with open(f"{proc_root}/{pid}/stat", "rb") as f:
             data = f.read()
@@ -172,8 +195,11 @@ def read_process(proc_root: str, pid: int) -> ProcessInfo | None:
                 if line.startswith("NSpid:"):
                     nspid = tuple(int(x) for x in line.split()[1:] if x.isdigit())
                     break
-    except OSError:
+    except (OSError, ValueError):
         pass
+    # the PID may have been reused while we read: the files then describe another process
+    if read_start_time(proc_root, pid) != start:
+        return None
     best_path, best_ref = "", NOT_A_POD
     v2 = next((cgroup_path_of(line) for line in lines if line.startswith("0::")), None)
     candidates = ([v2] if v2 else []) + [cgroup_path_of(line) for line in lines]
@@ -193,7 +219,7 @@ class ProcessAttributor:
 
     def __init__(self, proc_root: str = "/proc", max_entries: int = 16384) -> None:
         self.proc_root = proc_root.rstrip("/") or "/"
-        self.max_entries = max_entries
+        self.max_entries = max(1, int(max_entries))
         self._cache: OrderedDict[int, ProcessInfo] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -236,4 +262,5 @@ class ProcessAttributor:
         return len(gone)
 
     def __len__(self) -> int:
-        return len(self._cache)
+        with self._lock:
+            return len(self._cache)

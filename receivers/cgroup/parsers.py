@@ -1,0 +1,137 @@
+"""Parsers for the cgroup and procfs files the receiver reads.
+
+Every parser takes the file's text and returns what it could make of it: malformed lines are skipped, never
+raised on, since a file read while its cgroup is being removed may come back short.
+"""
+
+from __future__ import annotations
+
+# cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages in bytes (9223372036854771712 with 4 KiB pages); anything
+# this large is no limit on any page size
+V1_UNLIMITED = 1 << 62
+
+
+def parse_int(text: str | None) -> int | None:
+    """A single-number file (memory.current, pids.max...). "max" (no limit) and garbage give None."""
+    if not text:
+        return None
+    word = text.strip().split("\n", 1)[0].strip()
+    try:
+        return int(word)
+    except ValueError:
+        return None
+
+
+def parse_flat(text: str | None) -> dict[str, int]:
+    """Flat keyed files: `key value` per line (cpu.stat, memory.stat, memory.events, memory.oom_control...)."""
+    out: dict[str, int] = {}
+    if not text:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if not value:
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def parse_psi(text: str | None) -> dict[str, int]:
+    """Pressure files (cpu.pressure...): `some avg10=0.00 avg60=0.00 avg300=0.00 total=281431` -> {"some": total_us}."""
+    out: dict[str, int] = {}
+    if not text:
+        return out
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind not in ("some", "full"):
+            continue
+        for field in rest.split():
+            if field.startswith("total="):
+                try:
+                    out[kind] = int(field[6:])
+                except ValueError:
+                    pass
+    return out
+
+
+def parse_io_stat(text: str | None) -> dict[str, dict[str, int]]:
+    """cgroup v2 io.stat: `8:0 rbytes=1 wbytes=2 rios=3 wios=4 dbytes=0 dios=0` -> {"8:0": {"rbytes": 1, ...}}."""
+    out: dict[str, dict[str, int]] = {}
+    if not text:
+        return out
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or ":" not in fields[0]:
+            continue
+        stats = out.setdefault(fields[0], {})
+        for field in fields[1:]:
+            key, _, value = field.partition("=")
+            try:
+                stats[key] = int(value)
+            except ValueError:
+                continue
+    return out
+
+
+def parse_blkio(text: str | None) -> dict[str, dict[str, int]]:
+    """cgroup v1 blkio.throttle.io_service_bytes(_recursive) / io_serviced: `8:0 Read 4096` -> {"8:0": {"read": 4096}}.
+
+    The trailing `Total N` line has no device and is skipped.
+    """
+    out: dict[str, dict[str, int]] = {}
+    if not text:
+        return out
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or ":" not in fields[0]:
+            continue
+        try:
+            out.setdefault(fields[0], {})[fields[1].lower()] = int(fields[2])
+        except ValueError:
+            continue
+    return out
+
+
+def parse_cpuacct_usage_all(text: str | None) -> tuple[int, int] | None:
+    """cgroup v1 cpuacct.usage_all: `cpu user system` then one row per CPU in ns -> (user_ns, system_ns)."""
+    if not text:
+        return None
+    user = system = 0
+    rows = 0
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) != 3:
+            continue
+        try:
+            user += int(fields[1])
+            system += int(fields[2])
+        except ValueError:
+            continue
+        rows += 1
+    return (user, system) if rows else None
+
+
+NET_DEV_FIELDS = ("rx_bytes", "rx_packets", "rx_errs", "rx_drop", "rx_fifo", "rx_frame", "rx_compressed",
+                  "rx_multicast", "tx_bytes", "tx_packets", "tx_errs", "tx_drop", "tx_fifo", "tx_colls",
+                  "tx_carrier", "tx_compressed")
+
+
+def parse_net_dev(text: str | None) -> dict[str, dict[str, int]]:
+    """/proc/<pid>/net/dev: two header lines, then `  eth0: rx(8 fields) tx(8 fields)` per interface."""
+    out: dict[str, dict[str, int]] = {}
+    if not text:
+        return out
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        values = rest.split()
+        if len(values) < 16:
+            continue
+        try:
+            out[name.strip()] = dict(zip(NET_DEV_FIELDS, (int(v) for v in values[:16]), strict=True))
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,276 @@
+"""The cgroup receiver: per container and per pod CPU, memory, IO, PIDs, pressure and network from cgroup files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import replace
+
+from podmeter.attribution import CgroupRef
+from podmeter.component import ComponentUnavailable, Receiver
+from podmeter.metrics import MetricsData, now_ns
+
+from . import parsers as p
+from .batch import Batch
+from .config import CgroupReceiverConfig
+from .discovery import Discovery, Layout, detect_layout
+from .metrics import CONTAINER_METRICS, GROUP_OF, POD_METRICS
+from .stats import GONE, Reader, Stats
+
+
+class CgroupReceiver(Receiver):
+    def __init__(self, settings, config: CgroupReceiverConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.logger = settings.logger
+        self.telemetry = settings.telemetry
+        self.start_ns = now_ns()
+        self.scope = f"podmeter/receiver/{settings.id}"
+        toggles = {name: t.enabled for name, t in config.metrics.items()}
+        groups = config.groups.model_copy()
+        self.container_specs = {k: replace(s, enabled=toggles.get(s.name, True)) for k, s in CONTAINER_METRICS.items()}
+        self.pod_specs = {k: replace(s, enabled=toggles.get(s.name, True)) for k, s in POD_METRICS.items()}
+        # a group none of whose metrics is wanted is not read at all
+        for group in ("cpu", "memory", "io", "pids", "pressure", "network"):
+            wanted = [s for s in (*self.container_specs.values(), *self.pod_specs.values())
+                      if GROUP_OF[s.name] == group and s.enabled
+                      and (s.name.startswith("k8s.pod.") and config.per_pod
+                           or s.name.startswith("container.") and config.per_container)]
+            if not wanted:
+                setattr(groups, group, False)
+        self.groups = groups
+        self.layout: Layout | None = None
+        self.discovery: Discovery | None = None
+        self.reader: Reader | None = None
+        self._next_search = 0.0
+        self._prev_cpu: dict[tuple, tuple[float, float]] = {}  # cgroup key -> (cpu seconds, monotonic time)
+        self._dev_names: dict[str, str] = {}
+        root = config.cgroup_root
+        self._sys_root = root[: -len("/fs/cgroup")] if root.endswith("/fs/cgroup") else "/sys"
+        self._gauge = self.telemetry.gauge("podmeter_cgroup_discovered", "Pod and container cgroups found", ["kind"])
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+
+    def start(self, host) -> None:
+        root = self.config.cgroup_root
+        if not os.path.isdir(root):
+            raise ComponentUnavailable(f"cgroup_root {root} does not exist: mount the host's /sys/fs/cgroup there "
+                                       "or set cgroup_root")
+        layout = detect_layout(root)
+        if layout is None:
+            raise ComponentUnavailable(f"no cgroup hierarchy under {root} (neither cgroup2 nor v1 controllers)")
+        self.layout = layout
+        self.discovery = Discovery(layout.walk, self.config.max_depth)
+        self.reader = Reader(layout, self.groups)
+        self.logger.info("%s", layout.describe())
+
+    # -- collection ---------------------------------------------------------------------------------------------------
+
+    def collect(self) -> MetricsData:
+        if self.discovery is None:
+            self.start(None)
+        disc, reader = self.discovery, self.reader
+        now = time.monotonic()
+        if now >= self._next_search or not disc.anchors and not disc.colon_parents:
+            disc.search()
+            self._next_search = now + self.config.discovery_interval
+        found, lost = disc.scan()
+        if lost:
+            self._next_search = 0.0  # a kubepods tree vanished (kubelet restart?): look again next time
+        b = Batch(self.scope, self.start_ns)
+        reader.errors.clear()
+        seen: set[tuple] = set()
+
+        per_pod_containers: dict[str, list[Stats]] = {}
+        # with per_container off, containers are read only for pods without a cgroup of their own
+        with_dir = set() if self.config.per_container else {ref.pod_uid for ref in found.pods.values()}
+        for path, ref in found.containers.items():
+            if ref.pod_uid in with_dir:
+                continue
+            s = reader.read(path)
+            if not s.found:
+                continue  # removed between listing and reading
+            per_pod_containers.setdefault(ref.pod_uid, []).append(s)
+            if self.config.per_container:
+                key = ("c", path)
+                seen.add(key)
+                self._emit(b, self.container_specs, s, _container_resource(ref), key, time.monotonic())
+
+        n_pods = 0
+        if self.config.per_pod:
+            host_netns = self._host_netns() if self.groups.network else None
+            pods: dict[str, list[tuple[str | None, CgroupRef]]] = {}
+            for path, ref in found.pods.items():
+                pods.setdefault(ref.pod_uid, []).append((path, ref))
+            for uid, paths in found.containers_of.items():
+                # containerd's "slice:prefix:id" form has no pod cgroup: the pod is the sum of its containers
+                pods.setdefault(uid, []).append((None, found.containers[paths[0]]))
+            for uid, candidates in pods.items():
+                s, ref = self._read_pod(candidates, per_pod_containers.get(uid, ()))
+                if s is None:
+                    continue
+                n_pods += 1
+                key = ("p", uid)
+                seen.add(key)
+                resource = _pod_resource(ref)
+                self._emit(b, self.pod_specs, s, resource, key, time.monotonic())
+                if self.groups.network:
+                    self._network(b, uid, found.containers_of.get(uid, ()), host_netns, resource)
+
+        # forget CPU baselines of cgroups that are gone: bounded under churn
+        if len(self._prev_cpu) > len(seen):
+            self._prev_cpu = {k: v for k, v in self._prev_cpu.items() if k in seen}
+        if reader.errors:
+            path, exc = reader.errors[0]
+            self.telemetry.error("read", f"{len(reader.errors)} cgroup files unreadable, first {path}: "
+                                         f"{exc.strerror or exc}", count=len(reader.errors))
+        else:
+            self.telemetry.recovered("read")
+        self._gauge.labels("pod").set(n_pods)
+        self._gauge.labels("container").set(len(found.containers))
+        return b.build()
+
+    def _read_pod(self, candidates, containers: list[Stats]) -> tuple[Stats | None, CgroupRef | None]:
+        """The pod's statistics from the first candidate that can be read (a uid in two trees is a left-over)."""
+        for path, ref in candidates:
+            if path is not None:
+                s = self.reader.read(path)
+            else:
+                s = Stats()
+                for cs in containers:
+                    s.add(cs)
+            if s.found:
+                return s, ref
+        return None, None
+
+    def _emit(self, b: Batch, specs, s: Stats, resource: dict, key: tuple, t: float) -> None:
+        add = b.add
+        if s.cpu_user is not None:
+            add(specs["cpu.time"], s.cpu_user, {"cpu.mode": "user"}, resource)
+            add(specs["cpu.time"], s.cpu_system, {"cpu.mode": "system"}, resource)
+        if s.cpu_total is not None:
+            prev = self._prev_cpu.get(key)
+            self._prev_cpu[key] = (s.cpu_total, t)
+            if prev is not None and t > prev[1] and s.cpu_total >= prev[0]:
+                cores = (s.cpu_total - prev[0]) / (t - prev[1])
+                add(specs["cpu.usage"], cores, None, resource)
+                add(specs["cpu.percent"], cores * 100.0, None, resource)
+        if s.periods is not None:
+            add(specs["cpu.throttling_data.periods"], s.periods, None, resource)
+            add(specs["cpu.throttling_data.throttled_periods"], s.throttled_periods, None, resource)
+            add(specs["cpu.throttling_data.throttled_time"], s.throttled_time, None, resource)
+        add(specs["memory.usage"], s.mem_usage, None, resource)
+        add(specs["memory.working_set"], s.mem_working_set, None, resource)
+        add(specs["memory.rss"], s.mem_rss, None, resource)
+        add(specs["memory.cache"], s.mem_cache, None, resource)
+        add(specs["memory.kernel_stack"], s.mem_kernel_stack, None, resource)
+        add(specs["memory.page_tables"], s.mem_page_tables, None, resource)
+        add(specs["memory.swap"], s.mem_swap, None, resource)
+        add(specs["memory.limit"], s.mem_limit, None, resource)
+        add(specs["memory.oom.events"], s.oom_events, None, resource)
+        add(specs["memory.oom.kills"], s.oom_kills, None, resource)
+        if s.faults_major is not None:
+            add(specs["memory.paging.faults"], s.faults_major, {"system.paging.fault.type": "major"}, resource)
+            add(specs["memory.paging.faults"], s.faults_minor, {"system.paging.fault.type": "minor"}, resource)
+        for dev, v in s.io.items():
+            name = self._device_name(dev)
+            for direction in ("read", "write"):
+                attrs = {"disk.io.direction": direction, "system.device": name}
+                add(specs["disk.io"], v[f"{direction}_bytes"], attrs, resource)
+                add(specs["disk.operations"], v[f"{direction}_ops"], dict(attrs), resource)
+        add(specs["pids.count"], s.pids, None, resource)
+        add(specs["pids.limit"], s.pids_limit, None, resource)
+        for (res, kind), seconds in s.psi.items():
+            add(specs["pressure.stall_time"], seconds, {"pressure.resource": res, "pressure.type": kind}, resource)
+
+    # -- network ------------------------------------------------------------------------------------------------------
+
+    def _host_netns(self) -> str | None:
+        """The node's network namespace: PID 1's, or (without the privilege to see it) podmeter's own, which is
+        the node's when it runs with hostNetwork as the DaemonSet does."""
+        for who in ("1", "self"):
+            try:
+                return os.readlink(f"{self.config.proc_root}/{who}/ns/net")
+            except OSError:
+                continue
+        return None
+
+    def _network(self, b: Batch, uid: str, container_paths, host_netns: str | None, resource: dict) -> None:
+        """Counters of the pod's network namespace, read through one of its processes."""
+        proc = self.config.proc_root
+        for cpath in container_paths:
+            pid = self._first_pid(cpath)
+            if pid is None:
+                continue
+            try:
+                netns = os.readlink(f"{proc}/{pid}/ns/net")
+            except OSError as exc:
+                if exc.errno in GONE:
+                    continue  # exited since listed: try the next container
+                self.telemetry.error("network", f"cannot read the network namespace of pod {uid}'s process {pid} "
+                                                f"under {proc}: {exc.strerror}")
+                return
+            if host_netns is not None and netns == host_netns:
+                return  # hostNetwork pod: these would be the node's counters
+            try:
+                with open(f"{proc}/{pid}/net/dev", "rb", buffering=0) as f:
+                    text = f.read().decode("ascii", "replace")
+            except OSError as exc:
+                if exc.errno in GONE:
+                    continue
+                self.telemetry.error("network", f"cannot read {proc}/{pid}/net/dev: {exc.strerror}")
+                return
+            specs = self.pod_specs
+            excluded = self.config.exclude_interfaces
+            for iface, v in p.parse_net_dev(text).items():
+                if iface in excluded:
+                    continue
+                for direction, pre in (("receive", "rx"), ("transmit", "tx")):
+                    attrs = {"network.interface.name": iface, "network.io.direction": direction}
+                    b.add(specs["network.io"], v[f"{pre}_bytes"], attrs, resource)
+                    b.add(specs["network.packet.count"], v[f"{pre}_packets"], dict(attrs), resource)
+                    b.add(specs["network.errors"], v[f"{pre}_errs"], dict(attrs), resource)
+                    b.add(specs["network.packet.dropped"], v[f"{pre}_drop"], dict(attrs), resource)
+            self.telemetry.recovered("network")
+            return
+
+    def _first_pid(self, cgroup_path: str) -> int | None:
+        try:
+            with open(f"{self.layout.walk}{cgroup_path}/cgroup.procs", "rb", buffering=0) as f:
+                first = f.read(32).split(b"\n", 1)[0]
+        except OSError as exc:
+            if exc.errno not in (*GONE, errno.EINVAL):
+                self.reader.errors.append((f"{self.layout.walk}{cgroup_path}/cgroup.procs", exc))
+            return None
+        return int(first) if first.isdigit() else None
+
+    # -- helpers ------------------------------------------------------------------------------------------------------
+
+    def _device_name(self, dev: str) -> str:
+        """`8:0` -> `sda` from sysfs (cached); the major:minor itself if sysfs does not say."""
+        name = self._dev_names.get(dev)
+        if name is None:
+            try:
+                name = os.path.basename(os.readlink(f"{self._sys_root}/dev/block/{dev}"))
+            except OSError:
+                name = dev
+            if len(self._dev_names) < 4096:
+                self._dev_names[dev] = name
+        return name
+
+
+def _container_resource(ref: CgroupRef) -> dict:
+    r = {"k8s.pod.uid": ref.pod_uid, "container.id": ref.container_id}
+    if ref.runtime:
+        r["container.runtime.name"] = ref.runtime
+    if ref.qos_class:
+        r["k8s.pod.qos_class"] = ref.qos_class
+    return r
+
+
+def _pod_resource(ref: CgroupRef) -> dict:
+    r = {"k8s.pod.uid": ref.pod_uid}
+    if ref.qos_class:
+        r["k8s.pod.qos_class"] = ref.qos_class
+    return r

@@ -1,0 +1,252 @@
+"""The receiver on fixture trees of every cgroup layout: it finds exactly the pods and containers, with the right
+pod uid, container id, runtime and QoS class, and reads the values the files hold."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+from cgroup.helpers import make_receiver, points, value
+from cgroup.layouts import POD_LIMIT, POD_PIDS_LIMIT, all_layouts, build
+
+from receivers.cgroup.discovery import detect_layout
+
+LAYOUTS = all_layouts()
+
+# what the fixture files hold (see tests/fixtures/cgroup/README.md)
+USER, SYSTEM = 3.0, 2.0
+USAGE, INACTIVE_FILE = 104857600, 20971520
+RSS, CACHE = 52428800, 41943040
+
+
+def _collect(tmp_path, layout, **config):
+    root = build(str(tmp_path), layout)
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"), **config)
+    return receiver, receiver.collect()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+def test_finds_every_pod_and_container(tmp_path, layout):
+    _receiver, data = _collect(tmp_path, layout)
+    containers, pods = set(), set()
+    for rm in data.resource_metrics:
+        a = dict(rm.resource.attributes)
+        if "container.id" in a:
+            containers.add((a["k8s.pod.uid"], a["container.id"], a.get("container.runtime.name"),
+                            a["k8s.pod.qos_class"]))
+        else:
+            pods.add((a["k8s.pod.uid"], a["k8s.pod.qos_class"]))
+    assert containers == {(pod.uid, cid, rt, pod.qos) for pod in layout.pods for _d, cid, rt in pod.containers}
+    assert pods == {(pod.uid, pod.qos) for pod in layout.pods}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+def test_values_match_the_files(tmp_path, layout):
+    _receiver, data = _collect(tmp_path, layout)
+    v2 = layout.version == "v2"
+    pod = layout.pods[0]
+    _d, cid, _rt = pod.containers[0]
+    c = {"container.id": cid}
+    assert value(data, "container.cpu.time", c, {"cpu.mode": "user"}) == pytest.approx(USER)
+    assert value(data, "container.cpu.time", c, {"cpu.mode": "system"}) == pytest.approx(SYSTEM)
+    assert value(data, "container.cpu.throttling_data.periods", c) == 100
+    assert value(data, "container.cpu.throttling_data.throttled_periods", c) == 7
+    assert value(data, "container.cpu.throttling_data.throttled_time", c) == pytest.approx(0.25)
+    # the first collection has no interval to compute usage over
+    assert value(data, "container.cpu.usage", c) is None
+    assert value(data, "container.memory.usage", c) == USAGE  # not the sub-cgroup's 1 byte
+    assert value(data, "container.memory.working_set", c) == USAGE - INACTIVE_FILE
+    assert value(data, "container.memory.rss", c) == RSS  # v1: total_rss, not the local rss
+    assert value(data, "container.memory.cache", c) == CACHE
+    assert value(data, "container.memory.swap", c) == 4096
+    assert value(data, "container.memory.limit", c) is None  # unlimited
+    assert value(data, "container.memory.oom.kills", c) == 1
+    assert value(data, "container.memory.oom.events", c) == (2 if v2 else None)
+    assert value(data, "container.memory.kernel_stack", c) == (327680 if v2 else None)
+    assert value(data, "container.memory.page_tables", c) == (1048576 if v2 else None)
+    assert value(data, "container.memory.paging.faults", c, {"system.paging.fault.type": "major"}) == 45
+    assert value(data, "container.memory.paging.faults", c, {"system.paging.fault.type": "minor"}) == 12300
+    # 8:0 is named from sysfs; 253:7 is not there and keeps its numbers
+    vda = {"system.device": "vda"}
+    assert value(data, "container.disk.io", c, {**vda, "disk.io.direction": "read"}) == 1048576
+    assert value(data, "container.disk.io", c, {**vda, "disk.io.direction": "write"}) == 2097152
+    assert value(data, "container.disk.operations", c, {**vda, "disk.io.direction": "write"}) == 20
+    assert value(data, "container.disk.io", c, {"system.device": "253:7", "disk.io.direction": "read"}) == 4096
+    assert value(data, "container.pids.count", c) == 12
+    assert value(data, "container.pids.limit", c) is None
+    psi = value(data, "container.pressure.stall_time", c, {"pressure.resource": "cpu", "pressure.type": "some"})
+    assert psi == (pytest.approx(1.5) if layout.version in ("v2", "hybrid") else None)
+    p = {"k8s.pod.uid": pod.uid}
+    n = len(pod.containers)
+    if pod.dir is not None:
+        assert value(data, "k8s.pod.memory.usage", p) == USAGE
+        assert value(data, "k8s.pod.memory.limit", p) == POD_LIMIT
+        assert value(data, "k8s.pod.pids.limit", p) == POD_PIDS_LIMIT
+        assert value(data, "k8s.pod.cpu.time", p, {"cpu.mode": "user"}) == pytest.approx(USER)
+    else:
+        # no pod cgroup: the pod is the sum of its containers; limits and pressure cannot be summed
+        assert value(data, "k8s.pod.memory.usage", p) == n * USAGE
+        assert value(data, "k8s.pod.cpu.time", p, {"cpu.mode": "user"}) == pytest.approx(n * USER)
+        assert value(data, "k8s.pod.memory.limit", p) is None
+        assert value(data, "k8s.pod.pressure.stall_time", p, {"pressure.resource": "cpu",
+                                                               "pressure.type": "some"}) is None
+
+
+def test_layout_detection(tmp_path):
+    v1 = detect_layout(build(str(tmp_path / "a"), next(x for x in LAYOUTS if x.version == "v1")))
+    assert v1.kind == "v1" and not v1.memory.v2 and v1.psi is None and v1.walk.endswith("/memory")
+    hybrid_root = build(str(tmp_path / "b"), next(x for x in LAYOUTS if x.version == "hybrid"))
+    hybrid = detect_layout(hybrid_root)
+    assert hybrid.kind == "hybrid" and hybrid.psi == f"{hybrid_root}/unified" and not hybrid.cpu.v2
+    # a hybrid host with memory enabled on cgroup2 reads memory there, the rest from v1
+    with open(f"{hybrid_root}/unified/cgroup.controllers", "w") as f:
+        f.write("memory pids\n")
+    mixed = detect_layout(hybrid_root)
+    assert mixed.memory.v2 and mixed.memory.root.endswith("/unified") and mixed.pids.v2 and not mixed.io.v2
+    v2 = detect_layout(build(str(tmp_path / "c"), LAYOUTS[1]))
+    assert v2.kind == "v2" and v2.memory.v2 and v2.io.v2
+    assert detect_layout(str(tmp_path / "empty")) is None
+
+
+def test_second_collection_has_usage_and_percent(tmp_path):
+    layout = LAYOUTS[1]
+    receiver, _ = _collect(tmp_path, layout)
+    root = receiver.config.cgroup_root
+    cdir, cid = layout.pods[0].containers[0][:2]
+    # one more CPU second of user time since the first collection
+    with open(f"{root}{cdir}/cpu.stat", "w") as f:
+        f.write("usage_usec 6000000\nuser_usec 4000000\nsystem_usec 2000000\n")
+    data = receiver.collect()
+    usage = value(data, "container.cpu.usage", {"container.id": cid})
+    percent = value(data, "container.cpu.percent", {"container.id": cid})
+    assert usage is not None and usage > 0 and percent == pytest.approx(usage * 100)
+    assert value(data, "container.cpu.time", {"container.id": cid}, {"cpu.mode": "user"}) == pytest.approx(4.0)
+
+
+def test_groups_and_metric_switches(tmp_path):
+    layout = LAYOUTS[1]
+    _r, data = _collect(tmp_path, layout, groups={"io": False, "pressure": False},
+                        metrics={"container.memory.rss": {"enabled": False}}, per_pod=False)
+    names = {n for _res, n, _a, _v in points(data)}
+    assert "container.memory.usage" in names and "container.memory.rss" not in names
+    assert not any(n.startswith(("container.disk.", "container.pressure.", "k8s.pod.")) for n in names)
+
+
+def test_unknown_metric_name_is_a_config_error():
+    from pydantic import ValidationError
+
+    from receivers.cgroup import factory
+
+    with pytest.raises(ValidationError, match="unknown metric"):
+        factory.config_model.model_validate({"metrics": {"container.cpu.tme": {"enabled": False}}})
+    with pytest.raises(ValidationError, match="absolute"):
+        factory.config_model.model_validate({"cgroup_root": "sys/fs/cgroup"})
+
+
+def test_vanished_pods_disappear_and_nothing_raises(tmp_path):
+    layout = LAYOUTS[1]
+    receiver, data = _collect(tmp_path, layout)
+    root = receiver.config.cgroup_root
+    gone = layout.pods[0]
+    assert value(data, "k8s.pod.memory.usage", {"k8s.pod.uid": gone.uid}) is not None
+    shutil.rmtree(root + gone.dir)
+    data = receiver.collect()
+    assert not [p for p in points(data) if p[0].get("k8s.pod.uid") == gone.uid]
+    assert value(data, "k8s.pod.memory.usage", {"k8s.pod.uid": layout.pods[1].uid}) == USAGE
+    # the whole kubepods tree goes (kubelet reset): empty, no error; it comes back: found again
+    shutil.rmtree(root + "/kubepods")
+    assert points(receiver.collect()) == []
+    build(str(tmp_path / "again"), layout)
+    shutil.copytree(str(tmp_path / "again/sys/fs/cgroup/kubepods"), root + "/kubepods")
+    assert value(receiver.collect(), "k8s.pod.memory.usage", {"k8s.pod.uid": gone.uid}) == USAGE
+    assert receiver.telemetry.failing() == {}
+
+
+def test_churn_while_collecting_never_raises(tmp_path):
+    """Pods and containers created and removed while collections run: every collection completes."""
+    layout = LAYOUTS[4]  # v2 systemd
+    receiver, _ = _collect(tmp_path, layout)
+    root = receiver.config.cgroup_root
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    template = build(src, layout) + layout.pods[0].dir
+    target = root + layout.pods[0].dir
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(template, target, dirs_exist_ok=True)
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            data = receiver.collect()
+            # the pods not churned are always complete
+            assert value(data, "container.memory.usage", {"container.id": layout.pods[1].containers[0][1]}) == USAGE
+    finally:
+        stop.set()
+        t.join()
+    assert len(receiver._prev_cpu) <= 3 + 4  # pods + containers: no growth from churn
+
+
+def test_pods_without_their_own_cgroup_with_per_container_off(tmp_path):
+    layout = next(x for x in LAYOUTS if x.name == "v2-containerd-colon-form")
+    _r, data = _collect(tmp_path, layout, per_container=False)
+    assert not [p for p in points(data) if p[1].startswith("container.")]
+    assert value(data, "k8s.pod.memory.usage", {"k8s.pod.uid": layout.pods[0].uid}) == 2 * USAGE
+
+
+def test_unreadable_files_are_counted_once_and_the_rest_is_read(tmp_path, caplog):
+    layout = LAYOUTS[1]
+    root = build(str(tmp_path), layout)
+    cdir, cid = layout.pods[0].containers[0][:2]
+    # a file the kernel would refuse (here: a directory in its place reads as EISDIR, as root cannot be denied)
+    os.remove(f"{root}{cdir}/memory.stat")
+    os.mkdir(f"{root}{cdir}/memory.stat")
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"))
+    with caplog.at_level("WARNING"):
+        data = receiver.collect()
+        receiver.collect()
+    assert "read" in receiver.telemetry.failing()
+    assert len([r for r in caplog.records if "cgroup files unreadable" in r.getMessage()]) == 1
+    assert value(data, "container.memory.usage", {"container.id": cid}) == USAGE
+    assert value(data, "container.memory.rss", {"container.id": cid}) is None
+    assert value(data, "container.cpu.time", {"container.id": cid}, {"cpu.mode": "user"}) == pytest.approx(USER)
+    # repaired: recovered
+    os.rmdir(f"{root}{cdir}/memory.stat")
+    shutil.copyfile(f"{root}{layout.pods[1].containers[0][0]}/memory.stat", f"{root}{cdir}/memory.stat")
+    receiver.collect()
+    assert receiver.telemetry.failing() == {}
+
+
+def test_collections_list_only_kubepods_trees(tmp_path, monkeypatch):
+    """After the first search, a collection lists the kubepods tree, its QoS levels and pod directories only:
+    host services, container directories and sub-cgroups are never listed."""
+    layout = next(x for x in LAYOUTS if x.name == "v2-sub-cgroups")
+    receiver, _ = _collect(tmp_path, layout)
+    root = receiver.config.cgroup_root
+    listed = []
+    real = os.scandir
+
+    def scandir(path="."):
+        listed.append(os.fspath(path)[len(root):])
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    receiver.collect()
+    monkeypatch.undo()
+    pods = {pod.dir for pod in layout.pods}
+    qos = {"/kubepods.slice/kubepods-burstable.slice", "/kubepods.slice/kubepods-besteffort.slice"}
+    assert set(listed) == {"/kubepods.slice"} | qos | pods
+    assert receiver.discovery.searches == 1
+
+
+def test_search_depth_is_bounded(tmp_path):
+    layout = next(x for x in LAYOUTS if x.name == "v2-kind-from-host")  # kubepods tree is the 4th level
+    root = build(str(tmp_path), layout)
+    assert points(make_receiver(cgroup_root=root, max_depth=4).collect()) != []
+    assert points(make_receiver(cgroup_root=root, max_depth=3).collect()) == []
