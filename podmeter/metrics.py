@@ -70,21 +70,27 @@ class MetricsBuilder:
         self._time = time_ns or now_ns()
         # resource key -> (resource attrs, metric name -> (spec, [points]))
         self._resources: dict[tuple, tuple[dict, dict[str, tuple[MetricSpec, list]]]] = {}
-        # id(resource) -> (resource, key): receivers pass one dict per resource for many points, so the sorted
-        # key is computed once per dict (the dict is held, so its id cannot be reused meanwhile).
         self._keys: dict[int, tuple[Mapping, tuple]] = {}
+        self._last_resource: Mapping | None = None
+        self._last_metrics: dict[str, tuple[MetricSpec, list]] = {}
 
     def _bucket(self, spec: MetricSpec, resource: Mapping[str, Any]) -> list:
-        memo = self._keys.get(id(resource))
-        if memo is not None and memo[0] is resource:
-            key = memo[1]
+        # Receivers add a resource's points together with one dict: find its bucket by identity first, then by
+        # a sorted key computed once per dict (the dict is held, so its id cannot be reused meanwhile).
+        if resource is self._last_resource:
+            metrics = self._last_metrics
         else:
-            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resource.items()))
-            self._keys[id(resource)] = (resource, key)
-        entry = self._resources.get(key)
-        if entry is None:
-            entry = self._resources[key] = (dict(resource), {})
-        metrics = entry[1]
+            memo = self._keys.get(id(resource))
+            if memo is not None and memo[0] is resource:
+                key = memo[1]
+            else:
+                key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resource.items()))
+                self._keys[id(resource)] = (resource, key)
+            entry = self._resources.get(key)
+            if entry is None:
+                entry = self._resources[key] = (dict(resource), {})
+            metrics = entry[1]
+            self._last_resource, self._last_metrics = resource, metrics
         slot = metrics.get(spec.name)
         if slot is None:
             slot = metrics[spec.name] = (spec, [])

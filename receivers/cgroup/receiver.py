@@ -9,10 +9,9 @@ from dataclasses import replace
 
 from podmeter.attribution import CgroupRef
 from podmeter.component import ComponentUnavailable, Receiver
-from podmeter.metrics import MetricsData, now_ns
+from podmeter.metrics import MetricsBuilder, MetricsData, now_ns
 
 from . import parsers as p
-from .batch import Batch
 from .config import CgroupReceiverConfig
 from .discovery import Discovery, Layout, detect_layout
 from .metrics import CONTAINER_METRICS, GROUP_OF, POD_METRICS
@@ -78,7 +77,7 @@ class CgroupReceiver(Receiver):
         found, lost = disc.scan()
         if lost:
             self._next_search = 0.0  # a kubepods tree vanished (kubelet restart?): look again next time
-        b = Batch(self.scope, self.start_ns)
+        b = MetricsBuilder(self.scope, self.start_ns)
         reader.errors.clear()
         seen: set[tuple] = set()
 
@@ -144,7 +143,7 @@ class CgroupReceiver(Receiver):
                 return s, ref
         return None, None
 
-    def _emit(self, b: Batch, specs, s: Stats, resource: dict, key: tuple, t: float) -> None:
+    def _emit(self, b: MetricsBuilder, specs, s: Stats, resource: dict, key: tuple, t: float) -> None:
         add = b.add
         if s.cpu_user is not None:
             add(specs["cpu.time"], s.cpu_user, {"cpu.mode": "user"}, resource)
@@ -196,7 +195,7 @@ class CgroupReceiver(Receiver):
                 continue
         return None
 
-    def _network(self, b: Batch, uid: str, container_paths, host_netns: str | None, resource: dict) -> None:
+    def _network(self, b: MetricsBuilder, uid: str, container_paths, host_netns: str | None, resource: dict) -> None:
         """Counters of the pod's network namespace, read through one of its processes."""
         proc = self.config.proc_root
         for cpath in container_paths:

@@ -1,0 +1,47 @@
+"""MetricsBuilder groups points by resource (by identity fast, by value always) and builds SDK MetricsData."""
+
+from opentelemetry.sdk.metrics.export import Gauge, Sum
+
+from podmeter.metrics import MetricsBuilder, MetricSpec, count_points, metrics_table
+
+SUM = MetricSpec("container.cpu.time", "sum", "s", "cpu", ("cpu.mode",))
+GAUGE = MetricSpec("container.memory.usage", "gauge", "By", "mem")
+OFF = MetricSpec("container.memory.rss", "gauge", "By", "rss", enabled=False)
+HIST = MetricSpec("container.cpu.run_queue.latency", "histogram", "s", "latency")
+
+
+def test_points_grouped_by_resource_value_not_dict_identity():
+    a, b = {"k8s.pod.uid": "u1", "container.id": "c1"}, {"k8s.pod.uid": "u2", "tags": ["x", "y"]}
+    builder = MetricsBuilder("podmeter/receiver/test", 123)
+    builder.add(SUM, 1.5, {"cpu.mode": "user"}, a)
+    builder.add(SUM, 0.5, {"cpu.mode": "system"}, a)
+    builder.add(GAUGE, 42, None, a)
+    builder.add(GAUGE, None, None, a)  # missing values are skipped
+    builder.add(OFF, 7, None, a)  # disabled metrics are skipped
+    builder.add(GAUGE, 9, None, b)  # list-valued attributes are fine
+    builder.add(SUM, 2.0, {"cpu.mode": "user"}, dict(a))  # an equal resource as another dict: same resource
+    builder.add_histogram(HIST, [1, 2, 0], [0.001, 0.01], total=0.02, resource=b)
+    data = builder.build()
+    assert len(data.resource_metrics) == 2
+    first = data.resource_metrics[0]
+    assert dict(first.resource.attributes) == a
+    metrics = {m.name: m for m in first.scope_metrics[0].metrics}
+    assert isinstance(metrics["container.cpu.time"].data, Sum) and metrics["container.cpu.time"].data.is_monotonic
+    assert [p.value for p in metrics["container.cpu.time"].data.data_points] == [1.5, 0.5, 2.0]
+    assert all(p.start_time_unix_nano == 123 for p in metrics["container.cpu.time"].data.data_points)
+    assert isinstance(metrics["container.memory.usage"].data, Gauge)
+    assert "container.memory.rss" not in metrics
+    assert first.scope_metrics[0].scope.name == "podmeter/receiver/test"
+    assert count_points(data) == 6
+
+
+def test_empty_collection_still_names_its_scope():
+    data = MetricsBuilder("podmeter/receiver/test", 1).build()
+    assert [sm.scope.name for rm in data.resource_metrics for sm in rm.scope_metrics] == ["podmeter/receiver/test"]
+    assert count_points(data) == 0
+
+
+def test_metrics_table_lists_disabled_ones():
+    table = metrics_table([SUM, OFF])
+    assert "`container.cpu.time` | sum | `s` | `cpu.mode`" in table
+    assert "(off by default)" in table
