@@ -18,6 +18,7 @@ from pydantic_core import PydanticUndefined
 from podmeter.component import KINDS, Factory, registry
 from podmeter.metrics import metrics_table
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- generated:(config|metrics) -->\n).*?(<!-- end:\2 -->)", re.S)
 
 
@@ -104,7 +105,7 @@ def run(check: bool) -> int:
         for type_ in reg.types(kind):
             factory = reg.get(kind, type_)
             path = readme_path(factory)
-            if path in seen or not os.path.exists(path):
+            if path in seen or not os.path.exists(path) or not path.startswith(ROOT):
                 continue
             # several factories may share a README (otlp and otlphttp): render each in turn
             seen.add(path)

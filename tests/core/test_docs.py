@@ -20,7 +20,10 @@ def test_every_component_has_a_readme_with_generated_blocks():
     assert not reg.broken, f"components failed to load: {reg.broken}"
     for kind in KINDS:
         for type_ in reg.types(kind):
-            path = readme_path(reg.get(kind, type_))
+            factory = reg.get(kind, type_)
+            if factory.create.__module__.startswith("core."):  # the core tests' own plug-ins
+                continue
+            path = readme_path(factory)
             text = open(path).read()
             assert "<!-- generated:config -->" in text and "<!-- generated:metrics -->" in text, path
 

@@ -9,6 +9,7 @@ import pytest
 from harness import wait_for
 from pydantic import ValidationError
 
+from podmeter.metrics import count_points
 from receivers.cri import METRICS, factory
 from receivers.cri import api_pb2 as pb
 from receivers.cri import api_pb2_grpc as pbg
@@ -198,7 +199,7 @@ def test_containerd_killed_and_restarted_mid_run(ctrd, make_receiver):
 def test_socket_absent_then_appears(ctrd, make_receiver, tmp_path, caplog):
     link = tmp_path / "cri.sock"
     receiver, meta, telemetry = make_receiver(f"unix://{link}")  # absent: start must not raise
-    assert receiver.collect().resource_metrics == []
+    assert count_points(receiver.collect()) == 0
     assert "socket_absent" in telemetry.failing()
     assert receiver.ready(0.1) is False
     pod = ctrd.run_pod("appears", "default", {"c": ["/bin/sleep", "3600"]})
@@ -245,8 +246,8 @@ def test_unimplemented_rpcs_degrade(make_receiver, tmp_path):
         assert attrs["container.image.name"] == "registry.local:5000/team/app"
         assert attrs["container.image.tag"] == "2.1"
         assert attrs["container.runtime.name"] == "oldrt"
-        assert receiver.collect().resource_metrics == []  # no stats RPC: empty, no exception
-        assert receiver.collect().resource_metrics == []
+        assert count_points(receiver.collect()) == 0  # no stats RPC: empty, no exception
+        assert count_points(receiver.collect()) == 0
         assert "stats" not in telemetry.failing()
     finally:
         server.stop(0)
@@ -302,7 +303,7 @@ def test_collect_does_not_block_on_a_hung_runtime(make_receiver, tmp_path):
     listener.listen(8)
     try:
         receiver, _, telemetry = make_receiver(f"unix://{sock_path}", request_timeout="300ms")
-        assert receiver.collect().resource_metrics == []
+        assert count_points(receiver.collect()) == 0
         assert "connect" in telemetry.failing()
     finally:
         listener.close()
