@@ -6,7 +6,7 @@ import os
 
 import grpc
 import pytest
-from harness import wait_for
+from harness import points, wait_for
 from pydantic import ValidationError
 
 from podmeter.metrics import count_points
@@ -18,15 +18,6 @@ from receivers.cri.metadata import parse_image
 pytestmark = pytest.mark.root
 ALL = {"metrics": {m.name: {"enabled": True} for m in METRICS}}  # CPU and memory are off by default
 
-
-def points(data):
-    out = []
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                for p in m.data.data_points:
-                    out.append((m.name, dict(rm.resource.attributes), dict(p.attributes), p.value))
-    return out
 
 
 def value_of(data, name: str, **resource):

@@ -52,3 +52,9 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
         time.sleep(interval)
+
+
+def points(data) -> list[tuple[str, dict, dict, object]]:
+    """Every number data point of a MetricsData as (metric name, resource attributes, attributes, value)."""
+    return [(m.name, dict(rm.resource.attributes), dict(p.attributes), getattr(p, "value", None))
+            for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics for p in m.data.data_points]

@@ -37,6 +37,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from harness.cgroups import _rmdir_tree
+
 LOCK_PATH = "/tmp/podmeter-containerd.lock"
 IMAGE_REF = "localhost/podmeter-busybox:1.36"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -471,19 +473,3 @@ oom_score = 0
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
         shutil.rmtree(self.work, ignore_errors=True)
-
-
-def _rmdir_tree(path: str) -> None:
-    if not os.path.isdir(path):
-        return
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            _rmdir_tree(entry.path)
-    for _ in range(50):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.02)

@@ -13,7 +13,7 @@ from concurrent import futures
 
 import grpc
 import pytest
-from harness import wait_for
+from harness import points, wait_for
 from pydantic import ValidationError
 
 from podmeter.component import ComponentID, CreateSettings, Host
@@ -104,15 +104,6 @@ def make_receiver():
     for r in made:
         r.shutdown()
 
-
-def points(data):
-    out = []
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                for p in m.data.data_points:
-                    out.append((m.name, dict(rm.resource.attributes), dict(p.attributes), p.value))
-    return out
 
 
 NODE = [

@@ -1,4 +1,4 @@
-"""The checked-in gRPC stubs must be what `make proto` generates from api.proto."""
+"""The checked-in gRPC stubs must be what `make proto` generates from each receiver's api.proto."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from harness import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_generated_stubs_are_fresh(tmp_path):
-    component = "podresources"
+@pytest.mark.parametrize("component", ["cri", "podresources"])
+def test_generated_stubs_are_fresh(tmp_path, component):
     require(shutil.which("make") is not None, "needs make")
     require(importlib.util.find_spec("grpc_tools") is not None, "needs grpcio-tools (pip install -e '.[dev]')")
     folder = os.path.join(ROOT, "receivers", component)
