@@ -42,7 +42,7 @@ from .informer import (
 POD_LEVEL = ("k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.pod.ip", "k8s.namespace.name", "k8s.node.name",
              "k8s.deployment.name", "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name",
              "k8s.job.name", "k8s.cronjob.name")
-SWEEP_INTERVAL = 5.0
+SWEEP_INTERVAL = 5.0  # at most; a shorter pod_delete_grace_period sweeps as often as it expires
 
 
 @dataclass
@@ -123,6 +123,7 @@ class K8sAttributesProcessor(Processor):
         self.ns_reflector: Reflector | None = None
         self.host: Host | None = None
         self._last_sweep = time.monotonic()
+        self._sweep_every = min(SWEEP_INTERVAL, max(config.pod_delete_grace_period, 0.1))
         self._cri_providers: list = []
         self._cri_at = float("-inf")
         self._sweep_lock = threading.Lock()
@@ -328,7 +329,7 @@ class K8sAttributesProcessor(Processor):
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
-        if now - self._last_sweep < SWEEP_INTERVAL or not self._sweep_lock.acquire(blocking=False):
+        if now - self._last_sweep < self._sweep_every or not self._sweep_lock.acquire(blocking=False):
             return
         try:
             self._last_sweep = now

@@ -22,10 +22,11 @@ from .metadata import (
     status_info,
 )
 
-# CPU and memory are what the cgroup receiver reads from the same cgroup files: off by default so a pipeline with
-# both receivers has one source per series. Turn them on (`metrics: {container.cpu.time: {enabled: true}}`) where
-# the agent cannot read cgroups. The writable layer and pod network are only known to the runtime: on.
-_DUP = "; off by default: the cgroup receiver measures the same"
+# CPU, memory and pod network are what the cgroup receiver reads from the same cgroup and /proc files: off by
+# default so a pipeline with both receivers has one source per series. Turn them on
+# (`metrics: {container.cpu.time: {enabled: true}}`) where the agent cannot read cgroups. The writable layer is
+# only known to the runtime: on.
+_DUP = "; the cgroup receiver measures the same"
 METRICS = (
     MetricSpec("container.cpu.time", "sum", "s", "CPU time the container used (CRI usage_core_nano_seconds)" + _DUP,
                enabled=False),
@@ -52,10 +53,10 @@ METRICS = (
     MetricSpec("k8s.pod.memory.rss", "updowncounter", "By", "Pod anonymous and swap cache memory" + _DUP,
                enabled=False),
     MetricSpec("k8s.pod.network.io", "sum", "By",
-               "Bytes received and sent by the pod, per interface (none for host-network pods)",
-               attributes=("network.interface.name", "network.io.direction")),
-    MetricSpec("k8s.pod.network.errors", "sum", "{error}", "Receive and transmit errors, per interface",
-               attributes=("network.interface.name", "network.io.direction")),
+               "Bytes received and sent by the pod, per interface (none for host-network pods)" + _DUP,
+               attributes=("network.interface.name", "network.io.direction"), enabled=False),
+    MetricSpec("k8s.pod.network.errors", "sum", "{error}", "Receive and transmit errors, per interface" + _DUP,
+               attributes=("network.interface.name", "network.io.direction"), enabled=False),
 )
 METRIC_NAMES = {m.name for m in METRICS}
 

@@ -150,8 +150,11 @@ class CgroupPaths:
             self._cache = {i: v for i, v in self._cache.items() if i in keep}
 
     def forget(self, ids) -> None:
+        # removed cgroups never come back (cgroup ids are not reused): drop their negative entries too, so the
+        # negative cache stays bounded by what is in the BPF map rather than by churn over negative_ttl
         for i in ids:
             self._cache.pop(i, None)
+            self._negative.pop(i, None)
 
     def close(self) -> None:
         if self._mount_fd is not None:

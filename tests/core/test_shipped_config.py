@@ -10,7 +10,8 @@ import sys
 import textwrap
 import urllib.request
 
-from harness import IN_CI, free_port, require, wait_for
+from harness import free_port, require, wait_for
+from harness.cgroups import PodCgroup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED = os.path.join(ROOT, "pipelines.yaml")
@@ -37,7 +38,10 @@ def _get(url):
 
 
 def test_run_with_shipped_config_on_this_host(tmp_path):
-    require(os.geteuid() == 0 or not IN_CI, "the shipped pipeline reads host cgroups and loads eBPF as root")
+    require(os.geteuid() == 0, "the shipped pipeline reads host cgroups and loads eBPF as root")
+    # a fresh CI machine runs no pods: give the cgroup receiver one real pod to find
+    pod = PodCgroup().create()
+    pod.spawn(["sleep", "300"])
     prom, health, telemetry = free_port(), free_port(), free_port()
     # a second --config merges over the shipped one: only the listen ports change
     override = tmp_path / "ports.yaml"
@@ -63,8 +67,9 @@ def test_run_with_shipped_config_on_this_host(tmp_path):
     try:
         status = wait_for(lambda: _get(f"http://127.0.0.1:{health}/"), timeout=30, what="health endpoint")
         assert status[0] == 200, status
-        body = wait_for(lambda: (r := _get(f"http://127.0.0.1:{prom}/metrics")) and "container_" in r[1] and r[1],
-                        timeout=30, what="cgroup metrics on the prometheus endpoint")
+        body = wait_for(lambda: (r := _get(f"http://127.0.0.1:{prom}/metrics")) and pod.uid in r[1] and r[1],
+                        timeout=30, what="the pod's cgroup metrics on the prometheus endpoint")
+        assert "container_cpu_time_seconds_total" in body
         assert "# TYPE" in body
         assert _get(f"http://127.0.0.1:{telemetry}/metrics")[0] == 200
         proc.send_signal(signal.SIGTERM)
@@ -73,6 +78,7 @@ def test_run_with_shipped_config_on_this_host(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        pod.destroy()
     stderr = proc.stderr.read()
     assert "Traceback" not in stderr
     # no GPU here: said once, not on every collection

@@ -268,18 +268,18 @@ def test_parse_image(ref, expected):
 def test_metric_toggles(ctrd, make_receiver):
     pod = ctrd.run_pod("quiet", "default", {"c": ["/bin/sleep", "3600"]})
     try:
-        # default: only what the runtime alone knows (writable layer; pod network, none for host network)
+        # default: only what the runtime alone knows (the writable layer); no pod metric on, so
+        # ListPodSandboxStats is not called at all
         receiver, _, _ = make_receiver(ctrd.endpoint)
         names = {p[0] for p in points(receiver.collect())}
         assert names == {"container.filesystem.usage", "container.filesystem.inodes.usage"}
-        assert receiver._pod_stats  # pod network is on
+        assert not receiver._pod_stats
         receiver, _, _ = make_receiver(ctrd.endpoint, metrics={
             "container.memory.working_set": {"enabled": True}, "container.filesystem.usage": {"enabled": False},
-            "container.filesystem.inodes.usage": {"enabled": False}, "k8s.pod.network.io": {"enabled": False},
-            "k8s.pod.network.errors": {"enabled": False}})
+            "container.filesystem.inodes.usage": {"enabled": False}, "k8s.pod.memory.usage": {"enabled": True}})
         names = {p[0] for p in points(receiver.collect())}
-        assert names == {"container.memory.working_set"}
-        assert not receiver._pod_stats  # no pod metric on: ListPodSandboxStats is not called at all
+        assert names == {"container.memory.working_set", "k8s.pod.memory.usage"}
+        assert receiver._pod_stats
     finally:
         ctrd.remove_pod(pod)
 

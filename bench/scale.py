@@ -1,0 +1,213 @@
+"""One node size: podmeter's components measured in-process on the synthetic node, the peers beside them on the
+same node in the same run (nvitop-exporter, a raw read of the cgroup files), and the real agent as a process."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from harness import free_port
+
+from podmeter.metrics import count_points, merge
+
+from . import api as api_standin
+from .agent import AgentResult, run_agent
+from .components import Built, create, start_all
+from .measure import Stats, cpu_per_call, proc_rss_bytes, scrape
+from .node import NODE_NAME, SyntheticNode
+from .peers import NvitopResult, OpenTracer, raw_read, run_nvitop
+
+LOG = logging.getLogger("bench")
+
+
+@dataclass
+class ScaleResult:
+    pods: int
+    containers: int
+    gpus: int
+    procs: int
+    real_cgroups: bool
+    cpu: dict[str, Stats] = field(default_factory=dict)      # stage -> CPU seconds per call
+    points: dict[str, int] = field(default_factory=dict)     # stage -> data points per collection
+    raw: dict[str, Stats] = field(default_factory=dict)      # raw read of the cgroup receiver's files
+    raw_files: int = 0
+    raw_dirs: int = 0
+    scrape: dict = field(default_factory=dict)               # in-process exporter (all receivers)
+    gpu_scrape: dict = field(default_factory=dict)           # in-process exporter of the GPU pipeline only
+    attribution: dict = field(default_factory=dict)          # GPU processes attributed to the right pod
+    rss_in_process: int = 0
+    nvitop: NvitopResult | None = None
+    agent: AgentResult | None = None
+    missing: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def component_configs(node: SyntheticNode, api) -> list[tuple[str, str, str, dict]]:
+    """(kind, type, name, config) as a user would write them in pipelines.yaml for this node."""
+    cfgs = [
+        ("receiver", "cgroup", "", {"cgroup_root": node.cgroup_root, "proc_root": "/proc"}),
+        ("receiver", "nvml", "", {"library_path": node.nvml_lib, "proc_root": "/proc"}),
+        ("exporter", "prometheus", "", {"endpoint": f"127.0.0.1:{free_port()}"}),
+        # a second exporter fed by the GPU pipeline alone: what compares with nvitop-exporter's exposition
+        ("exporter", "prometheus", "gpu", {"endpoint": f"127.0.0.1:{free_port()}"}),
+    ]
+    if api is not None:
+        cfgs.append(("processor", "k8sattributes", "", api.k8sattributes_config(NODE_NAME)))
+    return cfgs
+
+
+def build(node: SyntheticNode, api, types: tuple[str, ...] = ("cgroup", "nvml", "k8sattributes", "prometheus")
+          ) -> Built:
+    built = Built()
+    os.environ["FAKE_NVML_SCENARIO"] = node.scenario_path
+    pending = []
+    for kind, type_, name, cfg in component_configs(node, api):
+        if type_ not in types:
+            continue
+        comp = create(built, kind, type_, cfg, name)
+        if comp is not None:
+            pending.append((kind, f"{type_}/{name}" if name else type_, comp))
+    if "k8sattributes" in types and api is None:
+        built.missing["k8sattributes"] = "no API stand-in to serve its pods"
+    start_all(built, pending)
+    k8s = built.get("k8sattributes")
+    if k8s is not None and not k8s.ready(30.0):
+        built.missing["k8sattributes"] = "no first sync from the API stand-in within 30 s"
+        built.components.pop("k8sattributes")
+    return built
+
+
+def check_attribution(node: SyntheticNode, data, after_k8s=None) -> dict:
+    """Every GPU process must carry its own pod's uid and container id (and, after k8sattributes, its names)."""
+    expected = node.pid_to_pod()
+
+    def by_pid(d) -> dict[int, dict]:
+        out = {}
+        for rm in d.resource_metrics:
+            pid = rm.resource.attributes.get("process.pid")
+            if pid is not None and int(pid) in expected:
+                out[int(pid)] = dict(rm.resource.attributes)
+        return out
+
+    seen = by_pid(data)
+    right = sum(1 for pid, pod in expected.items()
+                if seen.get(pid, {}).get("k8s.pod.uid") == pod.uid
+                and seen.get(pid, {}).get("container.id") == pod.containers[0][1])
+    out = {"processes": len(expected), "reported": len(seen), "attributed": right}
+    if after_k8s is not None:
+        named = by_pid(after_k8s)
+        out["named"] = sum(1 for pid, pod in expected.items()
+                           if named.get(pid, {}).get("k8s.pod.name") == pod.name
+                           and named.get(pid, {}).get("k8s.namespace.name") == pod.namespace
+                           and named.get(pid, {}).get("k8s.container.name") == pod.containers[0][0])
+    return out
+
+
+def run_scale(pods: int, gpus: int, procs_per_gpu: int, iterations: int, scrapes: int, containers_per_pod: int = 2,
+              nvitop: bool = True, agent: bool = True) -> ScaleResult:
+    res = ScaleResult(pods, pods * containers_per_pod, gpus, gpus * procs_per_gpu, False)
+    with SyntheticNode(pods, gpus, procs_per_gpu, containers_per_pod) as node:
+        res.real_cgroups = node.real
+        api, why = api_standin.start(node)
+        if api is None:
+            res.notes.append(why)
+        try:
+            built = build(node, api)
+            res.missing.update(built.missing)
+            try:
+                _measure(node, built, res, iterations, scrapes)
+            finally:
+                built.shutdown()
+            if nvitop and gpus:
+                LOG.info("  nvitop-exporter on the same fake GPUs")
+                out = run_nvitop(node, iterations=max(5, iterations // 2), scrapes=scrapes)
+                if isinstance(out, str):
+                    res.missing["nvitop-exporter"] = out
+                else:
+                    res.nvitop = out
+            if agent:
+                LOG.info("  the agent (podmeter run) on the same node")
+                receivers = {"cgroup": {"cgroup_root": node.cgroup_root}}
+                if gpus:
+                    receivers["nvml"] = {"library_path": node.nvml_lib}
+                processors = {"k8sattributes": api.k8sattributes_config(NODE_NAME)} if api is not None else {}
+                out = run_agent(node, api, {k: v for k, v in receivers.items() if k not in res.missing},
+                                {k: v for k, v in processors.items() if k not in res.missing}, scrapes=scrapes)
+                if isinstance(out, str):
+                    res.missing["agent"] = out
+                else:
+                    res.agent = out
+        finally:
+            if api is not None:
+                api.stop()
+    return res
+
+
+def _measure(node: SyntheticNode, built: Built, res: ScaleResult, iterations: int, scrapes: int) -> None:
+    receivers = [(t, built.get(t)) for t in ("cgroup", "nvml") if built.get(t) is not None]
+    k8s = built.get("k8sattributes")
+    prom = built.get("prometheus")
+    gpu_prom = built.get("prometheus/gpu")
+    LOG.info("  in-process: %s", ", ".join(sorted(built.components)))
+
+    batches = {}
+    for type_, r in receivers:
+        res.cpu[f"receiver/{type_}"] = cpu_per_call(r.collect, iterations)
+        batches[type_] = r.collect()
+        res.points[f"receiver/{type_}"] = count_points(batches[type_])
+    batch = merge(batches.values())
+    processed = batch
+    if k8s is not None and receivers:
+        res.cpu["processor/k8sattributes"] = cpu_per_call(lambda: k8s.process(batch), iterations)
+        processed = k8s.process(batch) or batch
+    if prom is not None and receivers:
+        res.cpu["exporter/prometheus"] = cpu_per_call(lambda: prom.export(processed), iterations)
+
+    def end_to_end() -> None:
+        # as the runtime runs it: each receiver's batch through the pipeline to the exporter
+        for _t, r in receivers:
+            data = r.collect()
+            if k8s is not None:
+                data = k8s.process(data) or data
+            if prom is not None:
+                prom.export(data)
+
+    if receivers:
+        res.cpu["end-to-end"] = cpu_per_call(end_to_end, iterations)
+        res.points["end-to-end"] = count_points(batch)
+    nvml = built.get("nvml")
+    if nvml is not None:
+        res.attribution = check_attribution(node, batches["nvml"], processed if k8s is not None else None)
+
+        def gpu_pipeline() -> None:
+            data = nvml.collect()
+            if k8s is not None:
+                data = k8s.process(data) or data
+            if gpu_prom is not None:
+                gpu_prom.export(data)
+
+        res.cpu["gpu pipeline (nvml+k8sattributes+prometheus)"] = cpu_per_call(gpu_pipeline, iterations)
+        if gpu_prom is not None and gpu_prom.port:
+            s = scrape(f"http://127.0.0.1:{gpu_prom.port}/metrics", scrapes)
+            res.gpu_scrape = {"latency": s.latency, "bytes": s.bytes_plain, "bytes_gzip": s.bytes_gzip,
+                              "series": s.series}
+    if prom is not None and prom.port and receivers:
+        end_to_end()
+        s = scrape(f"http://127.0.0.1:{prom.port}/metrics", scrapes)
+        res.scrape = {"latency": s.latency, "bytes": s.bytes_plain, "bytes_gzip": s.bytes_gzip, "series": s.series}
+
+    cg = built.get("cgroup")
+    if cg is not None:
+        with OpenTracer((node.cgroup_root, "/proc")) as tracer:
+            cg.collect()
+        paths = list(dict.fromkeys(tracer.paths))
+        dirs = list(dict.fromkeys(tracer.listed))
+        res.raw_files, res.raw_dirs = len(paths), len(dirs)
+        files, listing = raw_read(paths, dirs, iterations)
+        res.raw["files"] = files
+        res.raw["files+listing"] = listing
+        if len(paths) != len(tracer.paths):
+            res.notes.append(f"the cgroup receiver opened {len(tracer.paths)} files for {len(paths)} distinct "
+                             "paths in one collection")
+    res.rss_in_process = proc_rss_bytes()
