@@ -65,7 +65,7 @@ def cmd_validate(args) -> int:
 def cmd_components(args) -> int:
     from podmeter.component import KINDS, registry
 
-    reg = registry()
+    reg = registry().load_all()
     for kind in KINDS:
         for type_ in reg.types(kind):
             f = reg.get(kind, type_)

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
@@ -183,40 +183,62 @@ class ComponentStatus:
 
 @dataclass
 class Registry:
+    """Factories by kind and type. Entry points are imported when a type is first asked for, so an agent pays
+    (in start time and RSS) only for the components its configuration names: importing every one costs tens of
+    MiB (`kubernetes` and `grpc` alone are more than half of it)."""
+
     factories: dict[Kind, dict[str, Factory]] = field(default_factory=lambda: {k: {} for k in KINDS})
     # entry points that failed to load: (kind, type) -> error text. Reported, never fatal.
     broken: dict[tuple[Kind, str], str] = field(default_factory=dict)
+    pending: dict[tuple[Kind, str], EntryPoint] = field(default_factory=dict)
 
     def register(self, factory: Factory) -> None:
         self.factories[factory.kind][factory.type] = factory
+        self.pending.pop((factory.kind, factory.type), None)
 
     def get(self, kind: Kind, type_: str) -> Factory | None:
-        return self.factories[kind].get(type_)
+        factory = self.factories[kind].get(type_)
+        if factory is None and (kind, type_) in self.pending:
+            with _registry_lock:
+                ep = self.pending.pop((kind, type_), None)
+                if ep is not None:
+                    self._load(kind, ep)
+            factory = self.factories[kind].get(type_)
+        return factory
 
     def types(self, kind: Kind) -> list[str]:
-        return sorted(self.factories[kind])
+        """Every registered type of a kind, loaded or not (a broken one is not listed once it failed)."""
+        return sorted(set(self.factories[kind]) | {t for k, t in self.pending if k == kind})
+
+    def load_all(self) -> Registry:
+        for kind, type_ in list(self.pending):
+            self.get(kind, type_)
+        return self
+
+    def _load(self, kind: Kind, ep: EntryPoint) -> None:
+        try:
+            factory = ep.load()
+        except Exception as exc:  # a broken plug-in must not take the agent down
+            self.broken[(kind, ep.name)] = f"{type(exc).__name__}: {exc}"
+            return
+        if not isinstance(factory, Factory) or factory.kind != kind or factory.type != ep.name:
+            self.broken[(kind, ep.name)] = f"entry point {ep.value} is not a {kind} Factory named {ep.name}"
+            return
+        self.factories[kind][ep.name] = factory
 
 
 _registry: Registry | None = None
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()
 
 
 def registry() -> Registry:
-    """All factories from the entry points, loaded once."""
+    """The factories of every installed entry point, each imported on first use."""
     global _registry
     with _registry_lock:
         if _registry is None:
             reg = Registry()
             for kind, group in ENTRY_POINT_GROUPS.items():
                 for ep in entry_points(group=group):
-                    try:
-                        factory = ep.load()
-                    except Exception as exc:  # a broken plug-in must not take the agent down
-                        reg.broken[(kind, ep.name)] = f"{type(exc).__name__}: {exc}"
-                        continue
-                    if not isinstance(factory, Factory) or factory.kind != kind or factory.type != ep.name:
-                        reg.broken[(kind, ep.name)] = f"entry point {ep.value} is not a {kind} Factory named {ep.name}"
-                        continue
-                    reg.register(factory)
+                    reg.pending.setdefault((kind, ep.name), ep)
             _registry = reg
         return _registry

@@ -100,7 +100,7 @@ def render(factory: Factory, text: str) -> str:
 def run(check: bool) -> int:
     stale = []
     seen = set()
-    reg = registry()
+    reg = registry().load_all()
     for kind in KINDS:
         for type_ in reg.types(kind):
             factory = reg.get(kind, type_)

@@ -16,7 +16,7 @@ def test_generated_blocks_are_fresh():
 
 
 def test_every_component_has_a_readme_with_generated_blocks():
-    reg = registry()
+    reg = registry().load_all()
     assert not reg.broken, f"components failed to load: {reg.broken}"
     for kind in KINDS:
         for type_ in reg.types(kind):
