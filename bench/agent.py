@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 
 import yaml
-from harness import free_port
+from harness import free_port, stop_process
 
 from . import REPO
 from .measure import ScrapeResult, proc_cpu_seconds, proc_hwm_bytes, proc_rss_bytes, scrape, wait_http
@@ -100,10 +100,5 @@ def run_agent(node, api, receivers: dict[str, dict], processors: dict[str, dict]
         return AgentResult(proc_rss_bytes(proc.pid), proc_hwm_bytes(proc.pid), (cpu1 - cpu0) / max(1.0, n1 - n0),
                            int(n1 - n0), result, list(receivers), tail())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()

@@ -8,9 +8,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
-from harness import free_port, require, wait_for
+from harness import free_port, http_get, require, wait_for
 from harness.cgroups import PodCgroup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,15 +25,6 @@ def test_shipped_config_validates():
     result = podmeter("validate", "--config", SHIPPED)
     assert result.returncode == 0, result.stderr
 
-
-def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return None
 
 
 def test_run_with_shipped_config_on_this_host(tmp_path):
@@ -65,13 +55,13 @@ def test_run_with_shipped_config_on_this_host(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "podmeter.cli", "run", "--config", SHIPPED, "--config",
                              str(override)], stderr=subprocess.PIPE, text=True, env=env)
     try:
-        status = wait_for(lambda: _get(f"http://127.0.0.1:{health}/"), timeout=30, what="health endpoint")
+        status = wait_for(lambda: http_get(f"http://127.0.0.1:{health}/"), timeout=30, what="health endpoint")
         assert status[0] == 200, status
-        body = wait_for(lambda: (r := _get(f"http://127.0.0.1:{prom}/metrics")) and pod.uid in r[1] and r[1],
+        body = wait_for(lambda: (r := http_get(f"http://127.0.0.1:{prom}/metrics")) and pod.uid in r[1] and r[1],
                         timeout=30, what="the pod's cgroup metrics on the prometheus endpoint")
         assert "container_cpu_time_seconds_total" in body
         assert "# TYPE" in body
-        assert _get(f"http://127.0.0.1:{telemetry}/metrics")[0] == 200
+        assert http_get(f"http://127.0.0.1:{telemetry}/metrics")[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

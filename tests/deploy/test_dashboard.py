@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 import yaml
 from deploy.kubelet import serve_podresources
-from harness import free_port, require
+from harness import free_port, require, stop_process
 from harness.cgroups import PodCgroup, v2_root
 from harness.prometheus import PrometheusServer, prometheus_binary
 
@@ -353,13 +353,7 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
         assert "Traceback" not in log_path.read_text()
         print(log_path.read_text()[-3000:])
     finally:
-        if agent is not None:
-            agent.terminate()
-            try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+        stop_process(agent, 20)
         for fn in reversed(cleanup):
             fn()
         trainer.destroy()

@@ -21,12 +21,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
 import pytest
 import yaml
 from deploy.kubelet import serve_podresources
-from harness import free_port, require, wait_for
+from harness import free_port, http_get, require, stop_process, wait_for
 from harness.cgroups import PodCgroup
 from harness.fake_nvml import GPU as FakeGPU
 from harness.fake_nvml import GiB, Process, Scenario, build_fake_nvml
@@ -37,15 +36,6 @@ NO_EBPF = os.path.join(ROOT, "k8s", "overlays", "no-ebpf", "no-ebpf.yaml")
 CAP_PERFMON, CAP_BPF = 38, 39
 GPU = "GPU-aaaa0000-1111-2222-3333-444444444444"
 
-
-def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return None
 
 
 @pytest.fixture
@@ -153,7 +143,7 @@ def test_agent_runs_with_only_the_granted_privileges(variant, short_tmp):
         def healthy():
             if agent.poll() is not None:
                 pytest.fail(f"the agent exited {agent.returncode}:\n{log_path.read_text()[-4000:]}")
-            got = _get(f"http://127.0.0.1:{health}/")
+            got = http_get(f"http://127.0.0.1:{health}/")
             return got and got[0] == 200 and json.loads(got[1])
 
         wait_for(healthy, timeout=60, what="health 200")
@@ -167,7 +157,7 @@ def test_agent_runs_with_only_the_granted_privileges(variant, short_tmp):
         assert fields["NoNewPrivs"].strip() == "1"
 
         def metrics_with(*needles):
-            got = _get(f"http://127.0.0.1:{prom}/metrics")
+            got = http_get(f"http://127.0.0.1:{prom}/metrics")
             return got and all(n in got[1] for n in needles) and got[1]
 
         uid = f'k8s_pod_uid="{pod.uid}"'
@@ -180,11 +170,11 @@ def test_agent_runs_with_only_the_granted_privileges(variant, short_tmp):
         try:
             body = wait_for(lambda: metrics_with(*needles), timeout=60, what="metrics")
         except BaseException:
-            got = _get(f"http://127.0.0.1:{prom}/metrics")
+            got = http_get(f"http://127.0.0.1:{prom}/metrics")
             missing = [n for n in needles if not got or n not in got[1]]
-            pytest.fail(f"missing {missing}; health {_get(f'http://127.0.0.1:{health}/')}\n"
+            pytest.fail(f"missing {missing}; health {http_get(f'http://127.0.0.1:{health}/')}\n"
                         f"{log_path.read_text()[-4000:]}")
-        components = json.loads(_get(f"http://127.0.0.1:{health}/")[1])["components"]
+        components = json.loads(http_get(f"http://127.0.0.1:{health}/")[1])["components"]
         mine = [line for line in body.splitlines() if uid in line and line.startswith("container_")]
         assert any(line.startswith("container_cpu_time_seconds_total") for line in mine)
         gpu = [line for line in body.splitlines() if line.startswith("process_gpu_memory_usage_bytes{")]
@@ -207,13 +197,7 @@ def test_agent_runs_with_only_the_granted_privileges(variant, short_tmp):
             assert components[key] == "ok", (key, components)
         assert worker.poll() is None
     finally:
-        if agent is not None:
-            agent.terminate()
-            try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+        stop_process(agent, 20)
         server.stop(0).wait()
         pod.destroy()
         if ctrd is not None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -58,3 +61,26 @@ def points(data) -> list[tuple[str, dict, dict, object]]:
     """Every number data point of a MetricsData as (metric name, resource attributes, attributes, value)."""
     return [(m.name, dict(rm.resource.attributes), dict(p.attributes), getattr(p, "value", None))
             for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics for p in m.data.data_points]
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str] | None:
+    """(status, body) of a GET, error statuses included; None while nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -37,6 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from harness import stop_process
 from harness.cgroups import _rmdir_tree
 
 LOCK_PATH = "/tmp/podmeter-containerd.lock"
@@ -232,13 +233,7 @@ class Containerd:
                 with contextlib.suppress(Exception):
                     for pod in list(self.pods):
                         self.remove_pod(pod)
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop_process(self.proc)
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None

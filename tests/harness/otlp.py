@@ -41,7 +41,7 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
 
-from harness import free_port, require
+from harness import free_port, require, stop_process
 
 
 @dataclass
@@ -281,13 +281,7 @@ class RotelAgent:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def log(self) -> str:

@@ -28,7 +28,7 @@ import urllib.request
 
 import yaml
 
-from harness import free_port, require
+from harness import free_port, require, stop_process
 
 
 def prometheus_binary() -> str:
@@ -126,13 +126,7 @@ class PrometheusServer:
                 for t in data["activeTargets"]]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if getattr(self, "_log", None):
             self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
