@@ -1,20 +1,22 @@
 """prometheus exporter: serves the last exported snapshot on /metrics for Prometheus to scrape.
 
 export() translates the batch (per instrumentation scope: a receiver's new batch replaces its previous series,
-so a vanished pod's series are gone after its next collection) and pre-renders the whole exposition in both
-formats, plain and gzipped. A scrape only picks the rendering the client negotiated and writes it: it never
-triggers a collection, waits for one or builds anything.
+so a vanished pod's series are gone after its next collection), renders that scope's families once and caches
+the chunks, then assembles the whole exposition in both formats from every scope's cached chunks (only families
+that several scopes share are merged again), gzipping the forms clients have been asking for gzipped. A scrape
+only picks the rendering the client negotiated and writes it: it never triggers a collection, waits for one or
+renders anything (the first request for a gzipped form not yet precomputed compresses that snapshot once).
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
 import hmac
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.sdk.metrics.export import MetricExportResult, MetricsData
@@ -29,53 +31,113 @@ from .translate import Family, Translator, promoter
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
-@dataclass
-class Rendering:
-    """One snapshot rendered in every form a scrape may ask for."""
+# The forms a scrape may ask for. Plain ones are built on every export (they only reference the cached chunks);
+# a gzipped one is compressed at export only while clients ask for it (see PrometheusExporter._wanted).
+TEXT, OPENMETRICS = "text", "openmetrics"
+GZIP_LEVEL = 1  # level 5 cost 2x the CPU for 22% less output, on every export (BENCHMARKS.md)
+WANT_TTL = 900.0  # a gzipped form nobody asked for in this long is no longer compressed at export
 
-    text: bytes = b""
-    openmetrics: bytes = b"# EOF\n"
-    text_gz: bytes = field(default=b"")
-    openmetrics_gz: bytes = field(default=b"")
-    series: int = 0
+
+class Rendering:
+    """One snapshot in every form a scrape may ask for.
+
+    The plain forms are tuples of byte chunks (family headers and the cached sample lines, shared by both formats),
+    written as they are; `text` and `openmetrics` join them for callers that want one bytes object. A gzipped form
+    is made at export when clients have been asking for it, or else by the first scrape that asks (once: it is kept
+    on the snapshot). Immutable apart from that cache.
+    """
+
+    def __init__(self, text_chunks: tuple[bytes, ...] = (), om_chunks: tuple[bytes, ...] = (b"# EOF\n",),
+                 series: int = 0) -> None:
+        self.chunks = {TEXT: text_chunks, OPENMETRICS: om_chunks}
+        self.series = series
+        self._gz: dict[str, bytes] = {}
+        self._joined: dict[str, bytes] = {}
+
+    def plain(self, form: str) -> bytes:
+        got = self._joined.get(form)
+        if got is None:
+            got = self._joined[form] = b"".join(self.chunks[form])
+        return got
+
+    @property
+    def text(self) -> bytes:
+        return self.plain(TEXT)
+
+    @property
+    def openmetrics(self) -> bytes:
+        return self.plain(OPENMETRICS)
+
+    def has_gzip(self, form: str) -> bool:
+        return form in self._gz
+
+    def gzipped(self, form: str) -> bytes:
+        """The gzipped form, compressed now if this snapshot does not have it yet (a race between two first
+        scrapes compresses twice, harmlessly: both results are the same)."""
+        got = self._gz.get(form)
+        if got is None:
+            c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: a gzip member
+            got = b"".join([*map(c.compress, self.chunks[form]), c.flush()])
+            self._gz[form] = got
+        return got
+
+
+@dataclass
+class _Family:
+    """One family of one scope, rendered: its sample lines are cached until the scope's next batch."""
+
+    fam: Family
+    samples: dict[str, str]  # series -> value, one per label set (the last point wins)
+    lines: bytes  # "series value\n" for each sample
 
 
 @dataclass
 class _Scope:
-    families: dict[str, Family]
+    families: dict[str, _Family]
     updated: float  # monotonic
 
 
-def render(merged: dict[str, tuple[Family, dict[str, str]]]) -> tuple[bytes, bytes, int]:
-    """Both exposition formats at once: (text 0.0.4, OpenMetrics 1.0, number of series).
+def _headers(name: str, fam: Family) -> tuple[bytes, bytes]:
+    """(# HELP/# TYPE lines in text 0.0.4, the same in OpenMetrics 1.0) of one family."""
+    help_text = fam.help.replace("\\", "\\\\").replace("\n", "\\n")
+    if name == "target_info":  # an info family in OpenMetrics (samples named target_info), a gauge in text
+        om_name, om_type, text_type = "target", "info", "gauge"
+    elif fam.type == "counter":  # OpenMetrics names the family without the _total its samples carry
+        om_name, om_type, text_type = name[: -len("_total")], "counter", "counter"
+    else:
+        om_name, om_type = name, fam.type
+        text_type = "untyped" if fam.type == "unknown" else fam.type
+    return (f"# HELP {name} {help_text}\n# TYPE {name} {text_type}\n".encode(),
+            f"# HELP {om_name} {help_text.replace(chr(34), chr(92) + chr(34))}\n# TYPE {om_name} {om_type}\n".encode())
 
-    Hand-written rather than prometheus_client's generate_latest: that one re-validates and re-escapes every
-    label name of every sample on every render (85% of the time at 10k series, measured), while podmeter's
-    names are sanitized once at translation and each sample line is shared by both formats. Its output is
-    checked against prometheus_client's parsers and promtool in the tests.
+
+def _lines(samples: dict[str, str]) -> bytes:
+    return "".join([f"{k} {v}\n" for k, v in samples.items()]).encode()
+
+
+def render(merged: dict[str, tuple[Family, dict[str, str]]]) -> tuple[bytes, bytes, int]:
+    """Both exposition formats at once: (text 0.0.4, OpenMetrics 1.0, number of series) of whole families.
+
+    The exporter itself assembles the same output from per-scope cached chunks (PrometheusExporter._render_locked);
+    this is the reference form of it. Hand-written rather than prometheus_client's generate_latest: that one
+    re-validates and re-escapes every label name of every sample on every render (85% of the time at 10k series,
+    measured), while podmeter's names are sanitized once at translation and each sample line is shared by both
+    formats. Its output is checked against prometheus_client's parsers and promtool in the tests.
     """
-    text: list[str] = []
-    om: list[str] = []
+    text: list[bytes] = []
+    om: list[bytes] = []
     count = 0
     for name in sorted(merged):
         fam, samples = merged[name]
         if not samples:
             continue
-        help_text = fam.help.replace("\\", "\\\\").replace("\n", "\\n")
-        if name == "target_info":  # an info family in OpenMetrics (samples named target_info), a gauge in text
-            om_name, om_type, text_type = "target", "info", "gauge"
-        elif fam.type == "counter":  # OpenMetrics names the family without the _total its samples carry
-            om_name, om_type, text_type = name[: -len("_total")], "counter", "counter"
-        else:
-            om_name, om_type = name, fam.type
-            text_type = "untyped" if fam.type == "unknown" else fam.type
-        lines = "".join(f"{k} {v}\n" for k, v in samples.items())
+        text_head, om_head = _headers(name, fam)
+        lines = _lines(samples)
         count += len(samples)
-        text.append(f"# HELP {name} {help_text}\n# TYPE {name} {text_type}\n{lines}")
-        om.append(f"# HELP {om_name} {help_text.replace(chr(34), chr(92) + chr(34))}\n# TYPE {om_name} {om_type}\n"
-                  f"{lines}")
-    om.append("# EOF\n")
-    return "".join(text).encode(), "".join(om).encode(), count
+        text += (text_head, lines)
+        om += (om_head, lines)
+    om.append(b"# EOF\n")
+    return b"".join(text), b"".join(om), count
 
 
 class PrometheusExporter(Exporter):
@@ -95,6 +157,7 @@ class PrometheusExporter(Exporter):
         self._scopes: dict[str, _Scope] = {}
         self._lock = threading.Lock()  # guards _scopes and rendering; scrapes never take it
         self._rendering = Rendering()
+        self._wanted: dict[str, float] = {}  # form -> when a scrape last asked for it gzipped (monotonic)
         self._next_expiry = float("inf")
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -158,11 +221,22 @@ class PrometheusExporter(Exporter):
         for cause, n in translator.skipped.items():
             self._dropped.labels(cause).inc(n)
             self.telemetry.error(cause, f"{n} points cannot be exposed to Prometheus ({cause.replace('_', ' ')})")
+        # Render each scope's families once, here, outside the lock: the exposition is then assembled from these
+        # chunks and those of the other scopes, which are not rendered again until their own next batch.
+        rendered: dict[str, dict[str, _Family]] = {}
+        duplicates = 0
+        for scope, families in by_scope.items():
+            out = rendered[scope] = {}
+            for name, fam in families.items():
+                samples = dict(fam.samples)  # series -> value: the last point wins, one series per label set
+                if name != "target_info":  # resources describing the same pod give the same target_info: fine
+                    duplicates += len(fam.samples) - len(samples)
+                out[name] = _Family(Family(fam.name, fam.type, fam.help), samples, _lines(samples))
         now = time.monotonic()
         with self._lock:
-            for scope, families in by_scope.items():
+            for scope, families in rendered.items():
                 self._scopes[scope] = _Scope(families, now)
-            self._render_locked(now)
+            self._render_locked(now, duplicates)
         return MetricExportResult.SUCCESS
 
     def expire(self) -> None:
@@ -173,7 +247,7 @@ class PrometheusExporter(Exporter):
         with self._lock:
             self._render_locked(now)
 
-    def _render_locked(self, now: float) -> None:
+    def _render_locked(self, now: float, duplicates: int = 0) -> None:
         horizon = now - self.config.metric_expiration
         for scope in [s for s, entry in self._scopes.items() if entry.updated < horizon]:
             del self._scopes[scope]
@@ -181,21 +255,39 @@ class PrometheusExporter(Exporter):
         oldest = min((e.updated for e in self._scopes.values()), default=None)
         self._next_expiry = float("inf") if oldest is None else oldest + self.config.metric_expiration
 
-        merged: dict[str, tuple[Family, dict[str, str]]] = {}
-        duplicates = conflicts = 0
+        # Assemble: every family name once, in name order, from the scopes' cached chunks. A name that several
+        # scopes expose (target_info for a pod that several receivers describe, or one metric from two receivers)
+        # is merged into one family, so that the exposition has one # HELP/# TYPE per family.
+        by_name: dict[str, list[_Family]] = {}
         for entry in self._scopes.values():
-            for name, fam in entry.families.items():
-                slot = merged.get(name)
-                if slot is None:
-                    slot = merged[name] = (fam, {})
-                elif slot[0].type != fam.type:
-                    conflicts += len(fam.samples)
-                    continue
-                samples = slot[1]
-                before = len(samples) + len(fam.samples)
-                samples.update(fam.samples)  # series -> value: the newest wins, one series per label set
-                if name != "target_info":  # receivers describing the same pod give the same target_info: fine
-                    duplicates += before - len(samples)
+            for name, rf in entry.families.items():
+                by_name.setdefault(name, []).append(rf)
+        text: list[bytes] = []
+        om: list[bytes] = []
+        count = conflicts = 0
+        for name in sorted(by_name):
+            parts = by_name[name]
+            first = parts[0]
+            if len(parts) == 1:
+                lines, n = first.lines, len(first.samples)
+            else:
+                samples: dict[str, str] = {}
+                for rf in parts:
+                    if rf.fam.type != first.fam.type:
+                        conflicts += len(rf.samples)
+                        continue
+                    before = len(samples) + len(rf.samples)
+                    samples.update(rf.samples)  # the scope listed later wins
+                    if name != "target_info":
+                        duplicates += before - len(samples)
+                lines, n = _lines(samples), len(samples)
+            if not n:
+                continue
+            text_head, om_head = _headers(name, first.fam)
+            text += (text_head, lines)
+            om += (om_head, lines)
+            count += n
+        om.append(b"# EOF\n")
         if duplicates:
             self._dropped.labels("duplicate_series").inc(duplicates)
             self.telemetry.error("duplicate_series", f"{duplicates} points had the same name and labels as another "
@@ -204,15 +296,28 @@ class PrometheusExporter(Exporter):
             self._dropped.labels("type_conflict").inc(conflicts)
             self.telemetry.error("type_conflict", f"{conflicts} points belong to a metric whose Prometheus name is "
                                  "already used by a metric of another type")
-        text, om, count = render(merged)
-        self._rendering = Rendering(text=text, openmetrics=om, text_gz=gzip.compress(text, 5),
-                                    openmetrics_gz=gzip.compress(om, 5), series=count)
+        rendering = Rendering(tuple(text), tuple(om), count)
+        for form in (TEXT, OPENMETRICS):  # compress now only the forms clients have been asking for
+            asked = self._wanted.get(form)
+            if asked is not None and now - asked < WANT_TTL:
+                rendering.gzipped(form)
+        self._rendering = rendering
         self._series.set(count)
 
     # -- scrape ------------------------------------------------------------------------------------------------
 
     def rendering(self) -> Rendering:
         return self._rendering
+
+    def body(self, form: str, gz: bool) -> tuple[bytes, ...]:
+        """What a scrape writes for `form` (TEXT or OPENMETRICS), gzipped or not: from the last snapshot only."""
+        r = self._rendering
+        if not gz:
+            return r.chunks[form]
+        # remember that this form is wanted gzipped: exports compress it from now on (a first request compresses
+        # the current snapshot once, here)
+        self._wanted[form] = time.monotonic()
+        return (r.gzipped(form),)
 
 
 class _Server(ThreadingHTTPServer):
@@ -283,23 +388,23 @@ def _make_handler(exporter: PrometheusExporter):
                                        {"WWW-Authenticate": 'Basic realm="podmeter"'})
             if path not in ("/metrics", "/metrics/"):
                 return self._reply(404, b"not found; metrics are on /metrics\n", "text/plain; charset=utf-8")
-            r = exporter.rendering()
             accept = self.headers.get("Accept") or ""
             use_om = _wants_openmetrics(accept)
             gz = "gzip" in (self.headers.get("Accept-Encoding") or "")
-            body = (r.openmetrics_gz if gz else r.openmetrics) if use_om else (r.text_gz if gz else r.text)
+            body = exporter.body(OPENMETRICS if use_om else TEXT, gz)
             extra = {"Content-Encoding": "gzip"} if gz else {}
             return self._reply(200, body, OPENMETRICS_CONTENT_TYPE if use_om else TEXT_CONTENT_TYPE, extra)
 
-        def _reply(self, code: int, body: bytes, ctype: str, headers: dict | None = None) -> int:
+        def _reply(self, code: int, body: bytes | tuple[bytes, ...], ctype: str, headers: dict | None = None) -> int:
+            chunks = (body,) if isinstance(body, bytes) else body
             self.send_response(code)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(sum(map(len, chunks))))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(body)
+                self.wfile.writelines(chunks)
             return code
 
         def log_message(self, format, *args) -> None:  # noqa: A002 - scrapes are counted, not logged

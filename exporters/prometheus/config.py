@@ -8,16 +8,27 @@ from podmeter.config import ComponentConfig, Duration, Endpoint
 
 # Resource attributes that identify what was measured: promoted to labels by default so that per-pod,
 # per-container, per-process and per-GPU queries need no join with target_info. Glob patterns; a leading `!`
-# excludes (pod labels and annotations stay in target_info: they are many and they change).
+# excludes. Identifying only: the names and uids of Kubernetes objects (pod, namespace, container, node, the
+# workload), the container id, the process id, and the GPU's identity as the nvml receiver sets it (`hw.id`: the
+# GPU or MIG device UUID; `hw.gpu.index`; for a MIG device its parent GPU's UUID and instance ids). Descriptive
+# attributes (hw.model, hw.name, hw.vendor, hw.driver_version, hw.gpu.pci_bus_id, process.executable.name,
+# container.image.name, k8s.pod.ip, pod labels and annotations (k8s.pod.label.* as the semantic conventions
+# name them, k8s.pod.labels.* as k8sattributes' extract.labels does), ...) stay in target_info; promote one explicitly
+# where a query needs it as a label.
 DEFAULT_PROMOTED = (
-    "k8s.*",
+    "k8s.*.name",
+    "k8s.*.uid",
     "!k8s.*.label.*",
+    "!k8s.*.labels.*",
     "!k8s.*.annotation.*",
-    "container.*",
+    "!k8s.*.annotations.*",
+    "container.id",
     "process.pid",
-    "process.executable.name",
-    "process.owner",
-    "hw.*",
+    "hw.id",
+    "hw.gpu.index",
+    "hw.parent",
+    "hw.gpu.mig.gpu_instance_id",
+    "hw.gpu.mig.compute_instance_id",
 )
 
 
@@ -59,7 +70,8 @@ class PrometheusConfig(ComponentConfig):
                           "as given (only invalid characters are replaced)")
     promote_resource_attributes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMOTED),
-        description="Resource attributes copied onto every series as labels (glob patterns like k8s.*; a leading ! excludes)")
+        description="Resource attributes copied onto every series as labels (glob patterns like k8s.*; a leading ! "
+                    "excludes). The default is the identifying ones; the others are in target_info")
     resource_to_telemetry_conversion: ResourceToTelemetryConfig = Field(
         default_factory=ResourceToTelemetryConfig, description="Promote all resource attributes to labels")
     target_info: TargetInfoConfig = Field(default_factory=TargetInfoConfig, description="The target_info series")

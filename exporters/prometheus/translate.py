@@ -8,11 +8,13 @@ and monotonic sums end in `_total`. Histograms become `_bucket{le}`, `_sum`, `_c
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -53,7 +55,32 @@ def sanitize_name(name: str) -> str:
     return out
 
 
+# Memo caches for the per-point helpers: label keys and values are a small vocabulary (attribute names, pod and
+# container names, ids) repeated on every point of every collection. Module-level (shared by every exporter, read
+# and written from their threads: a dict's get/set are atomic) and bounded: cleared whole when they pass MEMO_CAP,
+# so churning values (pids, pod uids) cannot grow them without limit.
+MEMO_CAP = 32_768
+_label_memo: dict[str, str] = {}
+_value_memo: dict[str, str] = {}
+_name_memo: dict[tuple, str] = {}
+
+
+def _remember(memo: dict, key, value):
+    if len(memo) >= MEMO_CAP:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 def sanitize_label(name: str) -> str:
+    """A valid Prometheus label name for an attribute key (memoized)."""
+    hit = _label_memo.get(name)
+    if hit is None:
+        hit = _remember(_label_memo, name, _sanitize_label(name))
+    return hit
+
+
+def _sanitize_label(name: str) -> str:
     out = _INVALID_LABEL.sub("_", name)
     if not out:
         return "_"
@@ -75,7 +102,15 @@ def unit_words(unit: str) -> tuple[str, str]:
 
 
 def metric_name(name: str, unit: str, kind: str, add_suffixes: bool, namespace: str = "") -> str:
-    """The Prometheus family name. kind: counter, gauge, histogram."""
+    """The Prometheus family name. kind: counter, gauge, histogram (memoized: asked once per metric per resource)."""
+    key = (name, unit, kind, add_suffixes, namespace)
+    hit = _name_memo.get(key)
+    if hit is None:
+        hit = _remember(_name_memo, key, _metric_name(name, unit, kind, add_suffixes, namespace))
+    return hit
+
+
+def _metric_name(name: str, unit: str, kind: str, add_suffixes: bool, namespace: str) -> str:
     base = sanitize_name(name)
     if add_suffixes:
         if kind == "counter" and base.endswith("_total"):
@@ -147,7 +182,13 @@ def promoter(patterns: Iterable[str], all_attributes: bool):
 
 
 def escape_value(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    """A label value escaped for both exposition formats (memoized)."""
+    hit = _value_memo.get(v)
+    if hit is None:
+        hit = v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        if len(v) <= 256:  # long values are rare and would mostly fill the cache
+            _remember(_value_memo, v, hit)
+    return hit
 
 
 def series(name: str, labels: Mapping[str, str]) -> str:
@@ -202,11 +243,14 @@ class Translator:
             if fam is None:
                 fam = families["target_info"] = Family("target_info", "gauge", "Target metadata")
             fam.samples.append((series("target_info", info), "1.0"))
+        rendered = LabelSet(base)  # the resource's labels are escaped and sorted once, not once per point
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
-                self.metric(metric, base, families)
+                self.metric(metric, rendered, families)
 
-    def metric(self, metric: Metric, base: Mapping[str, str], families: dict[str, Family]) -> None:
+    def metric(self, metric: Metric, base: LabelSet | Mapping[str, str], families: dict[str, Family]) -> None:
+        if not isinstance(base, LabelSet):
+            base = LabelSet(base)
         data = metric.data
         if isinstance(data, Sum):
             if data.aggregation_temporality == AggregationTemporality.DELTA:
@@ -236,26 +280,98 @@ class Translator:
         elif fam.type != ftype:
             self._skip("type_conflict", len(data.data_points))
             return
+        append = fam.samples.append
+        if kind == "histogram":
+            for point in data.data_points:
+                # the point's attributes override resource labels of the same name
+                pairs = base.merged(point_pairs(point.attributes)) if point.attributes else base.pairs
+                self._histogram(fam, name, pairs, point)
+            return
         for point in data.data_points:
-            labels = dict(base)
-            labels_from(point.attributes or {}, into=labels)
-            if kind == "histogram":
-                self._histogram(fam, name, labels, point)
-            else:
-                fam.samples.append((series(name, labels), format_value(point.value)))
+            body = base.with_point(point.attributes) if point.attributes else base.body
+            append((f"{name}{{{body}}}" if body else name, format_value(point.value)))
 
     @staticmethod
-    def _histogram(fam: Family, name: str, labels: dict[str, str], point) -> None:
+    def _histogram(fam: Family, name: str, pairs: list[tuple[str, str]], point) -> None:
+        append = fam.samples.append
+        body = ",".join([p[1] for p in pairs])
+        # `le` goes in its sorted place among the other labels (replacing an attribute of that name)
+        i = bisect.bisect_left(pairs, "le", key=itemgetter(0))
+        after = ",".join([p[1] for p in pairs[i + 1 if i < len(pairs) and pairs[i][0] == "le" else i:]])
+        before = ",".join([p[1] for p in pairs[:i]])
+        head = f"{name}_bucket{{{before}{',' if before else ''}le=\""
+        tail = f"\"{',' if after else ''}{after}}}"
         cumulative = 0
         bounds = list(point.explicit_bounds)
         counts = list(point.bucket_counts)
         for i, bound in enumerate(bounds):
             cumulative += counts[i] if i < len(counts) else 0
-            fam.samples.append((series(name + "_bucket", {**labels, "le": _float_str(bound)}),
-                                format_value(cumulative)))
-        fam.samples.append((series(name + "_bucket", {**labels, "le": "+Inf"}), format_value(point.count)))
-        fam.samples.append((series(name + "_sum", labels), format_value(point.sum)))
-        fam.samples.append((series(name + "_count", labels), format_value(point.count)))
+            append((f"{head}{escape_value(_float_str(bound))}{tail}", format_value(cumulative)))
+        append((f"{head}+Inf{tail}", format_value(point.count)))
+        append((f"{name}_sum{{{body}}}" if body else f"{name}_sum", format_value(point.sum)))
+        append((f"{name}_count{{{body}}}" if body else f"{name}_count", format_value(point.count)))
+
+
+_point_memo: dict[tuple, tuple[tuple[str, str], ...]] = {}
+
+
+def point_pairs(attributes: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A point's attributes as sorted (label name, `name="escaped value"`) pairs. Memoized when every value is a
+    string (points repeat a few attribute sets, like cpu.mode=user; other types are left out of the memo because
+    1, 1.0 and True are equal keys with different renderings)."""
+    key = tuple(attributes.items())
+    try:
+        hit = _point_memo.get(key)  # only all-string keys are stored, and no other key equals one of them
+    except TypeError:  # an unhashable value (a list)
+        hit = key = None
+    if hit is not None:
+        return hit
+    pairs = tuple(sorted([(k, f'{k}="{escape_value(v)}"') for k, v in labels_from(attributes).items()]))
+    if key is not None and all(type(v) is str for _, v in key):
+        _remember(_point_memo, key, pairs)
+    return pairs
+
+
+class LabelSet:
+    """Labels (names already sanitized) rendered once: (name, `name="escaped value"`) pairs sorted by name, and
+    their comma-joined body. A resource's labels are shared by all its points: rendering them once per resource
+    instead of once per point is most of the translation's cost."""
+
+    __slots__ = ("labels", "pairs", "body", "_keys", "_splits")
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        self.labels = labels
+        self.pairs = sorted([(k, f'{k}="{escape_value(v)}"') for k, v in labels.items()])
+        self.body = ",".join([p[1] for p in self.pairs])
+        self._keys = [p[0] for p in self.pairs]
+        self._splits: dict[int, tuple[str, str]] = {}
+
+    def merged(self, extra: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+        """Sorted pairs of these labels with the `extra` pairs added (an extra label replaces one of the same
+        name)."""
+        names = [k for k, _ in extra]
+        if not self.labels.keys().isdisjoint(names):
+            pairs = [p for p in self.pairs if p[0] not in names]
+        else:
+            pairs = self.pairs.copy()
+        pairs.extend(extra)
+        pairs.sort()
+        return pairs
+
+    def with_point(self, attributes: Mapping[str, Any]) -> str:
+        """The label body of a point with `attributes` on this resource."""
+        extra = point_pairs(attributes)
+        if len(extra) == 1 and extra[0][0] not in self.labels:
+            # the common case, one attribute: put it between the two halves of the resource's body, each joined
+            # once per position
+            i = bisect.bisect_left(self._keys, extra[0][0])
+            split = self._splits.get(i)
+            if split is None:
+                before = ",".join([p[1] for p in self.pairs[:i]])
+                after = ",".join([p[1] for p in self.pairs[i:]])
+                split = self._splits[i] = (before + "," if before else "", "," + after if after else "")
+            return split[0] + extra[0][1] + split[1]
+        return ",".join([p[1] for p in self.merged(extra)])
 
 
 def _float_str(v: float) -> str:

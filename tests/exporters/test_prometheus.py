@@ -316,3 +316,199 @@ def test_an_empty_scope_marker_removes_the_last_pods_series(exporter, kit):
     exp.export(marker)
     _, text = scrape(port)
     assert "uid-0" not in text and "uid-1" in text
+
+
+# -- export cost: per-scope rendering cache, gzip only on demand, bounded memo caches -----------------------------
+
+
+def gz_scrape(port: int, accept: str = "") -> tuple[str, bytes]:
+    """A scrape asking for gzip: (Content-Encoding, raw body as received)."""
+    headers = {"Accept-Encoding": "gzip", **({"Accept": accept} if accept else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.headers.get("Content-Encoding"), r.read()
+
+
+@pytest.mark.parametrize("accept,form", [("", "text"), (OM_ACCEPT, "openmetrics")])
+def test_gzip_forms_are_compressed_only_once_asked_for(exporter, kit, accept, form):
+    from exporters.prometheus import WANT_TTL
+
+    exp, port, _ = exporter()
+    exp.export(kit.batch([0, 1]))
+    # nobody asked for gzip yet: the export compressed nothing
+    assert not exp.rendering().has_gzip("text") and not exp.rendering().has_gzip("openmetrics")
+    # the first request compresses the current snapshot once, on the scrape path; the content is the plain form's
+    encoding, body = gz_scrape(port, accept)
+    assert encoding == "gzip"
+    assert gzip.decompress(body) == exp.rendering().plain(form)
+    assert exp.rendering().has_gzip(form)
+    # from now on every export compresses that form (and only that one) before any scrape asks
+    exp.export(kit.batch([2], step=7))
+    r = exp.rendering()
+    assert r.has_gzip(form)
+    assert not r.has_gzip("openmetrics" if form == "text" else "text")
+    encoding, body = gz_scrape(port, accept)
+    plain = gzip.decompress(body).decode()
+    assert 'k8s_pod_uid="uid-2"' in plain and "uid-0" not in plain
+    assert plain.encode() == r.plain(form)
+    if form == "openmetrics":
+        assert plain.endswith("# EOF\n")
+        assert {f.name for f in parse_openmetrics(plain)} >= {"container_cpu_time_seconds", "target"}
+    else:
+        assert promtool_check_metrics(plain)[0] == 0
+    # a form nobody asked for in WANT_TTL is no longer compressed at export
+    exp._wanted[form] -= WANT_TTL + 1
+    exp.export(kit.batch([3]))
+    assert not exp.rendering().has_gzip(form)
+
+
+def test_both_gzip_forms_serve_their_own_format(exporter, kit):
+    exp, port, _ = exporter()
+    exp.export(kit.batch([4]))
+    gz_scrape(port), gz_scrape(port, OM_ACCEPT)  # both forms asked for
+    exp.export(kit.batch([5]))
+    r = exp.rendering()
+    assert r.has_gzip("text") and r.has_gzip("openmetrics")
+    _, text_gz = gz_scrape(port)
+    _, om_gz = gz_scrape(port, OM_ACCEPT)
+    text, om = gzip.decompress(text_gz).decode(), gzip.decompress(om_gz).decode()
+    assert "# TYPE container_cpu_time_seconds_total counter" in text and "# EOF" not in text
+    assert "# TYPE container_cpu_time_seconds counter" in om and om.endswith("# EOF\n")
+    assert {s.labels["k8s_pod_uid"] for f in parse_text(text) for s in f.samples if "k8s_pod_uid" in s.labels} == \
+        {"uid-5"}
+    # and what a scrape without gzip gets is the same content
+    assert scrape(port)[1] == text and scrape(port, accept=OM_ACCEPT)[1] == om
+
+
+def power_batch(kit, pods, step: int = 1, scope: str = "podmeter/receiver/nvml"):
+    from podmeter.metrics import MetricsBuilder, MetricSpec
+
+    b = MetricsBuilder(scope, kit.START_NS)
+    for i in pods:
+        b.add(MetricSpec("hw.power", "gauge", "W", "Power"), 100.0 * i + step, resource={"hw.id": f"GPU-{i}"})
+    return b.build()
+
+
+def test_a_scopes_batch_reuses_the_other_scopes_rendering(exporter, kit):
+    exp, port, _ = exporter()
+    exp.export(kit.batch([0, 1], scope="podmeter/receiver/cgroup"))
+    exp.export(power_batch(kit, [5]))
+    cached = exp._scopes["podmeter/receiver/cgroup"].families["container_memory_usage_bytes"].lines
+    _, before = scrape(port)
+    cgroup_lines = [line for line in before.splitlines() if 'uid-0"' in line or 'uid-1"' in line]
+    assert len(cgroup_lines) > 10
+    # nvml's next batch: cgroup's families are not rendered again (the very same chunks are in the exposition)
+    # and its series are unchanged
+    exp.export(power_batch(kit, [6], step=9))
+    assert any(chunk is cached for chunk in exp.rendering().chunks["text"])
+    assert any(chunk is cached for chunk in exp.rendering().chunks["openmetrics"])
+    _, after = scrape(port)
+    assert set(cgroup_lines) <= set(after.splitlines())
+    assert 'hw_id="GPU-5"' not in after and 'hw_power_watts{hw_id="GPU-6"} 609.0' in after
+    # cgroup's next batch without pod 0: pod 0's series are gone, nvml's stay
+    exp.export(kit.batch([1], scope="podmeter/receiver/cgroup", step=3))
+    assert not any(chunk is cached for chunk in exp.rendering().chunks["text"])
+    _, text = scrape(port)
+    assert {s.labels.get("k8s_pod_uid") for f in parse_text(text) for s in f.samples} == {"uid-1", None}
+    assert 'hw_id="GPU-6"' in text and 'k8s_pod_uid="uid-1"' in text and "uid-0" not in text
+    assert promtool_check_metrics(text)[0] == 0
+    # assembled from the cached chunks, the exposition equals a render of the merged families
+    from exporters.prometheus import render
+
+    merged = {}
+    for entry in exp._scopes.values():
+        for name, rf in entry.families.items():
+            merged.setdefault(name, (rf.fam, {}))[1].update(rf.samples)
+    assert render(merged)[0] == exp.rendering().text and render(merged)[1] == exp.rendering().openmetrics
+
+
+def test_a_family_in_several_scopes_has_one_help_and_type(exporter, kit):
+    """Two receivers emitting the same metric name (and target_info for the same pods): each family appears once
+    in the exposition, with the samples of both scopes; a scope's batch only replaces its own samples."""
+    exp, port, telemetry = exporter()
+    exp.export(kit.batch([0, 1], scope="podmeter/receiver/cgroup"))
+    exp.export(kit.batch([1, 2], scope="podmeter/receiver/cri"))  # pod 1 described by both
+    _, text = scrape(port)
+    _, om = scrape(port, accept=OM_ACCEPT)
+    for name in ("container_cpu_time_seconds_total", "container_memory_usage_bytes", "target_info",
+                 "k8s_pod_run_queue_latency_seconds"):
+        assert text.count(f"# HELP {name} ") == 1 and text.count(f"# TYPE {name} ") == 1
+    assert om.count("# TYPE container_cpu_time_seconds counter") == 1 and om.count("# TYPE target info") == 1
+    assert promtool_check_metrics(text)[0] == 0
+    list(parse_openmetrics(om))  # the strict parser rejects a family split in two
+    mem = {s.labels["k8s_pod_uid"] for f in parse_text(text) if f.name == "container_memory_usage_bytes"
+           for s in f.samples}
+    assert mem == {"uid-0", "uid-1", "uid-2"}
+    assert text.count('target_info{') == 3  # pod 1's target_info is one series
+    # pod 1's points came from both scopes with the same labels: one series, counted as a duplicate
+    assert kit.sample(telemetry, "podmeter_prometheus_dropped_points_total", component="prometheus",
+                      cause="duplicate_series") > 0
+    # cri drops pod 2: its series go, the cgroup scope's pod 0 and pod 1 stay
+    exp.export(kit.batch([1], scope="podmeter/receiver/cri"))
+    _, text = scrape(port)
+    assert "uid-2" not in text and 'k8s_pod_uid="uid-0"' in text and 'k8s_pod_uid="uid-1"' in text
+    assert text.count("# TYPE container_memory_usage_bytes ") == 1
+    # a name another scope uses for another type: one family, of the type of the scope exposed first
+    from podmeter.metrics import MetricsBuilder, MetricSpec
+
+    b = MetricsBuilder("podmeter/receiver/other", kit.START_NS)
+    b.add_histogram(MetricSpec("container.memory.usage", "histogram", "By", "as a histogram"), [1, 1], [10.0],
+                    total=12.0, resource=kit.pod_resource(9))
+    exp.export(b.build())
+    _, text = scrape(port)
+    assert text.count("# TYPE container_memory_usage_bytes gauge") == 1
+    assert "container_memory_usage_bytes_bucket" not in text and 'target_info{' in text and "uid-9" in text
+    assert promtool_check_metrics(text)[0] == 0
+    assert kit.sample(telemetry, "podmeter_prometheus_dropped_points_total", component="prometheus",
+                      cause="type_conflict") >= 1
+
+
+def test_memo_caches_stay_bounded(monkeypatch):
+    from exporters.prometheus import translate
+
+    monkeypatch.setattr(translate, "MEMO_CAP", 100)
+    for memo in (translate._label_memo, translate._value_memo, translate._name_memo, translate._point_memo):
+        memo.clear()
+    for i in range(1_000):  # churning keys and values: pids, uids
+        assert translate.sanitize_label(f"attr.{i}") == f"attr_{i}"
+        assert translate.escape_value(f'pod "{i}"') == f'pod \\"{i}\\"'
+        assert translate.metric_name(f"m.{i}", "By", "gauge", True) == f"m_{i}_bytes"
+        assert translate.point_pairs({"process.pid": str(i)}) == (("process_pid", f'process_pid="{i}"'),)
+    for memo in (translate._label_memo, translate._value_memo, translate._name_memo, translate._point_memo):
+        assert 0 < len(memo) <= 100
+    # and a memoized answer is the computed one
+    assert translate.sanitize_label("9.x") == "key_9_x" and translate.sanitize_label("9.x") == "key_9_x"
+    assert translate.sanitize_label("__a") == "key__a"
+    assert translate.escape_value('a\\b\n"') == 'a\\\\b\\n\\"'
+
+
+def test_identifying_attributes_only_are_promoted_by_default(exporter, kit):
+    """GPU descriptions (model, driver, PCI bus, ...) stay in target_info; identity is on every series."""
+    from podmeter.metrics import MetricsBuilder
+
+    exp, port, _ = exporter()
+    gpu = {"hw.id": "GPU-1234", "hw.gpu.index": 0, "hw.type": "gpu", "hw.name": "nvidia0", "hw.vendor": "NVIDIA",
+           "hw.model": "NVIDIA H100 80GB HBM3", "hw.driver_version": "550.54.15", "hw.gpu.pci_bus_id": "00:18.0"}
+    proc = {**gpu, "process.pid": 4242, "process.executable.name": "python", "process.owner": "root",
+            "k8s.pod.uid": "uid-7", "container.id": "c" * 64, "k8s.pod.name": "pod-7", "k8s.namespace.name": "ml",
+            "k8s.container.name": "train", "k8s.deployment.name": "trainer", "k8s.node.name": "node-1",
+            "k8s.pod.labels.name": "x", "k8s.pod.ip": "10.0.0.7", "container.image.name": "registry/x"}
+    b = MetricsBuilder("podmeter/receiver/nvml", kit.START_NS)
+    b.add(kit.UTIL, 0.5, {"hw.gpu.task": "general"}, resource=gpu)
+    b.add(kit.MEM, 1024, resource=proc)
+    exp.export(b.build())
+    _, text = scrape(port)
+    fams = {f.name: f for f in parse_text(text)}
+    (util,) = fams["hw_gpu_utilization_ratio"].samples
+    assert util.labels == {"hw_id": "GPU-1234", "hw_gpu_index": "0", "hw_gpu_task": "general"}
+    (mem,) = fams["container_memory_usage_bytes"].samples
+    assert set(mem.labels) == {"hw_id", "hw_gpu_index", "process_pid", "k8s_pod_uid", "container_id",
+                               "k8s_pod_name", "k8s_namespace_name", "k8s_container_name", "k8s_deployment_name",
+                               "k8s_node_name"}
+    info = {s.labels["hw_id"]: s.labels for s in fams["target_info"].samples if "process_pid" not in s.labels}
+    assert info["GPU-1234"]["hw_model"] == "NVIDIA H100 80GB HBM3" and info["GPU-1234"]["hw_name"] == "nvidia0"
+    # a descriptive attribute a query needs as a label is promoted explicitly
+    exp2, port2, _ = exporter(promote_resource_attributes=["hw.id", "hw.model"])
+    exp2.export(b.build())
+    fams = {f.name: f for f in parse_text(scrape(port2)[1])}
+    assert fams["hw_gpu_utilization_ratio"].samples[0].labels["hw_model"] == "NVIDIA H100 80GB HBM3"
