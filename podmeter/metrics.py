@@ -6,8 +6,9 @@ adds points through a `MetricsBuilder`, which groups them by resource and return
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -68,45 +69,70 @@ class MetricsBuilder:
         self._scope = InstrumentationScope(scope_name, scope_version)
         self._start = start_time_ns
         self._time = time_ns or now_ns()
-        # resource key -> (resource attrs, metric name -> (spec, [points]))
-        self._resources: dict[tuple, tuple[dict, dict[str, tuple[MetricSpec, list]]]] = {}
+        # resource key -> (resource attrs, metric name -> [points], metric name -> spec); two dicts rather than
+        # one of (spec, points) pairs: a pair per metric per resource is one more object for the garbage collector
+        self._resources: dict[tuple, tuple[dict, dict[str, list], dict[str, MetricSpec]]] = {}
         self._keys: dict[int, tuple[Mapping, tuple]] = {}
         self._last_resource: Mapping | None = None
-        self._last_metrics: dict[str, tuple[MetricSpec, list]] = {}
+        self._last_entry: tuple[dict, dict[str, list], dict[str, MetricSpec]] = ({}, {}, {})
 
-    def _bucket(self, spec: MetricSpec, resource: Mapping[str, Any]) -> list:
+    def _entry_of(self, resource: Mapping[str, Any]) -> tuple[dict, dict[str, list], dict[str, MetricSpec]]:
         # Receivers add a resource's points together with one dict: find its bucket by identity first, then by
         # a sorted key computed once per dict (the dict is held, so its id cannot be reused meanwhile).
         if resource is self._last_resource:
-            metrics = self._last_metrics
+            return self._last_entry
+        memo = self._keys.get(id(resource))
+        if memo is not None and memo[0] is resource:
+            key = memo[1]
         else:
-            memo = self._keys.get(id(resource))
-            if memo is not None and memo[0] is resource:
-                key = memo[1]
-            else:
-                key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resource.items()))
-                self._keys[id(resource)] = (resource, key)
-            entry = self._resources.get(key)
-            if entry is None:
-                entry = self._resources[key] = (dict(resource), {})
-            metrics = entry[1]
-            self._last_resource, self._last_metrics = resource, metrics
-        slot = metrics.get(spec.name)
-        if slot is None:
-            slot = metrics[spec.name] = (spec, [])
-        return slot[1]
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resource.items()))
+            self._keys[id(resource)] = (resource, key)
+        entry = self._resources.get(key)
+        if entry is None:
+            entry = self._resources[key] = (dict(resource), {}, {})
+        self._last_resource, self._last_entry = resource, entry
+        return entry
+
+    def _bucket(self, spec: MetricSpec, resource: Mapping[str, Any]) -> list:
+        _attrs, points, specs = self._last_entry if resource is self._last_resource else self._entry_of(resource)
+        bucket = points.get(spec.name)
+        if bucket is None:
+            bucket = points[spec.name] = []
+            specs[spec.name] = spec
+        return bucket
 
     def add(self, spec: MetricSpec, value: int | float, attributes: Mapping[str, Any] | None = None,
             resource: Mapping[str, Any] | None = None, start_time_ns: int | None = None,
             time_ns: int | None = None) -> None:
-        if not spec.enabled or value is None:
+        if value is None or not spec.enabled:
             return
-        self._bucket(spec, resource or {}).append(NumberDataPoint(
-            attributes=dict(attributes or {}),
-            start_time_unix_nano=start_time_ns or self._start if spec.instrument != "gauge" else 0,
-            time_unix_nano=time_ns or self._time,
-            value=value,
+        self._bucket(spec, resource or {}).append(number_point(
+            dict(attributes) if attributes else {},
+            (start_time_ns or self._start) if spec.instrument != "gauge" else 0,
+            time_ns or self._time,
+            value,
         ))
+
+    def adder(self, resource: Mapping[str, Any]) -> Callable[..., None]:
+        """`add` bound to one resource, for receivers that add many points per resource: `adder(resource)(spec,
+        value, attributes)` is `add(spec, value, attributes, resource)` with the resource's bucket found once.
+
+        `attributes` is kept as given, not copied: pass a dict made for the point (or None).
+        """
+        _attrs, points, specs = self._entry_of(resource)
+        start, now, point = self._start, self._time, number_point
+
+        def add(spec: MetricSpec, value: int | float | None, attributes: dict | None = None) -> None:
+            if value is None or not spec.enabled:
+                return
+            bucket = points.get(spec.name)
+            if bucket is None:
+                bucket = points[spec.name] = []
+                specs[spec.name] = spec
+            bucket.append(point({} if attributes is None else attributes,
+                                0 if spec.instrument == "gauge" else start, now, value))
+
+        return add
 
     def add_histogram(self, spec: MetricSpec, bucket_counts: Sequence[int], explicit_bounds: Sequence[float],
                       total: float, count: int | None = None, attributes: Mapping[str, Any] | None = None,
@@ -130,8 +156,8 @@ class MetricsBuilder:
 
     def build(self) -> MetricsData:
         out = []
-        for resource, metrics in self._resources.values():
-            built = [make_metric(spec, points) for spec, points in metrics.values() if points]
+        for resource, points, specs in self._resources.values():
+            built = [make_metric(specs[name], bucket) for name, bucket in points.items() if bucket]
             if built:
                 out.append(ResourceMetrics(
                     resource=Resource(resource),
@@ -148,13 +174,95 @@ class MetricsBuilder:
 
 def make_metric(spec: MetricSpec, points: list) -> Metric:
     if spec.instrument == "gauge":
-        data = Gauge(data_points=points)
+        data = _gauge(points)
     elif spec.instrument == "histogram":
-        data = Histogram(data_points=points, aggregation_temporality=CUMULATIVE)
+        data = _new(Histogram, data_points=points, aggregation_temporality=CUMULATIVE)
     else:
-        data = Sum(data_points=points, aggregation_temporality=CUMULATIVE,
-                   is_monotonic=spec.instrument == "sum")
-    return Metric(name=spec.name, description=spec.description, unit=spec.unit, data=data)
+        data = _sum(points, spec.instrument == "sum")
+    return _metric(spec.name, spec.description, spec.unit, data)
+
+
+# The SDK's point types are frozen dataclasses: their generated __init__ goes through a keyword-argument call and
+# sets each field with object.__setattr__ under a frozen check. Tens of thousands of points per collection make
+# that a receiver's largest cost after reading; setting the fields directly builds the same object (same fields,
+# equal, repr'd alike) in half the time. Fields are set one by one rather than through `obj.__dict__`, which
+# would materialise a dict per object: one more object for the cyclic garbage collector to traverse, for each
+# point. Where a future SDK changes a class's shape (slots, __post_init__, other fields) it is called as usual.
+def _plain(cls: type, names: tuple[str, ...]) -> bool:
+    try:
+        fields = tuple(f.name for f in dataclasses.fields(cls))
+    except TypeError:
+        return False
+    return fields == names and "__slots__" not in cls.__dict__ and not hasattr(cls, "__post_init__")
+
+
+_FIELDS = {
+    NumberDataPoint: ("attributes", "start_time_unix_nano", "time_unix_nano", "value", "exemplars"),
+    Gauge: ("data_points",),
+    Sum: ("data_points", "aggregation_temporality", "is_monotonic"),
+    Histogram: ("data_points", "aggregation_temporality"),
+    Metric: ("name", "description", "unit", "data"),
+}
+_PLAIN = {cls for cls, names in _FIELDS.items() if _plain(cls, names)}
+_object_new = object.__new__
+_set = object.__setattr__
+
+
+def _new(cls: type, **fields: Any) -> Any:
+    if cls not in _PLAIN:
+        return cls(**fields)
+    obj = _object_new(cls)
+    for name, value in fields.items():
+        _set(obj, name, value)
+    return obj
+
+
+if NumberDataPoint in _PLAIN:
+    def number_point(attributes: dict, start: int, now: int, value: int | float,
+                      _new=_object_new, _cls=NumberDataPoint, _set=_set) -> NumberDataPoint:
+        p = _new(_cls)
+        _set(p, "attributes", attributes)
+        _set(p, "start_time_unix_nano", start)
+        _set(p, "time_unix_nano", now)
+        _set(p, "value", value)
+        _set(p, "exemplars", [])
+        return p
+else:  # pragma: no cover - another SDK's shape
+    def number_point(attributes: dict, start: int, now: int, value: int | float) -> NumberDataPoint:
+        return NumberDataPoint(attributes=attributes, start_time_unix_nano=start, time_unix_nano=now, value=value)
+
+
+
+if {Gauge, Sum, Metric} <= _PLAIN:
+    def _gauge(points: list, _new=_object_new, _cls=Gauge, _set=_set) -> Gauge:
+        g = _new(_cls)
+        _set(g, "data_points", points)
+        return g
+
+    def _sum(points: list, monotonic: bool, _new=_object_new, _cls=Sum, _set=_set) -> Sum:
+        s = _new(_cls)
+        _set(s, "data_points", points)
+        _set(s, "aggregation_temporality", CUMULATIVE)
+        _set(s, "is_monotonic", monotonic)
+        return s
+
+    def _metric(name: str, description: str, unit: str, data: Any, _new=_object_new, _cls=Metric,
+                _set=_set) -> Metric:
+        m = _new(_cls)
+        _set(m, "name", name)
+        _set(m, "description", description)
+        _set(m, "unit", unit)
+        _set(m, "data", data)
+        return m
+else:  # pragma: no cover - another SDK's shape
+    def _gauge(points: list) -> Gauge:
+        return Gauge(data_points=points)
+
+    def _sum(points: list, monotonic: bool) -> Sum:
+        return Sum(data_points=points, aggregation_temporality=CUMULATIVE, is_monotonic=monotonic)
+
+    def _metric(name: str, description: str, unit: str, data: Any) -> Metric:
+        return Metric(name=name, description=description, unit=unit, data=data)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,6 +46,16 @@ class CgroupReceiverConfig(ScraperConfig):
                                                                  "kubepods trees; pods and containers below the "
                                                                  "trees found are listed on every collection")
     exclude_interfaces: list[str] = Field(["lo"], description="Network interfaces not reported")
+    max_open_files: int = Field(16384, ge=0, description="Cgroup files kept open between collections and "
+                                                        "re-read in place (a fifth of the cost of opening "
+                                                        "them again); at most half the soft RLIMIT_NOFILE, "
+                                                        "which is raised towards the hard limit at start as "
+                                                        "far as needed; files beyond it are opened, read and "
+                                                        "closed on every collection; 0 keeps none")
+    limits_every: int = Field(6, ge=1, le=1000, description="Read limits (memory.limit_in_bytes or memory.max, "
+                                                            "pids.max) when a cgroup is first seen and then "
+                                                            "on every Nth collection: a changed limit shows "
+                                                            "within N collections; 1 reads them every time")
 
     @field_validator("cgroup_root", "proc_root")
     @classmethod

@@ -15,6 +15,10 @@ def parse_int(text: str | None) -> int | None:
     """A single-number file (memory.current, pids.max...). "max" (no limit) and garbage give None."""
     if not text:
         return None
+    try:
+        return int(text)  # the usual "123\n"
+    except ValueError:
+        pass
     word = text.strip().split("\n", 1)[0].strip()
     try:
         return int(word)
@@ -24,9 +28,16 @@ def parse_int(text: str | None) -> int | None:
 
 def parse_flat(text: str | None) -> dict[str, int]:
     """Flat keyed files: `key value` per line (cpu.stat, memory.stat, memory.events, memory.oom_control...)."""
-    out: dict[str, int] = {}
     if not text:
-        return out
+        return {}
+    # fast path: well-formed files (every line one key and one number) pair up their words
+    words = text.split()
+    if len(words) == 2 * (text.count("\n") + (text[-1] != "\n")) and "\t" not in text:
+        try:
+            return dict(zip(words[::2], map(int, words[1::2]), strict=True))
+        except ValueError:
+            pass
+    out: dict[str, int] = {}
     for line in text.splitlines():
         key, _, value = line.partition(" ")
         if not value:
@@ -47,6 +58,13 @@ def parse_psi(text: str | None) -> dict[str, int]:
         kind, _, rest = line.partition(" ")
         if kind not in ("some", "full"):
             continue
+        at = rest.rfind("total=")
+        if at == 0 or at > 0 and rest[at - 1] == " ":  # fast path: total= is the last field
+            try:
+                out[kind] = int(rest[at + 6:])
+                continue
+            except ValueError:
+                pass
         for field in rest.split():
             if field.startswith("total="):
                 try:
@@ -98,6 +116,14 @@ def parse_cpuacct_usage_all(text: str | None) -> tuple[int, int] | None:
     """cgroup v1 cpuacct.usage_all: `cpu user system` then one row per CPU in ns -> (user_ns, system_ns)."""
     if not text:
         return None
+    # fast path: the header and then rows of three numbers
+    words = text.split()
+    if len(words) > 3 and len(words) % 3 == 0 and words[:3] == ["cpu", "user", "system"] \
+            and len(words) == 3 * (text.count("\n") + (text[-1] != "\n")):
+        try:
+            return sum(map(int, words[4::3])), sum(map(int, words[5::3]))
+        except ValueError:
+            pass
     user = system = 0
     rows = 0
     for line in text.splitlines()[1:]:

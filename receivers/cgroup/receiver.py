@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
+import resource
 import time
 from dataclasses import replace
 
@@ -39,6 +41,8 @@ class CgroupReceiver(Receiver):
             if not wanted:
                 setattr(groups, group, False)
         self.groups = groups
+        self._container_handles = _Specs(self.container_specs)
+        self._pod_handles = _Specs(self.pod_specs)
         self.layout: Layout | None = None
         self.discovery: Discovery | None = None
         self.reader: Reader | None = None
@@ -61,12 +65,32 @@ class CgroupReceiver(Receiver):
             raise ComponentUnavailable(f"no cgroup hierarchy under {root} (neither cgroup2 nor v1 controllers)")
         self.layout = layout
         self.discovery = Discovery(layout.walk, self.config.max_depth)
-        self.reader = Reader(layout, self.groups)
-        self.logger.info("%s", layout.describe())
+        self.reader = Reader(layout, self.groups, _fd_budget(self.config.max_open_files),
+                             self.config.limits_every)
+        self.logger.info("%s; keeping up to %d cgroup files open", layout.describe(), self.reader.max_open)
+
+    def shutdown(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
     # -- collection ---------------------------------------------------------------------------------------------------
 
     def collect(self) -> MetricsData:
+        # A collection allocates tens of thousands of small objects (the SDK's points) and frees none of them:
+        # the cyclic collector, left running, would traverse the whole heap several times meanwhile for nothing.
+        # It is paused for the collection and what it allocated is then collected once (generation 0), here, so
+        # the cost stays counted in this collection.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            return self._collect()
+        finally:
+            if paused:
+                gc.enable()
+                gc.collect(0)
+
+    def _collect(self) -> MetricsData:
         if self.discovery is None:
             self.start(None)
         disc, reader = self.discovery, self.reader
@@ -77,6 +101,9 @@ class CgroupReceiver(Receiver):
         found, lost = disc.scan()
         if lost:
             self._next_search = 0.0  # a kubepods tree vanished (kubelet restart?): look again next time
+        # fds of cgroups discovery no longer lists are closed before anything is read
+        reader.retain(found.pods.keys() | found.containers.keys())
+        reader.begin()
         b = MetricsBuilder(self.scope, self.start_ns)
         reader.errors.clear()
         seen: set[tuple] = set()
@@ -94,7 +121,7 @@ class CgroupReceiver(Receiver):
             if self.config.per_container:
                 key = ("c", path)
                 seen.add(key)
-                self._emit(b, self.container_specs, s, _container_resource(ref), key, time.monotonic())
+                self._emit(b, self._container_handles, s, _container_resource(ref), key, time.monotonic())
 
         n_pods = 0
         if self.config.per_pod:
@@ -113,7 +140,7 @@ class CgroupReceiver(Receiver):
                 key = ("p", uid)
                 seen.add(key)
                 resource = _pod_resource(ref)
-                self._emit(b, self.pod_specs, s, resource, key, time.monotonic())
+                self._emit(b, self._pod_handles, s, resource, key, time.monotonic())
                 if self.groups.network:
                     self._network(b, uid, found.containers_of.get(uid, ()), host_netns, resource)
 
@@ -143,45 +170,46 @@ class CgroupReceiver(Receiver):
                 return s, ref
         return None, None
 
-    def _emit(self, b: MetricsBuilder, specs, s: Stats, resource: dict, key: tuple, t: float) -> None:
-        add = b.add
+    def _emit(self, b: MetricsBuilder, specs: _Specs, s: Stats, resource: dict, key: tuple, t: float) -> None:
+        add = b.adder(resource)
         if s.cpu_user is not None:
-            add(specs["cpu.time"], s.cpu_user, {"cpu.mode": "user"}, resource)
-            add(specs["cpu.time"], s.cpu_system, {"cpu.mode": "system"}, resource)
+            add(specs.cpu_time, s.cpu_user, {"cpu.mode": "user"})
+            add(specs.cpu_time, s.cpu_system, {"cpu.mode": "system"})
         if s.cpu_total is not None:
             prev = self._prev_cpu.get(key)
             self._prev_cpu[key] = (s.cpu_total, t)
             if prev is not None and t > prev[1] and s.cpu_total >= prev[0]:
                 cores = (s.cpu_total - prev[0]) / (t - prev[1])
-                add(specs["cpu.usage"], cores, None, resource)
-                add(specs["cpu.percent"], cores * 100.0, None, resource)
+                add(specs.cpu_usage, cores)
+                add(specs.cpu_percent, cores * 100.0)
         if s.periods is not None:
-            add(specs["cpu.throttling_data.periods"], s.periods, None, resource)
-            add(specs["cpu.throttling_data.throttled_periods"], s.throttled_periods, None, resource)
-            add(specs["cpu.throttling_data.throttled_time"], s.throttled_time, None, resource)
-        add(specs["memory.usage"], s.mem_usage, None, resource)
-        add(specs["memory.working_set"], s.mem_working_set, None, resource)
-        add(specs["memory.rss"], s.mem_rss, None, resource)
-        add(specs["memory.cache"], s.mem_cache, None, resource)
-        add(specs["memory.kernel_stack"], s.mem_kernel_stack, None, resource)
-        add(specs["memory.page_tables"], s.mem_page_tables, None, resource)
-        add(specs["memory.swap"], s.mem_swap, None, resource)
-        add(specs["memory.limit"], s.mem_limit, None, resource)
-        add(specs["memory.oom.events"], s.oom_events, None, resource)
-        add(specs["memory.oom.kills"], s.oom_kills, None, resource)
+            add(specs.periods, s.periods)
+            add(specs.throttled_periods, s.throttled_periods)
+            add(specs.throttled_time, s.throttled_time)
+        add(specs.mem_usage, s.mem_usage)
+        add(specs.mem_working_set, s.mem_working_set)
+        add(specs.mem_rss, s.mem_rss)
+        add(specs.mem_cache, s.mem_cache)
+        add(specs.mem_kernel_stack, s.mem_kernel_stack)
+        add(specs.mem_page_tables, s.mem_page_tables)
+        add(specs.mem_swap, s.mem_swap)
+        add(specs.mem_limit, s.mem_limit)
+        add(specs.oom_events, s.oom_events)
+        add(specs.oom_kills, s.oom_kills)
         if s.faults_major is not None:
-            add(specs["memory.paging.faults"], s.faults_major, {"system.paging.fault.type": "major"}, resource)
-            add(specs["memory.paging.faults"], s.faults_minor, {"system.paging.fault.type": "minor"}, resource)
-        for dev, v in s.io.items():
-            name = self._device_name(dev)
-            for direction in ("read", "write"):
-                attrs = {"disk.io.direction": direction, "system.device": name}
-                add(specs["disk.io"], v[f"{direction}_bytes"], attrs, resource)
-                add(specs["disk.operations"], v[f"{direction}_ops"], dict(attrs), resource)
-        add(specs["pids.count"], s.pids, None, resource)
-        add(specs["pids.limit"], s.pids_limit, None, resource)
+            add(specs.faults, s.faults_major, {"system.paging.fault.type": "major"})
+            add(specs.faults, s.faults_minor, {"system.paging.fault.type": "minor"})
+        if s.io:
+            for dev, v in s.io.items():
+                name = self._device_name(dev)
+                add(specs.disk_io, v["read_bytes"], {"disk.io.direction": "read", "system.device": name})
+                add(specs.disk_ops, v["read_ops"], {"disk.io.direction": "read", "system.device": name})
+                add(specs.disk_io, v["write_bytes"], {"disk.io.direction": "write", "system.device": name})
+                add(specs.disk_ops, v["write_ops"], {"disk.io.direction": "write", "system.device": name})
+        add(specs.pids, s.pids)
+        add(specs.pids_limit, s.pids_limit)
         for (res, kind), seconds in s.psi.items():
-            add(specs["pressure.stall_time"], seconds, {"pressure.resource": res, "pressure.type": kind}, resource)
+            add(specs.stall, seconds, {"pressure.resource": res, "pressure.type": kind})
 
     # -- network ------------------------------------------------------------------------------------------------------
 
@@ -222,15 +250,16 @@ class CgroupReceiver(Receiver):
                 return
             specs = self.pod_specs
             excluded = self.config.exclude_interfaces
+            add = b.adder(resource)
             for iface, v in p.parse_net_dev(text).items():
                 if iface in excluded:
                     continue
                 for direction, pre in (("receive", "rx"), ("transmit", "tx")):
                     attrs = {"network.interface.name": iface, "network.io.direction": direction}
-                    b.add(specs["network.io"], v[f"{pre}_bytes"], attrs, resource)
-                    b.add(specs["network.packet.count"], v[f"{pre}_packets"], dict(attrs), resource)
-                    b.add(specs["network.errors"], v[f"{pre}_errs"], dict(attrs), resource)
-                    b.add(specs["network.packet.dropped"], v[f"{pre}_drop"], dict(attrs), resource)
+                    add(specs["network.io"], v[f"{pre}_bytes"], attrs)
+                    add(specs["network.packet.count"], v[f"{pre}_packets"], dict(attrs))
+                    add(specs["network.errors"], v[f"{pre}_errs"], dict(attrs))
+                    add(specs["network.packet.dropped"], v[f"{pre}_drop"], dict(attrs))
             self.telemetry.recovered("network")
             return
 
@@ -257,6 +286,47 @@ class CgroupReceiver(Receiver):
             if len(self._dev_names) < 4096:
                 self._dev_names[dev] = name
         return name
+
+
+class _Specs:
+    """The metric specs of one level (container or pod) resolved once, for the per point hot path."""
+
+    __slots__ = ("cpu_time", "cpu_usage", "cpu_percent", "periods", "throttled_periods", "throttled_time",
+                 "mem_usage", "mem_working_set", "mem_rss", "mem_cache", "mem_kernel_stack", "mem_page_tables",
+                 "mem_swap", "mem_limit", "oom_events", "oom_kills", "faults", "disk_io", "disk_ops", "pids",
+                 "pids_limit", "stall")
+
+    def __init__(self, specs: dict) -> None:
+        for attr, suffix in zip(self.__slots__, (
+                "cpu.time", "cpu.usage", "cpu.percent", "cpu.throttling_data.periods",
+                "cpu.throttling_data.throttled_periods", "cpu.throttling_data.throttled_time", "memory.usage",
+                "memory.working_set", "memory.rss", "memory.cache", "memory.kernel_stack", "memory.page_tables",
+                "memory.swap", "memory.limit", "memory.oom.events", "memory.oom.kills", "memory.paging.faults",
+                "disk.io", "disk.operations", "pids.count", "pids.limit", "pressure.stall_time"), strict=True):
+            setattr(self, attr, specs[suffix])
+
+
+def _fd_budget(configured: int) -> int:
+    """How many cgroup files may be kept open: `max_open_files`, at most half the soft RLIMIT_NOFILE (raised
+    towards the hard limit first, as far as needed), so the rest of the process keeps fds to spare."""
+    if configured <= 0:
+        return 0
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 2 * configured + 1024
+        if soft != resource.RLIM_INFINITY and soft < want:
+            target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            if target > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                    soft = target
+                except (ValueError, OSError):
+                    pass
+    except (ValueError, OSError):
+        return 0
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(0, min(configured, soft // 2))
 
 
 def _container_resource(ref: CgroupRef) -> dict:

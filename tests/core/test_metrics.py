@@ -45,3 +45,37 @@ def test_metrics_table_lists_disabled_ones():
     table = metrics_table([SUM, OFF])
     assert "`container.cpu.time` | sum | `s` | `cpu.mode`" in table
     assert "(off by default)" in table
+
+
+def test_adder_is_add_bound_to_one_resource_and_points_equal_the_sdks():
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, Metric, NumberDataPoint
+
+    res = {"k8s.pod.uid": "u1"}
+    one = MetricsBuilder("s", 123, time_ns=456)
+    add = one.adder(res)
+    add(SUM, 1.5, {"cpu.mode": "user"})
+    add(GAUGE, 42)
+    add(GAUGE, None)  # missing: skipped
+    add(OFF, 7)  # disabled: skipped
+    other = MetricsBuilder("s", 123, time_ns=456)
+    other.add(SUM, 1.5, {"cpu.mode": "user"}, res)
+    other.add(GAUGE, 42, None, dict(res))
+    a, b = one.build(), other.build()
+    assert a == b
+    metrics = {m.name: m for m in a.resource_metrics[0].scope_metrics[0].metrics}
+    # built without the dataclasses' __init__, yet the very objects the SDK's constructors make
+    assert metrics["container.cpu.time"] == Metric(
+        name="container.cpu.time", description="cpu", unit="s",
+        data=Sum(data_points=[NumberDataPoint(attributes={"cpu.mode": "user"}, start_time_unix_nano=123,
+                                              time_unix_nano=456, value=1.5)],
+                 aggregation_temporality=AggregationTemporality.CUMULATIVE, is_monotonic=True))
+    point = metrics["container.memory.usage"].data.data_points[0]
+    assert point == NumberDataPoint(attributes={}, start_time_unix_nano=0, time_unix_nano=456, value=42)
+    assert point.exemplars == [] and point.exemplars is not metrics["container.cpu.time"].data.data_points[0].exemplars
+    assert repr(point) == repr(NumberDataPoint(attributes={}, start_time_unix_nano=0, time_unix_nano=456, value=42))
+    try:
+        point.value = 1
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("points stay frozen")
