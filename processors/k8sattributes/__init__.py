@@ -4,7 +4,8 @@ Sources: an API-server informer on this node's pods (plus cached ReplicaSet/Job 
 namespace labels or annotations are asked, a namespace informer) and the CRI receiver's local cache
 ("container_metadata"). Association: `pod_association` rules over k8s.pod.uid, container.id, process.pid
 (through the cgroup attribution module), k8s.pod.name + k8s.namespace.name and k8s.pod.ip.
-The processing path never calls the API server: it reads caches the informer threads keep current.
+The processing path never calls the API server: it reads caches the informer threads keep current, and caches
+its result per resource for as long as the pod table (its generation counter) and namespaces stay the same.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from types import MappingProxyType
 from typing import Any
 
 from kubernetes import client
-from opentelemetry.sdk.metrics.export import MetricsData
+from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics
+from opentelemetry.sdk.resources import Resource as OtelResource
 
 from podmeter.attribution import ProcessAttributor
 from podmeter.component import ComponentUnavailable, Factory, Host, Processor, Stability
-from podmeter.metrics import with_resource
 
 from .config import K8sAttributesConfig
 from .informer import (
@@ -42,7 +43,12 @@ from .informer import (
 POD_LEVEL = ("k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.pod.ip", "k8s.namespace.name", "k8s.node.name",
              "k8s.deployment.name", "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name",
              "k8s.job.name", "k8s.cronjob.name")
-SWEEP_INTERVAL = 5.0  # at most; a shorter pod_delete_grace_period sweeps as often as it expires
+SWEEP_INTERVAL = 5.0  # the attribution cache's sweep, at most; a shorter pod_delete_grace_period sweeps as often
+# (deleted pods leave the pod table as soon as their grace period is over: PodCache.sweep is O(1) until then)
+# The enrichment cache (resource -> enriched resource) keeps what was used in the last ENRICH_ROTATE_CALLS to
+# 2 x ENRICH_ROTATE_CALLS process() calls, at most ENRICH_MAX_ENTRIES entries per half
+ENRICH_ROTATE_CALLS = 16
+ENRICH_MAX_ENTRIES = 65536
 
 
 @dataclass
@@ -127,6 +133,16 @@ class K8sAttributesProcessor(Processor):
         self._cri_providers: list = []
         self._cri_at = float("-inf")
         self._sweep_lock = threading.Lock()
+        # Enrichment results per resource, valid for one (pod cache, namespaces, CRI providers) generation: a
+        # resource seen before costs a dict lookup. Keyed by its attributes, and by the Resource object itself once
+        # the same object comes back (receivers that keep theirs across collections; the entry holds it, so its id
+        # is not reused). Two halves rotated every ENRICH_ROTATE_CALLS calls: what is not used any more goes.
+        self._ns_gen = 0
+        self._enrich_gen: tuple = ()
+        self._hot: dict = {}
+        self._cold: dict = {}
+        self._calls = 0
+        self._tl = threading.local()  # per processing thread: did this association read volatile state
         t = self.telemetry
         self.m_pods = t.gauge("podmeter_k8sattributes_pods", "Pods in the metadata table, live or deleted "
                                                              "(kept for pod_delete_grace_period)", ["state"])
@@ -224,6 +240,7 @@ class K8sAttributesProcessor(Processor):
         self.cache.replace(records)
 
     def _pod_event(self, etype: str, obj: dict) -> None:
+        self._maybe_sweep()  # before the event: a pod deleted now stays at least until the next event or batch
         if etype == "DELETED":
             uid = (obj.get("metadata") or {}).get("uid")
             if uid:
@@ -232,7 +249,6 @@ class K8sAttributesProcessor(Processor):
             rec = self._record(obj)
             if rec is not None:
                 self.cache.upsert(rec)
-        self._maybe_sweep()
 
     def _namespaces_replaced(self, items: list[dict]) -> None:
         fresh = {}
@@ -241,6 +257,7 @@ class K8sAttributesProcessor(Processor):
             if name:
                 fresh[name] = self._ns_attrs(o)
         self.namespaces = fresh  # swapped whole: readers see one or the other
+        self._ns_gen += 1
 
     def _namespace_event(self, etype: str, obj: dict) -> None:
         name = (obj.get("metadata") or {}).get("name")
@@ -252,6 +269,7 @@ class K8sAttributesProcessor(Processor):
         else:
             fresh[name] = self._ns_attrs(obj)
         self.namespaces = fresh
+        self._ns_gen += 1
 
     def _ns_attrs(self, obj: dict) -> MappingProxyType:
         md = obj.get("metadata") or {}
@@ -329,11 +347,11 @@ class K8sAttributesProcessor(Processor):
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
+        self.cache.sweep(now)  # deleted pods whose time is over (one comparison while none is)
         if now - self._last_sweep < self._sweep_every or not self._sweep_lock.acquire(blocking=False):
             return
         try:
             self._last_sweep = now
-            self.cache.sweep(now)
             self.attributor.sweep()
         finally:
             self._sweep_lock.release()
@@ -342,17 +360,65 @@ class K8sAttributesProcessor(Processor):
 
     def process(self, data: MetricsData) -> MetricsData:
         self._maybe_sweep()
+        # read before any metadata: a change after this makes the next call's generation differ
+        gen = (self.cache.generation, self._ns_gen, tuple(self._cri()))
+        if gen != self._enrich_gen:
+            self._hot, self._cold, self._calls = {}, {}, 0
+            self._enrich_gen = gen
+        else:
+            self._calls += 1
+            if self._calls >= ENRICH_ROTATE_CALLS or len(self._hot) > ENRICH_MAX_ENTRIES:
+                self._hot, self._cold, self._calls = {}, self._hot, 0
         out = []
         changed = False
         for rm in data.resource_metrics:
-            attrs = rm.resource.attributes
-            extra = self.attributes_for(attrs)
-            add = {k: v for k, v in extra.items() if attrs.get(k) in (None, "")}
-            if add:
-                rm = with_resource(rm, {**attrs, **add})
+            res = self._enriched(rm.resource, gen)
+            if res is not None:
+                rm = ResourceMetrics(resource=res, scope_metrics=rm.scope_metrics, schema_url=rm.schema_url)
                 changed = True
             out.append(rm)
         return MetricsData(resource_metrics=out) if changed else data
+
+    def _enriched(self, resource, gen: tuple):
+        """The resource with this processor's attributes added, or None when it adds nothing (cached)."""
+        hot, cold = self._hot, self._cold
+        key = id(resource)
+        entry = hot.get(key)
+        if entry is None:
+            entry = cold.get(key)
+            if entry is not None and entry[1] is resource:
+                hot[key] = entry
+        if entry is not None and entry[1] is resource and entry[0] == gen:
+            if entry[3]:
+                self.m_misses.inc()
+            return entry[2]
+        attrs = resource.attributes
+        try:
+            akey = (resource.schema_url, *attrs.items())
+            hash(akey)
+        except TypeError:  # a list value: not cached
+            akey = None
+        if akey is not None:
+            entry = hot.get(akey)
+            if entry is None:
+                entry = cold.get(akey)
+                if entry is not None:
+                    hot[akey] = entry
+            if entry is not None and entry[0] == gen:
+                if entry[1] is resource:  # the receiver keeps its Resource objects: find it by identity next
+                    hot[key] = entry
+                if entry[3]:
+                    self.m_misses.inc()
+                return entry[2]
+        tl = self._tl
+        tl.volatile = tl.missed = False
+        extra = self.attributes_for(attrs)
+        add = {k: v for k, v in extra.items() if attrs.get(k) in (None, "")}
+        res = OtelResource({**attrs, **add}, resource.schema_url) if add else None
+        # what came from /proc (process.pid: the PID may be reused) or a CRI cache (no change signal) is not kept
+        if not tl.volatile and akey is not None:
+            hot[akey] = (gen, resource, res, tl.missed)
+        return res
 
     def attributes_for(self, attrs) -> dict:
         """The attributes to add to a resource with these attributes (empty when no pod matches)."""
@@ -387,6 +453,7 @@ class K8sAttributesProcessor(Processor):
                 return found
         if tried:
             self.m_misses.inc()
+            self._tl.missed = True
         return None
 
     def _lookup(self, names: tuple[str, ...], values: list) -> _Match | None:
@@ -408,6 +475,7 @@ class K8sAttributesProcessor(Processor):
         if name == "container.id":
             return self._by_container(normalise_container_id(str(value)))
         if name == "process.pid":
+            self._tl.volatile = True
             try:
                 info = self.attributor.lookup(int(value))
             except (TypeError, ValueError):
@@ -452,6 +520,8 @@ class K8sAttributesProcessor(Processor):
         if now - self._cri_at > 1.0 and self.host is not None:
             self._cri_providers = self.host.lookup("container_metadata")
             self._cri_at = now
+        if self._cri_providers:
+            self._tl.volatile = True
         return self._cri_providers
 
     def _cri_pod_attrs(self, match: _Match) -> dict:

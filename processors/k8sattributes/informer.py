@@ -416,10 +416,16 @@ class PodRecord:
 
 
 class PodCache:
-    """Pods by uid with indexes by (namespace, name), IP and container id. Deleted pods stay for a grace period."""
+    """Pods by uid with indexes by (namespace, name), IP and container id. Deleted pods stay for a grace period.
+
+    `generation` goes up after every change a reader could see (a pod added, changed, marked deleted or swept),
+    never before it: a reader that saw generation G before reading knows its results are current while it is
+    still G."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
+        self.generation = 0
+        self._next_expiry = float("inf")  # when the first deleted pod's grace period ends
         self._lock = threading.Lock()
         self._pods: dict[str, PodRecord] = {}
         self._by_name: dict[tuple[str, str], str] = {}
@@ -460,16 +466,22 @@ class PodCache:
         with self._lock:
             old = self._pods.get(rec.uid)
             if old is not None:
+                if old == rec and self._indexed(rec):
+                    return  # a resync or a change of fields not kept: nothing a reader sees
                 self._unindex(old)
             self._pods[rec.uid] = rec
             self._index(rec)
+            self.generation += 1
 
     def delete(self, uid: str, now: float | None = None) -> None:
         with self._lock:
             rec = self._pods.get(uid)
             if rec is not None and rec.deleted_at is None:
                 # a live pod with the same name or IP wins the index from now on; this one keeps its uid and ids
-                self._pods[uid] = _replace(rec, deleted_at=time.monotonic() if now is None else now)
+                at = time.monotonic() if now is None else now
+                self._pods[uid] = _replace(rec, deleted_at=at)
+                self._next_expiry = min(self._next_expiry, at + self.grace)
+                self.generation += 1
 
     def replace(self, records: list[PodRecord]) -> None:
         """A full list: pods absent from it were deleted while we were not watching."""
@@ -481,12 +493,19 @@ class PodCache:
             self.upsert(rec)
 
     def sweep(self, now: float | None = None) -> int:
+        """Remove the deleted pods whose grace period is over; cheap (one comparison) while none is."""
         now = time.monotonic() if now is None else now
+        if now < self._next_expiry:
+            return 0
         with self._lock:
             gone = [p for p in self._pods.values() if p.deleted_at is not None and now - p.deleted_at >= self.grace]
             for rec in gone:
                 self._unindex(rec)
                 del self._pods[rec.uid]
+            self._next_expiry = min((p.deleted_at + self.grace for p in self._pods.values()
+                                     if p.deleted_at is not None), default=float("inf"))
+            if gone:
+                self.generation += 1
             return len(gone)
 
     def _index(self, rec: PodRecord) -> None:
@@ -495,6 +514,11 @@ class PodCache:
             self._by_ip[rec.ip] = rec.uid
         for cid in rec.container_ids:
             self._by_cid[cid] = rec.uid
+
+    def _indexed(self, rec: PodRecord) -> bool:
+        uid = rec.uid
+        return (self._by_name.get((rec.namespace, rec.name)) == uid and (not rec.ip or self._by_ip.get(rec.ip) == uid)
+                and all(self._by_cid.get(cid) == uid for cid in rec.container_ids))
 
     def _unindex(self, rec: PodRecord) -> None:
         # only entries still pointing at this pod: a newer pod may have taken the name or the IP

@@ -1,7 +1,8 @@
 """The nvml receiver: per-GPU, per-MIG-device and per-process GPU metrics, processes attributed to pods.
 
-Static device facts (uuid, name, PCI bus id, MIG layout) are read at discovery and cached; a collection makes
-only the value calls. Every NVML error is handled per call: NOT_SUPPORTED / FUNCTION_NOT_FOUND are counted once
+Static device facts (uuid, name, PCI bus id, MIG layout) are read at discovery (and after a GPU comes back) and
+cached; a collection makes only the value calls. A process is read from /proc once (per PID and start time) and
+then confirmed each collection through an fd on its /proc/<pid>; its Resource on each device is built once. Every NVML error is handled per call: NOT_SUPPORTED / FUNCTION_NOT_FOUND are counted once
 and the call is not made again on that device until NVML is re-initialised; other errors are counted and that
 value is left out; GPU_IS_LOST skips the device (hw.status failed); UNINITIALIZED / DRIVER_NOT_LOADED / a library
 version mismatch (a driver reload) re-initialise NVML and rediscover.
@@ -13,16 +14,20 @@ import ctypes
 import logging
 import os
 import pwd
+import resource as rlimit
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opentelemetry.sdk.metrics.export import MetricsData
+from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from podmeter.attribution import ProcessAttributor, read_process
+from podmeter import __version__
+from podmeter.attribution import ProcessAttributor, read_process, read_start_time
 from podmeter.component import ComponentUnavailable, Host, Receiver
-from podmeter.metrics import MetricsBuilder, empty, now_ns
+from podmeter.metrics import MetricsBuilder, empty, make_metric, now_ns, number_point
 
 from . import metrics as M
 from .config import NvmlConfig
@@ -75,6 +80,30 @@ class Device:
         return self.resource["hw.id"]
 
 
+class _Proc:
+    """A process on a GPU, attributed once (per PID and start time) and kept while NVML lists it.
+
+    `fd` is an open /proc/<pid> directory: it names this process, not the PID, so once the process is gone (and
+    the PID free for reuse) lookups through it fail: one faccessat per collection tells the same process from a
+    reused PID without reading /proc/<pid>/stat. -1 where no fd is held (over the fd budget): the start time is
+    compared instead. `resources`: device uuid -> (that device's resource dict, the process's Resource on it),
+    built once and shared by every collection (Resource is immutable)."""
+
+    __slots__ = ("start_time", "attrs", "host_pid", "fd", "resources")
+
+    def __init__(self, start_time: int, attrs: dict, host_pid: int, fd: int) -> None:
+        self.start_time, self.attrs, self.host_pid, self.fd = start_time, attrs, host_pid, fd
+        self.resources: dict[str, tuple[dict, Resource]] = {}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+
 class NvmlReceiver(Receiver):
     def __init__(self, settings, config: NvmlConfig) -> None:
         self.settings = settings
@@ -90,7 +119,18 @@ class NvmlReceiver(Receiver):
         self.discovered_at = 0.0
         self.host: Host | None = None
         self.attributor = ProcessAttributor(config.proc_root)
-        self._procs: dict[int, tuple[int, dict]] = {}  # pid -> (start_time, process resource attributes)
+        self._procs: dict[int, _Proc] = {}  # NVML pid -> the process, attributed (only those on a GPU now)
+        self._checked: set[int] = set()      # pids whose _Proc was confirmed in this collection
+        try:
+            soft = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[0]
+        except (OSError, ValueError):
+            soft = 1024
+        # /proc/<pid> fds held: a quarter of the fd limit at most, the rest compare start times
+        self._fd_budget = min(4096, (soft if soft > 0 else 1024) // 4)
+        self._fds = 0
+        self._iscope = InstrumentationScope(self.scope, __version__)
+        self._now = 0
+        self._proc_rms: dict[str, list[ResourceMetrics]] = {}  # device uuid -> its processes, this collection
         self._owners: dict[int, str] = {}
         self._btime: float | None = None
         self._ns_map: dict[int, int] | None = None      # NSpid translation, built only when needed
@@ -167,6 +207,10 @@ class NvmlReceiver(Receiver):
         return True
 
     def shutdown(self) -> None:
+        for proc in self._procs.values():
+            proc.close()
+        self._procs.clear()
+        self._fds = 0
         if self.ready and self.nvml is not None:
             try:
                 self.nvml.nvmlShutdown()
@@ -347,9 +391,12 @@ class NvmlReceiver(Receiver):
         return empty()
 
     def _collect(self) -> MetricsData:
-        b = MetricsBuilder(self.scope, self.start_ns)
+        self._now = now_ns()
+        b = MetricsBuilder(self.scope, self.start_ns, time_ns=self._now)
         assignments = self._assignments()
         seen_pids: set[int] = set()
+        self._checked = set()
+        self._proc_rms = {}
         for dev in self.devices:
             if dev.lost and dev.handle is None:
                 self._status(b, dev, "failed")
@@ -359,6 +406,8 @@ class NvmlReceiver(Receiver):
                 if dev.lost:
                     dev.lost = False
                     self.telemetry.recovered(f"gpu_lost {dev.uuid}")
+                    # back on the bus (after a reset): read what is static about it again at the next collection
+                    self.discovered_at = float("-inf")
                 self._status(b, dev, "ok")
             except _Lost as exc:
                 dev.lost = True
@@ -367,7 +416,24 @@ class NvmlReceiver(Receiver):
                                      "its metrics are left out until it answers again")
                 self._status(b, dev, "failed")
         self._forget_exited(seen_pids)
-        return b.build()
+        data = b.build()
+        procs, self._proc_rms = self._proc_rms, {}
+        if not procs:
+            return data
+        # Processes are built outside the builder (their Resource is cached across collections); put them where
+        # the builder would have: each right after its GPU's or MIG device's own resource.
+        by_id = {rm.resource.attributes.get("hw.id"): rm for rm in data.resource_metrics}
+        out = []
+        for gpu in self.devices:
+            for d in (gpu, *gpu.migs):
+                rm = by_id.pop(d.uuid, None)
+                if rm is not None:
+                    out.append(rm)
+                out.extend(procs.pop(d.uuid, ()))
+        out.extend(by_id.values())
+        for rms in procs.values():
+            out.extend(rms)
+        return MetricsData(resource_metrics=out)
 
     def _status(self, b: MetricsBuilder, dev: Device, state: str) -> None:
         for s in ("ok", "failed"):
@@ -498,15 +564,30 @@ class NvmlReceiver(Receiver):
         if not memory:
             return
         samples = self._samples(dev) if utilization else None
+        # the points MetricsBuilder.add would make, on a Resource built once per process and device
+        out = self._proc_rms.setdefault(dev.uuid, [])
+        now, point, scope = self._now, number_point, self._iscope
+        mem_spec, util_spec = M.PROCESS_MEMORY, M.PROCESS_UTILIZATION
+        mem_start = 0 if mem_spec.instrument == "gauge" else self.start_ns
+        util_start = 0 if util_spec.instrument == "gauge" else self.start_ns
         for pid, used in memory.items():
             res = self._process_resource(pid, dev)
             seen.add(pid)
-            b.add(M.PROCESS_MEMORY, used, None, res)
-            if samples is None:
-                continue  # not supported (MIG) or failed: left out, never reported as zero
-            sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
-            for task, v in (("sm", sm), ("memory", mem), ("encoder", enc), ("decoder", dec)):
-                b.add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task}, res)
+            metrics = []
+            if used is not None and mem_spec.enabled:
+                metrics.append(make_metric(mem_spec, [point({}, mem_start, now, used)]))
+            # samples None: not supported (MIG) or failed: left out, never reported as zero
+            if samples is not None and util_spec.enabled:
+                sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
+                metrics.append(make_metric(util_spec, [
+                    point({"hw.gpu.task": "sm"}, util_start, now, sm / 100),
+                    point({"hw.gpu.task": "memory"}, util_start, now, mem / 100),
+                    point({"hw.gpu.task": "encoder"}, util_start, now, enc / 100),
+                    point({"hw.gpu.task": "decoder"}, util_start, now, dec / 100),
+                ]))
+            if metrics:
+                out.append(ResourceMetrics(resource=res, schema_url="", scope_metrics=[
+                    ScopeMetrics(scope=scope, metrics=metrics, schema_url="")]))
 
     def _samples(self, dev: Device) -> dict[int, tuple[float, float, float, float]] | None:
         """Per-PID utilization averaged over the samples newer than this device's last-seen timestamp.
@@ -547,12 +628,29 @@ class NvmlReceiver(Receiver):
         dev.last_seen = newest
         return {pid: (a[0] / a[4], a[1] / a[4], a[2] / a[4], a[3] / a[4]) for pid, a in acc.items()}
 
-    def _process_resource(self, pid: int, dev: Device) -> dict:
-        """The process's attributes (cached per pid and start time) merged with the device's."""
-        attrs = self._process_attrs(pid)
-        return {**dev.resource, **attrs}
+    def _process_resource(self, pid: int, dev: Device) -> Resource:
+        """The process's attributes merged with the device's, as a Resource kept while both stay the same."""
+        proc = self._process(pid)
+        if proc is None:
+            return Resource({**dev.resource, "process.pid": pid})
+        hit = proc.resources.get(dev.uuid)
+        if hit is not None and hit[0] is dev.resource:  # a rediscovered device has a new resource dict
+            return hit[1]
+        res = Resource({**dev.resource, **proc.attrs})
+        proc.resources[dev.uuid] = (dev.resource, res)
+        return res
 
-    def _process_attrs(self, pid: int) -> dict:
+    def _process(self, pid: int) -> _Proc | None:
+        """The process NVML reports as `pid`, attributed; None when it cannot be seen under proc_root.
+
+        /proc is read once per process: afterwards one faccessat through its /proc/<pid> fd per collection (or a
+        start-time comparison) confirms the PID still names the same process; a reused PID is attributed anew."""
+        proc = self._procs.get(pid)
+        if proc is not None:
+            if pid in self._checked or self._same(proc):
+                self._checked.add(pid)
+                return proc
+            self._drop(pid)  # exited: the PID now names another process, or nothing
         host_pid = pid
         info = self.attributor.lookup(pid)
         if info is None and self._nested_pidns:
@@ -563,15 +661,50 @@ class NvmlReceiver(Receiver):
                                  f"PID {pid} that NVML reports is not under {self.config.proc_root} (exited, or "
                                  "podmeter does not see the host PID namespace: run with hostPID: true or mount "
                                  "the host /proc and set proc_root); reported without a pod")
-            return {"process.pid": pid}
-        cached = self._procs.get(pid)
-        if cached is not None and cached[0] == info.start_time:
-            return cached[1]
+            return None
         attrs = info.attributes()
         attrs["process.pid"] = host_pid
         attrs.update(self._proc_details(host_pid, info.start_time))
-        self._procs[pid] = (info.start_time, attrs)
-        return attrs
+        proc = _Proc(info.start_time, attrs, host_pid, self._open_proc(host_pid, info.start_time))
+        self._procs[pid] = proc
+        self._checked.add(pid)
+        return proc
+
+    def _same(self, proc: _Proc) -> bool:
+        """Is the process still there (so its PID was not reused)?"""
+        if proc.fd >= 0:
+            # lookups under a /proc/<pid> fd fail (ESRCH) once its process is gone, whatever has the PID now
+            return os.access("stat", os.F_OK, dir_fd=proc.fd)
+        return read_start_time(self.attributor.proc_root, proc.host_pid) == proc.start_time
+
+    def _open_proc(self, pid: int, start_time: int) -> int:
+        """An fd on /proc/<pid> if it is the process that started at start_time; -1 over budget or on failure."""
+        if self._fds >= self._fd_budget or os.access not in os.supports_dir_fd:
+            return -1
+        try:
+            fd = os.open(f"{self.attributor.proc_root}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        try:
+            sfd = os.open("stat", os.O_RDONLY, dir_fd=fd)
+            try:
+                data = os.read(sfd, 4096)
+            finally:
+                os.close(sfd)
+            same = int(data[data.rindex(b")") + 2:].split()[19]) == start_time
+        except (OSError, ValueError, IndexError):
+            same = False
+        if not same:  # the PID changed hands since it was read: compare start times instead
+            os.close(fd)
+            return -1
+        self._fds += 1
+        return fd
+
+    def _drop(self, pid: int) -> None:
+        proc = self._procs.pop(pid, None)
+        if proc is not None and proc.fd >= 0:
+            self._fds -= 1
+            proc.close()
 
     def _proc_details(self, pid: int, start_ticks: int) -> dict:
         root = self.attributor.proc_root
@@ -619,7 +752,7 @@ class NvmlReceiver(Receiver):
     def _forget_exited(self, seen: set[int]) -> None:
         """Keep caches to the processes on GPUs now: bounded under churn."""
         for pid in [p for p in self._procs if p not in seen]:
-            del self._procs[pid]
+            self._drop(pid)
             self.attributor.forget(pid)
         self._ns_map = None
 
