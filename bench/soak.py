@@ -224,8 +224,10 @@ def summarize(rss: list[int], sizes: list[dict[str, int]], warm_index: int, fore
 
     RSS: the largest RSS after warm-up within 10% of the RSS at the end of warm-up. A container is unbounded when
     it keeps growing: the largest size in the last third of the post-warm-up samples exceeds the largest in the
-    first third by more than 10% (and a few entries) and the final size is still near that maximum. A leak grows
-    with the cycles and fails this; a cache whose size wanders with timing (a grace period) does not.
+    first third by more than 10% (and a few entries), the middle third's largest lies strictly between them, and the
+    final size is still near that maximum. A leak grows with the cycles and fails this; a cache whose size wanders
+    between levels with timing (a grace period, a cache reset by pod events that arrive while a collection runs)
+    does not, even when the samples happen to catch its low level early and its high level late.
 
     `foreign`: pod cgroups on the machine the soak did not make, per sample. When their number changes after
     warm-up (other work on a shared machine), the RSS verdict is disturbed: RSS follows what the receivers see.
@@ -240,8 +242,8 @@ def summarize(rss: list[int], sizes: list[dict[str, int]], warm_index: int, fore
         series = [s.get(name, 0) for s in sizes]
         post = series[warm_index:] or series[-1:]
         third = max(1, len(post) // 3)
-        early, late = max(post[:third]), max(post[-third:])
-        grew = late > max(early * 1.10, early + 8)
+        early, middle, late = max(post[:third]), max(post[third:-third] or post[-third:]), max(post[-third:])
+        grew = late > max(early * 1.10, early + 8) and early < middle < late
         ok = not (grew and series[-1] >= 0.9 * late)
         caches[name] = {"warm": series[warm_index - 1], "early": early, "max_late": late, "final": series[-1],
                         "ok": ok}

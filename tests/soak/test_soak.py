@@ -53,13 +53,17 @@ def test_short_soak_is_bounded():
 
 
 def test_checker_flags_growth_and_passes_flat_samples():
-    """The soak's verdicts themselves: a container that keeps growing fails, a flat one and flat RSS pass."""
+    """The soak's verdicts themselves: a container that keeps growing fails; a flat one, one wandering between two
+    levels, and flat RSS pass."""
     rss = [100 << 20] * 10 + [101 << 20] * 10
-    sizes = [{"flat": 40, "leak": 10 * i, "small": i % 3} for i in range(20)]
+    # "wander": a cache at one of two levels by timing, caught low early and high late by the sampling
+    sizes = [{"flat": 40, "leak": 10 * i, "small": i % 3,
+              "wander": 41 if i < 10 else (83 if i % 2 or i > 15 else 41)} for i in range(20)]
     out = summarize(rss, sizes, warm_index=5, stale=0)
     assert out["rss_ok"]
     assert out["caches_all"]["flat"]["ok"]
     assert out["caches_all"]["small"]["ok"]
+    assert out["caches_all"]["wander"]["ok"]
     assert not out["caches_all"]["leak"]["ok"]
     assert not out["caches_ok"]
     grown = summarize([100 << 20] * 5 + [120 << 20] * 5, [{}] * 10, warm_index=5)
