@@ -93,11 +93,10 @@ class ApiStandIn:
             "extract": {"labels": [{"key": "app"}, {"key": "team"}]},
         }
         if soak:
-            # the soak compresses days of pod churn into seconds (the short one: 300 cycles in about 5 s, at a
-            # rate that rises as caches warm up): the grace period a deleted pod's metadata is kept for is scaled
-            # down with it, so that the deleted pods kept (deletion rate x grace) are a handful and "bounded" is
-            # about count, not about the rate
-            cfg["pod_delete_grace_period"] = "100ms"
+            # the soak compresses days of pod churn into seconds (the short one: 300 cycles in about 5 s): a
+            # deleted pod's metadata is kept no longer than until the next event or collection, so that the pods
+            # kept are those of the cycle at hand and "bounded" is about count, not about the deletion rate
+            cfg["pod_delete_grace_period"] = "0s"
         return cfg
 
     def env(self) -> dict[str, str]:

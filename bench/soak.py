@@ -132,7 +132,21 @@ def run_soak(cycles: int = 10_000, live: int = 40, batch: int = 20, gpus: int = 
                  processes=[Process(pid=lp.proc.pid, gpu=lp.gpu, used_mem=(100 + n) * MiB, sm=n % 100)
                             for n, lp in enumerate(alive)]).write(node.scenario_path)
 
+    def caught_up(timeout: float = 5.0) -> None:
+        """Wait until k8sattributes has seen the API changes made so far (the watch delivers them on its own
+        thread): what the census finds then does not depend on where in a collection the events landed."""
+        if k8s is None or api is None or not alive:
+            return
+        newest, gone = alive[-1].pod.uid, list(just_deleted)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = k8s.cache.get(newest)
+            if rec is not None and all((r := k8s.cache.get(u)) is None or r.deleted_at is not None for u in gone):
+                return
+            time.sleep(0.002)
+
     def collect() -> None:
+        caught_up()
         for r in receivers:
             data = r.collect()
             if k8s is not None:
