@@ -50,7 +50,8 @@ class CgroupReceiverConfig(ScraperConfig):
                                                         "re-read in place (a fifth of the cost of opening "
                                                         "them again); at most half the soft RLIMIT_NOFILE, "
                                                         "which is raised towards the hard limit at start as "
-                                                        "far as needed; files beyond it are opened, read and "
+                                                        "far as needed, and shared by all cgroup receivers of "
+                                                        "the process; files beyond it are opened, read and "
                                                         "closed on every collection; 0 keeps none")
     limits_every: int = Field(6, ge=1, le=1000, description="Read limits (memory.limit_in_bytes or memory.max, "
                                                             "pids.max) when a cgroup is first seen and then "

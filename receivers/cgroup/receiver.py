@@ -17,7 +17,7 @@ from . import parsers as p
 from .config import CgroupReceiverConfig
 from .discovery import Discovery, Layout, detect_layout
 from .metrics import CONTAINER_METRICS, GROUP_OF, POD_METRICS
-from .stats import GONE, Reader, Stats
+from .stats import FD_BUDGET, GONE, Reader, Stats
 
 
 class CgroupReceiver(Receiver):
@@ -308,7 +308,8 @@ class _Specs:
 
 def _fd_budget(configured: int) -> int:
     """How many cgroup files may be kept open: `max_open_files`, at most half the soft RLIMIT_NOFILE (raised
-    towards the hard limit first, as far as needed), so the rest of the process keeps fds to spare."""
+    towards the hard limit first, as far as needed), so the rest of the process keeps fds to spare; the process's
+    FD_BUDGET, shared by all cgroup receivers, is the largest of these."""
     if configured <= 0:
         return 0
     try:
@@ -324,9 +325,9 @@ def _fd_budget(configured: int) -> int:
                     pass
     except (ValueError, OSError):
         return 0
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    return max(0, min(configured, soft // 2))
+    budget = configured if soft == resource.RLIM_INFINITY else max(0, min(configured, soft // 2))
+    FD_BUDGET.raise_to(budget)  # for every cgroup receiver of this process together
+    return budget
 
 
 def _container_resource(ref: CgroupRef) -> dict:

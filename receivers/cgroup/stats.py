@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass, field
 
 from . import parsers as p
@@ -98,6 +99,35 @@ def _read_rest(fd: int, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+class FdBudget:
+    """The fds every Reader of this process may keep open together: one receiver instance or several (two
+    configured cgroup receivers, tests that build many), the process stays within the budget its first receiver
+    set, and what a closed receiver gave back serves the others."""
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def raise_to(self, limit: int) -> None:
+        with self._lock:
+            self.limit = max(self.limit, limit)
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.used >= self.limit:
+                return False
+            self.used += 1
+            return True
+
+    def give(self, n: int = 1) -> None:
+        with self._lock:
+            self.used = max(0, self.used - n)
+
+
+FD_BUDGET = FdBudget()
+
+
 class Reader:
     """Reads files of one cgroup across hierarchies; counts unexpected read errors for the receiver to report.
 
@@ -108,7 +138,8 @@ class Reader:
     then opened once more by path, in case a cgroup of the same name was made since). At most `max_open` fds
     are kept; files beyond that are opened, read and closed as before. Limits (memory.limit_in_bytes /
     memory.max, pids.max) change rarely: they are read when a cgroup is first seen and then on every
-    `limits_every`-th collection, without keeping an fd.
+    `limits_every`-th collection, without keeping an fd. `max_open` bounds this reader and FD_BUDGET the whole
+    process.
     """
 
     def __init__(self, layout: Layout, groups, max_open: int = 0, limits_every: int = 1) -> None:
@@ -158,6 +189,7 @@ class Reader:
             except OSError:
                 pass
         self.open_count -= len(fds)
+        FD_BUDGET.give(len(fds))
 
     def text(self, path: str) -> str | None:
         fds = self._cur
@@ -172,24 +204,29 @@ class Reader:
                 except OSError as exc:
                     del fds[path]
                     self.open_count -= 1
+                    FD_BUDGET.give()
                     os.close(fd)
                     if exc.errno not in VANISHED:
                         self.errors.append((path, exc))
                         return None
                 # the cgroup was removed (and maybe made again under the same name): open it by path
+                if not FD_BUDGET.take():
+                    return read_small(path, self.errors)
                 try:
                     fd = os.open(path, _O_FLAGS)
                 except OSError as exc:
+                    FD_BUDGET.give()
                     if exc.errno in GONE or exc.errno == errno.ESTALE:
                         self._vanished = True
                     else:
                         self.errors.append((path, exc))
                     return None
                 return self._first_read(path, fd, fds)
-            if self.open_count < self.max_open:
+            if self.open_count < self.max_open and FD_BUDGET.take():
                 try:
                     fd = os.open(path, _O_FLAGS)
                 except OSError as exc:
+                    FD_BUDGET.give()
                     if exc.errno not in GONE:
                         self.errors.append((path, exc))
                     return None
@@ -204,6 +241,7 @@ class Reader:
                 data = _read_rest(fd, data)
         except OSError as exc:
             os.close(fd)
+            FD_BUDGET.give()
             if exc.errno not in GONE:
                 self.errors.append((path, exc))
             return None

@@ -14,6 +14,7 @@ from harness import require, require_root
 from harness.cgroups import ROOT, PodCgroup, hierarchies
 
 from receivers.cgroup import receiver as receiver_module
+from receivers.cgroup import stats as stats_module
 from receivers.cgroup.discovery import detect_layout
 
 _OPENED: list[str] | None = None
@@ -186,6 +187,22 @@ def test_beyond_the_fd_cap_files_are_opened_and_read_each_time(pod, receivers):
     data = none.collect()
     assert none.reader.kept() == 0 and fds_naming(pod.container_id) == []
     assert value(data, "container.pids.count", c) == 1
+
+
+def test_kept_fds_are_bounded_for_the_whole_process(pod, receivers, monkeypatch):
+    """Two cgroup receivers in one process share one budget; what one gives back on shutdown serves the other."""
+    budget = stats_module.FdBudget()
+    monkeypatch.setattr(stats_module, "FD_BUDGET", budget)
+    monkeypatch.setattr(receiver_module, "FD_BUDGET", budget)
+    first, second = receivers(max_open_files=6), receivers(max_open_files=6)
+    first.collect()
+    data = second.collect()
+    assert first.reader.kept() == 6 and second.reader.kept() == 0 and budget.used == 6
+    assert value(data, "container.pids.count", {"container.id": pod.container_id}) == 1  # read all the same
+    first.shutdown()
+    assert budget.used == 0
+    second.collect()
+    assert second.reader.kept() == 6 and budget.used == 6
 
 
 def test_the_fd_cap_is_at_most_half_the_soft_nofile_limit(monkeypatch):
