@@ -318,11 +318,12 @@ def test_service_account_auth_with_token_rotation(tmp_path, monkeypatch, make_pr
         (sa / "token.new").rename(sa / "token")
         server.token = "token-2"
         server.drop_watches()
+        # the informer comes back (a new watch, or a re-list when that watch was first refused) with the new token
+        wait_for(lambda: any(r.token == "token-2" for r in server.asked("pods")), timeout=15,
+                 what="a request with the rotated token")
+        # and keeps working: the server rejects token-1 now, and an event made after the rotation arrives
         server.create("pods", "ml", pod("q", NODE, uid=(q := uid())))
         wait_for(lambda: p.cache.get(q), timeout=15, what="sync with the rotated token")
-        # the server rejects token-1 now, so seeing q proves the new token was read; and it was sent (q comes
-        # through a new watch, or through a re-list when that watch was first refused)
-        assert any(r.token == "token-2" for r in server.asked("pods"))
     finally:
         server.stop()
 
