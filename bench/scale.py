@@ -3,6 +3,7 @@ same node in the same run (nvitop-exporter, a raw read of the cgroup files), and
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -115,9 +116,11 @@ def run_scale(pods: int, gpus: int, procs_per_gpu: int, iterations: int, scrapes
         try:
             built = build(node, api)
             res.missing.update(built.missing)
+            gc.freeze()  # as `podmeter run` does once started: what start built is out of the collector's way
             try:
                 _measure(node, built, res, iterations, scrapes)
             finally:
+                gc.unfreeze()
                 built.shutdown()
             if nvitop and gpus:
                 LOG.info("  nvitop-exporter on the same fake GPUs")

@@ -26,7 +26,7 @@ from podmeter.component import ComponentUnavailable, Exporter, Factory, Stabilit
 from podmeter.config import split_endpoint
 
 from .config import PrometheusConfig
-from .translate import Family, Translator, promoter
+from .translate import Family, ResourceLabels, Translator, promoter
 
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -153,6 +153,7 @@ class PrometheusExporter(Exporter):
             add_suffixes=config.add_metric_suffixes,
             promote=promoter(config.promote_resource_attributes, config.resource_to_telemetry_conversion.enabled),
             target_info=config.target_info.enabled,
+            resources=ResourceLabels(),
         )
         self._scopes: dict[str, _Scope] = {}
         self._lock = threading.Lock()  # guards _scopes and rendering; scrapes never take it

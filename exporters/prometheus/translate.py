@@ -12,6 +12,7 @@ import bisect
 import json
 import math
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -216,6 +217,39 @@ class Family:
     samples: list[tuple[str, str]] = field(default_factory=list)
 
 
+class ResourceLabels:
+    """A resource's translation (its promoted labels rendered, its target_info series) per Resource object, for
+    as long as that object lives. Resources are immutable, and receivers that keep theirs (nvml) or the
+    k8sattributes processor (which hands back the same enriched Resource while the pod table is unchanged) pass the
+    same object collection after collection: its labels are then not sorted, sanitized and escaped again. An entry
+    goes with its Resource (a weak reference), so the cache holds only resources something else still holds.
+    One per exporter: the translation depends on the exporter's settings."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, tuple[str | None, LabelSet]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, resource) -> tuple[str | None, LabelSet] | None:
+        entry = self._entries.get(id(resource))
+        if entry is not None and entry[0]() is resource:
+            return entry[1]
+        return None
+
+    def put(self, resource, value: tuple[str | None, LabelSet]) -> None:
+        key, entries = id(resource), self._entries
+
+        def gone(ref: weakref.ref) -> None:
+            if entries.get(key, (None,))[0] is ref:  # not an entry a newer object with the same id made
+                entries.pop(key, None)
+
+        try:
+            entries[key] = (weakref.ref(resource, gone), value)
+        except TypeError:  # a resource type without weak references: not cached
+            pass
+
+
 @dataclass
 class Translator:
     namespace: str = ""
@@ -223,6 +257,7 @@ class Translator:
     add_suffixes: bool = True
     promote: Any = None  # key -> bool
     target_info: bool = True
+    resources: ResourceLabels | None = None  # the exporter's, kept across exports
     # counts of what could not be translated, by cause (read by the exporter for telemetry)
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -231,22 +266,35 @@ class Translator:
 
     def resource_metrics(self, rm: ResourceMetrics, families: dict[str, Family]) -> None:
         """Translate one ResourceMetrics into `families` (family name -> Family)."""
-        attrs = dict(rm.resource.attributes)
+        cache = self.resources
+        hit = cache.get(rm.resource) if cache is not None else None
+        if hit is None:
+            hit = self._resource(rm.resource)
+            if cache is not None:
+                cache.put(rm.resource, hit)
+        info, rendered = hit
+        if info is not None:
+            fam = families.get("target_info")
+            if fam is None:
+                fam = families["target_info"] = Family("target_info", "gauge", "Target metadata")
+            fam.samples.append((info, "1.0"))
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                self.metric(metric, rendered, families)
+
+    def _resource(self, resource) -> tuple[str | None, LabelSet]:
+        """(the resource's target_info series or None, its promoted labels rendered once for all its points)."""
+        attrs = dict(resource.attributes)
         promoted = {k: v for k, v in attrs.items() if self.promote(k)}
         base = labels_from(promoted)
         for k, v in self.const_labels.items():
             base.setdefault(k, v)
+        info = None
         if self.target_info and attrs:
-            info = labels_from({k: v for k, v in attrs.items() if k not in promoted})
-            info.update(base)
-            fam = families.get("target_info")
-            if fam is None:
-                fam = families["target_info"] = Family("target_info", "gauge", "Target metadata")
-            fam.samples.append((series("target_info", info), "1.0"))
-        rendered = LabelSet(base)  # the resource's labels are escaped and sorted once, not once per point
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                self.metric(metric, rendered, families)
+            labels = labels_from({k: v for k, v in attrs.items() if k not in promoted})
+            labels.update(base)
+            info = series("target_info", labels)
+        return info, LabelSet(base)
 
     def metric(self, metric: Metric, base: LabelSet | Mapping[str, str], families: dict[str, Family]) -> None:
         if not isinstance(base, LabelSet):

@@ -512,3 +512,57 @@ def test_identifying_attributes_only_are_promoted_by_default(exporter, kit):
     exp2.export(b.build())
     fams = {f.name: f for f in parse_text(scrape(port2)[1])}
     assert fams["hw_gpu_utilization_ratio"].samples[0].labels["hw_model"] == "NVIDIA H100 80GB HBM3"
+
+
+def _gauge_batch(resource, value: float):
+    from opentelemetry.sdk.metrics.export import (
+        Gauge,
+        Metric,
+        MetricsData,
+        NumberDataPoint,
+        ResourceMetrics,
+        ScopeMetrics,
+    )
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    point = NumberDataPoint(attributes={}, start_time_unix_nano=0, time_unix_nano=1, value=value)
+    metric = Metric(name="container.memory.usage", description="Memory in use", unit="By",
+                    data=Gauge(data_points=[point]))
+    scope = ScopeMetrics(scope=InstrumentationScope("podmeter/receiver/test"), metrics=[metric], schema_url="")
+    return MetricsData(resource_metrics=[ResourceMetrics(resource=resource, scope_metrics=[scope], schema_url="")])
+
+
+def test_a_resource_passed_again_is_translated_once_and_forgotten_with_it(exporter, monkeypatch):
+    """nvml keeps its Resource objects and k8sattributes hands back the same enriched one while pods are
+    unchanged: their labels are rendered once, and the cache holds only resources that are still alive."""
+    import gc
+
+    from opentelemetry.sdk.resources import Resource
+
+    from exporters.prometheus import translate
+
+    exp, port, _ = exporter()
+    cache = exp.translator_args["resources"]
+    calls = []
+    real = translate.labels_from
+    monkeypatch.setattr(translate, "labels_from", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = Resource({"k8s.pod.uid": "u1", "k8s.pod.name": "p1", "host.name": "node-1"})
+    exp.export(_gauge_batch(res, 1.0))
+    first = len(calls)
+    assert first and len(cache) == 1
+    exp.export(_gauge_batch(res, 2.0))
+    assert len(calls) == first  # the same object: nothing translated again
+    _, text = scrape(port)
+    assert 'container_memory_usage_bytes{k8s_pod_name="p1",k8s_pod_uid="u1"} 2.0' in text
+    assert 'host_name="node-1"' in text  # in target_info, from the cached translation
+
+    # a new object (same attributes or not) is translated on its own
+    other = Resource({"k8s.pod.uid": "u2", "k8s.pod.name": "p2"})
+    exp.export(_gauge_batch(other, 3.0))
+    assert len(calls) > first and len(cache) == 2
+    _, text = scrape(port)
+    assert 'container_memory_usage_bytes{k8s_pod_name="p2",k8s_pod_uid="u2"} 3.0' in text
+    assert "u1" not in text  # the batch replaced the scope's series
+    del res, other
+    gc.collect()
+    assert len(cache) == 0
