@@ -418,7 +418,7 @@ def test_a_scopes_batch_reuses_the_other_scopes_rendering(exporter, kit):
     merged = {}
     for entry in exp._scopes.values():
         for name, rf in entry.families.items():
-            merged.setdefault(name, (rf.fam, {}))[1].update(rf.samples)
+            merged.setdefault(name, (rf.fam, {}))[1].update({k.decode(): v.decode() for k, v in rf.samples().items()})
     assert render(merged)[0] == exp.rendering().text and render(merged)[1] == exp.rendering().openmetrics
 
 
