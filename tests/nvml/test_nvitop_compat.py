@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import yaml
-from harness import free_port, require
+from harness import free_port, require, stop_process
 from harness.apiserver import ApiServer
 from harness.apiserver import pod as api_pod
 from harness.cgroups import PodCgroup
@@ -80,12 +80,7 @@ def _start_agent(config: str, tmp_path) -> subprocess.Popen:
 def _stop_agent(agent: subprocess.Popen | None, tmp_path) -> None:
     if agent is None:
         return
-    agent.terminate()
-    try:
-        agent.wait(15)
-    except subprocess.TimeoutExpired:
-        agent.kill()
-        agent.wait()
+    stop_process(agent, 15)
     if agent.returncode not in (0, -15):
         print(open(tmp_path / "agent.log").read()[-4000:])
 
