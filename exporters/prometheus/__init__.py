@@ -97,9 +97,10 @@ class _Family:
     def samples(self) -> dict[bytes, bytes]:
         """series -> value, parsed back from the lines (a value never holds a space, a series no raw newline)."""
         out = {}
-        for line in self.lines.splitlines():
-            key, _, value = line.rpartition(b" ")
-            out[key] = value
+        for line in self.lines.split(b"\n"):  # not splitlines(): a label value may hold a raw \r
+            if line:
+                key, _, value = line.rpartition(b" ")
+                out[key] = value
         return out
 
 

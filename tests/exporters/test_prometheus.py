@@ -566,3 +566,16 @@ def test_a_resource_passed_again_is_translated_once_and_forgotten_with_it(export
     del res, other
     gc.collect()
     assert len(cache) == 0
+
+
+def test_a_rendered_family_parses_back_whatever_its_label_values_hold():
+    """Families shared by several scopes are merged from their rendered lines: a value with spaces, quotes,
+    backslashes, a newline (escaped) or a raw carriage return (not escaped by either format) survives."""
+    from exporters.prometheus import _Family, _lines
+    from exporters.prometheus.translate import Family, series
+
+    odd = {"plain": "a", "spaced": "a b  c", "quoted": 'say "hi"', "slashed": "C:\\x", "newline": "1\n2",
+           "cr": "1\r2"}
+    samples = {series("m", {"k": v}): f"{i}.0" for i, v in enumerate(odd.values())}
+    rendered = _Family(Family("m", "gauge", "help"), len(samples), _lines(samples))
+    assert rendered.samples() == {k.encode(): v.encode() for k, v in samples.items()}
