@@ -128,31 +128,6 @@ def _lines(samples: dict[str, str]) -> bytes:
     return "".join([f"{k} {v}\n" for k, v in samples.items()]).encode()
 
 
-def render(merged: dict[str, tuple[Family, dict[str, str]]]) -> tuple[bytes, bytes, int]:
-    """Both exposition formats at once: (text 0.0.4, OpenMetrics 1.0, number of series) of whole families.
-
-    The exporter itself assembles the same output from per-scope cached chunks (PrometheusExporter._render_locked);
-    this is the reference form of it. Hand-written rather than prometheus_client's generate_latest: that one
-    re-validates and re-escapes every label name of every sample on every render (85% of the time at 10k series,
-    measured), while podmeter's names are sanitized once at translation and each sample line is shared by both
-    formats. Its output is checked against prometheus_client's parsers and promtool in the tests.
-    """
-    text: list[bytes] = []
-    om: list[bytes] = []
-    count = 0
-    for name in sorted(merged):
-        fam, samples = merged[name]
-        if not samples:
-            continue
-        text_head, om_head = _headers(name, fam)
-        lines = _lines(samples)
-        count += len(samples)
-        text += (text_head, lines)
-        om += (om_head, lines)
-    om.append(b"# EOF\n")
-    return b"".join(text), b"".join(om), count
-
-
 class PrometheusExporter(Exporter):
     def __init__(self, settings, config: PrometheusConfig) -> None:
         super().__init__()
@@ -269,6 +244,10 @@ class PrometheusExporter(Exporter):
         oldest = min((e.updated for e in self._scopes.values()), default=None)
         self._next_expiry = float("inf") if oldest is None else oldest + self.config.metric_expiration
 
+        # Hand-written rather than prometheus_client's generate_latest: that one re-validates and re-escapes every
+        # label name of every sample on every render (85% of the time at 10k series, measured), while podmeter's
+        # names are sanitized once at translation and each sample line is shared by both formats (the output is
+        # checked with prometheus_client's parsers and promtool in the tests).
         # Assemble: every family name once, in name order, from the scopes' cached chunks. A name that several
         # scopes expose (target_info for a pod that several receivers describe, or one metric from two receivers)
         # is merged into one family, so that the exposition has one # HELP/# TYPE per family.

@@ -296,9 +296,7 @@ class Translator:
             info = series("target_info", labels)
         return info, LabelSet(base)
 
-    def metric(self, metric: Metric, base: LabelSet | Mapping[str, str], families: dict[str, Family]) -> None:
-        if not isinstance(base, LabelSet):
-            base = LabelSet(base)
+    def metric(self, metric: Metric, base: LabelSet, families: dict[str, Family]) -> None:
         data = metric.data
         if isinstance(data, Sum):
             if data.aggregation_temporality == AggregationTemporality.DELTA:
@@ -382,17 +380,17 @@ def point_pairs(attributes: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
 
 class LabelSet:
     """Labels (names already sanitized) rendered once: (name, `name="escaped value"`) pairs sorted by name, and
-    their comma-joined body. A resource's labels are shared by all its points: rendering them once per resource
-    instead of once per point is most of the translation's cost."""
+    their comma-joined body. A resource's labels are shared by all its points, and the exporter keeps a resource's
+    LabelSet while the Resource lives: the body with each set of point attributes is built once, then looked up."""
 
-    __slots__ = ("labels", "pairs", "body", "_keys", "_splits")
+    __slots__ = ("labels", "pairs", "body", "_bodies")
+    MAX_BODIES = 256  # point attribute sets per resource are few (cpu modes, devices x directions); a bound anyway
 
     def __init__(self, labels: Mapping[str, str]) -> None:
         self.labels = labels
         self.pairs = sorted([(k, f'{k}="{escape_value(v)}"') for k, v in labels.items()])
         self.body = ",".join([p[1] for p in self.pairs])
-        self._keys = [p[0] for p in self.pairs]
-        self._splits: dict[int, tuple[str, str]] = {}
+        self._bodies: dict[tuple, str] = {}
 
     def merged(self, extra: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
         """Sorted pairs of these labels with the `extra` pairs added (an extra label replaces one of the same
@@ -409,17 +407,12 @@ class LabelSet:
     def with_point(self, attributes: Mapping[str, Any]) -> str:
         """The label body of a point with `attributes` on this resource."""
         extra = point_pairs(attributes)
-        if len(extra) == 1 and extra[0][0] not in self.labels:
-            # the common case, one attribute: put it between the two halves of the resource's body, each joined
-            # once per position
-            i = bisect.bisect_left(self._keys, extra[0][0])
-            split = self._splits.get(i)
-            if split is None:
-                before = ",".join([p[1] for p in self.pairs[:i]])
-                after = ",".join([p[1] for p in self.pairs[i:]])
-                split = self._splits[i] = (before + "," if before else "", "," + after if after else "")
-            return split[0] + extra[0][1] + split[1]
-        return ",".join([p[1] for p in self.merged(extra)])
+        body = self._bodies.get(extra)
+        if body is None:
+            body = ",".join([p[1] for p in self.merged(extra)])
+            if len(self._bodies) < self.MAX_BODIES:
+                self._bodies[extra] = body
+        return body
 
 
 def _float_str(v: float) -> str:

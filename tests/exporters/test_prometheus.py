@@ -413,13 +413,28 @@ def test_a_scopes_batch_reuses_the_other_scopes_rendering(exporter, kit):
     assert 'hw_id="GPU-6"' in text and 'k8s_pod_uid="uid-1"' in text and "uid-0" not in text
     assert promtool_check_metrics(text)[0] == 0
     # assembled from the cached chunks, the exposition equals a render of the merged families
-    from exporters.prometheus import render
 
     merged = {}
     for entry in exp._scopes.values():
         for name, rf in entry.families.items():
             merged.setdefault(name, (rf.fam, {}))[1].update({k.decode(): v.decode() for k, v in rf.samples().items()})
     assert render(merged)[0] == exp.rendering().text and render(merged)[1] == exp.rendering().openmetrics
+
+
+def render(merged: dict) -> tuple[bytes, bytes, int]:
+    """The reference rendering of whole families (name -> (Family, {series: value})) in both formats: what the
+    exporter's assembly from cached per-scope chunks must equal."""
+    from exporters.prometheus import _headers, _lines
+
+    text, om, count = [], [], 0
+    for name in sorted(merged):
+        fam, samples = merged[name]
+        if samples:
+            text_head, om_head = _headers(name, fam)
+            text += (text_head, _lines(samples))
+            om += (om_head, _lines(samples))
+            count += len(samples)
+    return b"".join(text), b"".join(om + [b"# EOF\n"]), count
 
 
 def test_a_family_in_several_scopes_has_one_help_and_type(exporter, kit):
