@@ -210,28 +210,26 @@ class Reader:
                         self.errors.append((path, exc))
                         return None
                 # the cgroup was removed (and maybe made again under the same name): open it by path
-                if not FD_BUDGET.take():
-                    return read_small(path, self.errors)
-                try:
-                    fd = os.open(path, _O_FLAGS)
-                except OSError as exc:
-                    FD_BUDGET.give()
-                    if exc.errno in GONE or exc.errno == errno.ESTALE:
-                        self._vanished = True
-                    else:
-                        self.errors.append((path, exc))
-                    return None
-                return self._first_read(path, fd, fds)
-            if self.open_count < self.max_open and FD_BUDGET.take():
-                try:
-                    fd = os.open(path, _O_FLAGS)
-                except OSError as exc:
-                    FD_BUDGET.give()
-                    if exc.errno not in GONE:
-                        self.errors.append((path, exc))
-                    return None
-                return self._first_read(path, fd, fds)
+                return self._open_kept(path, fds, reopening=True)
+            if self.open_count < self.max_open:
+                return self._open_kept(path, fds, reopening=False)
         return read_small(path, self.errors)
+
+    def _open_kept(self, path: str, fds: dict[str, int], reopening: bool) -> str | None:
+        """Open a file, read it and keep its fd; read and closed as before when the process's budget is spent.
+        `reopening`: its kept fd said the cgroup was removed, so not finding it now means the cgroup is gone."""
+        if not FD_BUDGET.take():
+            return read_small(path, self.errors)
+        try:
+            fd = os.open(path, _O_FLAGS)
+        except OSError as exc:
+            FD_BUDGET.give()
+            if reopening and (exc.errno in GONE or exc.errno == errno.ESTALE):
+                self._vanished = True
+            elif exc.errno not in GONE:
+                self.errors.append((path, exc))
+            return None
+        return self._first_read(path, fd, fds)
 
     def _first_read(self, path: str, fd: int, fds: dict[str, int]) -> str | None:
         """Read a file just opened and keep its fd (closed instead when it cannot be read)."""
