@@ -57,6 +57,9 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+_KEPT = object()  # marks the bucket key of a Resource object passed as it is
+
+
 class MetricsBuilder:
     """Collects points for one collection and builds `MetricsData`.
 
@@ -76,11 +79,21 @@ class MetricsBuilder:
         self._last_resource: Mapping | None = None
         self._last_entry: tuple[dict, dict[str, list], dict[str, MetricSpec]] = ({}, {}, {})
 
-    def _entry_of(self, resource: Mapping[str, Any]) -> tuple[dict, dict[str, list], dict[str, MetricSpec]]:
+    def _entry_of(self, resource: Mapping[str, Any] | Resource
+                  ) -> tuple[dict | Resource, dict[str, list], dict[str, MetricSpec]]:
         # Receivers add a resource's points together with one dict: find its bucket by identity first, then by
         # a sorted key computed once per dict (the dict is held, so its id cannot be reused meanwhile).
         if resource is self._last_resource:
             return self._last_entry
+        if isinstance(resource, Resource):
+            # a Resource the receiver keeps across collections: used as it is (held by the entry, so its id
+            # cannot be reused meanwhile), and downstream caches keyed by the object find it again
+            key = (_KEPT, id(resource))
+            entry = self._resources.get(key)
+            if entry is None:
+                entry = self._resources[key] = (resource, {}, {})
+            self._last_resource, self._last_entry = resource, entry
+            return entry
         memo = self._keys.get(id(resource))
         if memo is not None and memo[0] is resource:
             key = memo[1]
@@ -113,9 +126,10 @@ class MetricsBuilder:
             value,
         ))
 
-    def adder(self, resource: Mapping[str, Any]) -> Callable[..., None]:
+    def adder(self, resource: Mapping[str, Any] | Resource) -> Callable[..., None]:
         """`add` bound to one resource, for receivers that add many points per resource: `adder(resource)(spec,
         value, attributes)` is `add(spec, value, attributes, resource)` with the resource's bucket found once.
+        `resource` is a dict of attributes, or a Resource the receiver keeps across collections (used as it is).
 
         `attributes` is kept as given, not copied: pass a dict made for the point (or None).
         """
@@ -160,7 +174,7 @@ class MetricsBuilder:
             built = [make_metric(specs[name], bucket) for name, bucket in points.items() if bucket]
             if built:
                 out.append(ResourceMetrics(
-                    resource=Resource(resource),
+                    resource=resource if isinstance(resource, Resource) else Resource(resource),
                     scope_metrics=[ScopeMetrics(scope=self._scope, metrics=built, schema_url="")],
                     schema_url="",
                 ))
@@ -230,7 +244,6 @@ if NumberDataPoint in _PLAIN:
 else:  # pragma: no cover - another SDK's shape
     def number_point(attributes: dict, start: int, now: int, value: int | float) -> NumberDataPoint:
         return NumberDataPoint(attributes=attributes, start_time_unix_nano=start, time_unix_nano=now, value=value)
-
 
 
 if {Gauge, Sum, Metric} <= _PLAIN:

@@ -2,10 +2,11 @@
 
 Static device facts (uuid, name, PCI bus id, MIG layout) are read at discovery (and after a GPU comes back) and
 cached; a collection makes only the value calls. A process is read from /proc once (per PID and start time) and
-then confirmed each collection through an fd on its /proc/<pid>; its Resource on each device is built once. Every NVML error is handled per call: NOT_SUPPORTED / FUNCTION_NOT_FOUND are counted once
-and the call is not made again on that device until NVML is re-initialised; other errors are counted and that
-value is left out; GPU_IS_LOST skips the device (hw.status failed); UNINITIALIZED / DRIVER_NOT_LOADED / a library
-version mismatch (a driver reload) re-initialise NVML and rediscover.
+then confirmed each collection through an fd on its /proc/<pid>; its Resource on each device is built once and
+handed to the MetricsBuilder as it is. Every NVML error is handled per call: NOT_SUPPORTED / FUNCTION_NOT_FOUND
+are counted once and the call is not made again on that device until NVML is re-initialised; other errors are
+counted and that value is left out; GPU_IS_LOST skips the device (hw.status failed); UNINITIALIZED /
+DRIVER_NOT_LOADED / a library version mismatch (a driver reload) re-initialise NVML and rediscover.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+from opentelemetry.sdk.metrics.export import MetricsData
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from podmeter import __version__
 from podmeter.attribution import ProcessAttributor, read_process, read_start_time
 from podmeter.component import ComponentUnavailable, Host, Receiver
-from podmeter.metrics import MetricsBuilder, empty, make_metric, now_ns, number_point
+from podmeter.metrics import MetricsBuilder, empty, now_ns
 
 from . import metrics as M
 from .config import NvmlConfig
@@ -128,9 +127,6 @@ class NvmlReceiver(Receiver):
         # /proc/<pid> fds held: a quarter of the fd limit at most, the rest compare start times
         self._fd_budget = min(4096, (soft if soft > 0 else 1024) // 4)
         self._fds = 0
-        self._iscope = InstrumentationScope(self.scope, __version__)
-        self._now = 0
-        self._proc_rms: dict[str, list[ResourceMetrics]] = {}  # device uuid -> its processes, this collection
         self._owners: dict[int, str] = {}
         self._btime: float | None = None
         self._ns_map: dict[int, int] | None = None      # NSpid translation, built only when needed
@@ -391,12 +387,10 @@ class NvmlReceiver(Receiver):
         return empty()
 
     def _collect(self) -> MetricsData:
-        self._now = now_ns()
-        b = MetricsBuilder(self.scope, self.start_ns, time_ns=self._now)
+        b = MetricsBuilder(self.scope, self.start_ns)
         assignments = self._assignments()
         seen_pids: set[int] = set()
         self._checked = set()
-        self._proc_rms = {}
         for dev in self.devices:
             if dev.lost and dev.handle is None:
                 self._status(b, dev, "failed")
@@ -416,24 +410,7 @@ class NvmlReceiver(Receiver):
                                      "its metrics are left out until it answers again")
                 self._status(b, dev, "failed")
         self._forget_exited(seen_pids)
-        data = b.build()
-        procs, self._proc_rms = self._proc_rms, {}
-        if not procs:
-            return data
-        # Processes are built outside the builder (their Resource is cached across collections); put them where
-        # the builder would have: each right after its GPU's or MIG device's own resource.
-        by_id = {rm.resource.attributes.get("hw.id"): rm for rm in data.resource_metrics}
-        out = []
-        for gpu in self.devices:
-            for d in (gpu, *gpu.migs):
-                rm = by_id.pop(d.uuid, None)
-                if rm is not None:
-                    out.append(rm)
-                out.extend(procs.pop(d.uuid, ()))
-        out.extend(by_id.values())
-        for rms in procs.values():
-            out.extend(rms)
-        return MetricsData(resource_metrics=out)
+        return b.build()
 
     def _status(self, b: MetricsBuilder, dev: Device, state: str) -> None:
         for s in ("ok", "failed"):
@@ -564,30 +541,15 @@ class NvmlReceiver(Receiver):
         if not memory:
             return
         samples = self._samples(dev) if utilization else None
-        # the points MetricsBuilder.add would make, on a Resource built once per process and device
-        out = self._proc_rms.setdefault(dev.uuid, [])
-        now, point, scope = self._now, number_point, self._iscope
-        mem_spec, util_spec = M.PROCESS_MEMORY, M.PROCESS_UTILIZATION
-        mem_start = 0 if mem_spec.instrument == "gauge" else self.start_ns
-        util_start = 0 if util_spec.instrument == "gauge" else self.start_ns
         for pid, used in memory.items():
-            res = self._process_resource(pid, dev)
+            add = b.adder(self._process_resource(pid, dev))  # the process's Resource, kept across collections
             seen.add(pid)
-            metrics = []
-            if used is not None and mem_spec.enabled:
-                metrics.append(make_metric(mem_spec, [point({}, mem_start, now, used)]))
-            # samples None: not supported (MIG) or failed: left out, never reported as zero
-            if samples is not None and util_spec.enabled:
-                sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
-                metrics.append(make_metric(util_spec, [
-                    point({"hw.gpu.task": "sm"}, util_start, now, sm / 100),
-                    point({"hw.gpu.task": "memory"}, util_start, now, mem / 100),
-                    point({"hw.gpu.task": "encoder"}, util_start, now, enc / 100),
-                    point({"hw.gpu.task": "decoder"}, util_start, now, dec / 100),
-                ]))
-            if metrics:
-                out.append(ResourceMetrics(resource=res, schema_url="", scope_metrics=[
-                    ScopeMetrics(scope=scope, metrics=metrics, schema_url="")]))
+            add(M.PROCESS_MEMORY, used)
+            if samples is None:
+                continue  # not supported (MIG) or failed: left out, never reported as zero
+            sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
+            for task, v in (("sm", sm), ("memory", mem), ("encoder", enc), ("decoder", dec)):
+                add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task})
 
     def _samples(self, dev: Device) -> dict[int, tuple[float, float, float, float]] | None:
         """Per-PID utilization averaged over the samples newer than this device's last-seen timestamp.

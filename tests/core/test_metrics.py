@@ -79,3 +79,20 @@ def test_adder_is_add_bound_to_one_resource_and_points_equal_the_sdks():
         pass
     else:
         raise AssertionError("points stay frozen")
+
+
+def test_a_kept_resource_object_is_used_as_it_is():
+    """A receiver that keeps its Resource across collections hands it to the builder; the built data carries that
+    very object (downstream caches key on it), with all the points added for it."""
+    from opentelemetry.sdk.resources import Resource
+
+    spec = MetricSpec("process.memory", "gauge", "By", "memory")
+    kept = Resource({"process.pid": 7})
+    b = MetricsBuilder("test", 1)
+    b.add(spec, 1, {"k": "a"}, kept)
+    b.adder({"process.pid": 8})(spec, 3)
+    b.adder(kept)(spec, 2, {"k": "b"})
+    rms = b.build().resource_metrics
+    assert rms[0].resource is kept
+    assert [p.value for p in rms[0].scope_metrics[0].metrics[0].data.data_points] == [1, 2]
+    assert dict(rms[1].resource.attributes) == {"process.pid": 8}
