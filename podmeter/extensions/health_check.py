@@ -1,4 +1,5 @@
-"""health_check extension: HTTP 200 while every pipeline runs, 503 naming the failing components otherwise.
+"""health_check extension: HTTP 200 while every pipeline runs, 503 naming the failing components otherwise (and
+while the agent is still starting its components).
 
 Components that are unavailable on this host (no GPU, no socket) do not fail health: a DaemonSet on a CPU-only
 node must be ready. Exporter delivery failures (a backend outage) do not fail it either: restarting the agent
@@ -56,9 +57,12 @@ class HealthCheck(Extension):
             return 200, {"status": "Server available"}
         statuses = self.service.statuses()
         failing = {s.id: s.message for s in statuses.values() if s.state == "error"}
+        # served from the moment this extension starts, before the components after it: not ready until they are
+        starting = [s.id for s in statuses.values() if s.state == "starting"]
         components = {f"{s.kind}:{s.id}": s.state for s in statuses.values()}
-        if failing:
-            return 503, {"status": "Server not available", "failing": failing, "components": components}
+        if failing or starting:
+            return 503, {"status": "Server not available", "failing": failing, "starting": starting,
+                         "components": components}
         return 200, {"status": "Server available", "components": components}
 
     def shutdown(self) -> None:

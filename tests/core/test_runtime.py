@@ -293,3 +293,29 @@ def test_health_ok_when_only_unavailable_components(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
+
+
+def test_health_is_not_ready_while_components_are_starting(tmp_path, plugins):
+    """The health endpoint is served from the moment its extension starts, before exporters and receivers:
+    until they have started it answers 503 naming them, as the collector's health_check does."""
+    health = free_port()
+    service = Service(config(tmp_path, f"""
+        receivers:
+          counter: {{collection_interval: 100ms}}
+        exporters: {{debug: {{}}}}
+        extensions: {{health_check: {{endpoint: "127.0.0.1:{health}"}}}}
+        service:
+          extensions: [health_check]
+          telemetry: {{metrics: {{level: none}}}}
+          pipelines: {{metrics: {{receivers: [counter], exporters: [debug]}}}}
+        """))
+    ext = service.extensions["health_check"]
+    ext.service = service  # what its start() finds; the others have not started yet
+    code, body = ext.report()
+    assert code == 503 and "counter" in body["starting"] and "debug" in body["starting"]
+    service.start()
+    try:
+        code, body = ext.report()
+        assert code == 200, body
+    finally:
+        service.shutdown(timeout=2)
