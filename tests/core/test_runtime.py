@@ -251,7 +251,8 @@ def test_cli_run_health_telemetry_and_sigterm(tmp_path):
             except OSError:
                 return None
 
-        status = wait_for(lambda: get(health), what="health endpoint")
+        status = wait_for(lambda: (r := get(health)) and not json.loads(r[1]).get("starting") and r,
+                          what="health after start (503 while components start)")
         assert status[0] == 503 and "counter/broken" in status[1]  # start failure names the component
         metrics = wait_for(lambda: get(telemetry, "/metrics"), what="self-telemetry")[1]
         assert "podmeter_receiver_accepted_metric_points_total" in metrics

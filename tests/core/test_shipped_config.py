@@ -3,6 +3,7 @@ answers 200; metrics are served; SIGTERM exits 0 (what `make run` does)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,7 +56,8 @@ def test_run_with_shipped_config_on_this_host(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "podmeter.cli", "run", "--config", SHIPPED, "--config",
                              str(override)], stderr=subprocess.PIPE, text=True, env=env)
     try:
-        status = wait_for(lambda: http_get(f"http://127.0.0.1:{health}/"), timeout=30, what="health endpoint")
+        status = wait_for(lambda: (r := http_get(f"http://127.0.0.1:{health}/")) and not json.loads(r[1]).get("starting")
+                          and r, timeout=30, what="health after start (503 while components start)")
         assert status[0] == 200, status
         body = wait_for(lambda: (r := http_get(f"http://127.0.0.1:{prom}/metrics")) and pod.uid in r[1] and r[1],
                         timeout=30, what="the pod's cgroup metrics on the prometheus endpoint")
