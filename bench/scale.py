@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from harness import free_port
 
 from podmeter.metrics import count_points, merge
+from podmeter.runtime import tune_gc
 
 from . import api as api_standin
 from .agent import AgentResult, run_agent
@@ -116,11 +117,13 @@ def run_scale(pods: int, gpus: int, procs_per_gpu: int, iterations: int, scrapes
         try:
             built = build(node, api)
             res.missing.update(built.missing)
-            gc.freeze()  # as `podmeter run` does once started: what start built is out of the collector's way
+            threshold = gc.get_threshold()
+            tune_gc()  # as `podmeter run` does once started
             try:
                 _measure(node, built, res, iterations, scrapes)
             finally:
                 gc.unfreeze()
+                gc.set_threshold(*threshold)
                 built.shutdown()
             if nvitop and gpus:
                 LOG.info("  nvitop-exporter on the same fake GPUs")

@@ -7,7 +7,6 @@ message and never a traceback (PODMETER_DEBUG=1 shows one for bugs).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -77,7 +76,7 @@ def cmd_components(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from podmeter.runtime import Service, StartError
+    from podmeter.runtime import Service, StartError, tune_gc
 
     config = _load(args.config)
     logs = config.service.telemetry.logs
@@ -97,9 +96,7 @@ def cmd_run(args) -> int:
     except StartError as exc:
         log.error("start-up failed (--strict): %s", exc)
         return 1
-    # What start built (modules, config, components) lives as long as the agent: moved out of the cyclic
-    # collector's generations, its full passes (tens of ms each over that heap) no longer walk it again and again.
-    gc.freeze()
+    tune_gc()
     while not stop.wait(1.0):
         pass
     log.info("received %s: stopping receivers and flushing exporters (deadline %gs)",

@@ -1,7 +1,9 @@
 """Parsers for the cgroup and procfs files the receiver reads.
 
-Every parser takes the file's text and returns what it could make of it: malformed lines are skipped, never
-raised on, since a file read while its cgroup is being removed may come back short.
+Every parser takes the file's bytes as read (kernel files are ASCII: decoding them first would be one more copy
+per file, thousands per collection) and returns what it could make of them: malformed lines are skipped, never
+raised on, since a file read while its cgroup is being removed may come back short. Keys read from the files
+stay bytes; names that become attribute values (pressure kinds, devices, interfaces) are str.
 """
 
 from __future__ import annotations
@@ -11,35 +13,35 @@ from __future__ import annotations
 V1_UNLIMITED = 1 << 62
 
 
-def parse_int(text: str | None) -> int | None:
+def parse_int(data: bytes | None) -> int | None:
     """A single-number file (memory.current, pids.max...). "max" (no limit) and garbage give None."""
-    if not text:
+    if not data:
         return None
     try:
-        return int(text)  # the usual "123\n"
+        return int(data)  # the usual b"123\n"
     except ValueError:
         pass
-    word = text.strip().split("\n", 1)[0].strip()
+    word = data.strip().split(b"\n", 1)[0].strip()
     try:
         return int(word)
     except ValueError:
         return None
 
 
-def parse_flat(text: str | None) -> dict[str, int]:
+def parse_flat(data: bytes | None) -> dict[bytes, int]:
     """Flat keyed files: `key value` per line (cpu.stat, memory.stat, memory.events, memory.oom_control...)."""
-    if not text:
+    if not data:
         return {}
     # fast path: well-formed files (every line one key and one number) pair up their words
-    words = text.split()
-    if len(words) == 2 * (text.count("\n") + (text[-1] != "\n")) and "\t" not in text:
+    words = data.split()
+    if len(words) == 2 * (data.count(b"\n") + (data[-1] != 10)) and b"\t" not in data:
         try:
             return dict(zip(words[::2], map(int, words[1::2]), strict=True))
         except ValueError:
             pass
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
+    out: dict[bytes, int] = {}
+    for line in data.splitlines():
+        key, _, value = line.partition(b" ")
         if not value:
             continue
         try:
@@ -49,24 +51,27 @@ def parse_flat(text: str | None) -> dict[str, int]:
     return out
 
 
-def parse_psi(text: str | None) -> dict[str, int]:
+_PSI_KINDS = {b"some": "some", b"full": "full"}
+
+
+def parse_psi(data: bytes | None) -> dict[str, int]:
     """Pressure files (cpu.pressure...): `some avg10=0.00 avg60=0.00 avg300=0.00 total=281431` -> {"some": total_us}."""
     out: dict[str, int] = {}
-    if not text:
+    if not data:
         return out
-    for line in text.splitlines():
-        kind, _, rest = line.partition(" ")
-        if kind not in ("some", "full"):
+    for line in data.split(b"\n"):
+        kind = _PSI_KINDS.get(line[:4])
+        if kind is None or line[4:5] != b" ":
             continue
-        at = rest.rfind("total=")
-        if at == 0 or at > 0 and rest[at - 1] == " ":  # fast path: total= is the last field
+        at = line.rfind(b" total=")
+        if at > 0:  # fast path: total= is the last field
             try:
-                out[kind] = int(rest[at + 6:])
+                out[kind] = int(line[at + 7:])
                 continue
             except ValueError:
                 pass
-        for field in rest.split():
-            if field.startswith("total="):
+        for field in line.split()[1:]:
+            if field.startswith(b"total="):
                 try:
                     out[kind] = int(field[6:])
                 except ValueError:
@@ -74,18 +79,18 @@ def parse_psi(text: str | None) -> dict[str, int]:
     return out
 
 
-def parse_io_stat(text: str | None) -> dict[str, dict[str, int]]:
-    """cgroup v2 io.stat: `8:0 rbytes=1 wbytes=2 rios=3 wios=4 dbytes=0 dios=0` -> {"8:0": {"rbytes": 1, ...}}."""
-    out: dict[str, dict[str, int]] = {}
-    if not text:
+def parse_io_stat(data: bytes | None) -> dict[str, dict[bytes, int]]:
+    """cgroup v2 io.stat: `8:0 rbytes=1 wbytes=2 rios=3 wios=4 dbytes=0 dios=0` -> {"8:0": {b"rbytes": 1, ...}}."""
+    out: dict[str, dict[bytes, int]] = {}
+    if not data:
         return out
-    for line in text.splitlines():
+    for line in data.splitlines():
         fields = line.split()
-        if len(fields) < 2 or ":" not in fields[0]:
+        if len(fields) < 2 or b":" not in fields[0]:
             continue
-        stats = out.setdefault(fields[0], {})
+        stats = out.setdefault(fields[0].decode("ascii", "replace"), {})
         for field in fields[1:]:
-            key, _, value = field.partition("=")
+            key, _, value = field.partition(b"=")
             try:
                 stats[key] = int(value)
             except ValueError:
@@ -93,40 +98,40 @@ def parse_io_stat(text: str | None) -> dict[str, dict[str, int]]:
     return out
 
 
-def parse_blkio(text: str | None) -> dict[str, dict[str, int]]:
-    """cgroup v1 blkio.throttle.io_service_bytes(_recursive) / io_serviced: `8:0 Read 4096` -> {"8:0": {"read": 4096}}.
+def parse_blkio(data: bytes | None) -> dict[str, dict[bytes, int]]:
+    """cgroup v1 blkio.throttle.io_service_bytes(_recursive) / io_serviced: `8:0 Read 4096` -> {"8:0": {b"read": 4096}}.
 
     The trailing `Total N` line has no device and is skipped.
     """
-    out: dict[str, dict[str, int]] = {}
-    if not text:
+    out: dict[str, dict[bytes, int]] = {}
+    if not data or data.startswith(b"Total "):  # no device: the usual file of an idle cgroup
         return out
-    for line in text.splitlines():
+    for line in data.splitlines():
         fields = line.split()
-        if len(fields) != 3 or ":" not in fields[0]:
+        if len(fields) != 3 or b":" not in fields[0]:
             continue
         try:
-            out.setdefault(fields[0], {})[fields[1].lower()] = int(fields[2])
+            out.setdefault(fields[0].decode("ascii", "replace"), {})[fields[1].lower()] = int(fields[2])
         except ValueError:
             continue
     return out
 
 
-def parse_cpuacct_usage_all(text: str | None) -> tuple[int, int] | None:
+def parse_cpuacct_usage_all(data: bytes | None) -> tuple[int, int] | None:
     """cgroup v1 cpuacct.usage_all: `cpu user system` then one row per CPU in ns -> (user_ns, system_ns)."""
-    if not text:
+    if not data:
         return None
     # fast path: the header and then rows of three numbers
-    words = text.split()
-    if len(words) > 3 and len(words) % 3 == 0 and words[:3] == ["cpu", "user", "system"] \
-            and len(words) == 3 * (text.count("\n") + (text[-1] != "\n")):
+    words = data.split()
+    if len(words) > 3 and len(words) % 3 == 0 and words[:3] == [b"cpu", b"user", b"system"] \
+            and len(words) == 3 * (data.count(b"\n") + (data[-1] != 10)):
         try:
             return sum(map(int, words[4::3])), sum(map(int, words[5::3]))
         except ValueError:
             pass
     user = system = 0
     rows = 0
-    for line in text.splitlines()[1:]:
+    for line in data.splitlines()[1:]:
         fields = line.split()
         if len(fields) != 3:
             continue
@@ -144,20 +149,21 @@ NET_DEV_FIELDS = ("rx_bytes", "rx_packets", "rx_errs", "rx_drop", "rx_fifo", "rx
                   "tx_carrier", "tx_compressed")
 
 
-def parse_net_dev(text: str | None) -> dict[str, dict[str, int]]:
+def parse_net_dev(data: bytes | None) -> dict[str, dict[str, int]]:
     """/proc/<pid>/net/dev: two header lines, then `  eth0: rx(8 fields) tx(8 fields)` per interface."""
     out: dict[str, dict[str, int]] = {}
-    if not text:
+    if not data:
         return out
-    for line in text.splitlines():
-        name, sep, rest = line.partition(":")
+    for line in data.splitlines():
+        name, sep, rest = line.partition(b":")
         if not sep:
             continue
         values = rest.split()
         if len(values) < 16:
             continue
         try:
-            out[name.strip()] = dict(zip(NET_DEV_FIELDS, (int(v) for v in values[:16]), strict=True))
+            out[name.strip().decode("ascii", "replace")] = dict(zip(NET_DEV_FIELDS, (int(v) for v in values[:16]),
+                                                                   strict=True))
         except ValueError:
             continue
     return out

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import resource
 import time
 from dataclasses import replace
+
+from opentelemetry.sdk.resources import Resource
 
 from podmeter.attribution import CgroupRef
 from podmeter.component import ComponentUnavailable, Receiver
@@ -48,6 +49,9 @@ class CgroupReceiver(Receiver):
         self.reader: Reader | None = None
         self._next_search = 0.0
         self._prev_cpu: dict[tuple, tuple[float, float]] = {}  # cgroup key -> (cpu seconds, monotonic time)
+        # cgroup key -> (its CgroupRef, its Resource): one Resource object per cgroup for as long as it lives, which
+        # the pipeline's caches (enrichment, the prometheus exporter's labels) then find again by identity
+        self._resources: dict[tuple, tuple[CgroupRef, Resource]] = {}
         self._dev_names: dict[str, str] = {}
         root = config.cgroup_root
         self._sys_root = root[: -len("/fs/cgroup")] if root.endswith("/fs/cgroup") else "/sys"
@@ -76,21 +80,6 @@ class CgroupReceiver(Receiver):
     # -- collection ---------------------------------------------------------------------------------------------------
 
     def collect(self) -> MetricsData:
-        # A collection allocates tens of thousands of small objects (the SDK's points) and frees none of them:
-        # the cyclic collector, left running, would traverse the whole heap several times meanwhile for nothing.
-        # It is paused for the collection and what it allocated is then collected once (generation 0), here, so
-        # the cost stays counted in this collection.
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
-            return self._collect()
-        finally:
-            if paused:
-                gc.enable()
-                gc.collect(0)
-
-    def _collect(self) -> MetricsData:
         if self.discovery is None:
             self.start(None)
         disc, reader = self.discovery, self.reader
@@ -121,7 +110,8 @@ class CgroupReceiver(Receiver):
             if self.config.per_container:
                 key = ("c", path)
                 seen.add(key)
-                self._emit(b, self._container_handles, s, _container_resource(ref), key, time.monotonic())
+                self._emit(b, self._container_handles, s, self._resource(key, ref, _container_resource), key,
+                           time.monotonic())
 
         n_pods = 0
         if self.config.per_pod:
@@ -139,7 +129,7 @@ class CgroupReceiver(Receiver):
                 n_pods += 1
                 key = ("p", uid)
                 seen.add(key)
-                resource = _pod_resource(ref)
+                resource = self._resource(key, ref, _pod_resource)
                 self._emit(b, self._pod_handles, s, resource, key, time.monotonic())
                 if self.groups.network:
                     self._network(b, uid, found.containers_of.get(uid, ()), host_netns, resource)
@@ -147,6 +137,8 @@ class CgroupReceiver(Receiver):
         # forget CPU baselines of cgroups that are gone: bounded under churn
         if len(self._prev_cpu) > len(seen):
             self._prev_cpu = {k: v for k, v in self._prev_cpu.items() if k in seen}
+        if len(self._resources) > len(seen):
+            self._resources = {k: v for k, v in self._resources.items() if k in seen}
         if reader.errors:
             path, exc = reader.errors[0]
             self.telemetry.error("read", f"{len(reader.errors)} cgroup files unreadable, first {path}: "
@@ -170,7 +162,13 @@ class CgroupReceiver(Receiver):
                 return s, ref
         return None, None
 
-    def _emit(self, b: MetricsBuilder, specs: _Specs, s: Stats, resource: dict, key: tuple, t: float) -> None:
+    def _resource(self, key: tuple, ref: CgroupRef, attributes) -> Resource:
+        kept = self._resources.get(key)
+        if kept is None or kept[0] is not ref and kept[0] != ref:
+            kept = self._resources[key] = (ref, Resource(attributes(ref)))
+        return kept[1]
+
+    def _emit(self, b: MetricsBuilder, specs: _Specs, s: Stats, resource: Resource, key: tuple, t: float) -> None:
         add = b.adder(resource)
         if s.cpu_user is not None:
             add(specs.cpu_time, s.cpu_user, {"cpu.mode": "user"})
@@ -223,7 +221,8 @@ class CgroupReceiver(Receiver):
                 continue
         return None
 
-    def _network(self, b: MetricsBuilder, uid: str, container_paths, host_netns: str | None, resource: dict) -> None:
+    def _network(self, b: MetricsBuilder, uid: str, container_paths, host_netns: str | None,
+                 resource: Resource) -> None:
         """Counters of the pod's network namespace, read through one of its processes."""
         proc = self.config.proc_root
         for cpath in container_paths:
@@ -242,7 +241,7 @@ class CgroupReceiver(Receiver):
                 return  # hostNetwork pod: these would be the node's counters
             try:
                 with open(f"{proc}/{pid}/net/dev", "rb", buffering=0) as f:
-                    text = f.read().decode("ascii", "replace")
+                    text = f.read()
             except OSError as exc:
                 if exc.errno in GONE:
                     continue

@@ -14,9 +14,12 @@ from .discovery import Layout
 GONE = (errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.ENOTDIR)
 
 
-@dataclass
+@dataclass(init=False)
 class Stats:
-    """What was read of one cgroup. Absent values stay None (the metric is then not emitted)."""
+    """What was read of one cgroup. Absent values stay None (the metric is then not emitted).
+
+    Values are class defaults and set only when read: a cgroup's reading sets a third of them, and building
+    all 23 fields for each of the hundreds of cgroups per collection cost more than reading some files."""
 
     cpu_user: float | None = None  # seconds
     cpu_system: float | None = None
@@ -47,6 +50,10 @@ class Stats:
                 "mem_usage", "mem_working_set", "mem_rss", "mem_cache", "mem_kernel_stack", "mem_page_tables",
                 "mem_swap", "oom_events", "oom_kills", "faults_major", "faults_minor", "pids")
 
+    def __init__(self) -> None:
+        self.io = {}
+        self.psi = {}
+
     def add(self, other: Stats) -> None:
         for name in self.ADDITIVE:
             theirs = getattr(other, name)
@@ -66,7 +73,7 @@ VANISHED = (errno.ENODEV, errno.ESTALE, errno.ENOENT)
 _O_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
 
-def read_small(path: str, errors: list | None = None) -> str | None:
+def read_small(path: str, errors: list | None = None) -> bytes | None:
     """A small kernel file in as few syscalls as possible (no Python file object).
 
     None when it cannot be read; errors other than "it went away" are appended to `errors`.
@@ -87,7 +94,7 @@ def read_small(path: str, errors: list | None = None) -> str | None:
         return None
     finally:
         os.close(fd)
-    return data.decode("ascii", "replace")
+    return data
 
 
 def _read_rest(fd: int, data: bytes) -> bytes:
@@ -133,13 +140,14 @@ class Reader:
 
     Cost model (see the README): the statistics files of a cgroup are opened once and kept open, one fd each,
     and re-read with `pread(fd, n, 0)`: kernfs regenerates a file's content when it is read at offset 0, so this
-    is what a fresh open would read, at a fifth of the cost (no path walk, no open/close). Fds are closed when
-    discovery no longer lists the cgroup, and as soon as one answers ENODEV (the cgroup was removed: it is
-    then opened once more by path, in case a cgroup of the same name was made since). At most `max_open` fds
-    are kept; files beyond that are opened, read and closed as before. Limits (memory.limit_in_bytes /
-    memory.max, pids.max) change rarely: they are read when a cgroup is first seen and then on every
-    `limits_every`-th collection, without keeping an fd. `max_open` bounds this reader and FD_BUDGET the whole
-    process.
+    is what a fresh open would read, at a fifth of the cost (no path walk, no open/close). A cgroup whose files
+    are all kept is read in one pass over its fds, and its contents are then parsed from memory: no call per
+    file. Fds are closed when discovery no longer lists the cgroup, and as soon as one answers ENODEV (the
+    cgroup was removed: it is then opened once more by path, in case a cgroup of the same name was made since).
+    At most `max_open` fds are kept; files beyond that are opened, read and closed as before. Limits
+    (memory.limit_in_bytes / memory.max, pids.max) change rarely: they are read when a cgroup is first seen and
+    then on every `limits_every`-th collection, without keeping an fd. `max_open` bounds this reader and
+    FD_BUDGET the whole process.
     """
 
     def __init__(self, layout: Layout, groups, max_open: int = 0, limits_every: int = 1) -> None:
@@ -150,8 +158,11 @@ class Reader:
         self.limits_every = max(1, limits_every)
         self.open_count = 0  # fds kept, over all cgroups
         self._fds: dict[str, dict[str, int]] = {}  # cgroup (relative path) -> file path -> fd kept open
-        self._cur: dict[str, int] | None = None  # the fds of the cgroup being read
+        # cgroup -> (paths, fds) when every file its last reading read is kept: the next is one pass over the fds
+        self._whole: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+        self._cur: dict[str, int] | None = None  # the fds of the cgroup being read by path
         self._vanished = False  # a kept fd of the cgroup being read said it was removed
+        self._partial = False  # a file of the cgroup being read by path was read without keeping its fd
         self._limits: dict[str, tuple[int | None, int | None]] = {}  # cgroup -> (memory limit, pids limit)
         self._collections = 0
         self._refresh_limits = True
@@ -180,6 +191,7 @@ class Reader:
         return self.open_count if rel is None else len(self._fds.get(rel, ()))
 
     def _close(self, rel: str) -> None:
+        self._whole.pop(rel, None)
         fds = self._fds.pop(rel, None)
         if not fds:
             return
@@ -191,7 +203,9 @@ class Reader:
         self.open_count -= len(fds)
         FD_BUDGET.give(len(fds))
 
-    def text(self, path: str) -> str | None:
+    def text(self, path: str) -> bytes | None:
+        """One file of the cgroup being read by path, through its kept fd, or opened (and kept while the budget
+        allows)."""
         fds = self._cur
         if fds is not None:
             fd = fds.get(path)
@@ -200,7 +214,7 @@ class Reader:
                     data = os.pread(fd, BUFSIZE, 0)
                     if len(data) == BUFSIZE:
                         data = _read_rest(fd, data)
-                    return data.decode("ascii", "replace")
+                    return data
                 except OSError as exc:
                     del fds[path]
                     self.open_count -= 1
@@ -213,12 +227,14 @@ class Reader:
                 return self._open_kept(path, fds, reopening=True)
             if self.open_count < self.max_open:
                 return self._open_kept(path, fds, reopening=False)
+        self._partial = True
         return read_small(path, self.errors)
 
-    def _open_kept(self, path: str, fds: dict[str, int], reopening: bool) -> str | None:
+    def _open_kept(self, path: str, fds: dict[str, int], reopening: bool) -> bytes | None:
         """Open a file, read it and keep its fd; read and closed as before when the process's budget is spent.
         `reopening`: its kept fd said the cgroup was removed, so not finding it now means the cgroup is gone."""
         if not FD_BUDGET.take():
+            self._partial = True
             return read_small(path, self.errors)
         try:
             fd = os.open(path, _O_FLAGS)
@@ -231,10 +247,10 @@ class Reader:
             return None
         return self._first_read(path, fd, fds)
 
-    def _first_read(self, path: str, fd: int, fds: dict[str, int]) -> str | None:
+    def _first_read(self, path: str, fd: int, fds: dict[str, int]) -> bytes | None:
         """Read a file just opened and keep its fd (closed instead when it cannot be read)."""
         try:
-            data = os.read(fd, BUFSIZE)
+            data = os.pread(fd, BUFSIZE, 0)
             if len(data) == BUFSIZE:
                 data = _read_rest(fd, data)
         except OSError as exc:
@@ -245,17 +261,32 @@ class Reader:
             return None
         fds[path] = fd
         self.open_count += 1
-        return data.decode("ascii", "replace")
+        return data
 
     # -- one cgroup ---------------------------------------------------------------------------------------------
 
     def read(self, rel: str) -> Stats:
+        whole = self._whole.get(rel)
+        if whole is not None:
+            paths, fds = whole
+            try:
+                contents = [_pread(fd, BUFSIZE, 0) for fd in fds]
+            except OSError:
+                contents = None  # removed (ENODEV) or worse: read by path below, which sorts it out
+            if contents is not None and BUFSIZE not in map(len, contents):
+                return self._read(rel, dict(zip(paths, contents, strict=True)).get)
+            del self._whole[rel]
+        return self._read_by_path(rel)
+
+    def _read_by_path(self, rel: str) -> Stats:
+        """Open what is not kept yet, re-read what is: a cgroup's first reading, or one after a kept fd failed."""
         fds = self._fds.get(rel)
         if fds is None and self.max_open > 0:
             fds = self._fds[rel] = {}
-        self._cur, self._vanished = fds, False
+        self._cur, self._vanished, self._partial = fds, False, False
+        n_errors = len(self.errors)
         try:
-            s = self._read(rel)
+            s = self._read(rel, self.text)
         finally:
             self._cur = None
         if self._vanished or not s.found:
@@ -263,28 +294,31 @@ class Reader:
             self._limits.pop(rel, None)
         elif fds is not None and not fds:
             del self._fds[rel]
+        elif fds is not None and not self._partial and len(self.errors) == n_errors:
+            # every file read is kept (a file that does not exist was not read, and is not looked for again)
+            self._whole[rel] = (tuple(fds), tuple(fds.values()))
         return s
 
-    def _read(self, rel: str) -> Stats:
+    def _read(self, rel: str, text) -> Stats:
+        """Statistics of one cgroup from `text(path)`: the file's content, or None when it cannot be read."""
         s = Stats()
         lay, g = self.layout, self.groups
-        text = self.text
-        v2_cpu_stat: dict[str, int] | None = None
+        v2_cpu_stat: dict[bytes, int] | None = None
         if g.cpu and lay.cpu is not None:
             base = lay.cpu.root + rel
             if lay.cpu.v2:
-                v2_cpu_stat = p.parse_flat(text(f"{base}/cpu.stat"))
-                if "usage_usec" in v2_cpu_stat:
+                v2_cpu_stat = p.parse_flat(text(base + "/cpu.stat"))
+                if b"usage_usec" in v2_cpu_stat:
                     s.found = True
-                    s.cpu_total = v2_cpu_stat["usage_usec"] / 1e6
-                    s.cpu_user = v2_cpu_stat.get("user_usec", 0) / 1e6
-                    s.cpu_system = v2_cpu_stat.get("system_usec", 0) / 1e6
+                    s.cpu_total = v2_cpu_stat[b"usage_usec"] / 1e6
+                    s.cpu_user = v2_cpu_stat.get(b"user_usec", 0) / 1e6
+                    s.cpu_system = v2_cpu_stat.get(b"system_usec", 0) / 1e6
             else:
                 # usage_all: per-CPU user and system nanoseconds in one read; they add up to cpuacct.usage
-                both = p.parse_cpuacct_usage_all(text(f"{base}/cpuacct.usage_all"))
+                both = p.parse_cpuacct_usage_all(text(base + "/cpuacct.usage_all"))
                 if both is None:
-                    user, system = p.parse_int(text(f"{base}/cpuacct.usage_user")), \
-                        p.parse_int(text(f"{base}/cpuacct.usage_sys"))
+                    user, system = p.parse_int(text(base + "/cpuacct.usage_user")), \
+                        p.parse_int(text(base + "/cpuacct.usage_sys"))
                     both = (user, system) if user is not None and system is not None else None
                 if both is not None:
                     s.found = True
@@ -292,38 +326,38 @@ class Reader:
                     s.cpu_total = s.cpu_user + s.cpu_system
                 else:
                     # old kernels: only the total in ns and user/system in USER_HZ ticks
-                    total = p.parse_int(text(f"{base}/cpuacct.usage"))
+                    total = p.parse_int(text(base + "/cpuacct.usage"))
                     if total is not None:
                         s.found = True
                         s.cpu_total = total / 1e9
-                        ticks = p.parse_flat(text(f"{base}/cpuacct.stat"))
+                        ticks = p.parse_flat(text(base + "/cpuacct.stat"))
                         hz = _user_hz()
-                        if "user" in ticks and "system" in ticks:
-                            s.cpu_user, s.cpu_system = ticks["user"] / hz, ticks["system"] / hz
+                        if b"user" in ticks and b"system" in ticks:
+                            s.cpu_user, s.cpu_system = ticks[b"user"] / hz, ticks[b"system"] / hz
             thr = lay.throttle
             if thr is not None:
                 if thr.v2 and lay.cpu.v2 and thr.root == lay.cpu.root:
                     stat = v2_cpu_stat or {}
                 else:
-                    stat = p.parse_flat(text(f"{thr.root}{rel}/cpu.stat"))
-                if "nr_periods" in stat:
-                    s.periods = stat["nr_periods"]
-                    s.throttled_periods = stat.get("nr_throttled")
-                    if "throttled_usec" in stat:
-                        s.throttled_time = stat["throttled_usec"] / 1e6
-                    elif "throttled_time" in stat:  # v1: nanoseconds
-                        s.throttled_time = stat["throttled_time"] / 1e9
+                    stat = p.parse_flat(text(thr.root + rel + "/cpu.stat"))
+                if b"nr_periods" in stat:
+                    s.periods = stat[b"nr_periods"]
+                    s.throttled_periods = stat.get(b"nr_throttled")
+                    if b"throttled_usec" in stat:
+                        s.throttled_time = stat[b"throttled_usec"] / 1e6
+                    elif b"throttled_time" in stat:  # v1: nanoseconds
+                        s.throttled_time = stat[b"throttled_time"] / 1e9
         limits = self._limits.get(rel) if not self._refresh_limits else None
         mem_limit = pids_limit = None
         if g.memory and lay.memory is not None:
-            mem_limit = self._memory(lay.memory.root + rel, lay.memory.v2, s, limits)
+            mem_limit = self._memory(lay.memory.root + rel, lay.memory.v2, s, limits, text)
         if g.io and lay.io is not None:
-            self._io(lay.io.root + rel, lay.io.v2, s)
+            self._io(lay.io.root + rel, lay.io.v2, s, text)
         if g.pids and lay.pids is not None:
             base = lay.pids.root + rel
-            s.pids = p.parse_int(text(f"{base}/pids.current"))
+            s.pids = p.parse_int(text(base + "/pids.current"))
             if limits is None:
-                pids_limit = p.parse_int(read_small(f"{base}/pids.max", self.errors))  # "max" -> None
+                pids_limit = p.parse_int(read_small(base + "/pids.max", self.errors))  # "max" -> None
             else:
                 pids_limit = limits[1]
             s.pids_limit = pids_limit
@@ -332,42 +366,42 @@ class Reader:
             self._limits[rel] = (mem_limit, pids_limit)
         if g.pressure and lay.psi is not None:
             base = lay.psi + rel
-            for res in ("cpu", "memory", "io"):
-                for kind, total_us in p.parse_psi(text(f"{base}/{res}.pressure")).items():
-                    s.psi[(res, kind)] = total_us / 1e6
+            psi = s.psi
+            for res, path in (("cpu", "/cpu.pressure"), ("memory", "/memory.pressure"), ("io", "/io.pressure")):
+                for kind, total_us in p.parse_psi(text(base + path)).items():
+                    psi[_PSI_KEYS[res, kind]] = total_us / 1e6
         return s
 
-    def _memory(self, base: str, v2: bool, s: Stats, limits: tuple | None) -> int | None:
+    def _memory(self, base: str, v2: bool, s: Stats, limits: tuple | None, text) -> int | None:
         """Memory statistics into `s`; returns the limit as read (or as remembered in `limits`)."""
-        text = self.text
         if v2:
-            usage = p.parse_int(text(f"{base}/memory.current"))
-            stat = p.parse_flat(text(f"{base}/memory.stat"))
-            s.mem_rss, s.mem_cache = stat.get("anon"), stat.get("file")
-            s.mem_kernel_stack, s.mem_page_tables = stat.get("kernel_stack"), stat.get("pagetables")
-            inactive_file = stat.get("inactive_file")
-            s.faults_major = stat.get("pgmajfault")
-            faults = stat.get("pgfault")
-            s.mem_limit = p.parse_int(read_small(f"{base}/memory.max", self.errors)) if limits is None \
+            usage = p.parse_int(text(base + "/memory.current"))
+            stat = p.parse_flat(text(base + "/memory.stat"))
+            s.mem_rss, s.mem_cache = stat.get(b"anon"), stat.get(b"file")
+            s.mem_kernel_stack, s.mem_page_tables = stat.get(b"kernel_stack"), stat.get(b"pagetables")
+            inactive_file = stat.get(b"inactive_file")
+            s.faults_major = stat.get(b"pgmajfault")
+            faults = stat.get(b"pgfault")
+            s.mem_limit = p.parse_int(read_small(base + "/memory.max", self.errors)) if limits is None \
                 else limits[0]
-            s.mem_swap = p.parse_int(text(f"{base}/memory.swap.current"))
-            events = p.parse_flat(text(f"{base}/memory.events"))
-            s.oom_events, s.oom_kills = events.get("oom"), events.get("oom_kill")
+            s.mem_swap = p.parse_int(text(base + "/memory.swap.current"))
+            events = p.parse_flat(text(base + "/memory.events"))
+            s.oom_events, s.oom_kills = events.get(b"oom"), events.get(b"oom_kill")
         else:
-            usage = p.parse_int(text(f"{base}/memory.usage_in_bytes"))
+            usage = p.parse_int(text(base + "/memory.usage_in_bytes"))
             # total_* are hierarchical (they include sub-cgroups); the plain keys count this cgroup alone
-            stat = p.parse_flat(text(f"{base}/memory.stat"))
-            s.mem_rss, s.mem_cache = stat.get("total_rss"), stat.get("total_cache")
-            s.mem_swap = stat.get("total_swap")
-            inactive_file = stat.get("total_inactive_file")
-            s.faults_major = stat.get("total_pgmajfault")
-            faults = stat.get("total_pgfault")
+            stat = p.parse_flat(text(base + "/memory.stat"))
+            s.mem_rss, s.mem_cache = stat.get(b"total_rss"), stat.get(b"total_cache")
+            s.mem_swap = stat.get(b"total_swap")
+            inactive_file = stat.get(b"total_inactive_file")
+            s.faults_major = stat.get(b"total_pgmajfault")
+            faults = stat.get(b"total_pgfault")
             if limits is None:
-                limit = p.parse_int(read_small(f"{base}/memory.limit_in_bytes", self.errors))
+                limit = p.parse_int(read_small(base + "/memory.limit_in_bytes", self.errors))
                 s.mem_limit = limit if limit is not None and limit < p.V1_UNLIMITED else None
             else:
                 s.mem_limit = limits[0]
-            s.oom_kills = p.parse_flat(text(f"{base}/memory.oom_control")).get("oom_kill")
+            s.oom_kills = p.parse_flat(text(base + "/memory.oom_control")).get(b"oom_kill")
         if usage is not None:
             s.found = True
             s.mem_usage = usage
@@ -378,22 +412,27 @@ class Reader:
             s.faults_minor = max(0, faults - s.faults_major)
         return s.mem_limit
 
-    def _io(self, base: str, v2: bool, s: Stats) -> None:
+    def _io(self, base: str, v2: bool, s: Stats, text) -> None:
         if v2:
-            for dev, v in p.parse_io_stat(self.text(f"{base}/io.stat")).items():
-                s.io[dev] = {"read_bytes": v.get("rbytes", 0), "write_bytes": v.get("wbytes", 0),
-                             "read_ops": v.get("rios", 0), "write_ops": v.get("wios", 0)}
+            for dev, v in p.parse_io_stat(text(base + "/io.stat")).items():
+                s.io[dev] = {"read_bytes": v.get(b"rbytes", 0), "write_bytes": v.get(b"wbytes", 0),
+                             "read_ops": v.get(b"rios", 0), "write_ops": v.get(b"wios", 0)}
             return
         # the _recursive files include sub-cgroups; older kernels only have the plain ones
         for suffix in ("_recursive", ""):
-            by_bytes = self.text(f"{base}/blkio.throttle.io_service_bytes{suffix}")
+            by_bytes = text(f"{base}/blkio.throttle.io_service_bytes{suffix}")
             if by_bytes is not None:
-                ops = p.parse_blkio(self.text(f"{base}/blkio.throttle.io_serviced{suffix}"))
+                ops = p.parse_blkio(text(f"{base}/blkio.throttle.io_serviced{suffix}"))
                 for dev, v in p.parse_blkio(by_bytes).items():
                     o = ops.get(dev, {})
-                    s.io[dev] = {"read_bytes": v.get("read", 0), "write_bytes": v.get("write", 0),
-                                 "read_ops": o.get("read", 0), "write_ops": o.get("write", 0)}
+                    s.io[dev] = {"read_bytes": v.get(b"read", 0), "write_bytes": v.get(b"write", 0),
+                                 "read_ops": o.get(b"read", 0), "write_ops": o.get(b"write", 0)}
                 return
+
+
+_pread = os.pread
+# the (resource, kind) keys of Stats.psi, made once rather than per cgroup
+_PSI_KEYS = {(res, kind): (res, kind) for res in ("cpu", "memory", "io") for kind in ("some", "full")}
 
 
 _HZ: list[int] = []

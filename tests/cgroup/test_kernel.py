@@ -161,7 +161,7 @@ def test_network_of_a_pod_with_its_own_namespace():
         data = receiver.collect()
         from receivers.cgroup.parsers import parse_net_dev
 
-        kernel = parse_net_dev(open(f"/proc/{proc.pid}/net/dev").read())["lo"]
+        kernel = parse_net_dev(open(f"/proc/{proc.pid}/net/dev", "rb").read())["lo"]
         p = {"k8s.pod.uid": cg.uid}
         lo_tx = {"network.interface.name": "lo", "network.io.direction": "transmit"}
         assert value(data, "k8s.pod.network.io", p, lo_tx) == kernel["tx_bytes"] > 100_000

@@ -71,7 +71,8 @@ def test_adder_is_add_bound_to_one_resource_and_points_equal_the_sdks():
                  aggregation_temporality=AggregationTemporality.CUMULATIVE, is_monotonic=True))
     point = metrics["container.memory.usage"].data.data_points[0]
     assert point == NumberDataPoint(attributes={}, start_time_unix_nano=0, time_unix_nano=456, value=42)
-    assert point.exemplars == [] and point.exemplars is not metrics["container.cpu.time"].data.data_points[0].exemplars
+    # no exemplars: one empty list shared by every point (nothing appends to a built point's exemplars)
+    assert point.exemplars == [] and point.exemplars is metrics["container.cpu.time"].data.data_points[0].exemplars
     assert repr(point) == repr(NumberDataPoint(attributes={}, start_time_unix_nano=0, time_unix_nano=456, value=42))
     try:
         point.value = 1
