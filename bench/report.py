@@ -125,6 +125,11 @@ def render(machine: dict, results, ebpf: dict | None, soak: dict | None, args_li
                         + (f", {r.raw_dirs} dirs)" if k == "files+listing" else ")"))
                 rows.append([what, ms(st.median), ms(st.mean), "",
                              f"cgroup receiver / raw = {ratio(cg.median if cg else None, st.median)}"])
+        if r.model_floor is not None:
+            cg = r.cpu.get("receiver/cgroup")
+            rows.append([f"OTel objects of the cgroup batch alone ({r.model_metrics} metrics, nothing read)",
+                         ms(r.model_floor.median), ms(r.model_floor.mean), str(r.points.get("receiver/cgroup", "")),
+                         f"cgroup receiver / objects = {ratio(cg.median if cg else None, r.model_floor.median)}"])
         if r.nvitop is not None:
             nv = r.nvitop
             pm = r.cpu.get("gpu pipeline (nvml+k8sattributes+prometheus)")

@@ -9,8 +9,9 @@ import os
 from dataclasses import dataclass, field
 
 from harness import free_port
+from opentelemetry.sdk.metrics.export import Gauge, MetricsData, ResourceMetrics, ScopeMetrics
 
-from podmeter.metrics import count_points, merge
+from podmeter.metrics import MetricSpec, count_points, make_metric, merge, number_point
 from podmeter.runtime import tune_gc
 
 from . import api as api_standin
@@ -34,6 +35,8 @@ class ScaleResult:
     points: dict[str, int] = field(default_factory=dict)     # stage -> data points per collection
     raw: dict[str, Stats] = field(default_factory=dict)      # raw read of the cgroup receiver's files
     raw_files: int = 0
+    model_floor: Stats | None = None  # making the OTel objects of one cgroup batch, nothing read or parsed
+    model_metrics: int = 0
     raw_dirs: int = 0
     scrape: dict = field(default_factory=dict)               # in-process exporter (all receivers)
     gpu_scrape: dict = field(default_factory=dict)           # in-process exporter of the GPU pipeline only
@@ -205,7 +208,35 @@ def _measure(node: SyntheticNode, built: Built, res: ScaleResult, iterations: in
 
     if built.get("cgroup") is not None:
         _raw_floor(node, res, iterations)
+        _model_floor(batches["cgroup"], res, iterations)
     res.rss_in_process = proc_rss_bytes()
+
+
+def _model_floor(batch, res: ScaleResult, iterations: int) -> None:
+    """The data model's floor: making again every point, metric and resource entry of one cgroup batch with the
+    constructors the receivers use, from values already at hand (nothing read, parsed or looked up). Whatever a
+    receiver reads, handing the pipeline this many opentelemetry-sdk objects costs at least this much."""
+    rows = []
+    for rm in batch.resource_metrics:
+        for sm in rm.scope_metrics:
+            metrics = []
+            for m in sm.metrics:
+                data = m.data
+                instrument = "gauge" if isinstance(data, Gauge) else "sum" if data.is_monotonic else "updowncounter"
+                spec = MetricSpec(m.name, instrument, m.unit, m.description)
+                metrics.append((spec, [(p.attributes, p.start_time_unix_nano, p.time_unix_nano, p.value)
+                                       for p in data.data_points]))
+            rows.append((rm.resource, sm.scope, metrics))
+    res.model_metrics = sum(len(metrics) for _r, _s, metrics in rows)
+
+    def build() -> None:
+        MetricsData(resource_metrics=[
+            ResourceMetrics(resource=resource, schema_url="", scope_metrics=[ScopeMetrics(
+                scope=scope, schema_url="", metrics=[make_metric(spec, [number_point(*p) for p in points])
+                                                     for spec, points in metrics])])
+            for resource, scope, metrics in rows])
+
+    res.model_floor = cpu_per_call(build, iterations)
 
 
 def _raw_floor(node: SyntheticNode, res: ScaleResult, iterations: int) -> None:
