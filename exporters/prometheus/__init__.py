@@ -125,7 +125,16 @@ def _headers(name: str, fam: Family) -> tuple[bytes, bytes]:
 
 
 def _lines(samples: dict[str, str]) -> bytes:
+    """The sample lines of {series: value}."""
     return "".join([f"{k} {v}\n" for k, v in samples.items()]).encode()
+
+
+def _family_lines(fam: Family) -> bytes:
+    """The sample lines of a translated family: `<name><key> <value>` each (see Family). Joined from the strings
+    that already exist (the family name, the keys its resources' LabelSets keep, the values), so that no string
+    per line is made on the way to the one bytes object that is kept."""
+    name = fam.name
+    return "".join([s for key, value in fam.samples.items() for s in (name, key, " ", value, "\n")]).encode()
 
 
 class PrometheusExporter(Exporter):
@@ -216,11 +225,12 @@ class PrometheusExporter(Exporter):
         duplicates = 0
         for scope, families in by_scope.items():
             out = rendered[scope] = {}
-            for name, fam in families.items():
-                samples = dict(fam.samples)  # series -> value: the last point wins, one series per label set
+            while families:
+                # taken out as it is rendered: its samples go now, not after the last family's
+                name, fam = families.popitem()
                 if name != "target_info":  # resources describing the same pod give the same target_info: fine
-                    duplicates += len(fam.samples) - len(samples)
-                out[name] = _Family(Family(fam.name, fam.type, fam.help), len(samples), _lines(samples))
+                    duplicates += fam.duplicates
+                out[name] = _Family(Family(fam.name, fam.type, fam.help), len(fam.samples), _family_lines(fam))
         now = time.monotonic()
         with self._lock:
             for scope, families in rendered.items():

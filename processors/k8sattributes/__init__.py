@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from kubernetes import client
 from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics
 from opentelemetry.sdk.resources import Resource as OtelResource
 
@@ -27,6 +26,7 @@ from podmeter.component import ComponentUnavailable, Factory, Host, Processor, S
 from .config import K8sAttributesConfig
 from .informer import (
     EMPTY,
+    Api,
     ConfigurationError,
     OwnerResolver,
     PodCache,
@@ -34,6 +34,7 @@ from .informer import (
     Reflector,
     Resource,
     build_api_client,
+    client,
     controller_of,
     deployment_from_hash,
     normalise_container_id,
@@ -169,13 +170,8 @@ class K8sAttributesProcessor(Processor):
         except ConfigurationError as exc:
             raise ComponentUnavailable(f"no Kubernetes API access: {exc}") from None
         cfg = self.config
-        self.owners = OwnerResolver(self.api_client, cfg.owner_lookup_ttl, self.telemetry, cfg.request_timeout)
-        api_client = self.api_client
-
-        def core() -> client.CoreV1Api:
-            # built on the informer thread, not in start(): the API module's first import takes about a second
-            return client.CoreV1Api(api_client)
-
+        api = Api(self.api_client)
+        self.owners = OwnerResolver(api, cfg.owner_lookup_ttl, self.telemetry, cfg.request_timeout)
         kwargs: dict[str, Any] = {}
         if cfg.filter.node:
             kwargs["field_selector"] = f"spec.nodeName={cfg.filter.node}"
@@ -186,19 +182,13 @@ class K8sAttributesProcessor(Processor):
             kwargs["label_selector"] = ",".join(f.selector() for f in cfg.filter.labels)
         if cfg.filter.namespace:
             kwargs["namespace"] = cfg.filter.namespace
-
-            def list_fn(**kw):
-                return core().list_namespaced_pod(**kw)
-        else:
-            def list_fn(**kw):
-                return core().list_pod_for_all_namespaces(**kw)
         common = dict(telemetry=self.telemetry, restarts=self.m_restarts, request_timeout=cfg.request_timeout,
                       watch_timeout=cfg.watch_timeout, backoff=(cfg.reconnect.initial_interval, cfg.reconnect.max_interval))
-        self.pods_reflector = Reflector(Resource("pods", "", list_fn, kwargs), self._pods_replaced, self._pod_event,
+        self.pods_reflector = Reflector(Resource("pods", "", api.list_pods, kwargs), self._pods_replaced, self._pod_event,
                                         **common)
         self.m_sync_age.labels("pods").set_function(lambda: self._age(self.pods_reflector))
         if self.ns_rules:
-            self.ns_reflector = Reflector(Resource("namespaces", "", lambda **kw: core().list_namespace(**kw)), self._namespaces_replaced,
+            self.ns_reflector = Reflector(Resource("namespaces", "", api.list_namespaces), self._namespaces_replaced,
                                           self._namespace_event, **common)
             self.m_sync_age.labels("namespaces").set_function(lambda: self._age(self.ns_reflector))
             self.ns_reflector.start()

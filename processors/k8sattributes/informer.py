@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from kubernetes import client, watch
-from kubernetes.client.rest import ApiException
+# the kubernetes client library, loaded without the parts podmeter does not use (see kube.py)
+from .kube import Api, ApiException, client, watch
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _TokenFile:
 def build_api_client(auth_type: str, kube_config_path: str = "", context: str = "") -> client.ApiClient:
     conf = client.Configuration()
     if auth_type == "kubeConfig":
-        from kubernetes import config as kconfig
+        from kubernetes import config as kconfig  # imported here, on first use (see kube.py)
         from kubernetes.config.config_exception import ConfigException
 
         path = kube_config_path or os.environ.get("KUBECONFIG") or "~/.kube/config"
@@ -299,11 +299,9 @@ class OwnerResolver:
 
     FAILURE_TTL = 30.0
 
-    def __init__(self, api_client: client.ApiClient | None, ttl: float, telemetry, request_timeout: float,
+    def __init__(self, api: Api | None, ttl: float, telemetry, request_timeout: float,
                  max_entries: int = 4096) -> None:
-        self.api_client = api_client
-        self._apps: client.AppsV1Api | None = None
-        self._batch: client.BatchV1Api | None = None
+        self.api = api
         self.ttl = ttl
         self.telemetry = telemetry
         self.request_timeout = request_timeout
@@ -320,19 +318,13 @@ class OwnerResolver:
             if hit is not None and hit[0] > now:
                 self._cache.move_to_end(key)
                 return hit[1]
-        if self.api_client is None:
+        if self.api is None:
             return None
         ttl = self.ttl
         resource = "replicasets.apps" if kind == "ReplicaSet" else "jobs.batch"
         try:
             self.gets += 1
-            # API classes are built here, on the informer thread: their first import takes about a second
-            if kind == "ReplicaSet":
-                self._apps = self._apps or client.AppsV1Api(self.api_client)
-                fn = self._apps.read_namespaced_replica_set
-            else:
-                self._batch = self._batch or client.BatchV1Api(self.api_client)
-                fn = self._batch.read_namespaced_job
+            fn = self.api.read_replica_set if kind == "ReplicaSet" else self.api.read_job
             resp = fn(name, namespace, _preload_content=False, _request_timeout=(5, self.request_timeout))
             obj = json.loads(resp.data)
             result = controller_of(obj)

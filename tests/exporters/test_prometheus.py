@@ -213,6 +213,39 @@ def test_duplicate_series_are_merged_and_counted(exporter, kit):
                       cause="duplicate_series") == 1
 
 
+def test_duplicates_keep_the_last_point_in_every_kind_of_series(exporter, kit):
+    """A series that two points make keeps the last one, wherever the second comes from (a resource that differs
+    only in attributes that are not promoted, with or without point attributes, a histogram's buckets, sum and
+    count), and each point dropped is counted once."""
+    from podmeter.metrics import MetricsBuilder
+
+    exp, port, telemetry = exporter()
+    b = MetricsBuilder("podmeter/receiver/x", kit.START_NS)
+    r1, r2 = {"k8s.pod.uid": "u", "host.name": "a"}, {"k8s.pod.uid": "u", "host.name": "b"}
+    b.add(kit.CPU, 1.0, {"cpu.mode": "user"}, resource=r1)
+    b.add(kit.CPU, 5.0, {"cpu.mode": "system"}, resource=r1)
+    b.add(kit.MEM, 7, resource=r1)
+    b.add_histogram(kit.LAT, [1, 2, 3], [0.001, 0.01], total=1.0, resource=r1)
+    b.add(kit.CPU, 2.0, {"cpu.mode": "user"}, resource=r2)  # the same series as r1's: 2.0 is kept
+    b.add(kit.MEM, 8, resource=r2)  # the same series: 8 is kept
+    b.add_histogram(kit.LAT, [4, 5, 6], [0.001, 0.01], total=2.0, resource=r2)  # 3 buckets, sum, count: r2's kept
+    exp.export(b.build())
+    _, text = scrape(port)
+    lines = set(text.splitlines())
+    assert {'container_cpu_time_seconds_total{cpu_mode="user",k8s_pod_uid="u"} 2.0',
+            'container_cpu_time_seconds_total{cpu_mode="system",k8s_pod_uid="u"} 5.0',
+            'container_memory_usage_bytes{k8s_pod_uid="u"} 8.0',
+            'k8s_pod_run_queue_latency_seconds_bucket{k8s_pod_uid="u",le="0.001"} 4.0',
+            'k8s_pod_run_queue_latency_seconds_bucket{k8s_pod_uid="u",le="+Inf"} 15.0',
+            'k8s_pod_run_queue_latency_seconds_sum{k8s_pod_uid="u"} 2.0',
+            'k8s_pod_run_queue_latency_seconds_count{k8s_pod_uid="u"} 15.0'} <= lines
+    assert sum(1 for line in lines if line.startswith("k8s_pod_run_queue_latency_seconds_")) == 5
+    assert promtool_check_metrics(text)[0] == 0
+    assert kit.sample(telemetry, "podmeter_prometheus_dropped_points_total", component="prometheus",
+                      cause="duplicate_series") == 1 + 1 + 5
+    assert text.count("target_info{") == 2  # host.name is in target_info: two resources, two series
+
+
 def test_resource_to_telemetry_conversion_and_exact_names(exporter, kit):
     exp, port, _ = exporter(resource_to_telemetry_conversion={"enabled": True}, add_metric_suffixes=False,
                             target_info={"enabled": False})
