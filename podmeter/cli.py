@@ -76,8 +76,9 @@ def cmd_components(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from podmeter.runtime import Service, StartError, tune_gc
+    from podmeter.runtime import Service, StartError, tune_gc, tune_malloc
 
+    tune_malloc()  # before the components allocate
     config = _load(args.config)
     logs = config.service.telemetry.logs
     setup_logging(args.log_level or logs.level, logs.encoding)
