@@ -28,21 +28,27 @@ def parse_int(data: bytes | None) -> int | None:
         return None
 
 
-def parse_flat(data: bytes | None) -> dict[bytes, int]:
-    """Flat keyed files: `key value` per line (cpu.stat, memory.stat, memory.events, memory.oom_control...)."""
+def parse_flat(data: bytes | None, keys: tuple[bytes, ...] | None = None) -> dict[bytes, int]:
+    """Flat keyed files: `key value` per line (cpu.stat, memory.stat, memory.events, memory.oom_control...).
+
+    With `keys`, only those are converted and returned: memory.stat has 40 to 60 lines of which the receiver
+    uses 6, and converting them all was a third of its cost."""
     if not data:
         return {}
     # fast path: well-formed files (every line one key and one number) pair up their words
     words = data.split()
     if len(words) == 2 * (data.count(b"\n") + (data[-1] != 10)) and b"\t" not in data:
         try:
-            return dict(zip(words[::2], map(int, words[1::2]), strict=True))
+            if keys is None:
+                return dict(zip(words[::2], map(int, words[1::2]), strict=True))
+            raw = dict(zip(words[::2], words[1::2], strict=True))
+            return {k: int(raw[k]) for k in keys if k in raw}
         except ValueError:
             pass
     out: dict[bytes, int] = {}
     for line in data.splitlines():
         key, _, value = line.partition(b" ")
-        if not value:
+        if not value or keys is not None and key not in keys:
             continue
         try:
             out[key] = int(value)

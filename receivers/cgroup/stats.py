@@ -376,7 +376,7 @@ class Reader:
         """Memory statistics into `s`; returns the limit as read (or as remembered in `limits`)."""
         if v2:
             usage = p.parse_int(text(base + "/memory.current"))
-            stat = p.parse_flat(text(base + "/memory.stat"))
+            stat = p.parse_flat(text(base + "/memory.stat"), _V2_MEMORY_KEYS)
             s.mem_rss, s.mem_cache = stat.get(b"anon"), stat.get(b"file")
             s.mem_kernel_stack, s.mem_page_tables = stat.get(b"kernel_stack"), stat.get(b"pagetables")
             inactive_file = stat.get(b"inactive_file")
@@ -390,7 +390,7 @@ class Reader:
         else:
             usage = p.parse_int(text(base + "/memory.usage_in_bytes"))
             # total_* are hierarchical (they include sub-cgroups); the plain keys count this cgroup alone
-            stat = p.parse_flat(text(base + "/memory.stat"))
+            stat = p.parse_flat(text(base + "/memory.stat"), _V1_MEMORY_KEYS)
             s.mem_rss, s.mem_cache = stat.get(b"total_rss"), stat.get(b"total_cache")
             s.mem_swap = stat.get(b"total_swap")
             inactive_file = stat.get(b"total_inactive_file")
@@ -431,6 +431,10 @@ class Reader:
 
 
 _pread = os.pread
+# the memory.stat keys read (of 40 to 60)
+_V2_MEMORY_KEYS = (b"anon", b"file", b"kernel_stack", b"pagetables", b"inactive_file", b"pgmajfault", b"pgfault")
+_V1_MEMORY_KEYS = (b"total_rss", b"total_cache", b"total_swap", b"total_inactive_file", b"total_pgmajfault",
+                   b"total_pgfault")
 # the (resource, kind) keys of Stats.psi, made once rather than per cgroup
 _PSI_KEYS = {(res, kind): (res, kind) for res in ("cpu", "memory", "io") for kind in ("some", "full")}
 

@@ -32,6 +32,9 @@ def test_exact_values():
     assert p.parse_int(b" 7\nx") == 7
     assert p.parse_flat(b"a 1\nb x\nc\n d 2\ne 3") == {b"a": 1, b"e": 3}
     assert p.parse_flat(b"a 1\nb 2\n") == {b"a": 1, b"b": 2}
+    # with keys: only those (what is there of them), on both the fast and the line-by-line path
+    assert p.parse_flat(b"a 1\nb 2\nc 3\n", (b"c", b"a", b"z")) == {b"c": 3, b"a": 1}
+    assert p.parse_flat(b"a 1\nb x\nc 3\n", (b"c", b"b")) == {b"c": 3}
     assert p.parse_psi(b"some avg10=1.00 avg60=0.00 avg300=0.00 total=15\nfull avg10=0.00 total=7\n") == \
         {"some": 15, "full": 7}
     assert p.parse_psi(b"some total=3 avg10=1.00\nsomething total=9\n") == {"some": 3}
