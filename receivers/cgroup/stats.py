@@ -266,7 +266,10 @@ class Reader:
     # -- one cgroup ---------------------------------------------------------------------------------------------
 
     def read(self, rel: str) -> Stats:
-        whole = self._whole.get(rel)
+        # the one-pass reading covers the files the cgroup had when last read by path; when limits are due (every
+        # Nth collection) it is read by path again, so a file that appeared since is found (on cgroup v2 a
+        # controller's files appear in a cgroup made before its parent enabled the controller)
+        whole = None if self._refresh_limits else self._whole.get(rel)
         if whole is not None:
             paths, fds = whole
             try:

@@ -125,6 +125,25 @@ def test_second_collection_has_usage_and_percent(tmp_path):
     assert value(data, "container.cpu.time", {"container.id": cid}, {"cpu.mode": "user"}) == pytest.approx(4.0)
 
 
+def test_a_file_that_appears_later_is_found_within_limits_every_collections(tmp_path):
+    """A cgroup whose files are all kept is read in one pass over them; a file it did not have then (a controller
+    enabled after the cgroup was made) is looked for again whenever limits are read."""
+    layout = LAYOUTS[1]
+    root = build(str(tmp_path), layout)
+    cdir, cid = layout.pods[0].containers[0][:2]
+    pids_file = f"{root}{cdir}/pids.current"
+    os.remove(pids_file)
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"), limits_every=3)
+    for _ in range(2):
+        assert value(receiver.collect(), "container.pids.count", {"container.id": cid}) is None
+    assert cdir in receiver.reader._whole  # read in one pass, without pids.current
+    with open(pids_file, "w") as f:
+        f.write("7\n")
+    seen = [value(receiver.collect(), "container.pids.count", {"container.id": cid}) for _ in range(3)]
+    assert seen[-1] == 7
+    receiver.shutdown()
+
+
 def test_groups_and_metric_switches(tmp_path):
     layout = LAYOUTS[1]
     _r, data = _collect(tmp_path, layout, groups={"io": False, "pressure": False},
