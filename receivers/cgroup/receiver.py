@@ -30,18 +30,22 @@ class CgroupReceiver(Receiver):
         self.start_ns = now_ns()
         self.scope = f"podmeter/receiver/{settings.id}"
         toggles = {name: t.enabled for name, t in config.metrics.items()}
-        groups = config.groups.model_copy()
         self.container_specs = {k: replace(s, enabled=toggles.get(s.name, True)) for k, s in CONTAINER_METRICS.items()}
         self.pod_specs = {k: replace(s, enabled=toggles.get(s.name, True)) for k, s in POD_METRICS.items()}
-        # a group none of whose metrics is wanted is not read at all
-        for group in ("cpu", "memory", "io", "pids", "pressure", "network"):
-            wanted = [s for s in (*self.container_specs.values(), *self.pod_specs.values())
-                      if GROUP_OF[s.name] == group and s.enabled
-                      and (s.name.startswith("k8s.pod.") and config.per_pod
-                           or s.name.startswith("container.") and config.per_container)]
-            if not wanted:
-                setattr(groups, group, False)
-        self.groups = groups
+        # What is read of each kind of cgroup: the groups its own enabled metrics want (a group none of whose
+        # metrics is wanted is not read at all). Containers also read the additive groups the pod metrics want: a
+        # pod without a cgroup of its own is the sum of its containers.
+        def wanted(group: str, specs: dict, level_on: bool) -> bool:
+            return getattr(config.groups, group) and level_on and any(
+                GROUP_OF[s.name] == group and s.enabled for s in specs.values())
+
+        self.pod_groups = config.groups.model_copy(update={
+            g: wanted(g, self.pod_specs, config.per_pod) for g in _GROUPS})
+        self.container_groups = config.groups.model_copy(update={
+            g: wanted(g, self.container_specs, config.per_container) or g in _ADDITIVE and getattr(self.pod_groups, g)
+            for g in _GROUPS})
+        self.groups = config.groups.model_copy(update={
+            g: getattr(self.pod_groups, g) or getattr(self.container_groups, g) for g in _GROUPS})
         self._container_handles = _Specs(self.container_specs)
         self._pod_handles = _Specs(self.pod_specs)
         self.layout: Layout | None = None
@@ -103,7 +107,7 @@ class CgroupReceiver(Receiver):
         for path, ref in found.containers.items():
             if ref.pod_uid in with_dir:
                 continue
-            s = reader.read(path)
+            s = reader.read(path, self.container_groups)
             if not s.found:
                 continue  # removed between listing and reading
             per_pod_containers.setdefault(ref.pod_uid, []).append(s)
@@ -153,7 +157,7 @@ class CgroupReceiver(Receiver):
         """The pod's statistics from the first candidate that can be read (a uid in two trees is a left-over)."""
         for path, ref in candidates:
             if path is not None:
-                s = self.reader.read(path)
+                s = self.reader.read(path, self.pod_groups)
             else:
                 s = Stats()
                 for cs in containers:
@@ -285,6 +289,10 @@ class CgroupReceiver(Receiver):
             if len(self._dev_names) < 4096:
                 self._dev_names[dev] = name
         return name
+
+
+_GROUPS = ("cpu", "memory", "io", "pids", "pressure", "network")
+_ADDITIVE = ("cpu", "memory", "io", "pids")  # groups whose values add up across containers (Stats.add)
 
 
 class _Specs:

@@ -265,7 +265,8 @@ class Reader:
 
     # -- one cgroup ---------------------------------------------------------------------------------------------
 
-    def read(self, rel: str) -> Stats:
+    def read(self, rel: str, groups=None) -> Stats:
+        """One cgroup's statistics, of the metric groups `groups` (default: the reader's)."""
         # the one-pass reading covers the files the cgroup had when last read by path; when limits are due (every
         # Nth collection) it is read by path again, so a file that appeared since is found (on cgroup v2 a
         # controller's files appear in a cgroup made before its parent enabled the controller)
@@ -277,11 +278,11 @@ class Reader:
             except OSError:
                 contents = None  # removed (ENODEV) or worse: read by path below, which sorts it out
             if contents is not None and BUFSIZE not in map(len, contents):
-                return self._read(rel, dict(zip(paths, contents, strict=True)).get)
+                return self._read(rel, dict(zip(paths, contents, strict=True)).get, groups or self.groups)
             del self._whole[rel]
-        return self._read_by_path(rel)
+        return self._read_by_path(rel, groups or self.groups)
 
-    def _read_by_path(self, rel: str) -> Stats:
+    def _read_by_path(self, rel: str, groups) -> Stats:
         """Open what is not kept yet, re-read what is: a cgroup's first reading, or one after a kept fd failed."""
         fds = self._fds.get(rel)
         if fds is None and self.max_open > 0:
@@ -289,7 +290,7 @@ class Reader:
         self._cur, self._vanished, self._partial = fds, False, False
         n_errors = len(self.errors)
         try:
-            s = self._read(rel, self.text)
+            s = self._read(rel, self.text, groups)
         finally:
             self._cur = None
         if self._vanished or not s.found:
@@ -302,10 +303,11 @@ class Reader:
             self._whole[rel] = (tuple(fds), tuple(fds.values()))
         return s
 
-    def _read(self, rel: str, text) -> Stats:
-        """Statistics of one cgroup from `text(path)`: the file's content, or None when it cannot be read."""
+    def _read(self, rel: str, text, g) -> Stats:
+        """Statistics of one cgroup from `text(path)`: the file's content, or None when it cannot be read; `g`:
+        the metric groups read."""
         s = Stats()
-        lay, g = self.layout, self.groups
+        lay = self.layout
         v2_cpu_stat: dict[bytes, int] | None = None
         if g.cpu and lay.cpu is not None:
             base = lay.cpu.root + rel

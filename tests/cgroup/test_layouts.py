@@ -153,6 +153,21 @@ def test_groups_and_metric_switches(tmp_path):
     assert not any(n.startswith(("container.disk.", "container.pressure.", "k8s.pod.")) for n in names)
 
 
+def test_a_metric_switched_off_for_containers_only_is_not_read_for_containers(tmp_path):
+    """Files are read per kind of cgroup for the metrics enabled at that level: with container PSI off, pods keep
+    theirs and containers' pressure files are never opened."""
+    layout = LAYOUTS[1]
+    receiver, data = _collect(tmp_path, layout, metrics={"container.pressure.stall_time": {"enabled": False}})
+    pod, (cdir, cid, _rt) = layout.pods[0], layout.pods[0].containers[0]
+    some_cpu = {"pressure.resource": "cpu", "pressure.type": "some"}
+    assert value(data, "k8s.pod.pressure.stall_time", {"k8s.pod.uid": pod.uid}, some_cpu) is not None
+    assert value(data, "container.pressure.stall_time", {"container.id": cid}, some_cpu) is None
+    assert value(data, "container.cpu.time", {"container.id": cid}, {"cpu.mode": "user"}) is not None
+    assert not [path for path in receiver.reader._fds[cdir] if path.endswith(".pressure")]
+    assert [path for path in receiver.reader._fds[pod.dir] if path.endswith(".pressure")]
+    receiver.shutdown()
+
+
 def test_unknown_metric_name_is_a_config_error():
     from pydantic import ValidationError
 
