@@ -32,6 +32,9 @@ def kib(n: int | None) -> str:
     return "-" if not n else f"{n / 1024:.0f} KiB"
 
 
+OTLP_OURS, OTLP_SDK = "exporter/otlp: encode", "opentelemetry-exporter-otlp encode_metrics (same batch)"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     if not a or not b or math.isnan(a) or math.isnan(b):
         return "-"
@@ -117,7 +120,10 @@ def render(machine: dict, results, ebpf: dict | None, soak: dict | None, args_li
         lines.append("")
         rows = []
         for stage, st in r.cpu.items():
-            rows.append([stage, ms(st.median), ms(st.mean), str(r.points.get(stage, "")), ""])
+            note = ""
+            if stage == OTLP_SDK and OTLP_OURS in r.cpu:
+                note = f"podmeter otlp encode / SDK = {ratio(r.cpu[OTLP_OURS].median, st.median)}"
+            rows.append([stage, ms(st.median), ms(st.mean), str(r.points.get(stage, "")), note])
         if r.raw:
             cg = r.cpu.get("receiver/cgroup")
             for k, st in r.raw.items():

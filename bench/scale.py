@@ -9,8 +9,11 @@ import os
 from dataclasses import dataclass, field
 
 from harness import free_port
+from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics.export import Gauge, MetricsData, ResourceMetrics, ScopeMetrics
 
+from exporters.otlp import OTLPExporter
+from exporters.otlp.encode import Encoder
 from podmeter.metrics import MetricSpec, count_points, make_metric, merge, number_point
 from podmeter.runtime import tune_gc
 
@@ -22,6 +25,7 @@ from .node import NODE_NAME, SyntheticNode
 from .peers import NvitopResult, OpenTracer, raw_read, run_nvitop
 
 LOG = logging.getLogger("bench")
+OTLP_MAX_BYTES = OTLPExporter.max_request_bytes
 
 
 @dataclass
@@ -172,6 +176,13 @@ def _measure(node: SyntheticNode, built: Built, res: ScaleResult, iterations: in
         processed = k8s.process(batch) or batch
     if prom is not None and receivers:
         res.cpu["exporter/prometheus"] = cpu_per_call(lambda: prom.export(processed), iterations)
+    if receivers:
+        # the OTLP exporters' encoding of the same batch, beside opentelemetry-exporter-otlp's encoder
+        encoder = Encoder()
+        res.cpu["exporter/otlp: encode"] = cpu_per_call(lambda: encoder.requests(processed, OTLP_MAX_BYTES),
+                                                        iterations)
+        res.cpu["opentelemetry-exporter-otlp encode_metrics (same batch)"] = cpu_per_call(
+            lambda: encode_metrics(processed).SerializeToString(), iterations)
 
     def end_to_end() -> None:
         # as the runtime runs it: each receiver's batch through the pipeline to the exporter

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -274,6 +275,38 @@ else:  # pragma: no cover - another SDK's shape
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers for processors and exporters: SDK point types are frozen dataclasses, so transforms rebuild.
+
+
+class PerResource:
+    """What a component derived from a Resource (an exporter's rendered labels, its encoded attributes), kept per
+    Resource object for as long as that object lives. Resources are immutable, and receivers that keep theirs
+    (nvml, cgroup) and the k8sattributes processor (which hands back the same enriched Resource while the pod table
+    is unchanged) pass the same object collection after collection, so the work is done once. An entry goes with
+    its Resource (a weak reference): the cache holds only resources something else still holds."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, resource) -> Any:
+        entry = self._entries.get(id(resource))
+        if entry is not None and entry[0]() is resource:
+            return entry[1]
+        return None
+
+    def put(self, resource, value: Any) -> None:
+        key, entries = id(resource), self._entries
+
+        def gone(ref: weakref.ref) -> None:
+            if entries.get(key, (None,))[0] is ref:  # not an entry a newer object with the same id made
+                entries.pop(key, None)
+
+        try:
+            entries[key] = (weakref.ref(resource, gone), value)
+        except TypeError:  # a resource type without weak references: not cached
+            pass
 
 
 def iter_points(data: MetricsData) -> Iterator[tuple[ResourceMetrics, ScopeMetrics, Metric, Any]]:

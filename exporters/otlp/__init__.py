@@ -1,6 +1,7 @@
 """otlp (gRPC) and otlphttp exporters: push to an OTLP receiver (a collector gateway, a backend).
 
-export() encodes the batch with opentelemetry-exporter-otlp's encoder, puts the bytes on the sending queue and
+export() encodes the batch (`encode.py`: opentelemetry-proto's messages, byte-identical to what
+opentelemetry-exporter-otlp's encoder makes, at about half its cost), puts the bytes on the sending queue and
 returns; `num_consumers` threads send from the queue, retrying retryable failures with exponential backoff
 (`retry_on_failure`). A full queue drops its oldest batch. With `sending_queue.storage` the queue lives in a
 directory and what was not delivered is sent after a restart, including after SIGKILL.
@@ -8,19 +9,18 @@ directory and what was not delivered is sent after a restart, including after SI
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import threading
 import time
 
-from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics.export import AggregationTemporality, MetricExporter, MetricExportResult, MetricsData
 
 from podmeter.component import ComponentUnavailable, Exporter, Factory, Stability
 from podmeter.metrics import count_points
 
 from .config import OTLPGrpcConfig, OTLPHttpConfig
+from .encode import Encoder
 from .queue import QueueLocked, SendingQueue
 from .senders import GrpcSender, HttpSender, Outcome
 from .temporality import DeltaConverter
@@ -35,6 +35,7 @@ class OTLPExporter(Exporter):
         super().__init__()
         self.settings = settings
         self.config = config
+        self.encoder = Encoder()
         self.logger = settings.logger
         self.telemetry = settings.telemetry
         prefix = f"podmeter_{self.type_name}_exporter"
@@ -124,17 +125,10 @@ class OTLPExporter(Exporter):
         return MetricExportResult.SUCCESS
 
     def _encode(self, data: MetricsData) -> list[tuple[bytes, int]]:
-        """Encoded requests of at most max_request_bytes, split by resource when a batch is larger: gRPC servers
-        (the collector's included) refuse messages over 4 MiB by default, and big HTTP bodies fare no better."""
-        request = encode_metrics(data)
-        _clear_unknown_min_max(request)
-        encoded = request.SerializeToString()
-        rms = data.resource_metrics
-        if len(encoded) <= self.max_request_bytes or len(rms) <= 1:
-            return [(encoded, count_points(data))]
-        half = len(rms) // 2
-        return self._encode(MetricsData(resource_metrics=rms[:half])) + \
-            self._encode(MetricsData(resource_metrics=rms[half:]))
+        """Encoded requests of at most max_request_bytes, split between resources when a batch is larger: gRPC
+        servers (the collector's included) refuse messages over 4 MiB by default, and big HTTP bodies fare no
+        better."""
+        return self.encoder.requests(data, self.max_request_bytes)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         if self.queue is None:
@@ -231,21 +225,6 @@ class OTLPExporter(Exporter):
 class OTLPHttpExporter(OTLPExporter):
     sender_class = HttpSender
     type_name = "otlphttp"
-
-
-def _clear_unknown_min_max(request) -> None:
-    """Histogram min/max are optional in OTLP; podmeter's receivers leave them NaN when unknown (kernel and
-    cgroup histograms have no min/max). The SDK encoder would send NaN as if it were a value: unset it."""
-    for rm in request.resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                if m.WhichOneof("data") != "histogram":
-                    continue
-                for dp in m.histogram.data_points:
-                    if dp.HasField("min") and math.isnan(dp.min):
-                        dp.ClearField("min")
-                    if dp.HasField("max") and math.isnan(dp.max):
-                        dp.ClearField("max")
 
 
 def _safe(text: str) -> str:

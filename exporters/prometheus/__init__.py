@@ -24,9 +24,10 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as TEXT_CONTEN
 
 from podmeter.component import ComponentUnavailable, Exporter, Factory, Stability
 from podmeter.config import split_endpoint
+from podmeter.metrics import PerResource
 
 from .config import PrometheusConfig
-from .translate import Family, ResourceLabels, Translator, promoter
+from .translate import Family, Translator, promoter
 
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -150,7 +151,7 @@ class PrometheusExporter(Exporter):
             add_suffixes=config.add_metric_suffixes,
             promote=promoter(config.promote_resource_attributes, config.resource_to_telemetry_conversion.enabled),
             target_info=config.target_info.enabled,
-            resources=ResourceLabels(),
+            resources=PerResource(),
         )
         self._scopes: dict[str, _Scope] = {}
         self._lock = threading.Lock()  # guards _scopes and rendering; scrapes never take it

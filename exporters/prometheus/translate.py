@@ -12,7 +12,6 @@ import bisect
 import json
 import math
 import re
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -27,6 +26,8 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from prometheus_client.utils import floatToGoString
+
+from podmeter.metrics import PerResource
 
 UNIT_WORDS = {
     # time
@@ -227,39 +228,6 @@ class Family:
         self.samples[key] = value
 
 
-class ResourceLabels:
-    """A resource's translation (its promoted labels rendered, its target_info series) per Resource object, for
-    as long as that object lives. Resources are immutable, and receivers that keep theirs (nvml) or the
-    k8sattributes processor (which hands back the same enriched Resource while the pod table is unchanged) pass the
-    same object collection after collection: its labels are then not sorted, sanitized and escaped again. An entry
-    goes with its Resource (a weak reference), so the cache holds only resources something else still holds.
-    One per exporter: the translation depends on the exporter's settings."""
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, tuple[str | None, LabelSet]]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, resource) -> tuple[str | None, LabelSet] | None:
-        entry = self._entries.get(id(resource))
-        if entry is not None and entry[0]() is resource:
-            return entry[1]
-        return None
-
-    def put(self, resource, value: tuple[str | None, LabelSet]) -> None:
-        key, entries = id(resource), self._entries
-
-        def gone(ref: weakref.ref) -> None:
-            if entries.get(key, (None,))[0] is ref:  # not an entry a newer object with the same id made
-                entries.pop(key, None)
-
-        try:
-            entries[key] = (weakref.ref(resource, gone), value)
-        except TypeError:  # a resource type without weak references: not cached
-            pass
-
-
 @dataclass
 class Translator:
     namespace: str = ""
@@ -267,7 +235,7 @@ class Translator:
     add_suffixes: bool = True
     promote: Any = None  # key -> bool
     target_info: bool = True
-    resources: ResourceLabels | None = None  # the exporter's, kept across exports
+    resources: PerResource | None = None  # the exporter's translations per Resource, kept across exports
     # counts of what could not be translated, by cause (read by the exporter for telemetry)
     skipped: dict[str, int] = field(default_factory=dict)
 
