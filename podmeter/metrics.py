@@ -205,7 +205,6 @@ _FIELDS = {
     NumberDataPoint: ("attributes", "start_time_unix_nano", "time_unix_nano", "value", "exemplars"),
     Gauge: ("data_points",),
     Sum: ("data_points", "aggregation_temporality", "is_monotonic"),
-    Histogram: ("data_points", "aggregation_temporality"),
     Metric: ("name", "description", "unit", "data"),
 }
 _PLAIN = {cls for cls, names in _FIELDS.items() if _plain(cls, names)}
@@ -214,15 +213,6 @@ _set = object.__setattr__
 # Points carry no exemplars: they all share one empty list (never appended to) instead of one list each, which
 # would be one more allocation and one more object for the cyclic garbage collector per point.
 _NO_EXEMPLARS: list = []
-
-
-def _new_plain(cls: type, **fields: Any) -> Any:
-    if cls not in _PLAIN:
-        return cls(**fields)
-    obj = _object_new(cls)
-    for name, value in fields.items():
-        _set(obj, name, value)
-    return obj
 
 
 if NumberDataPoint in _PLAIN:
@@ -250,7 +240,7 @@ if {Gauge, Sum, Metric} <= _PLAIN:
             data = _new(_gauge)
             _set(data, "data_points", points)
         elif instrument == "histogram":
-            data = _new_plain(Histogram, data_points=points, aggregation_temporality=CUMULATIVE)
+            data = Histogram(data_points=points, aggregation_temporality=CUMULATIVE)  # rare: as usual
         else:
             data = _new(_sum)
             _set(data, "data_points", points)
