@@ -22,6 +22,8 @@ from harness.fake_nvml import GPU, MiB, Process, Scenario, build_fake_nvml
 NODE_NAME = "bench-node"
 NAMESPACES = ("bench-a", "bench-b", "bench-c")
 QOS = ("burstable", "besteffort", "guaranteed")
+# Guaranteed pods have CPU limits: kubelet writes a CFS quota on their pod and container cgroups (one CPU here)
+CPU_QUOTA = {"cpu.cfs_quota_us": b"100000\n", "cpu.max": b"100000 100000\n"}
 
 
 @dataclass
@@ -162,6 +164,9 @@ class SyntheticNode:
         for _name, cid in pod.containers:
             cg = cgroups.PodCgroup(uid=pod.uid, container_id=cid, qos=pod.qos).create()
             pod.cgroups.append(cg)
+            if pod.qos == "guaranteed":
+                for path in (cg.pod_path, cg.container_path):
+                    _limit_cpu(path)
 
     def _spawn_gpu_processes(self) -> None:
         total = self.n_gpus * self.procs_per_gpu
@@ -238,9 +243,23 @@ def build_fixture(root: str, pods: list[BenchPod]) -> None:
         for pod in pods:
             qos = "" if pod.qos == "guaranteed" else f"/{pod.qos}"
             pod_dir = f"{base}/kubepods{qos}/pod{pod.uid}"
-            _write_files(pod_dir, files["pod"])
+            limited = pod.qos == "guaranteed"
+            _write_files(pod_dir, _with_quota(files["pod"]) if limited else files["pod"])
             for _name, cid in pod.containers:
-                _write_files(f"{pod_dir}/{cid}", files["container"])
+                _write_files(f"{pod_dir}/{cid}", _with_quota(files["container"]) if limited else files["container"])
+
+
+def _limit_cpu(path: str) -> None:
+    """A CFS quota on a real cgroup, in whichever hierarchy has the file (v2: where the cpu controller is on)."""
+    for h in cgroups.hierarchies():
+        for name, value in CPU_QUOTA.items():
+            if os.path.exists(f"{h}{path}/{name}"):
+                with open(f"{h}{path}/{name}", "wb") as f:
+                    f.write(value)
+
+
+def _with_quota(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {name: CPU_QUOTA.get(name, data) for name, data in files.items()}
 
 
 def _write_files(directory: str, files: dict[str, bytes]) -> None:

@@ -10,7 +10,8 @@ from podmeter.config import ComponentConfig, Duration, ScraperConfig
 class MetricGroups(ComponentConfig):
     """Switches per group of metrics: a group that is off is not read at all (its files are never opened)."""
 
-    cpu: bool = Field(True, description="CPU time by mode, CPU usage and percent, CFS throttling")
+    cpu: bool = Field(True, description="CPU time by mode, CPU usage (and percent), CFS throttling under a CPU "
+                                        "limit")
     memory: bool = Field(True, description="Memory usage, working set, RSS, cache, kernel stack, page tables, "
                                            "swap, limit, OOM events and kills, page faults")
     io: bool = Field(True, description="Block IO bytes and operations per device")
@@ -54,7 +55,8 @@ class CgroupReceiverConfig(ScraperConfig):
                                                         "the process; files beyond it are opened, read and "
                                                         "closed on every collection; 0 keeps none")
     limits_every: int = Field(6, ge=1, le=1000, description="Read limits (memory.limit_in_bytes or memory.max, "
-                                                            "pids.max) when a cgroup is first seen and then "
+                                                            "pids.max, the CPU quota) when a cgroup is first "
+                                                            "seen and then "
                                                             "on every Nth collection: a changed limit shows "
                                                             "within N collections; 1 reads them every time")
 

@@ -21,6 +21,7 @@ class Kind:
     attributes: tuple[str, ...] = ()
     group: str = "cpu"
     pod_only: bool = False
+    enabled: bool = True  # on by default
 
 
 KINDS = (
@@ -29,8 +30,10 @@ KINDS = (
     Kind("cpu.usage", "gauge", "{cpu}", "CPUs used on average since the previous collection (1 = one full core); "
                                         "from the second collection on"),
     Kind("cpu.percent", "gauge", "%", "CPU usage in percent of one core since the previous collection, as Alumet's "
-                                      "cpu_percent (200 = two full cores); from the second collection on"),
-    Kind("cpu.throttling_data.periods", "sum", "{period}", "CFS enforcement periods elapsed (a CPU limit is set)"),
+                                      "cpu_percent (200 = two full cores); from the second collection on; "
+                                      "cpu.usage times 100", enabled=False),
+    Kind("cpu.throttling_data.periods", "sum", "{period}", "CFS enforcement periods elapsed; the three throttling "
+                                                           "metrics only for a cgroup with a CPU limit (a quota)"),
     Kind("cpu.throttling_data.throttled_periods", "sum", "{period}", "CFS periods in which the cgroup was throttled"),
     Kind("cpu.throttling_data.throttled_time", "sum", "s", "Time the cgroup was throttled by its CPU limit"),
     Kind("memory.usage", "gauge", "By", "Memory in use, page cache included (memory.current / memory.usage_in_bytes)",
@@ -72,9 +75,9 @@ KINDS = (
 )
 
 CONTAINER_METRICS = {k.suffix: MetricSpec(f"container.{k.suffix}", k.instrument, k.unit, k.description,
-                                          k.attributes) for k in KINDS if not k.pod_only}
-POD_METRICS = {k.suffix: MetricSpec(f"k8s.pod.{k.suffix}", k.instrument, k.unit, k.description, k.attributes)
-               for k in KINDS}
+                                          k.attributes, k.enabled) for k in KINDS if not k.pod_only}
+POD_METRICS = {k.suffix: MetricSpec(f"k8s.pod.{k.suffix}", k.instrument, k.unit, k.description, k.attributes,
+                                    k.enabled) for k in KINDS}
 METRICS: tuple[MetricSpec, ...] = (*CONTAINER_METRICS.values(), *POD_METRICS.values())
 METRICS_BY_NAME = {m.name: m for m in METRICS}
 GROUP_OF = {**{f"container.{k.suffix}": k.group for k in KINDS}, **{f"k8s.pod.{k.suffix}": k.group for k in KINDS}}

@@ -30,8 +30,9 @@ class CgroupReceiver(Receiver):
         self.start_ns = now_ns()
         self.scope = f"podmeter/receiver/{settings.id}"
         toggles = {name: t.enabled for name, t in config.metrics.items()}
-        self.container_specs = {k: replace(s, enabled=toggles.get(s.name, True)) for k, s in CONTAINER_METRICS.items()}
-        self.pod_specs = {k: replace(s, enabled=toggles.get(s.name, True)) for k, s in POD_METRICS.items()}
+        self.container_specs = {k: replace(s, enabled=toggles.get(s.name, s.enabled))
+                                for k, s in CONTAINER_METRICS.items()}
+        self.pod_specs = {k: replace(s, enabled=toggles.get(s.name, s.enabled)) for k, s in POD_METRICS.items()}
         # What is read of each kind of cgroup: the groups its own enabled metrics want (a group none of whose
         # metrics is wanted is not read at all). Containers also read the additive groups the pod metrics want: a
         # pod without a cgroup of its own is the sum of its containers.

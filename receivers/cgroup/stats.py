@@ -145,7 +145,7 @@ class Reader:
     file. Fds are closed when discovery no longer lists the cgroup, and as soon as one answers ENODEV (the
     cgroup was removed: it is then opened once more by path, in case a cgroup of the same name was made since).
     At most `max_open` fds are kept; files beyond that are opened, read and closed as before. Limits
-    (memory.limit_in_bytes / memory.max, pids.max) change rarely: they are read when a cgroup is first seen and
+    (memory.limit_in_bytes / memory.max, pids.max, the CPU quota) change rarely: they are read when a cgroup is first seen and
     then on every `limits_every`-th collection, without keeping an fd. `max_open` bounds this reader and
     FD_BUDGET the whole process.
     """
@@ -163,7 +163,8 @@ class Reader:
         self._cur: dict[str, int] | None = None  # the fds of the cgroup being read by path
         self._vanished = False  # a kept fd of the cgroup being read said it was removed
         self._partial = False  # a file of the cgroup being read by path was read without keeping its fd
-        self._limits: dict[str, tuple[int | None, int | None]] = {}  # cgroup -> (memory limit, pids limit)
+        # cgroup -> (memory limit, pids limit, whether a CPU quota is set)
+        self._limits: dict[str, tuple[int | None, int | None, bool | None]] = {}
         self._collections = 0
         self._refresh_limits = True
 
@@ -308,6 +309,8 @@ class Reader:
         the metric groups read."""
         s = Stats()
         lay = self.layout
+        limits = self._limits.get(rel) if not self._refresh_limits else None
+        cpu_limited = None
         v2_cpu_stat: dict[bytes, int] | None = None
         if g.cpu and lay.cpu is not None:
             base = lay.cpu.root + rel
@@ -341,6 +344,10 @@ class Reader:
                             s.cpu_user, s.cpu_system = ticks[b"user"] / hz, ticks[b"system"] / hz
             thr = lay.throttle
             if thr is not None:
+                # CFS counters mean something only under a CPU limit (without one they stay 0 forever): they are read
+                # and emitted only for a cgroup with a quota, as cAdvisor emits them only with one
+                cpu_limited = self._cpu_quota_set(thr.root + rel, thr.v2) if limits is None else limits[2]
+            if thr is not None and cpu_limited is not False:
                 if thr.v2 and lay.cpu.v2 and thr.root == lay.cpu.root:
                     stat = v2_cpu_stat or {}
                 else:
@@ -352,7 +359,6 @@ class Reader:
                         s.throttled_time = stat[b"throttled_usec"] / 1e6
                     elif b"throttled_time" in stat:  # v1: nanoseconds
                         s.throttled_time = stat[b"throttled_time"] / 1e9
-        limits = self._limits.get(rel) if not self._refresh_limits else None
         mem_limit = pids_limit = None
         if g.memory and lay.memory is not None:
             mem_limit = self._memory(lay.memory.root + rel, lay.memory.v2, s, limits, text)
@@ -368,7 +374,7 @@ class Reader:
             s.pids_limit = pids_limit
             s.found = s.found or s.pids is not None
         if limits is None and s.found:
-            self._limits[rel] = (mem_limit, pids_limit)
+            self._limits[rel] = (mem_limit, pids_limit, cpu_limited)
         if g.pressure and lay.psi is not None:
             base = lay.psi + rel
             psi = s.psi
@@ -376,6 +382,15 @@ class Reader:
                 for kind, total_us in p.parse_psi(text(base + path)).items():
                     psi[_PSI_KEYS[res, kind]] = total_us / 1e6
         return s
+
+    def _cpu_quota_set(self, base: str, v2: bool) -> bool | None:
+        """Whether the cgroup has a CPU limit: v2 cpu.max other than `max ...`, v1 cpu.cfs_quota_us other than -1;
+        None when the file cannot be read (the counters are then read as they come)."""
+        if v2:
+            data = read_small(base + "/cpu.max", self.errors)
+            return None if not data else not data.startswith(b"max")
+        quota = p.parse_int(read_small(base + "/cpu.cfs_quota_us", self.errors))
+        return None if quota is None else quota > 0
 
     def _memory(self, base: str, v2: bool, s: Stats, limits: tuple | None, text) -> int | None:
         """Memory statistics into `s`; returns the limit as read (or as remembered in `limits`)."""

@@ -69,7 +69,7 @@ def cpu_time(data, where) -> float:
 
 
 def test_values_match_the_kernel_and_move(pod):
-    receiver = make_receiver()
+    receiver = make_receiver(metrics={"container.cpu.percent": {"enabled": True}})
     c = {"k8s.pod.uid": pod.uid, "container.id": pod.container_id}
     before = kernel_cpu_seconds(pod)
     mem_before = kernel_memory(pod)
@@ -82,6 +82,8 @@ def test_values_match_the_kernel_and_move(pod):
     assert min(mem_before, mem_after) - (1 << 20) <= usage <= max(mem_before, mem_after) + (1 << 20)
     assert value(data, "container.memory.rss", c) >= HOLD
     assert HOLD <= value(data, "container.memory.working_set", c) <= usage
+    # no CPU limit: no throttling series (their counters would stay 0), as cAdvisor
+    assert value(data, "container.cpu.throttling_data.periods", c) is None
     assert value(data, "container.pids.count", c) == 1
     res = next(dict(rm.resource.attributes) for rm in data.resource_metrics
                if rm.resource.attributes.get("container.id") == pod.container_id)

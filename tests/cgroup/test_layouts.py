@@ -112,7 +112,7 @@ def test_layout_detection(tmp_path):
 
 def test_second_collection_has_usage_and_percent(tmp_path):
     layout = LAYOUTS[1]
-    receiver, _ = _collect(tmp_path, layout)
+    receiver, _ = _collect(tmp_path, layout, metrics={"container.cpu.percent": {"enabled": True}})
     root = receiver.config.cgroup_root
     cdir, cid = layout.pods[0].containers[0][:2]
     # one more CPU second of user time since the first collection
@@ -123,6 +123,45 @@ def test_second_collection_has_usage_and_percent(tmp_path):
     percent = value(data, "container.cpu.percent", {"container.id": cid})
     assert usage is not None and usage > 0 and percent == pytest.approx(usage * 100)
     assert value(data, "container.cpu.time", {"container.id": cid}, {"cpu.mode": "user"}) == pytest.approx(4.0)
+
+
+def test_cpu_percent_is_off_by_default(tmp_path):
+    """It is cpu.usage times 100: one series per cgroup that says nothing new, on only when asked for."""
+    receiver, _ = _collect(tmp_path, LAYOUTS[1])
+    names = {name for _r, name, _a, _v in points(receiver.collect())}
+    assert "container.cpu.usage" in names and "k8s.pod.cpu.usage" in names
+    assert not any(name.endswith("cpu.percent") for name in names)
+
+
+THROTTLING = ("container.cpu.throttling_data.periods", "container.cpu.throttling_data.throttled_periods",
+              "container.cpu.throttling_data.throttled_time")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:3], ids=[lay.name for lay in LAYOUTS[:3]])
+def test_throttling_only_for_a_cgroup_with_a_cpu_limit(tmp_path, layout):
+    """Without a CFS quota the counters stay 0 forever: as cAdvisor, such a cgroup has no throttling series (and on
+    v1 its cpu.stat is not read). A quota set later shows within limits_every collections."""
+    root = build(str(tmp_path), layout)
+    thr = detect_layout(root).throttle
+    (cdir, cid, _rt), (_d, limited, _r) = layout.pods[0].containers[:2]
+    quota = f"{thr.root}{cdir}/{'cpu.max' if thr.v2 else 'cpu.cfs_quota_us'}"
+    with open(quota, "w") as f:
+        f.write("max 100000\n" if thr.v2 else "-1\n")
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"), limits_every=3)
+    data = receiver.collect()
+    for name in THROTTLING:
+        assert value(data, name, {"container.id": cid}) is None
+    assert value(data, THROTTLING[0], {"container.id": limited}) == 100  # its sibling has a quota
+    assert value(data, "container.cpu.time", {"container.id": cid}, {"cpu.mode": "user"}) == pytest.approx(USER)
+    if not thr.v2:
+        assert f"{thr.root}{cdir}/cpu.stat" not in receiver.reader._fds[cdir]
+    with open(quota, "w") as f:
+        f.write("20000 100000\n" if thr.v2 else "20000\n")
+    assert value(receiver.collect(), THROTTLING[0], {"container.id": cid}) is None  # limits not read again yet
+    receiver.collect()
+    data = receiver.collect()  # the third collection since: limits (the quota among them) are read again
+    assert value(data, THROTTLING[0], {"container.id": cid}) == 100
+    assert value(data, THROTTLING[2], {"container.id": cid}) == pytest.approx(0.25)
 
 
 def test_a_file_that_appears_later_is_found_within_limits_every_collections(tmp_path):
