@@ -170,11 +170,12 @@ class SyntheticNode:
 
     def _spawn_gpu_processes(self) -> None:
         total = self.n_gpus * self.procs_per_gpu
+        own_netns = bool(shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip"))
         for i in range(total):
             pod = self.pods[i % self.n_pods]
             cg = pod.cgroups[0]
-            proc = cg.spawn(["sleep", "infinity"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+            proc = cg.spawn(_pod_process(pod) if own_netns else ["sleep", "infinity"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.procs.append(proc)
             pod.pids.append(proc.pid)
             self.gpu_procs.append((proc.pid, pod, i % self.n_gpus if self.n_gpus else 0))
@@ -200,6 +201,17 @@ class SyntheticNode:
 
     def pid_to_pod(self) -> dict[int, BenchPod]:
         return {pid: pod for pid, pod, _g in self.gpu_procs}
+
+
+def _pod_process(pod: BenchPod) -> list[str]:
+    """A pod process in the pod's own network namespace, as on a CNI network: its first process makes the namespace
+    with an `eth0` whose veth peer sits on the node, the others join it. The cgroup receiver then reads the pod's
+    network counters as on a real node (pods that share the node's namespace are skipped). The PID stays the
+    process's: unshare, nsenter and sh exec."""
+    if pod.pids:
+        return ["nsenter", f"--net=/proc/{pod.pids[0]}/ns/net", "sleep", "infinity"]
+    setup = f"ip link add eth0 type veth peer name pmb{pod.index} netns 1 && ip link set eth0 up"
+    return ["unshare", "--net", "sh", "-c", f"{setup}; exec sleep infinity"]
 
 
 # -- fixture trees ------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import time
@@ -18,7 +17,8 @@ from . import parsers as p
 from .config import CgroupReceiverConfig
 from .discovery import Discovery, Layout, detect_layout
 from .metrics import CONTAINER_METRICS, GROUP_OF, POD_METRICS
-from .stats import FD_BUDGET, GONE, Reader, Stats
+from .netns import PodNetwork
+from .stats import FD_BUDGET, Reader, Stats
 
 
 class CgroupReceiver(Receiver):
@@ -52,6 +52,7 @@ class CgroupReceiver(Receiver):
         self.layout: Layout | None = None
         self.discovery: Discovery | None = None
         self.reader: Reader | None = None
+        self.network: PodNetwork | None = None
         self._next_search = 0.0
         self._prev_cpu: dict[tuple, tuple[float, float]] = {}  # cgroup key -> (cpu seconds, monotonic time)
         # cgroup key -> (its CgroupRef, its Resource): one Resource object per cgroup for as long as it lives, which
@@ -76,11 +77,14 @@ class CgroupReceiver(Receiver):
         self.discovery = Discovery(layout.walk, self.config.max_depth)
         self.reader = Reader(layout, self.groups, _fd_budget(self.config.max_open_files),
                              self.config.limits_every)
+        self.network = PodNetwork(self.config.proc_root, layout.walk, self.reader.errors)
         self.logger.info("%s; keeping up to %d cgroup files open", layout.describe(), self.reader.max_open)
 
     def shutdown(self) -> None:
         if self.reader is not None:
             self.reader.close()
+        if self.network is not None:
+            self.network.close()
 
     # -- collection ---------------------------------------------------------------------------------------------------
 
@@ -119,8 +123,10 @@ class CgroupReceiver(Receiver):
                            time.monotonic())
 
         n_pods = 0
+        network = self.network if self.groups.network and self.config.per_pod else None
+        if network is not None:
+            network.begin(self._host_netns())
         if self.config.per_pod:
-            host_netns = self._host_netns() if self.groups.network else None
             pods: dict[str, list[tuple[str | None, CgroupRef]]] = {}
             for path, ref in found.pods.items():
                 pods.setdefault(ref.pod_uid, []).append((path, ref))
@@ -136,8 +142,16 @@ class CgroupReceiver(Receiver):
                 seen.add(key)
                 resource = self._resource(key, ref, _pod_resource)
                 self._emit(b, self._pod_handles, s, resource, key, time.monotonic())
-                if self.groups.network:
-                    self._network(b, uid, found.containers_of.get(uid, ()), host_netns, resource)
+                if network is not None:
+                    net_dev = network.read(uid, found.containers_of.get(uid, ()))
+                    if net_dev:
+                        self._network(b, net_dev, resource)
+            if network is not None:
+                network.retain(pods)
+                if network.failures:
+                    self.telemetry.error("network", network.failures[0], count=len(network.failures))
+                else:
+                    self.telemetry.recovered("network")
 
         # forget CPU baselines of cgroups that are gone: bounded under churn
         if len(self._prev_cpu) > len(seen):
@@ -226,56 +240,19 @@ class CgroupReceiver(Receiver):
                 continue
         return None
 
-    def _network(self, b: MetricsBuilder, uid: str, container_paths, host_netns: str | None,
-                 resource: Resource) -> None:
-        """Counters of the pod's network namespace, read through one of its processes."""
-        proc = self.config.proc_root
-        for cpath in container_paths:
-            pid = self._first_pid(cpath)
-            if pid is None:
+    def _network(self, b: MetricsBuilder, data: bytes, resource: Resource) -> None:
+        specs = self.pod_specs
+        excluded = self.config.exclude_interfaces
+        add = b.adder(resource)
+        for iface, v in p.parse_net_dev(data).items():
+            if iface in excluded:
                 continue
-            try:
-                netns = os.readlink(f"{proc}/{pid}/ns/net")
-            except OSError as exc:
-                if exc.errno in GONE:
-                    continue  # exited since listed: try the next container
-                self.telemetry.error("network", f"cannot read the network namespace of pod {uid}'s process {pid} "
-                                                f"under {proc}: {exc.strerror}")
-                return
-            if host_netns is not None and netns == host_netns:
-                return  # hostNetwork pod: these would be the node's counters
-            try:
-                with open(f"{proc}/{pid}/net/dev", "rb", buffering=0) as f:
-                    text = f.read()
-            except OSError as exc:
-                if exc.errno in GONE:
-                    continue
-                self.telemetry.error("network", f"cannot read {proc}/{pid}/net/dev: {exc.strerror}")
-                return
-            specs = self.pod_specs
-            excluded = self.config.exclude_interfaces
-            add = b.adder(resource)
-            for iface, v in p.parse_net_dev(text).items():
-                if iface in excluded:
-                    continue
-                for direction, pre in (("receive", "rx"), ("transmit", "tx")):
-                    attrs = {"network.interface.name": iface, "network.io.direction": direction}
-                    add(specs["network.io"], v[f"{pre}_bytes"], attrs)
-                    add(specs["network.packet.count"], v[f"{pre}_packets"], dict(attrs))
-                    add(specs["network.errors"], v[f"{pre}_errs"], dict(attrs))
-                    add(specs["network.packet.dropped"], v[f"{pre}_drop"], dict(attrs))
-            self.telemetry.recovered("network")
-            return
-
-    def _first_pid(self, cgroup_path: str) -> int | None:
-        try:
-            with open(f"{self.layout.walk}{cgroup_path}/cgroup.procs", "rb", buffering=0) as f:
-                first = f.read(32).split(b"\n", 1)[0]
-        except OSError as exc:
-            if exc.errno not in (*GONE, errno.EINVAL):
-                self.reader.errors.append((f"{self.layout.walk}{cgroup_path}/cgroup.procs", exc))
-            return None
-        return int(first) if first.isdigit() else None
+            for direction, pre in (("receive", "rx"), ("transmit", "tx")):
+                attrs = {"network.interface.name": iface, "network.io.direction": direction}
+                add(specs["network.io"], v[f"{pre}_bytes"], attrs)
+                add(specs["network.packet.count"], v[f"{pre}_packets"], dict(attrs))
+                add(specs["network.errors"], v[f"{pre}_errs"], dict(attrs))
+                add(specs["network.packet.dropped"], v[f"{pre}_drop"], dict(attrs))
 
     # -- helpers ------------------------------------------------------------------------------------------------------
 

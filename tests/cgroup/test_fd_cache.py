@@ -88,9 +88,9 @@ def test_files_are_kept_open_and_reread_in_place(pod, receivers):
     assert len(fds_naming(pod.container_id)) == kept
     before = dict(r.reader._fds[pod.container_path])
     data, second = opened_during(r.collect)
-    # the second collection opens none of the container's statistics files again (limits are not due; the
-    # network reading opens cgroup.procs to find a process) and reads new values
-    assert [p for p in second if pod.container_id in p and not p.endswith("/cgroup.procs")] == []
+    # the second collection opens none of the container's files again (limits are not due; the process the network
+    # reading found is kept too) and reads new values
+    assert [p for p in second if pod.container_id in p] == []
     assert r.reader._fds[pod.container_path] == before
     assert value(data, "container.pids.count", c) == 1
     assert value(data, "container.memory.usage", c) > 0
@@ -262,3 +262,41 @@ def test_shutdown_closes_every_kept_fd(pod):
     r.shutdown()
     assert r.reader.kept() == 0
     assert fds_naming(pod.uid) == []
+
+
+def test_the_pod_network_is_read_through_the_process_found_until_it_exits(receivers):
+    """A pod's process is found once (cgroup.procs, its namespace checked) and kept as an fd on its /proc directory:
+    later collections open only its net/dev. When it exits, another process of the pod is found, here in a new
+    network namespace (a sandbox made again), whose counters are then reported."""
+    require_root()
+    require(bool(hierarchies()), "needs a mounted cgroup hierarchy")
+    unshare = "/usr/bin/unshare"
+    require(os.path.exists(unshare), "needs unshare (util-linux)")
+    script = ("import socket, sys, time\n"
+              "import subprocess; subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True)\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              "[s.sendto(b'x' * 1000, ('127.0.0.1', 9)) for _ in range(100)]\n"
+              "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(60)\n")
+    r = receivers(exclude_interfaces=[])
+    p = {"k8s.pod.uid": None}
+    lo_tx = {"network.interface.name": "lo", "network.io.direction": "transmit"}
+    with PodCgroup() as cg:
+        p["k8s.pod.uid"] = cg.uid
+        quiet = cg.spawn([unshare, "-n", sys.executable, "-c", "import sys, time; print('ready', flush=True); "
+                          "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+        assert quiet.stdout.readline().strip() == "ready"
+        data, first = opened_during(r.collect)
+        assert any(path.endswith(f"{cg.container_id}/cgroup.procs") for path in first)
+        assert value(data, "k8s.pod.network.io", p, lo_tx) == 0  # lo is down in the quiet namespace
+        data, second = opened_during(r.collect)
+        assert [path for path in second if path.endswith("cgroup.procs") and cg.uid in path] == []
+        assert "net/dev" in second and value(data, "k8s.pod.network.io", p, lo_tx) == 0
+        assert len(r.network) >= 1
+        busy = cg.spawn([unshare, "-n", sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert busy.stdout.readline().strip() == "ready"
+        quiet.kill()
+        quiet.wait()
+        data = r.collect()
+        assert value(data, "k8s.pod.network.io", p, lo_tx) > 100_000
+    r.collect()  # the pod is gone: its process is let go
+    assert cg.uid not in r.network._kept
