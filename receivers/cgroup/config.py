@@ -19,8 +19,8 @@ class MetricGroups(ComponentConfig):
     pressure: bool = Field(True, description="Pressure stall (PSI) time for cpu, memory and io; needs cgroup2 "
                                              "(pure v2, or the hybrid layout's unified tree)")
     network: bool = Field(True, description="Per pod network counters per interface from /proc/<pid>/net/dev of "
-                                            "one of the pod's processes: two extra reads per pod; pods on the "
-                                            "host network are skipped")
+                                            "one of the pod's processes: one extra read per pod (the process is "
+                                            "found once and kept); pods on the host network are skipped")
 
 
 class MetricToggle(ComponentConfig):

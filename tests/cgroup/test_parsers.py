@@ -64,3 +64,13 @@ def test_truncated_and_corrupted_files_never_raise(text, data):
     for candidate in (text[:cut], text[:at] + noise + text[at:cut]):
         for parse in PARSERS:
             parse(candidate)
+
+
+@given(st.integers(0, 2**63), st.integers(0, 2**63), st.booleans())
+def test_psi_kernel_lines_parse_to_both_totals(some, full, cpu_root):
+    """The kernel's format, read through the fast path: `total=` last on each line (the root's cpu.pressure on old
+    kernels has no `full` line)."""
+    data = f"some avg10=1.25 avg60=0.50 avg300=0.00 total={some}\n".encode()
+    if not cpu_root:
+        data += f"full avg10=0.00 avg60=0.00 avg300=0.00 total={full}\n".encode()
+    assert p.parse_psi(data) == ({"some": some} if cpu_root else {"some": some, "full": full})
