@@ -267,7 +267,9 @@ def _raw_floor(node: SyntheticNode, res: ScaleResult, iterations: int) -> None:
             twin.collect()
     finally:
         twin.shutdown()
-    paths = list(dict.fromkeys(tracer.paths))
+    # files only: the twin also opens each pod's /proc/<pid> directory (O_PATH) and net/dev relative to it, which
+    # the tracer sees without the directory
+    paths = [p for p in dict.fromkeys(tracer.paths) if not os.path.isdir(p)]
     dirs = list(dict.fromkeys(tracer.listed))
     res.raw_files, res.raw_dirs = len(paths), len(dirs)
     files, listing, kept = raw_read(paths, dirs, iterations)

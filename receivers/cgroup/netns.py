@@ -21,11 +21,13 @@ class PodNetwork:
     the pod is found, even if the PID was reused meanwhile. It does not hold the network namespace, as a kept
     `net/dev` fd would: a pod whose sandbox was made again is read in its new namespace once the old processes are
     gone. Whether a process is on the node's network (a hostNetwork pod: skipped, these would be the node's
-    counters) is decided once per process. At most one fd per pod, taken from the cgroup readers' FD_BUDGET.
+    counters) is decided once per process. At most one fd per pod, taken from the cgroup readers' FD_BUDGET; none
+    with `keep` off.
     """
 
-    def __init__(self, proc_root: str, walk_root: str, errors: list) -> None:
+    def __init__(self, proc_root: str, walk_root: str, errors: list, keep: bool = True) -> None:
         self.proc_root = proc_root
+        self.keep = keep  # False (max_open_files: 0): the process is found again on every collection
         self.walk_root = walk_root  # the cgroup hierarchy discovery lists, where cgroup.procs is read
         self.errors = errors  # unreadable cgroup.procs files, reported with the receiver's other read errors
         self.failures: list[str] = []  # this collection's problems with /proc, for the receiver to report
@@ -72,7 +74,7 @@ class PodNetwork:
             if data is None and not on_host:
                 os.close(fd)
                 continue  # exited while read
-            if FD_BUDGET.take():
+            if self.keep and FD_BUDGET.take():
                 self._kept[uid] = (fd, on_host)
             else:
                 os.close(fd)

@@ -77,7 +77,8 @@ class CgroupReceiver(Receiver):
         self.discovery = Discovery(layout.walk, self.config.max_depth)
         self.reader = Reader(layout, self.groups, _fd_budget(self.config.max_open_files),
                              self.config.limits_every)
-        self.network = PodNetwork(self.config.proc_root, layout.walk, self.reader.errors)
+        self.network = PodNetwork(self.config.proc_root, layout.walk, self.reader.errors,
+                                  keep=self.reader.max_open > 0)
         self.logger.info("%s; keeping up to %d cgroup files open", layout.describe(), self.reader.max_open)
 
     def shutdown(self) -> None:

@@ -186,6 +186,7 @@ def test_beyond_the_fd_cap_files_are_opened_and_read_each_time(pod, receivers):
     none = receivers(max_open_files=0)
     data = none.collect()
     assert none.reader.kept() == 0 and fds_naming(pod.container_id) == []
+    assert len(none.network) == 0  # nor is the pod's process kept: it is found again each time
     assert value(data, "container.pids.count", c) == 1
 
 
