@@ -75,7 +75,7 @@ class OTLPExporter(Exporter):
             if q.storage:
                 directory = f"{q.storage.rstrip('/')}/exporter_{_safe(str(self.settings.id))}"
             try:
-                self.queue = SendingQueue(q.queue_size, directory)
+                self.queue = SendingQueue(q.queue_size, directory, fsync=q.fsync)
             except QueueLocked as exc:
                 raise ComponentUnavailable(f"sending_queue::storage: {exc}") from exc
             except OSError as exc:

@@ -39,6 +39,9 @@ class QueueConfig(ComponentConfig):
     num_consumers: int = Field(10, gt=0, le=100, description="Threads sending batches in parallel")
     storage: str = Field("", description="Directory of a persistent queue: batches survive a restart or kill "
                                          "(each exporter uses its own subdirectory)")
+    fsync: bool = Field(False, description="With storage: flush each batch file and the directory to disk before "
+                                           "it counts as queued, so batches also survive a power loss (one disk "
+                                           "flush per batch)")
 
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")

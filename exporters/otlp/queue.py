@@ -7,8 +7,10 @@ for cumulative metrics the newest batch carries the most recent totals, so it is
 The persistent queue keeps one file per batch (`<sequence>-<points>.otlp`, written to a temporary name and
 renamed, so a kill leaves either the whole file or none) and removes it once the batch is delivered or given
 up. On start it picks up what a previous process left. Delivery is at-least-once: a batch in flight when the
-process dies is sent again after the restart. Files are not fsynced: they survive the process being killed,
-not the machine losing power.
+process dies is sent again after the restart. By default files are not fsynced (as the collector's
+file_storage): they survive the process being killed, not the machine losing power. With `fsync`, each file and
+then the directory are flushed to disk before `put` returns: one disk flush per batch, a power loss loses
+nothing that was queued.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ class QueueLocked(Exception):
 
 
 class SendingQueue:
-    def __init__(self, capacity: int, directory: str = "") -> None:
+    def __init__(self, capacity: int, directory: str = "", fsync: bool = False) -> None:
         self.capacity = capacity
         self.directory = directory
+        self.fsync = fsync
         self._cond = threading.Condition()
         self._waiting: collections.deque[Item] = collections.deque()
         self._in_flight = 0
@@ -69,6 +72,13 @@ class SendingQueue:
             self._waiting.extend(found)
             self._seq = found[-1].seq + 1 if found else 0
 
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _path(self, item: Item) -> str:
         return os.path.join(self.directory, f"{item.seq:020d}-{item.points}.otlp")
 
@@ -90,7 +100,12 @@ class SendingQueue:
                 path = self._path(item)
                 with open(path + ".tmp", "wb") as f:
                     f.write(data)
+                    if self.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(path + ".tmp", path)
+                if self.fsync:
+                    self._sync_directory()  # the rename itself is durable only once the directory is
                 item.data = None  # the file holds it; memory stays bounded by what is in flight
             while len(self._waiting) >= self.capacity:
                 old = self._waiting.popleft()

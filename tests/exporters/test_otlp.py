@@ -328,6 +328,31 @@ def test_persistent_queue_bounds_and_lock(tmp_path):
     q2.release()
 
 
+def test_persistent_queue_fsync_flushes_each_file_and_then_the_directory(tmp_path, monkeypatch):
+    """A power loss cannot be staged here, so os.fsync is watched (a spy that still calls the real one): with
+    `fsync` every batch file is flushed before its rename and the directory after it; without, nothing is."""
+    from exporters.otlp import queue as queue_module
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(queue_module.os, "fsync", spy)
+    plain = queue_module.SendingQueue(3, str(tmp_path / "plain"))
+    plain.put(b"batch", 1)
+    assert synced == []
+    plain.release()
+    durable = queue_module.SendingQueue(3, str(tmp_path / "durable"), fsync=True)
+    durable.put(b"batch", 7)
+    directory = str(tmp_path / "durable")
+    assert synced == [f"{directory}/00000000000000000000-7.otlp.tmp", directory]
+    assert durable.get(timeout=1)[1] == b"batch"
+    durable.release()
+
+
 @pytest.mark.parametrize("proto", ["grpc", "http"])
 def test_large_batches_are_split_under_the_request_limit(proto, sink, exporter, kit):
     exp, telemetry = exporter(proto, endpoint=endpoint_of(sink, proto))
