@@ -102,16 +102,13 @@ class PodNetwork:
         """`net/dev` through a process's /proc fd; None when the process is gone, b"" when it cannot be read."""
         try:
             dev = os.open("net/dev", _READ_FLAGS, dir_fd=fd)
-        except OSError as exc:
-            if exc.errno in GONE:
-                return None
-            self.failures.append(f"cannot read net/dev of pod {uid}'s process under {self.proc_root}: "
-                                 f"{exc.strerror}")
-            return b""
-        try:
-            data = os.read(dev, BUFSIZE)  # one line per interface: a pod has a handful
-            while len(data) % BUFSIZE == 0 and (more := os.read(dev, BUFSIZE)):
-                data += more
+            try:
+                data = chunk = os.read(dev, BUFSIZE)  # one line per interface: a pod has a handful
+                while len(chunk) == BUFSIZE:
+                    chunk = os.read(dev, BUFSIZE)
+                    data += chunk
+            finally:
+                os.close(dev)
             return data
         except OSError as exc:
             if exc.errno in GONE:
@@ -119,8 +116,6 @@ class PodNetwork:
             self.failures.append(f"cannot read net/dev of pod {uid}'s process under {self.proc_root}: "
                                  f"{exc.strerror}")
             return b""
-        finally:
-            os.close(dev)
 
     def _first_pid(self, cgroup_path: str) -> int | None:
         path = f"{self.walk_root}{cgroup_path}/cgroup.procs"
