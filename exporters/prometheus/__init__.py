@@ -125,9 +125,9 @@ def _headers(name: str, fam: Family) -> tuple[bytes, bytes]:
             f"# HELP {om_name} {help_text.replace(chr(34), chr(92) + chr(34))}\n# TYPE {om_name} {om_type}\n".encode())
 
 
-def _lines(samples: dict[str, str]) -> bytes:
-    """The sample lines of {series: value}."""
-    return "".join([f"{k} {v}\n" for k, v in samples.items()]).encode()
+def _lines(samples: dict[bytes, bytes]) -> bytes:
+    """The sample lines of {series: value}: `series value` each."""
+    return b"".join([b"%s %s\n" % kv for kv in samples.items()])
 
 
 def _family_lines(fam: Family) -> bytes:
@@ -284,7 +284,7 @@ class PrometheusExporter(Exporter):
                     samples.update(rf.samples())  # the scope listed later wins
                     if name != "target_info":
                         duplicates += before - len(samples)
-                lines, n = b"".join([b"%s %s\n" % kv for kv in samples.items()]), len(samples)
+                lines, n = _lines(samples), len(samples)
             if not n:
                 continue
             text_head, om_head = _headers(name, first.fam)

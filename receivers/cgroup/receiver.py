@@ -124,10 +124,10 @@ class CgroupReceiver(Receiver):
                            time.monotonic())
 
         n_pods = 0
-        network = self.network if self.groups.network and self.config.per_pod else None
-        if network is not None:
-            network.begin(self._host_netns())
         if self.config.per_pod:
+            network = self.network if self.pod_groups.network else None
+            if network is not None:
+                network.begin(self._host_netns())
             pods: dict[str, list[tuple[str | None, CgroupRef]]] = {}
             for path, ref in found.pods.items():
                 pods.setdefault(ref.pod_uid, []).append((path, ref))

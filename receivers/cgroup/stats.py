@@ -145,9 +145,9 @@ class Reader:
     file. Fds are closed when discovery no longer lists the cgroup, and as soon as one answers ENODEV (the
     cgroup was removed: it is then opened once more by path, in case a cgroup of the same name was made since).
     At most `max_open` fds are kept; files beyond that are opened, read and closed as before. Limits
-    (memory.limit_in_bytes / memory.max, pids.max, the CPU quota) change rarely: they are read when a cgroup is first seen and
-    then on every `limits_every`-th collection, without keeping an fd. `max_open` bounds this reader and
-    FD_BUDGET the whole process.
+    (memory.limit_in_bytes / memory.max, pids.max, the CPU quota) change rarely: they are read when a cgroup is
+    first seen and then on every `limits_every`-th collection, without keeping an fd. `max_open` bounds this
+    reader and FD_BUDGET the whole process.
     """
 
     def __init__(self, layout: Layout, groups, max_open: int = 0, limits_every: int = 1) -> None:

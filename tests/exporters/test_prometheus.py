@@ -450,13 +450,13 @@ def test_a_scopes_batch_reuses_the_other_scopes_rendering(exporter, kit):
     merged = {}
     for entry in exp._scopes.values():
         for name, rf in entry.families.items():
-            merged.setdefault(name, (rf.fam, {}))[1].update({k.decode(): v.decode() for k, v in rf.samples().items()})
+            merged.setdefault(name, (rf.fam, {}))[1].update(rf.samples())
     assert render(merged)[0] == exp.rendering().text and render(merged)[1] == exp.rendering().openmetrics
 
 
 def render(merged: dict) -> tuple[bytes, bytes, int]:
-    """The reference rendering of whole families (name -> (Family, {series: value})) in both formats: what the
-    exporter's assembly from cached per-scope chunks must equal."""
+    """The reference rendering of whole families (name -> (Family, {series: value} in bytes)) in both formats:
+    what the exporter's assembly from cached per-scope chunks must equal."""
     from exporters.prometheus import _headers, _lines
 
     text, om, count = [], [], 0
@@ -625,5 +625,6 @@ def test_a_rendered_family_parses_back_whatever_its_label_values_hold():
     odd = {"plain": "a", "spaced": "a b  c", "quoted": 'say "hi"', "slashed": "C:\\x", "newline": "1\n2",
            "cr": "1\r2"}
     samples = {series("m", {"k": v}): f"{i}.0" for i, v in enumerate(odd.values())}
-    rendered = _Family(Family("m", "gauge", "help"), len(samples), _lines(samples))
+    rendered = _Family(Family("m", "gauge", "help"), len(samples),
+                       _lines({k.encode(): v.encode() for k, v in samples.items()}))
     assert rendered.samples() == {k.encode(): v.encode() for k, v in samples.items()}
