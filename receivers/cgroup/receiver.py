@@ -59,6 +59,7 @@ class CgroupReceiver(Receiver):
         # the pipeline's caches (enrichment, the prometheus exporter's labels) then find again by identity
         self._resources: dict[tuple, tuple[CgroupRef, Resource]] = {}
         self._dev_names: dict[str, str] = {}
+        self._summed: dict[str, _SummedPod] = {}  # pod uid -> its containers' counts, for pods without a cgroup
         root = config.cgroup_root
         self._sys_root = root[: -len("/fs/cgroup")] if root.endswith("/fs/cgroup") else "/sys"
         self._gauge = self.telemetry.gauge("podmeter_cgroup_discovered", "Pod and container cgroups found", ["kind"])
@@ -107,7 +108,7 @@ class CgroupReceiver(Receiver):
         reader.errors.clear()
         seen: set[tuple] = set()
 
-        per_pod_containers: dict[str, list[Stats]] = {}
+        per_pod_containers: dict[str, list[tuple[str, Stats]]] = {}
         # with per_container off, containers are read only for pods without a cgroup of their own
         with_dir = set() if self.config.per_container else {ref.pod_uid for ref in found.pods.values()}
         for path, ref in found.containers.items():
@@ -116,7 +117,7 @@ class CgroupReceiver(Receiver):
             s = reader.read(path, self.container_groups)
             if not s.found:
                 continue  # removed between listing and reading
-            per_pod_containers.setdefault(ref.pod_uid, []).append(s)
+            per_pod_containers.setdefault(ref.pod_uid, []).append((path, s))
             if self.config.per_container:
                 key = ("c", path)
                 seen.add(key)
@@ -134,8 +135,10 @@ class CgroupReceiver(Receiver):
             for uid, paths in found.containers_of.items():
                 # containerd's "slice:prefix:id" form has no pod cgroup: the pod is the sum of its containers
                 pods.setdefault(uid, []).append((None, found.containers[paths[0]]))
+            summed = self._summed
+            self._summed = {}
             for uid, candidates in pods.items():
-                s, ref = self._read_pod(candidates, per_pod_containers.get(uid, ()))
+                s, ref = self._read_pod(uid, candidates, per_pod_containers.get(uid, ()), summed, found.containers)
                 if s is None:
                     continue
                 n_pods += 1
@@ -169,15 +172,15 @@ class CgroupReceiver(Receiver):
         self._gauge.labels("container").set(len(found.containers))
         return b.build()
 
-    def _read_pod(self, candidates, containers: list[Stats]) -> tuple[Stats | None, CgroupRef | None]:
+    def _read_pod(self, uid: str, candidates, containers: list[tuple[str, Stats]], summed: dict,
+                  listed) -> tuple[Stats | None, CgroupRef | None]:
         """The pod's statistics from the first candidate that can be read (a uid in two trees is a left-over)."""
         for path, ref in candidates:
             if path is not None:
                 s = self.reader.read(path, self.pod_groups)
             else:
-                s = Stats()
-                for cs in containers:
-                    s.add(cs)
+                pod = self._summed[uid] = summed.get(uid) or _SummedPod()
+                s = pod.total(containers, listed)
             if s.found:
                 return s, ref
         return None, None
@@ -268,6 +271,39 @@ class CgroupReceiver(Receiver):
             if len(self._dev_names) < 4096:
                 self._dev_names[dev] = name
         return name
+
+
+class _SummedPod:
+    """A pod without a cgroup of its own (containerd's `slice:prefix:id` form) is the sum of its containers. A pod
+    cgroup's counters keep what its removed containers counted (the kernel has charged it to the parent), so the
+    sum does too: the last counters read of a container no longer listed are kept in `gone`, and the pod's CPU
+    time, faults, OOM and IO counters do not go backward when a container exits or restarts. Gauges (memory,
+    PIDs) are those of the containers there now."""
+
+    __slots__ = ("members", "gone")
+
+    def __init__(self) -> None:
+        self.members: dict[str, Stats] = {}  # container cgroup -> its last reading
+        self.gone = Stats()
+
+    def total(self, current: list[tuple[str, Stats]], listed) -> Stats:
+        s = Stats()
+        for _path, cs in current:
+            s.add(cs)
+        members = dict(current)
+        for path, last in self.members.items():
+            if path in members:
+                continue
+            if path in listed:  # listed but not readable this time: its last counters still count
+                members[path] = last
+                if s.found:
+                    s.add(last, Stats.COUNTERS)
+            else:
+                self.gone.add(last, Stats.COUNTERS)  # gone for good (container ids are not reused)
+        self.members = members
+        if s.found:
+            s.add(self.gone, Stats.COUNTERS)
+        return s
 
 
 _GROUPS = ("cpu", "memory", "io", "pids", "pressure", "network")

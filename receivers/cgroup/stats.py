@@ -54,8 +54,13 @@ class Stats:
         self.io = {}
         self.psi = {}
 
-    def add(self, other: Stats) -> None:
-        for name in self.ADDITIVE:
+    # the cumulative ones among them: what a container counted stays counted after it is gone
+    COUNTERS = ("cpu_user", "cpu_system", "cpu_total", "periods", "throttled_periods", "throttled_time",
+                "oom_events", "oom_kills", "faults_major", "faults_minor")
+
+    def add(self, other: Stats, names: tuple[str, ...] = ADDITIVE) -> None:
+        """Add `other`'s values of `names` (and its IO counters) to these."""
+        for name in names:
             theirs = getattr(other, name)
             if theirs is not None:
                 mine = getattr(self, name)

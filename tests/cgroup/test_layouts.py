@@ -273,6 +273,43 @@ def test_pods_without_their_own_cgroup_with_per_container_off(tmp_path):
     assert value(data, "k8s.pod.memory.usage", {"k8s.pod.uid": layout.pods[0].uid}) == 2 * USAGE
 
 
+def test_a_pod_summed_from_its_containers_keeps_what_a_gone_container_counted(tmp_path):
+    """A pod without a cgroup of its own is the sum of its containers. When one exits, the pod's counters keep
+    what it counted, as a pod cgroup's do: a cumulative series that went backward would read as a reset (and
+    `increase()` would count the whole remainder again). Its gauges are those of the containers still there."""
+    layout = next(x for x in LAYOUTS if x.name == "v2-containerd-colon-form")
+    # files read by path every time (no kept fds), so that a container's files removed are unreadable at once
+    receiver, data = _collect(tmp_path, layout, max_open_files=0)
+    root = receiver.config.cgroup_root
+    pod = {"k8s.pod.uid": layout.pods[0].uid}
+    (first, _, _), (second, _, _) = layout.pods[0].containers
+
+    def counters(data):
+        return (value(data, "k8s.pod.cpu.time", pod, {"cpu.mode": "user"}),
+                value(data, "k8s.pod.memory.paging.faults", pod, {"system.paging.fault.type": "major"}))
+
+    full = counters(data)
+    assert full[0] == 2 * USER and full[1] > 0
+    assert value(data, "k8s.pod.memory.usage", pod) == 2 * USAGE
+    # the second container's files go first (listed, unreadable: its last reading is kept), then its cgroup
+    for name in os.listdir(root + second):
+        os.remove(os.path.join(root + second, name))
+    assert counters(receiver.collect()) == full
+    os.rmdir(root + second)
+    data = receiver.collect()
+    assert counters(data) == full
+    assert value(data, "k8s.pod.memory.usage", pod) == USAGE
+    # the first one counts on: the pod with it, on top of what the gone one counted
+    with open(root + first + "/cpu.stat", "w") as f:
+        f.write("usage_usec 9000000\nuser_usec 7000000\nsystem_usec 2000000\n")
+    assert counters(receiver.collect())[0] == 7.0 + USER
+    # a pod whose last container is gone has no series, and nothing is kept of it
+    shutil.rmtree(root + first)
+    data = receiver.collect()
+    assert value(data, "k8s.pod.memory.usage", pod) is None
+    assert pod["k8s.pod.uid"] not in receiver._summed
+
+
 def test_unreadable_files_are_counted_once_and_the_rest_is_read(tmp_path, caplog):
     layout = LAYOUTS[1]
     root = build(str(tmp_path), layout)
