@@ -104,7 +104,8 @@ def unit_words(unit: str) -> tuple[str, str]:
 
 
 def metric_name(name: str, unit: str, kind: str, add_suffixes: bool, namespace: str = "") -> str:
-    """The Prometheus family name. kind: counter, gauge, histogram (memoized: asked once per metric per resource)."""
+    """The Prometheus family name. kind: counter, updowncounter (a non-monotonic sum, exposed as a gauge), gauge,
+    histogram (memoized: asked once per metric per resource)."""
     key = (name, unit, kind, add_suffixes, namespace)
     hit = _name_memo.get(key)
     if hit is None:
@@ -123,6 +124,7 @@ def _metric_name(name: str, unit: str, kind: str, add_suffixes: bool, namespace:
             base += "_" + main
         if per and not base.endswith("_per_" + per):
             base += "_per_" + per
+        # `_ratio` only for OTel gauges, as the collector's translation: a sum in unit "1" counts things
         if kind == "gauge" and (unit or "").strip() == "1" and "ratio" not in tokens:
             base += "_ratio"
         if kind == "counter":
@@ -282,7 +284,7 @@ class Translator:
                 # Prometheus is cumulative; podmeter's receivers emit cumulative sums.
                 self._skip("delta_temporality", len(data.data_points))
                 return
-            kind = "counter" if data.is_monotonic else "gauge"
+            kind = "counter" if data.is_monotonic else "updowncounter"
         elif isinstance(data, Gauge):
             kind = "gauge"
         elif isinstance(data, Histogram):
@@ -294,7 +296,7 @@ class Translator:
             self._skip("unsupported_type", len(getattr(data, "data_points", ())))
             return
         name = metric_name(metric.name, metric.unit or "", kind, self.add_suffixes, self.namespace)
-        ftype = kind
+        ftype = "gauge" if kind == "updowncounter" else kind
         if kind == "counter" and not name.endswith("_total"):
             # Both exposition formats tie the counter type to a `_total` sample name; a counter kept under its
             # exact name (add_metric_suffixes: false) is exposed untyped instead of as a malformed counter.

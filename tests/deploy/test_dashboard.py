@@ -69,7 +69,7 @@ def declared_prometheus_names() -> dict[str, str]:
     """Prometheus family name -> component type, from every registered receiver's MetricSpecs."""
     from exporters.prometheus.translate import metric_name
 
-    kinds = {"sum": "counter", "updowncounter": "gauge", "gauge": "gauge", "histogram": "histogram"}
+    kinds = {"sum": "counter", "updowncounter": "updowncounter", "gauge": "gauge", "histogram": "histogram"}
     out: dict[str, str] = {}
     for type_ in RECEIVERS:
         factory = registry().get("receiver", type_)

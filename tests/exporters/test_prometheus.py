@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from exporters.prometheus import factory
 from exporters.prometheus.translate import metric_name
 from podmeter.config import ConfigError, validate_component
+from podmeter.metrics import MetricsBuilder
+from receivers.nvml.metrics import STATUS
 
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 
@@ -57,6 +59,8 @@ def exporter(kit, host):
     ("container.cpu.time", "s", "counter", "container_cpu_time_seconds_total"),
     ("container.memory.usage", "By", "gauge", "container_memory_usage_bytes"),
     ("hw.gpu.utilization", "1", "gauge", "hw_gpu_utilization_ratio"),
+    # `_ratio` is for gauges only (as the collector): a non-monotonic sum in "1" counts things
+    ("hw.status", "1", "updowncounter", "hw_status"),
     ("system.network.io", "By/s", "gauge", "system_network_io_bytes_per_second"),
     ("k8s.pod.network.errors", "{errors}", "counter", "k8s_pod_network_errors_total"),
     ("requests_total", "1", "counter", "requests_total"),
@@ -107,13 +111,18 @@ def test_real_prometheus_reads_back_the_values(exporter, kit):
 def test_exposition_is_lint_clean_in_both_formats(exporter, kit):
     exp, port, _ = exporter(const_labels={"cluster": "c1"}, namespace="podmeter")
     exp.export(kit.batch(range(4)))
+    status = MetricsBuilder("test/status", kit.START_NS)
+    status.add(STATUS, 1, {"hw.state": "ok"}, resource={"hw.id": "GPU-0"})
     exp.export(kit.batch([7], scope="podmeter/receiver/nvml"))
+    exp.export(status.build())
     ctype, text = scrape(port)
     assert ctype.startswith("text/plain; version=0.0.4")
     rc, out = promtool_check_metrics(text)
     assert rc == 0, out
     families = {f.name: f for f in parse_text(text)}
     assert families["podmeter_container_cpu_time_seconds"].type == "counter"
+    # a non-monotonic sum in unit "1" is a gauge without `_ratio` (the collector's rule: that suffix is for gauges)
+    assert families["podmeter_hw_status"].type == "gauge"
     assert all(s.labels["cluster"] == "c1" for f in families.values() for s in f.samples)
     # no duplicate series
     keys = [(s.name, tuple(sorted(s.labels.items()))) for f in families.values() for s in f.samples]
