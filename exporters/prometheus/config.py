@@ -12,9 +12,9 @@ from podmeter.config import ComponentConfig, Duration, Endpoint
 # workload), the container id, the process id, and the GPU's identity as the nvml receiver sets it (`hw.id`: the
 # GPU or MIG device UUID; `hw.gpu.index`; for a MIG device its parent GPU's UUID and instance ids). Descriptive
 # attributes (hw.model, hw.name, hw.vendor, hw.driver_version, hw.gpu.pci_bus_id, process.executable.name,
-# container.image.name, k8s.pod.ip, pod labels and annotations (k8s.pod.label.* as the semantic conventions
-# name them, k8s.pod.labels.* as k8sattributes' extract.labels does), ...) stay in target_info; promote one explicitly
-# where a query needs it as a label.
+# container.image.name, k8s.pod.ip, pod labels and annotations (k8s.pod.label.* as the semantic conventions and
+# k8sattributes name them, k8s.pod.labels.* as the collector's k8sattributes did), ...) stay in target_info; promote
+# one explicitly where a query needs it as a label.
 DEFAULT_PROMOTED = (
     "k8s.*.name",
     "k8s.*.uid",

@@ -63,15 +63,17 @@ class _Rule:
     source: str  # "pod" | "namespace"
 
     def apply(self, values: dict, out: dict) -> None:
+        # default names as the semantic conventions give them: k8s.pod.label.<key>, k8s.namespace.annotation.<key>
+        # (the collector's legacy plural form, k8s.pod.labels.<key>, is one tag_name away)
+        prefix = f"k8s.{self.source}.{self.kind[:-1]}."
         if self.regex is None:
             if self.key in values:
-                out[self.tag_name or f"k8s.{self.source}.{self.kind}.{self.key}"] = values[self.key]
+                out[self.tag_name or prefix + self.key] = values[self.key]
             return
         for k, v in values.items():
             m = self.regex.fullmatch(k)
             if m:
-                name = m.expand(self.tag_name.replace("$", "\\")) if self.tag_name else f"k8s.{self.source}.{self.kind}.{k}"
-                out[name] = v
+                out[m.expand(self.tag_name.replace("$", "\\")) if self.tag_name else prefix + k] = v
 
 
 class _Match:

@@ -26,7 +26,8 @@ ASSOCIATION_NAMES = ("k8s.pod.uid", "k8s.pod.name", "k8s.namespace.name", "k8s.p
 
 
 class FieldExtract(ComponentConfig):
-    tag_name: str = Field("", description="Resource attribute to write; default k8s.<pod|namespace>.<labels|annotations>.<key>")
+    tag_name: str = Field("", description="Resource attribute to write; default "
+                                          "k8s.<pod|namespace>.<label|annotation>.<key> (semantic conventions)")
     key: str = Field("", description="Label or annotation key to extract")
     key_regex: str = Field("", description="Regular expression of keys to extract (full match); "
                                           "tag_name may use $1 for the first capture group")

@@ -20,7 +20,7 @@ from podmeter.metrics import MetricsBuilder, MetricSpec
 from .conftest import NODE
 
 EXPECTED_KEYS = ("k8s.pod.name", "k8s.pod.uid", "k8s.namespace.name", "k8s.node.name", "k8s.container.name",
-                 "k8s.deployment.name", "k8s.pod.labels.app")
+                 "k8s.deployment.name", "k8s.pod.label.app")
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def check(attrs: dict, cg: PodCgroup) -> None:
     assert attrs["k8s.node.name"] == NODE
     assert attrs["k8s.container.name"] == "main"
     assert attrs["k8s.deployment.name"] == "trainer"
-    assert attrs["k8s.pod.labels.app"] == "trainer"
+    assert attrs["k8s.pod.label.app"] == "trainer"
 
 
 def test_process_pid_series_get_pod_metadata(api, workload, make_processor):

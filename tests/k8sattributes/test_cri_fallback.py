@@ -76,6 +76,6 @@ service:
         for attrs in series:
             assert attrs["k8s.pod.name"] == "web-7f9c4d5b8-kx2lp" and attrs["k8s.namespace.name"] == "shop"
             assert attrs["k8s.container.name"] == "app" and attrs["k8s.pod.uid"] == pod.uid
-            assert attrs["k8s.deployment.name"] == "web" and attrs["k8s.pod.labels.app"] == "web"
+            assert attrs["k8s.deployment.name"] == "web" and attrs["k8s.pod.label.app"] == "web"
     finally:
         ctrd.remove_pod(pod)

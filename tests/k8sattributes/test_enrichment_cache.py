@@ -55,7 +55,7 @@ def test_repeated_resources_come_from_the_cache_until_labels_change(api, make_pr
     data = batch({"k8s.pod.uid": u, "process.pid": 1}, {"k8s.pod.uid": u, "process.pid": 2})
     calls = counting(p)
     first = p.process(data)
-    assert [r["k8s.pod.labels.app"] for r in names(first)] == ["v1", "v1"]
+    assert [r["k8s.pod.label.app"] for r in names(first)] == ["v1", "v1"]
     assert len(calls) == 2
     again = p.process(data)  # the same Resource objects: no association work at all
     assert names(again) == names(first)
@@ -66,7 +66,7 @@ def test_repeated_resources_come_from_the_cache_until_labels_change(api, make_pr
 
     api.patch("pods", "ml", "a", {"metadata": {"labels": {"app": "v2"}}})
     wait_for(lambda: p.cache.get(u).labels.get("app") == "v2", what="MODIFIED label in the pod cache")
-    assert [r["k8s.pod.labels.app"] for r in names(p.process(data))] == ["v2", "v2"]
+    assert [r["k8s.pod.label.app"] for r in names(p.process(data))] == ["v2", "v2"]
     assert len(calls) == 4
 
 

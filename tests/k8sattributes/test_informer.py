@@ -45,7 +45,7 @@ def test_list_then_add_modify_delete(api, make_processor):
     assert p.attributes_for({"k8s.pod.uid": u2})["owner"] == "ana"
 
     api.patch("pods", "ml", "a", {"metadata": {"labels": {"app": "a2"}}})
-    wait_for(lambda: p.attributes_for({"k8s.pod.uid": u1}).get("k8s.pod.labels.app") == "a2", what="MODIFIED label")
+    wait_for(lambda: p.attributes_for({"k8s.pod.uid": u1}).get("k8s.pod.label.app") == "a2", what="MODIFIED label")
 
     api.delete("pods", "ml", "b")
     # with no grace period the processor's own sweep may already have removed it
@@ -127,9 +127,9 @@ def test_label_and_annotation_rules(api, make_processor):
     })
     assert p.ready(10)
     got = p.attributes_for({"k8s.pod.uid": u})
-    assert got == {"k8s.pod.name": "p", "k8s.namespace.name": "ml", "k8s.pod.labels.app": "trainer",
+    assert got == {"k8s.pod.name": "p", "k8s.namespace.name": "ml", "k8s.pod.label.app": "trainer",
                    "team.cost-center": "42", "k8s.namespace.team": "vision",
-                   "k8s.pod.annotations.gpu.example.com/profile": "a100"}
+                   "k8s.pod.annotation.gpu.example.com/profile": "a100"}
     # namespaces are watched because a rule asked for them
     assert api.asked("namespaces", "list")
 
@@ -201,7 +201,7 @@ def test_forbidden_is_reported_once_and_cri_metadata_used(api, make_processor, c
     assert "list on pods" in warnings[0].getMessage() and "grant get, list and watch on pods" in warnings[0].getMessage()
     got = p.attributes_for({"k8s.pod.uid": u})
     assert got == {"k8s.pod.uid": u, "k8s.pod.name": "web-7f9c4d5b8-kx2lp", "k8s.namespace.name": "ml",
-                   "k8s.deployment.name": "web", "k8s.replicaset.name": "web-7f9c4d5b8", "k8s.pod.labels.app": "web"}
+                   "k8s.deployment.name": "web", "k8s.replicaset.name": "web-7f9c4d5b8", "k8s.pod.label.app": "web"}
     # permission granted later: the informer recovers by itself
     api.clear()
     api.create("pods", "ml", pod("late", NODE, uid=(late := uid())))
@@ -451,4 +451,4 @@ def test_namespace_labels_for_cri_only_pods(api, make_processor):
     host.publish("container_metadata", _Cri({u: {"k8s.pod.uid": u, "k8s.pod.name": "p", "k8s.namespace.name": "ml"}}))
     p = make_processor(api, host=host, extract={"labels": [{"key": "team", "from": "namespace"}]})
     wait_for(lambda: p.ns_reflector.synced.is_set(), what="the namespace list")
-    assert p.attributes_for({"k8s.pod.uid": u})["k8s.namespace.labels.team"] == "vision"
+    assert p.attributes_for({"k8s.pod.uid": u})["k8s.namespace.label.team"] == "vision"
