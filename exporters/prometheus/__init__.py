@@ -394,9 +394,12 @@ def _make_handler(exporter: PrometheusExporter):
                 return self._reply(404, b"not found; metrics are on /metrics\n", "text/plain; charset=utf-8")
             accept = self.headers.get("Accept") or ""
             use_om = _wants_openmetrics(accept)
-            gz = "gzip" in (self.headers.get("Accept-Encoding") or "")
+            gz = _wants_gzip(self.headers.get("Accept-Encoding") or "")
             body = exporter.body(OPENMETRICS if use_om else TEXT, gz)
-            extra = {"Content-Encoding": "gzip"} if gz else {}
+            # caches between Prometheus and the agent must key the reply on both negotiated headers
+            extra = {"Vary": "Accept, Accept-Encoding"}
+            if gz:
+                extra["Content-Encoding"] = "gzip"
             return self._reply(200, body, OPENMETRICS_CONTENT_TYPE if use_om else TEXT_CONTENT_TYPE, extra)
 
         def _reply(self, code: int, body: bytes | tuple[bytes, ...], ctype: str, headers: dict | None = None) -> int:
@@ -417,15 +420,14 @@ def _make_handler(exporter: PrometheusExporter):
     return Handler
 
 
-def _wants_openmetrics(accept: str) -> bool:
-    """Content negotiation: OpenMetrics when the client lists it with a q at least text/plain's.
-
-    Not prometheus_client's choose_encoder: it takes the first type it knows in header order and ignores q
-    values, and it returns a renderer, while here both renderings already exist.
-    """
-    best_om, best_text = -1.0, -1.0
-    for part in accept.split(","):
+def _weights(header: str) -> dict[str, float]:
+    """An Accept or Accept-Encoding header's q value per token (RFC 9110: q defaults to 1, q=0 is "not acceptable";
+    a token listed twice keeps its highest q)."""
+    out: dict[str, float] = {}
+    for part in header.split(","):
         fields = [f.strip() for f in part.split(";")]
+        if not fields[0]:
+            continue
         q = 1.0
         for f in fields[1:]:
             if f.startswith("q="):
@@ -433,11 +435,27 @@ def _wants_openmetrics(accept: str) -> bool:
                     q = float(f[2:])
                 except ValueError:
                     q = 0.0
-        if fields[0] == "application/openmetrics-text":
-            best_om = max(best_om, q)
-        elif fields[0] in ("text/plain", "*/*", "text/*"):
-            best_text = max(best_text, q)
+        token = fields[0].lower()
+        out[token] = max(out.get(token, -1.0), q)
+    return out
+
+
+def _wants_openmetrics(accept: str) -> bool:
+    """Content negotiation: OpenMetrics when the client lists it with a q at least text/plain's.
+
+    Not prometheus_client's choose_encoder: it takes the first type it knows in header order and ignores q
+    values, and it returns a renderer, while here both renderings already exist.
+    """
+    weights = _weights(accept)
+    best_om = weights.get("application/openmetrics-text", -1.0)
+    best_text = max(weights.get(t, -1.0) for t in ("text/plain", "*/*", "text/*"))
     return best_om > 0 and best_om >= best_text
+
+
+def _wants_gzip(accept_encoding: str) -> bool:
+    """gzip when the client accepts it: listed (or `*` listed and gzip not) with a q above 0."""
+    weights = _weights(accept_encoding)
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
 factory = Factory(

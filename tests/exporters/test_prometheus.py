@@ -145,6 +145,15 @@ def test_gzip_only_when_asked(exporter, kit):
         assert b"container_cpu_time_seconds_total" in gzip.decompress(r.read())
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
         assert r.headers.get("Content-Encoding") is None
+        assert r.headers["Vary"] == "Accept, Accept-Encoding"  # a cache between keys on both
+    # q values as RFC 9110 has them: q=0 is "not this one"; `*` stands for gzip when gzip is not listed
+    for header, compressed in (("gzip;q=0", False), ("deflate, gzip;q=0", False), ("*;q=0.5", True),
+                               ("*, gzip;q=0", False), ("identity", False), ("br, GZIP;q=0.1", True)):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": header})
+        with urllib.request.urlopen(req) as r:
+            body = r.read()
+            assert (r.headers.get("Content-Encoding") == "gzip") is compressed, header
+            assert b"container_cpu_time_seconds_total" in (gzip.decompress(body) if compressed else body)
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other")
     assert err.value.code == 404
