@@ -321,10 +321,13 @@ class Translator:
     @staticmethod
     def _histogram(fam: Family, name: str, pairs: list[tuple[str, str]], point) -> None:
         add = fam.add
-        body = ",".join([p[1] for p in pairs])
-        # `le` goes in its sorted place among the other labels (replacing an attribute of that name)
+        # `le` is the bucket's bound: an attribute of that name is dropped from every series of the histogram (on
+        # `_sum` and `_count` it would break both parsers), and `le` goes in its sorted place among the others
         i = bisect.bisect_left(pairs, "le", key=itemgetter(0))
-        after = ",".join([p[1] for p in pairs[i + 1 if i < len(pairs) and pairs[i][0] == "le" else i:]])
+        if i < len(pairs) and pairs[i][0] == "le":
+            pairs = [*pairs[:i], *pairs[i + 1:]]
+        body = ",".join([p[1] for p in pairs])
+        after = ",".join([p[1] for p in pairs[i:]])
         before = ",".join([p[1] for p in pairs[:i]])
         head = f"_bucket{{{before}{',' if before else ''}le=\""
         tail = f"\"{',' if after else ''}{after}}}"

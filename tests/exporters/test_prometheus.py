@@ -136,6 +136,22 @@ def test_exposition_is_lint_clean_in_both_formats(exporter, kit):
     assert om_families["target"].type == "info"
 
 
+def test_a_point_attribute_named_le_does_not_break_a_histogram(exporter, kit):
+    """`le` is the bucket bound: an attribute of that name (a rename can make one) is dropped from the histogram's
+    series rather than put on `_sum` and `_count`, which both parsers reject."""
+    exp, port, _ = exporter()
+    b = MetricsBuilder("test/le", kit.START_NS)
+    b.add_histogram(kit.LAT, [1, 2, 3], [0.001, 0.01], total=0.5, attributes={"le": "x", "a": "b", "z": "y"},
+                    resource={"k8s.pod.uid": "u"})
+    exp.export(b.build())
+    _, text = scrape(port)
+    assert promtool_check_metrics(text)[0] == 0, text
+    assert 'k8s_pod_run_queue_latency_seconds_sum{a="b",k8s_pod_uid="u",z="y"} 0.5' in text
+    assert 'k8s_pod_run_queue_latency_seconds_bucket{a="b",k8s_pod_uid="u",le="0.01",z="y"} 3.0' in text
+    _, om = scrape(port, accept=OM_ACCEPT)
+    assert {f.name for f in parse_openmetrics(om)} >= {"k8s_pod_run_queue_latency_seconds"}
+
+
 def test_gzip_only_when_asked(exporter, kit):
     exp, port, _ = exporter()
     exp.export(kit.batch([0]))
