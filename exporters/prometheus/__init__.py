@@ -125,6 +125,15 @@ def _headers(name: str, fam: Family) -> tuple[bytes, bytes]:
             f"# HELP {om_name} {help_text.replace(chr(34), chr(92) + chr(34))}\n# TYPE {om_name} {om_type}\n".encode())
 
 
+def _names(name: str, ftype: str) -> tuple[str, tuple[str, ...]]:
+    """A family's OpenMetrics family name and the names its samples have."""
+    if ftype == "histogram":
+        return name, (f"{name}_bucket", f"{name}_sum", f"{name}_count")
+    if ftype == "counter":
+        return name[: -len("_total")], (name,)
+    return ("target" if name == "target_info" else name), (name,)
+
+
 def _lines(samples: dict[bytes, bytes]) -> bytes:
     """The sample lines of {series: value}: `series value` each."""
     return b"".join([b"%s %s\n" % kv for kv in samples.items()])
@@ -269,6 +278,8 @@ class PrometheusExporter(Exporter):
         text: list[bytes] = []
         om: list[bytes] = []
         count = conflicts = 0
+        om_names: set[str] = set()
+        taken: set[str] = set()
         for name in sorted(by_name):
             parts = by_name[name]
             first = parts[0]
@@ -287,6 +298,14 @@ class PrometheusExporter(Exporter):
                 lines, n = _lines(samples), len(samples)
             if not n:
                 continue
+            # two families must not share an OpenMetrics family name (a gauge `x_seconds` and a counter
+            # `x_seconds_total`) or a sample name (a gauge `x_count` and a histogram `x`): the later one goes
+            om_name, sample_names = _names(name, first.fam.type)
+            if om_name in om_names or not taken.isdisjoint(sample_names):
+                conflicts += n
+                continue
+            om_names.add(om_name)
+            taken.update(sample_names)
             text_head, om_head = _headers(name, first.fam)
             text += (text_head, lines)
             om += (om_head, lines)

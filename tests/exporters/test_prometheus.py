@@ -136,6 +136,29 @@ def test_exposition_is_lint_clean_in_both_formats(exporter, kit):
     assert om_families["target"].type == "info"
 
 
+def test_families_that_would_share_an_openmetrics_name_are_counted_not_exposed(exporter, kit):
+    """A gauge `x_seconds` and a counter `x_seconds_total` are one family name in OpenMetrics, and a gauge `h_count`
+    is a sample name of histogram `h`: the later name is dropped as a type conflict, so both formats parse."""
+    from podmeter.metrics import MetricSpec
+
+    exp, port, telemetry = exporter()
+    b = MetricsBuilder("test/conflicts", kit.START_NS)
+    r = {"k8s.pod.uid": "u"}
+    b.add(MetricSpec("x", "gauge", "s", "gauge"), 1.0, resource=r)
+    b.add(MetricSpec("x.seconds", "sum", "s", "counter"), 2.0, resource=r)
+    b.add_histogram(MetricSpec("h", "histogram", "", "histogram"), [1, 1], [1.0], total=1.0, resource=r)
+    b.add(MetricSpec("h.count", "gauge", "", "gauge"), 3.0, resource=r)
+    exp.export(b.build())
+    _, text = scrape(port)
+    _, om = scrape(port, accept=OM_ACCEPT)
+    assert {f.name: f.type for f in parse_openmetrics(om)}.items() >= {"x_seconds": "gauge", "h": "histogram"}.items()
+    assert "x_seconds_total" not in text and 'h_count{k8s_pod_uid="u"} 3.0' not in text
+    assert promtool_check_metrics(text)[0] == 0
+    assert kit.sample(telemetry, "podmeter_prometheus_dropped_points_total", component="prometheus",
+                      cause="type_conflict") == 2
+    assert "type_conflict" in exp.telemetry.failing()
+
+
 def test_a_point_attribute_named_le_does_not_break_a_histogram(exporter, kit):
     """`le` is the bucket bound: an attribute of that name (a rename can make one) is dropped from the histogram's
     series rather than put on `_sum` and `_count`, which both parsers reject."""
