@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from podmeter.component import Factory, Host, Processor, Stability
 from podmeter.config import ComponentConfig
+from podmeter.patterns import compile_pattern
 
 _TERM_SET = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 _TERM_EQ = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s*(==|!=|=)\s*([A-Za-z0-9_.-]*)\s*$")
@@ -63,10 +64,7 @@ class MatchProperties(ComponentConfig):
     def _compile(self) -> MatchProperties:
         if self.match_type == "regexp":
             for pattern in [*self.metric_names, *self.namespaces, *(a.value for a in self.resource_attributes)]:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+                compile_pattern(pattern, "pattern")
         return self
 
     @field_validator("pod_selector")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from podmeter.config import ComponentConfig, Duration
+from podmeter.patterns import compile_pattern
 
 # What extract.metadata may name (the collector's names).
 METADATA_KEYS = (
@@ -40,10 +40,7 @@ class FieldExtract(ComponentConfig):
         if bool(self.key) == bool(self.key_regex):
             raise ValueError("give exactly one of key or key_regex")
         if self.key_regex:
-            try:
-                re.compile(self.key_regex)
-            except re.error as exc:
-                raise ValueError(f"key_regex {self.key_regex!r} is not a valid regular expression: {exc}") from None
+            compile_pattern(self.key_regex, "key_regex")
         return self
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from podmeter.config import ComponentConfig
+from podmeter.patterns import compile_pattern
 
 REQUIRED = {
     "add_label": ("new_label", "new_value"),
@@ -75,12 +76,17 @@ class Transform(ComponentConfig):
     @model_validator(mode="after")
     def _check(self):
         if self.match_type == "regexp":
-            try:
-                pattern = re.compile(self.include)
-            except re.error as exc:
-                raise ValueError(f"include is not a valid regular expression: {exc}") from None
+            pattern = compile_pattern(self.include, "include")
             if self.action == "combine" and not pattern.groupindex:
                 raise ValueError("action combine needs named groups in include, like ^disk\\.(?P<direction>.*)$")
+            if self.new_name and self.action != "combine":
+                # a reference to a group include does not have would fail on every matching metric
+                for named, numbered in _GROUP_REFERENCE.findall(self.new_name):
+                    ref = named or numbered
+                    if not (ref.isascii() and ref.isdigit() and int(ref) <= pattern.groups or ref in pattern.groupindex):
+                        names = f", named {', '.join(pattern.groupindex)}" if pattern.groupindex else ""
+                        raise ValueError(f"new_name refers to group {ref}, which include does not have "
+                                         f"({pattern.groups} groups{names})")
         if self.action == "combine":
             if self.match_type != "regexp":
                 raise ValueError("action combine needs match_type: regexp")
@@ -89,6 +95,10 @@ class Transform(ComponentConfig):
         if self.action == "insert" and not self.new_name:
             raise ValueError("action insert needs new_name (the copy's name)")
         return self
+
+
+# a group reference in new_name, as the collector writes them: $1, ${1}, ${name}
+_GROUP_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\d+)")
 
 
 class MetricsTransformConfig(ComponentConfig):

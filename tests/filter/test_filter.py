@@ -113,6 +113,9 @@ def test_everything_filtered_gives_empty():
 @pytest.mark.parametrize("bad, message", [
     ({"include": {"pod_selector": "app in trainer"}}, "label selector term"),
     ({"include": {"match_type": "regexp", "metric_names": ["("]}}, "not a valid regular expression"),
+    # beyond the regex engine's limits: a bad setting too, not an internal error
+    ({"include": {"match_type": "regexp", "metric_names": ["a{4294967296}"]}}, "not a valid regular expression"),
+    ({"include": {"match_type": "regexp", "namespaces": ["(" * 2000 + ")" * 2000]}}, "not a valid regular"),
     ({"include": {"metric_name": ["x"]}}, "Extra inputs"),
 ])
 def test_invalid_config(bad, message):

@@ -11,6 +11,7 @@ from processors.k8sattributes import factory
     ({"extract": {"metadata": ["k8s.pod.nam"]}}, "unknown metadata k8s.pod.nam"),
     ({"extract": {"labels": [{"key": "a", "key_regex": "b"}]}}, "exactly one of key or key_regex"),
     ({"extract": {"labels": [{"key_regex": "("}]}}, "not a valid regular expression"),
+    ({"extract": {"labels": [{"key_regex": "x{99999999999}"}]}}, "not a valid regular expression"),
     ({"extract": {"labels": [{"key": "a", "from": "node"}]}}, "Input should be 'pod' or 'namespace'"),
     ({"pod_association": [{"sources": [{"from": "connection"}]}]}, "receives no network connections"),
     ({"pod_association": [{"sources": [{"name": "host.name"}]}]}, "unsupported association attribute"),

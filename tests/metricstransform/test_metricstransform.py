@@ -135,13 +135,22 @@ def test_strict_config_names_the_path():
         {"include": "a", "action": "rename"},
         {"include": "a", "action": "update", "operations": [{"action": "add_label", "new_label": "x",
                                                              "new_value": "y", "lable": "z"}]},
+        # group references new_name makes that include does not have: caught here, not on every metric later
+        {"include": "^a.(b)$", "match_type": "regexp", "action": "update", "new_name": "x.$9"},
+        {"include": "^a.(?P<what>b)$", "match_type": "regexp", "action": "insert", "new_name": "x.${who}"},
+        {"include": "^a.(?P<what>b)$", "match_type": "regexp", "action": "insert", "new_name": "x.${what}.$1.${1}"},
+        {"include": "(" * 2000 + ")" * 2000, "match_type": "regexp", "action": "update"},
     ]}, "processors::metricstransform", problems)
     text = "\n".join(problems)
     assert "processors::metricstransform::transforms::0::operations::0: action add_label needs new_value" in text
-    assert "processors::metricstransform::transforms::1: include is not a valid regular expression" in text
+    assert "processors::metricstransform::transforms::1: include '(' is not a valid regular expression" in text
     assert "processors::metricstransform::transforms::2: action combine needs match_type: regexp" in text
     assert "processors::metricstransform::transforms::3::action:" in text
     assert "processors::metricstransform::transforms::4::operations::0::lable: unknown key" in text
+    assert "transforms::5: new_name refers to group 9, which include does not have (1 groups)" in text
+    assert "transforms::6: new_name refers to group who, which include does not have (1 groups, named what)" in text
+    assert "transforms::7" not in text
+    assert "transforms::8: include '((((" in text and "is not a valid regular expression" in text
 
 
 def test_compatibility_names_through_the_prometheus_exporter(tmp_path):
