@@ -25,7 +25,8 @@ from .metadata import (
 # CPU, memory and pod network are what the cgroup receiver reads from the same cgroup and /proc files: off by
 # default so a pipeline with both receivers has one source per series. Turn them on
 # (`metrics: {container.cpu.time: {enabled: true}}`) where the agent cannot read cgroups. The writable layer is
-# only known to the runtime: on.
+# only known to the runtime: on. The same names have the same instruments as the cgroup receiver's (memory:
+# gauges), so that a backend sees one type per name whichever receiver sent it.
 _DUP = "; the cgroup receiver measures the same"
 METRICS = (
     MetricSpec("container.cpu.time", "sum", "s", "CPU time the container used (CRI usage_core_nano_seconds)" + _DUP,
@@ -33,11 +34,11 @@ METRICS = (
     MetricSpec("container.cpu.usage", "gauge", "{cpu}",
                "CPUs the container used, averaged by the runtime between its stats samples (omitted on the "
                "runtime's first sample, where it reads 0)" + _DUP, enabled=False),
-    MetricSpec("container.memory.working_set", "updowncounter", "By",
+    MetricSpec("container.memory.working_set", "gauge", "By",
                "Working set: memory usage minus inactive file cache (what kubelet evicts on)" + _DUP, enabled=False),
-    MetricSpec("container.memory.usage", "updowncounter", "By", "Memory usage including all caches" + _DUP,
+    MetricSpec("container.memory.usage", "gauge", "By", "Memory usage including all caches" + _DUP,
                enabled=False),
-    MetricSpec("container.memory.rss", "updowncounter", "By", "Anonymous and swap cache memory" + _DUP,
+    MetricSpec("container.memory.rss", "gauge", "By", "Anonymous and swap cache memory" + _DUP,
                enabled=False),
     MetricSpec("container.filesystem.usage", "updowncounter", "By",
                "Bytes used by the container's writable layer"),
@@ -47,10 +48,10 @@ METRICS = (
     MetricSpec("k8s.pod.cpu.usage", "gauge", "{cpu}",
                "CPUs the pod used, averaged by the runtime (omitted on the runtime's first sample)" + _DUP,
                enabled=False),
-    MetricSpec("k8s.pod.memory.working_set", "updowncounter", "By", "Pod working set memory" + _DUP, enabled=False),
-    MetricSpec("k8s.pod.memory.usage", "updowncounter", "By", "Pod memory usage including caches" + _DUP,
+    MetricSpec("k8s.pod.memory.working_set", "gauge", "By", "Pod working set memory" + _DUP, enabled=False),
+    MetricSpec("k8s.pod.memory.usage", "gauge", "By", "Pod memory usage including caches" + _DUP,
                enabled=False),
-    MetricSpec("k8s.pod.memory.rss", "updowncounter", "By", "Pod anonymous and swap cache memory" + _DUP,
+    MetricSpec("k8s.pod.memory.rss", "gauge", "By", "Pod anonymous and swap cache memory" + _DUP,
                enabled=False),
     MetricSpec("k8s.pod.network.io", "sum", "By",
                "Bytes received and sent by the pod, per interface (none for host-network pods)" + _DUP,
