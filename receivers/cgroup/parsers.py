@@ -8,9 +8,28 @@ stay bytes; names that become attribute values (pressure kinds, devices, interfa
 
 from __future__ import annotations
 
+import threading
+
 # cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages in bytes (9223372036854771712 with 4 KiB pages); anything
 # this large is no limit on any page size
 V1_UNLIMITED = 1 << 62
+
+
+# Lines the parsers skip as malformed go to the list the current thread's reader set (report_malformed_to), so a
+# receiver can count and log them; only the slow paths, which well-formed kernel files never take, look it up.
+_sink = threading.local()
+MALFORMED_KEPT = 64  # lines kept per collection: the count is what matters, the first lines show what they were
+
+
+def report_malformed_to(sink: list | None) -> None:
+    """Malformed lines the parsers skip on this thread are appended to `sink` from now on (None: not kept)."""
+    _sink.lines = sink
+
+
+def _malformed(line: bytes) -> None:
+    sink = getattr(_sink, "lines", None)
+    if sink is not None and len(sink) < MALFORMED_KEPT:
+        sink.append(bytes(line[:120]))
 
 
 def parse_int(data: bytes | None) -> int | None:
@@ -25,6 +44,8 @@ def parse_int(data: bytes | None) -> int | None:
     try:
         return int(word)
     except ValueError:
+        if word != b"max":  # "no limit" in pids.max, memory.max...
+            _malformed(data)
         return None
 
 
@@ -48,12 +69,16 @@ def parse_flat(data: bytes | None, keys: tuple[bytes, ...] | None = None) -> dic
     out: dict[bytes, int] = {}
     for line in data.splitlines():
         key, _, value = line.partition(b" ")
-        if not value or keys is not None and key not in keys:
+        if not value:
+            if line.strip():
+                _malformed(line)
+            continue
+        if keys is not None and key not in keys:
             continue
         try:
             out[key] = int(value)
         except ValueError:
-            continue
+            _malformed(line)
     return out
 
 
@@ -75,6 +100,8 @@ def parse_psi(data: bytes | None) -> dict[str, int]:
     for line in data.split(b"\n"):
         kind = _PSI_KINDS.get(line[:4])
         if kind is None or line[4:5] != b" ":
+            if line.strip():
+                _malformed(line)
             continue
         at = line.rfind(b" total=")
         if at > 0:  # fast path: total= is the last field
@@ -89,6 +116,8 @@ def parse_psi(data: bytes | None) -> dict[str, int]:
                     out[kind] = int(field[6:])
                 except ValueError:
                     pass
+        if kind not in out:
+            _malformed(line)
     return out
 
 
@@ -100,6 +129,8 @@ def parse_io_stat(data: bytes | None) -> dict[str, dict[bytes, int]]:
     for line in data.splitlines():
         fields = line.split()
         if len(fields) < 2 or b":" not in fields[0]:
+            if fields:
+                _malformed(line)
             continue
         stats = out.setdefault(fields[0].decode("ascii", "replace"), {})
         for field in fields[1:]:
@@ -107,7 +138,7 @@ def parse_io_stat(data: bytes | None) -> dict[str, dict[bytes, int]]:
             try:
                 stats[key] = int(value)
             except ValueError:
-                continue
+                _malformed(line)
     return out
 
 
@@ -122,11 +153,13 @@ def parse_blkio(data: bytes | None) -> dict[str, dict[bytes, int]]:
     for line in data.splitlines():
         fields = line.split()
         if len(fields) != 3 or b":" not in fields[0]:
+            if fields and not (len(fields) == 2 and fields[0] == b"Total"):  # the closing `Total N` is no device
+                _malformed(line)
             continue
         try:
             out.setdefault(fields[0].decode("ascii", "replace"), {})[fields[1].lower()] = int(fields[2])
         except ValueError:
-            continue
+            _malformed(line)
     return out
 
 
@@ -147,11 +180,14 @@ def parse_cpuacct_usage_all(data: bytes | None) -> tuple[int, int] | None:
     for line in data.splitlines()[1:]:
         fields = line.split()
         if len(fields) != 3:
+            if fields:
+                _malformed(line)
             continue
         try:
             user += int(fields[1])
             system += int(fields[2])
         except ValueError:
+            _malformed(line)
             continue
         rows += 1
     return (user, system) if rows else None
@@ -173,10 +209,11 @@ def parse_net_dev(data: bytes | None) -> dict[str, dict[str, int]]:
             continue
         values = rest.split()
         if len(values) < 16:
+            _malformed(line)
             continue
         try:
             out[name.strip().decode("ascii", "replace")] = dict(zip(NET_DEV_FIELDS, (int(v) for v in values[:16]),
                                                                    strict=True))
         except ValueError:
-            continue
+            _malformed(line)
     return out

@@ -168,6 +168,13 @@ class CgroupReceiver(Receiver):
                                          f"{exc.strerror or exc}", count=len(reader.errors))
         else:
             self.telemetry.recovered("read")
+        if reader.malformed:
+            where = reader.malformed_at or "a pod's net/dev"
+            self.telemetry.error("malformed", f"lines that are not what the kernel writes were skipped, first in "
+                                              f"{where}: {reader.malformed[0]!r}", count=len(reader.malformed))
+        else:
+            self.telemetry.recovered("malformed")
+        p.report_malformed_to(None)
         self._gauge.labels("pod").set(n_pods)
         self._gauge.labels("container").set(len(found.containers))
         return b.build()

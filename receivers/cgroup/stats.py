@@ -159,6 +159,10 @@ class Reader:
         self.layout = layout
         self.groups = groups
         self.errors: list[tuple[str, OSError]] = []
+        # lines the parsers skipped as malformed this collection (the first MALFORMED_KEPT), and the first cgroup
+        # that had one
+        self.malformed: list[bytes] = []
+        self.malformed_at: str | None = None
         self.max_open = max_open
         self.limits_every = max(1, limits_every)
         self.open_count = 0  # fds kept, over all cgroups
@@ -179,6 +183,9 @@ class Reader:
         """A collection starts: decides whether limits are read again this time."""
         self._refresh_limits = self._collections % self.limits_every == 0
         self._collections += 1
+        self.malformed.clear()
+        self.malformed_at = None
+        p.report_malformed_to(self.malformed)  # collection runs on this thread
 
     def retain(self, live) -> None:
         """Close the fds and forget the limits of cgroups no longer listed (`live`: relative paths)."""
@@ -273,6 +280,13 @@ class Reader:
 
     def read(self, rel: str, groups=None) -> Stats:
         """One cgroup's statistics, of the metric groups `groups` (default: the reader's)."""
+        n_malformed = len(self.malformed)
+        s = self._read_cgroup(rel, groups)
+        if len(self.malformed) != n_malformed and self.malformed_at is None:
+            self.malformed_at = rel
+        return s
+
+    def _read_cgroup(self, rel: str, groups) -> Stats:
         # the one-pass reading covers the files the cgroup had when last read by path; when limits are due (every
         # Nth collection) it is read by path again, so a file that appeared since is found (on cgroup v2 a
         # controller's files appear in a cgroup made before its parent enabled the controller)

@@ -45,6 +45,7 @@ def test_finds_every_pod_and_container(tmp_path, layout):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
 def test_values_match_the_files(tmp_path, layout):
     _receiver, data = _collect(tmp_path, layout)
+    assert _receiver.telemetry.failing() == {}  # files as the kernel writes them: nothing reported malformed
     v2 = layout.version == "v2"
     pod = layout.pods[0]
     _d, cid, _rt = pod.containers[0]
@@ -329,6 +330,32 @@ def test_unreadable_files_are_counted_once_and_the_rest_is_read(tmp_path, caplog
     # repaired: recovered
     os.rmdir(f"{root}{cdir}/memory.stat")
     shutil.copyfile(f"{root}{layout.pods[1].containers[0][0]}/memory.stat", f"{root}{cdir}/memory.stat")
+    receiver.collect()
+    assert receiver.telemetry.failing() == {}
+
+
+@pytest.mark.parametrize("layout", [x for x in LAYOUTS if x.name in ("v1-cgroupfs-containerd", "v2-systemd-containerd")],
+                         ids=lambda x: x.name)
+def test_malformed_lines_are_counted_once_and_the_rest_is_read(tmp_path, caplog, layout):
+    """Garbage where a statistics file's lines should be (a file read while the kernel changed its format, a bind
+    mount of something else): the lines are skipped, counted and logged once with where and what; the values that
+    parse are still emitted."""
+    root = build(str(tmp_path), layout)
+    cdir, cid = layout.pods[0].containers[0][:2]
+    mem = f"{root}{cdir}/memory.stat" if layout.version == "v2" else f"{root}/memory{cdir}/memory.stat"
+    good = open(mem, "rb").read()
+    with open(mem, "ab") as f:
+        f.write(b"\x00\xff garbage here\n" + (b"anon" if layout.version == "v2" else b"total_rss") + b" not-a-number\n")
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"))
+    with caplog.at_level("WARNING"):
+        data = receiver.collect()
+        receiver.collect()
+    assert "malformed" in receiver.telemetry.failing()
+    logged = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(logged) == 1 and cdir in logged[0] and "not-a-number" in logged[0], logged
+    assert value(data, "container.memory.working_set", {"container.id": cid}) == USAGE - INACTIVE_FILE
+    with open(mem, "wb") as f:
+        f.write(good)
     receiver.collect()
     assert receiver.telemetry.failing() == {}
 
