@@ -213,12 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
+    # parsing is inside the try: a Ctrl-C while argparse imports what it needs is an interrupt, not a traceback
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
         return args.func(args)
     except SystemExit as exc:
         return int(exc.code or 0)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 Kind = Literal["receiver", "processor", "exporter", "extension"]
 KINDS: tuple[Kind, ...] = ("receiver", "processor", "exporter", "extension")
 ENTRY_POINT_GROUPS: dict[Kind, str] = {k: f"podmeter.{k}s" for k in KINDS}
+# The collector's rules: a type is a letter then letters, digits or _; a name (after /) is 1-1024 characters, none
+# of them whitespace (Z), control or other non-characters (C), symbols (S) or /.
+_TYPE = re.compile(r"[a-zA-Z][0-9a-zA-Z_]{0,62}")
 
 
 class Stability(enum.StrEnum):
@@ -49,8 +54,21 @@ class ComponentID:
 
     @classmethod
     def parse(cls, text: str) -> ComponentID:
-        type_, _, name = str(text).partition("/")
-        return cls(type_.strip(), name.strip())
+        """`type` or `type/name` by the collector's rules (nothing is stripped); ValueError says what is wrong."""
+        type_, sep, name = text.partition("/")
+        if not _TYPE.fullmatch(type_):
+            raise ValueError(f"the type {type_!r} must start with a letter and hold only letters, digits and _ "
+                             "(at most 63 characters)" if type_ else "the type before / is empty")
+        if sep:
+            if not name:
+                raise ValueError(f"the name after / is empty; write {type_} or {type_}/<name>")
+            if len(name) > 1024:
+                raise ValueError("the name is longer than 1024 characters")
+            bad = next((c for c in name if c == "/" or unicodedata.category(c)[0] in "ZCS"), None)
+            if bad is not None:
+                raise ValueError(f"the name must not contain {bad!r} (no /, whitespace, control characters or "
+                                 "symbols)")
+        return cls(type_, name)
 
     def __str__(self) -> str:
         return f"{self.type}/{self.name}" if self.name else self.type

@@ -79,7 +79,8 @@ def _pid(args: list[str]) -> int:
     parser.add_argument("--config", action="append", default=[])
     parser.add_argument("--wait", type=float, default=10.0)
     ns = parser.parse_args(args)
-    if not ns.pid.isdigit() or int(ns.pid) <= 0:
+    # ASCII digits: str.isdigit() alone takes "²" (int() refuses it) and "٣" (int() reads 3)
+    if not (ns.pid.isascii() and ns.pid.isdigit()) or int(ns.pid) <= 0:
         raise _Usage(f"PID must be a positive integer, not {ns.pid!r}")
     pid = int(ns.pid)
     config = None

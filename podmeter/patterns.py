@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 
 def compile_pattern(pattern: str, what: str) -> re.Pattern:
@@ -10,6 +11,8 @@ def compile_pattern(pattern: str, what: str) -> re.Pattern:
     pattern can overflow the engine's limits (`a{4294967296}`) or nest deeper than it recurses: each is a bad
     setting, never an internal error."""
     try:
-        return re.compile(pattern)
+        with warnings.catch_warnings():  # "possible nested set" and the like: the pattern is the user's as written
+            warnings.simplefilter("ignore")
+            return re.compile(pattern)
     except (re.error, OverflowError, RecursionError) as exc:
         raise ValueError(f"{what} {pattern!r:.80} is not a valid regular expression: {exc}") from None

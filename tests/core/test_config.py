@@ -70,7 +70,7 @@ BROKEN = {
     "unknown receiver type": (GOOD.replace("  counter:\n    collection_interval: 1s", "  countr:\n    collection_interval: 1s"),
                               'receivers::countr: unknown receiver type "countr" (did you mean "counter"?)'),
     "dangling reference": (GOOD.replace("exporters: [debug]", "exporters: [debug, prometheus/x]"),
-                           'service::pipelines::metrics: references exporter "prometheus/x" which is not configured'),
+                           'service::pipelines::metrics::exporters::1: references exporter "prometheus/x" which is not configured'),
     "unknown key": (GOOD.replace("collection_interval: 1s", "colection_interval: 1s"),
                     'receivers::counter::colection_interval: unknown key (did you mean "collection_interval"?)'),
     "top-level typo": (GOOD.replace("processors:\n  tag:", "procesors:\n  tag:"),
