@@ -32,7 +32,8 @@ IO = S("hw.gpu.io", "sum", "By", "Bytes moved over PCIe since the driver was loa
        attributes=("network.io.direction",))
 NVLINK_IO = S("hw.gpu.nvlink.io", "sum", "By", "Bytes moved over all NVLink links since the driver was loaded",
               attributes=("network.io.direction",))
-STATUS = S("hw.status", "updowncounter", "1", "1 for the GPU's current state (ok, failed: fell off the bus), else 0",
+STATUS = S("hw.status", "updowncounter", "1",
+           "1 for the GPU's current state (ok; failed: fell off the bus or cannot be read), else 0",
            attributes=("hw.state",))
 ALLOCATION = S("hw.gpu.allocation", "gauge", "1",
                "1 per pod container the kubelet allocated this GPU or MIG device to (from the podresources receiver; "

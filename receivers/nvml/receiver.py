@@ -6,7 +6,9 @@ then confirmed each collection through an fd on its /proc/<pid>; its Resource on
 handed to the MetricsBuilder as it is. Every NVML error is handled per call: NOT_SUPPORTED / FUNCTION_NOT_FOUND
 are counted once and the call is not made again on that device until NVML is re-initialised; other errors are
 counted and that value is left out; GPU_IS_LOST skips the device (hw.status failed); UNINITIALIZED /
-DRIVER_NOT_LOADED / a library version mismatch (a driver reload) re-initialise NVML and rediscover.
+DRIVER_NOT_LOADED / a library version mismatch (a driver reload) re-initialise NVML and rediscover. Error causes
+are per device (a GPU's problem is logged once, and again after that device's call has succeeded). A GPU that
+cannot be read at discovery is reported failed under the identity it was last known by, without calls on it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .config import NvmlConfig
 log = logging.getLogger(__name__)
 
 NO_ID = 0xFFFFFFFF
+UNIDENTIFIED = "nvidia-index-"  # hw.id of a GPU whose UUID was never read: nvidia-index-<NVML index>
 # pynvml error codes (the module is imported lazily, so the agent starts on hosts without it)
 UNINITIALIZED, NOT_SUPPORTED, NOT_FOUND, DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND = 1, 3, 6, 9, 12
 FUNCTION_NOT_FOUND, GPU_IS_LOST, LIB_RM_VERSION_MISMATCH, ARGUMENT_VERSION_MISMATCH = 13, 15, 18, 25
@@ -58,6 +61,10 @@ class _Lost(Exception):
     """The GPU fell off the bus."""
 
 
+class _Unreadable(Exception):
+    """A call that identifies the GPU (handle, UUID, name) failed at discovery: args (call, NVMLError)."""
+
+
 @dataclass
 class Device:
     """A GPU or a MIG device, with what is static about it."""
@@ -73,6 +80,8 @@ class Device:
     unsupported: set[str] = field(default_factory=set)  # calls that answered NOT_SUPPORTED: not made again
     fields: list = field(default_factory=list)           # field value ids still asked for
     last_seen: int = 0                                   # process utilization lastSeenTimeStamp (us)
+    failing: dict = field(default_factory=dict)          # call -> its error cause on this device (receiver-owned)
+    key: str = ""                                        # names the device in causes: GPU uuid, <uuid>/gi<n>/ci<n>
 
     @property
     def uuid(self) -> str:
@@ -114,6 +123,11 @@ class NvmlReceiver(Receiver):
         self.nvml: Any = None
         self.ready = False
         self.devices: list[Device] = []
+        # the GPUs of the last discovery, kept through a driver reload: whom a GPU that cannot be read now was
+        self._known: list[Device] = []
+        # device key -> {call -> cause}: errors are counted per device and recovered when that call succeeds there
+        # again; bounded by the node's GPUs (keys are GPU UUIDs, <uuid>/gi<n>/ci<n>, nvidia-index-<n>, "" the node)
+        self._causes: dict[str, dict[str, str]] = {}
         self.driver_version = ""
         self.discovered_at = 0.0
         self.host: Host | None = None
@@ -222,46 +236,98 @@ class NvmlReceiver(Receiver):
     def _discover(self) -> None:
         N = self.nvml
         self.discovered_at = time.monotonic()
+        node = self._failing("")
         try:
             self.driver_version = _text(N.nvmlSystemGetDriverVersion())
             count = N.nvmlDeviceGetCount()
         except N.NVMLError as exc:
             if exc.value in REINIT_CODES:
                 raise _Reinit(f"nvmlDeviceGetCount: {self._name(exc)}") from None
-            self.telemetry.error(f"nvmlDeviceGetCount: {self._name(exc)}", f"cannot enumerate GPUs: {exc}")
-            self.devices = []
+            # the GPUs known stay (their handles are this session's): enumerated again at the next discovery
+            self._fail(node, "nvmlDeviceGetCount", f"nvmlDeviceGetCount: {self._name(exc)}",
+                       f"cannot enumerate GPUs: {exc}; the GPUs known are kept until the next discovery")
             return
-        old = {d.uuid: d for gpu in self.devices for d in (gpu, *gpu.migs)}
-        devices = []
+        self._ok(node, "nvmlDeviceGetCount")
+        old = {d.uuid: d for gpu in self.devices for d in (gpu, *gpu.migs)}  # this session's (empty after a reload)
+        devices, unread = [], []
         for i in range(count):
-            dev = self._discover_gpu(i)
-            for d in (dev, *dev.migs):
-                prev = old.get(d.uuid)
-                if prev is not None:
-                    # same driver session: keep the process-utilization cursor, and what is known unsupported
-                    # (counted once, not again at every discovery)
-                    d.last_seen = d.last_seen or prev.last_seen
-                    d.unsupported |= prev.unsupported
+            dev = Device(i, None, {"hw.type": "gpu", "hw.vendor": "NVIDIA", "hw.driver_version": self.driver_version,
+                                   "hw.gpu.index": i})
+            try:
+                self._discover_gpu(dev)
+            except (_Lost, _Unreadable) as exc:
+                dev.handle, dev.migs = None, []  # nothing is asked of it until the next discovery
+                unread.append((dev, exc))
+            else:
+                self._ok(self._causes.get(f"{UNIDENTIFIED}{i}", {}), "gpu_lost", "discovery", "gpu_removed")
+                self._ok(dev.failing, "gpu_lost", "discovery")
+                for d in (dev, *dev.migs):
+                    prev = old.get(d.uuid)
+                    if prev is not None:
+                        # same driver session: keep the process-utilization cursor, and what is known unsupported
+                        # (counted once, not again at every discovery)
+                        d.last_seen = d.last_seen or prev.last_seen
+                        d.unsupported |= prev.unsupported
             devices.append(dev)
-        self.devices = devices
+        if unread:
+            self._identify_unread(devices, unread)
+        ids = {d.uuid for d in devices}
+        for d in devices:
+            self._ok(d.failing, "gpu_removed")
+        for d in self._known:
+            # one never identified is gone only with its index (else it is this index's GPU, now read or not)
+            if d.uuid not in ids and not (d.uuid.startswith(UNIDENTIFIED) and d.index < count):
+                self._fail(d.failing, "gpu_removed", f"gpu_removed {d.uuid}",
+                           f"GPU {d.uuid} (index {d.index}) is no longer enumerated by NVML (taken off the bus, or not "
+                           "brought up by the driver): it is not reported any more")
+        self.devices = self._known = devices
         if not devices:
             self.logger.info("NVML reports no GPUs on this host")
 
-    def _discover_gpu(self, i: int) -> Device:
-        N = self.nvml
-        base = {"hw.type": "gpu", "hw.vendor": "NVIDIA", "hw.driver_version": self.driver_version,
-                "hw.gpu.index": i}
+    def _identify_unread(self, devices: list[Device], unread: list) -> None:
+        """GPUs that could not be read: reported failed under the identity they were last known by (alerts key on
+        hw.id), else under what was read of them (their UUID at least where it was), else `nvidia-index-<i>`."""
+        known = {d.uuid: d for d in self._known}
+        lined_up = _line_up(self._known, [d.resource.get("hw.id") for d in devices])
+        for dev, exc in unread:
+            prev = known.get(dev.resource.get("hw.id")) or lined_up.get(dev.index)
+            if prev is not None:
+                dev.resource = prev.resource  # the very same attributes: the same series
+            else:
+                dev.resource.setdefault("hw.id", f"{UNIDENTIFIED}{dev.index}")
+                dev.resource.setdefault("hw.name", f"nvidia{dev.index}")
+            dev.lost = True
+            dev.key = dev.uuid
+            dev.failing = self._failing(dev.key)
+            if isinstance(exc, _Lost):
+                self._fail(dev.failing, "gpu_lost", f"gpu_lost {dev.key}",
+                           f"GPU {dev.index} ({dev.key}) fell off the bus ({exc}: GPU_IS_LOST); reported failed, "
+                           "tried again at each discovery")
+            else:
+                call, err = exc.args
+                self._fail(dev.failing, "discovery", f"{call}: {self._name(err)} {dev.key}",
+                           f"GPU {dev.index} ({dev.key}) cannot be enumerated ({call}: {err}); reported failed, "
+                           "nothing is asked of it until the next discovery")
+
+    def _discover_gpu(self, dev: Device) -> None:
+        """Read GPU dev.index's identity and static facts into dev. Raises _Lost / _Unreadable (dev keeps what was
+        read); other errors leave that fact out."""
+        N, i = self.nvml, dev.index
+        call = "nvmlDeviceGetHandleByIndex"
         try:
             handle = N.nvmlDeviceGetHandleByIndex(i)
-            uuid = _text(N.nvmlDeviceGetUUID(handle))
-            model = _text(N.nvmlDeviceGetName(handle))
+            call = "nvmlDeviceGetUUID"
+            dev.resource["hw.id"] = dev.key = _text(N.nvmlDeviceGetUUID(handle))
+            call = "nvmlDeviceGetName"
+            dev.resource["hw.model"] = _text(N.nvmlDeviceGetName(handle))
         except N.NVMLError as exc:
             if exc.value in REINIT_CODES:
-                raise _Reinit(self._name(exc)) from None
-            self.telemetry.error(f"nvmlDeviceGetHandleByIndex: {self._name(exc)}", f"GPU {i}: {exc}")
-            return Device(i, None, {**base, "hw.id": f"nvidia-index-{i}", "hw.name": f"nvidia{i}"},
-                          lost=exc.value == GPU_IS_LOST)
-        dev = Device(i, handle, {**base, "hw.id": uuid, "hw.model": model})
+                raise _Reinit(f"{call}: {self._name(exc)}") from None
+            if exc.value == GPU_IS_LOST:
+                raise _Lost(call) from None
+            raise _Unreadable(call, exc) from None
+        dev.handle = handle
+        dev.failing = self._failing(dev.key)
         minor = self._static(dev, "nvmlDeviceGetMinorNumber", N.nvmlDeviceGetMinorNumber, handle)
         dev.resource["hw.name"] = f"nvidia{minor if minor is not None else i}"  # its /dev/nvidiaN, as dcgm's `device`
         pci = self._static(dev, "nvmlDeviceGetPciInfo", N.nvmlDeviceGetPciInfo, handle)
@@ -280,7 +346,6 @@ class NvmlReceiver(Receiver):
             dev.nvlink_links = int(links.get((FI_NVLINK_LINK_COUNT, 0), 0) or 0)
             for link in range(dev.nvlink_links):
                 dev.fields += [(FI_NVLINK_TX_KIB, link), (FI_NVLINK_RX_KIB, link)]
-        return dev
 
     def _discover_migs(self, parent: Device) -> list[Device]:
         N = self.nvml
@@ -288,6 +353,7 @@ class NvmlReceiver(Receiver):
         count = self._static(parent, "nvmlDeviceGetMaxMigDeviceCount", N.nvmlDeviceGetMaxMigDeviceCount,
                              parent.handle) or 0
         for j in range(count):
+            slot = f"nvmlDeviceGetMigDeviceHandleByIndex({j})"
             try:
                 h = N.nvmlDeviceGetMigDeviceHandleByIndex(parent.handle, j)
                 uuid = _text(N.nvmlDeviceGetUUID(h))
@@ -296,12 +362,16 @@ class NvmlReceiver(Receiver):
                 ci = N.nvmlDeviceGetComputeInstanceId(h)
             except N.NVMLError as exc:
                 if exc.value == NOT_FOUND:  # an empty slot
+                    self._ok(parent.failing, slot)
                     continue
                 if exc.value in REINIT_CODES:
                     raise _Reinit(self._name(exc)) from None
-                self.telemetry.error(f"nvmlDeviceGetMigDeviceHandleByIndex: {self._name(exc)}",
-                                     f"GPU {parent.index} MIG device {j}: {exc}")
+                if exc.value == GPU_IS_LOST:
+                    raise _Lost(slot) from None
+                self._fail(parent.failing, slot, f"{slot}: {self._name(exc)} {parent.key}",
+                           f"GPU {parent.index} MIG device {j}: {exc}")
                 continue
+            self._ok(parent.failing, slot)
             # The driver names MIG devices "<GPU name> MIG <profile>", e.g. "NVIDIA A100-SXM4-40GB MIG 1g.5gb"
             profile = name.rpartition(" MIG ")[2] if " MIG " in name else name
             res = {**parent.resource, "hw.id": uuid, "hw.model": name, "hw.parent": parent.uuid,
@@ -309,34 +379,61 @@ class NvmlReceiver(Receiver):
                    "hw.gpu.mig.gpu_instance_id": gi, "hw.gpu.mig.compute_instance_id": ci,
                    "hw.gpu.mig.profile": profile}
             res.pop("hw.serial_number", None)
-            migs.append(Device(parent.index, h, res, is_mig=True))
+            # keyed by GPU and instance, not by the MIG UUID (new at each reconfiguration): causes stay bounded
+            key = f"{parent.key}/gi{gi}/ci{ci}"
+            migs.append(Device(parent.index, h, res, is_mig=True, key=key, failing=self._failing(key)))
         return migs
 
     def _static(self, dev: Device, name: str, fn, *args, optional: bool = False):
         """A discovery-time call: errors are counted (an optional fact's absence is not an error)."""
         try:
-            return fn(*args)
+            v = fn(*args)
         except self.nvml.NVMLError as exc:
             if exc.value in REINIT_CODES:
                 raise _Reinit(f"{name}: {self._name(exc)}") from None
             if exc.value == GPU_IS_LOST:
-                dev.lost = True
+                raise _Lost(name) from None
             if not (optional and exc.value in SKIP_CODES):
                 self._count(dev, name, exc)
             return None
+        if name in dev.failing:
+            self._ok(dev.failing, name)
+        return v
 
     # ------------------------------------------------------------------------------------------------ calls
 
+    def _failing(self, key: str) -> dict[str, str]:
+        return self._causes.setdefault(key, {})
+
+    def _fail(self, failing: dict[str, str], name: str, cause: str, message: str) -> None:
+        """Count an error (logged the first time its cause appears) and remember it in `failing`, one device's
+        causes by call, so that it recovers when that call succeeds on that device again."""
+        prev = failing.get(name)
+        if prev is not None and prev != cause:
+            self.telemetry.recovered(prev)  # another error now: one cause per device and call
+        failing[name] = cause
+        self.telemetry.error(cause, message)
+
+    def _ok(self, failing: dict[str, str], *names: str) -> None:
+        for name in names:
+            cause = failing.pop(name, None)
+            if cause is not None:
+                self.telemetry.recovered(cause)
+
     def _count(self, dev: Device, name: str, exc) -> None:
         what = f"{'MIG device' if dev.is_mig else 'GPU'} {dev.index} ({dev.resource.get('hw.id')})"
-        self.telemetry.error(f"{name}: {self._name(exc)}", f"{name} on {what}: {exc}")
+        if exc.value in SKIP_CODES:
+            # what the driver or model lacks (the same on every GPU of a node): one cause, and not asked again
+            self.telemetry.error(f"{name}: {self._name(exc)}", f"{name} on {what}: {exc}")
+        else:
+            self._fail(dev.failing, name, f"{name}: {self._name(exc)} {dev.key}", f"{name} on {what}: {exc}")
 
     def _q(self, dev: Device, name: str, fn, *args):
         """One value call: None (value left out) on a per-call error; raises _Lost / _Reinit."""
         if name in dev.unsupported:
             return None
         try:
-            return fn(*args)
+            v = fn(*args)
         except self.nvml.NVMLError as exc:
             code = exc.value
             if code in REINIT_CODES:
@@ -347,6 +444,9 @@ class NvmlReceiver(Receiver):
                 dev.unsupported.add(name)  # counted once; asking again every collection would only cost
             self._count(dev, name, exc)
             return None
+        if name in dev.failing:
+            self._ok(dev.failing, name)
+        return v
 
     def _field_values(self, dev: Device, ids: list) -> dict:
         values = self._q(dev, "nvmlDeviceGetFieldValues", self.nvml.nvmlDeviceGetFieldValues, dev.handle, ids)
@@ -392,22 +492,23 @@ class NvmlReceiver(Receiver):
         seen_pids: set[int] = set()
         self._checked = set()
         for dev in self.devices:
-            if dev.lost and dev.handle is None:
+            if dev.handle is None:
+                # lost or unreadable at discovery (said then): nothing is asked of it until the next discovery
                 self._status(b, dev, "failed")
                 continue
             try:
                 self._collect_gpu(b, dev, assignments, seen_pids)
                 if dev.lost:
                     dev.lost = False
-                    self.telemetry.recovered(f"gpu_lost {dev.uuid}")
+                    self._ok(dev.failing, "gpu_lost")
                     # back on the bus (after a reset): read what is static about it again at the next collection
                     self.discovered_at = float("-inf")
                 self._status(b, dev, "ok")
             except _Lost as exc:
                 dev.lost = True
-                self.telemetry.error(f"gpu_lost {dev.uuid}",
-                                     f"GPU {dev.index} ({dev.uuid}) fell off the bus ({exc}: GPU_IS_LOST); "
-                                     "its metrics are left out until it answers again")
+                self._fail(dev.failing, "gpu_lost", f"gpu_lost {dev.uuid}",
+                           f"GPU {dev.index} ({dev.uuid}) fell off the bus ({exc}: GPU_IS_LOST); "
+                           "its metrics are left out until it answers again")
                 self._status(b, dev, "failed")
         self._forget_exited(seen_pids)
         return b.build()
@@ -478,6 +579,8 @@ class NvmlReceiver(Receiver):
             try:
                 mem = N.nvmlDeviceGetMemoryInfo(dev.handle, version=N.nvmlMemory_v2)
                 reserved = mem.reserved
+                if dev.failing:
+                    self._ok(dev.failing, "nvmlDeviceGetMemoryInfo_v2")
             except N.NVMLError as exc:
                 if exc.value in REINIT_CODES:
                     raise _Reinit(f"nvmlDeviceGetMemoryInfo_v2: {self._name(exc)}") from None
@@ -566,6 +669,8 @@ class NvmlReceiver(Receiver):
             raw = N.nvmlDeviceGetProcessUtilization(dev.handle, dev.last_seen)
         except N.NVMLError as exc:
             if exc.value == NOT_FOUND:
+                if name in dev.failing:
+                    self._ok(dev.failing, name)
                 return {}  # no samples since last time: every process was idle
             if exc.value in REINIT_CODES:
                 raise _Reinit(f"{name}: {self._name(exc)}") from None
@@ -575,6 +680,8 @@ class NvmlReceiver(Receiver):
                 dev.unsupported.add(name)
             self._count(dev, name, exc)
             return None
+        if name in dev.failing:
+            self._ok(dev.failing, name)
         acc: dict[int, list] = {}
         newest = dev.last_seen
         for s in raw:
@@ -765,6 +872,32 @@ class NvmlReceiver(Receiver):
             except OSError:
                 pass
         return self._ns_map.get(pid)
+
+
+def _line_up(before: list[Device], now: list[str | None]) -> dict[int, Device]:
+    """Index -> the GPU it was, for indices whose UUID cannot be read now (None in `now`, the UUIDs by index).
+
+    NVML enumerates GPUs in PCI bus order, so the others keep their order when one leaves the enumeration: between
+    two GPUs identified both before and now, the unidentified indices are the GPUs known between the same two
+    before and identified nowhere now, in order. Where more of those are left than unidentified indices (some also
+    left the enumeration), the ones that were already failing are taken; if that is still ambiguous, none."""
+    pos = {d.uuid: k for k, d in enumerate(before)}
+    seen = {u for u in now if u is not None}
+    out: dict[int, Device] = {}
+    lo_now = lo_before = 0
+    for i in range(len(now) + 1):
+        if i < len(now) and now[i] not in pos:
+            continue
+        hi_before = pos[now[i]] if i < len(now) else len(before)
+        gap = [j for j in range(lo_now, i) if now[j] is None]
+        if gap:
+            left = [d for d in before[lo_before:hi_before] if d.uuid not in seen]
+            if len(left) != len(gap):
+                left = [d for d in left if d.handle is None or d.lost]
+            if len(left) == len(gap):
+                out.update(zip(gap, left, strict=True))
+        lo_now, lo_before = i + 1, max(lo_before, hi_before + 1)
+    return out
 
 
 def _text(v) -> str:

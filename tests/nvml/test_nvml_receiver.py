@@ -223,11 +223,12 @@ def test_injected_errors_are_counted_and_the_rest_continues(fake, make_receiver)
     assert value(md, "hw.gpu.memory.limit", hw__id=UUID1) == 80 * GiB
     temps = calls(fake.lib, "nvmlDeviceGetTemperature")
     r.collect()
-    # NOT_SUPPORTED is counted once and not asked again; other errors are counted every time
+    # NOT_SUPPORTED is counted once and not asked again; other errors are counted every time, per GPU
     assert errors(r, "nvmlDeviceGetTemperature: NOT_SUPPORTED") == 1
     assert calls(fake.lib, "nvmlDeviceGetTemperature") == temps + 1  # only GPU 1 asked
-    assert errors(r, "nvmlDeviceGetPowerUsage: NO_PERMISSION") == 4
-    assert errors(r, "nvmlDeviceGetTotalEccErrors(corrected): UNKNOWN") == 2
+    assert errors(r, f"nvmlDeviceGetPowerUsage: NO_PERMISSION {UUID0}") == 2
+    assert errors(r, f"nvmlDeviceGetPowerUsage: NO_PERMISSION {UUID1}") == 2
+    assert errors(r, f"nvmlDeviceGetTotalEccErrors(corrected): UNKNOWN {UUID1}") == 2
 
 
 def test_rediscovery_keeps_what_is_unsupported(fake, make_receiver):

@@ -95,7 +95,7 @@ class GPU:
     pci_bus_id: str = ""       # default 00000000:<18+index>:00.0
     minor: int = -1            # default = index
     mig: int = 0               # 1: MIG mode on (add MigDevice entries)
-    lost: int = 0              # 1: every call on it returns GPU_IS_LOST
+    lost: int = 0              # 1: every call on it, nvmlDeviceGetHandleByIndex(its index) too, returns GPU_IS_LOST
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Process:
 
 @dataclass
 class Fail:
-    fn: str                    # NVML symbol name, "*" for every call on the device, or "nvmlInit"
+    fn: str                    # NVML symbol name, "*" for every call on the device (and its handle), or "nvmlInit"
     code: int
     gpu: int = -1              # -1: every device
 

@@ -12,7 +12,7 @@
  *   device  uuid=GPU-..  name=..  mem_total=..  mem_used=..  util_gpu=..  temp=..  power_mw=..  mig=0|1  lost=0|1 ...
  *   mig     dev=0  gi=1  ci=0  uuid=MIG-..  profile=1g.10gb  mem_total=..  mem_used=..
  *   proc    dev=0  pid=..  used_mem=..  type=compute|graphics|mps  sm=..  mem=..  enc=..  dec=..  ts=-1  util=1  gi=..
- *   fail    fn=nvmlDeviceGetTemperature|*  code=3  dev=-1
+ *   fail    fn=nvmlDeviceGetTemperature|*  code=3  dev=-1   ("*" and lost=1 also refuse nvmlDeviceGetHandleByIndex)
  *
  * Driver reload: a change of `generation` invalidates every open NVML session (calls return UNINITIALIZED until
  * nvmlInit is called again), as a driver unload/reload does to a long-running agent. `loaded=0` makes nvmlInit
@@ -244,9 +244,15 @@ nvmlReturn_t nvmlSystemGetNVMLVersion(char *v, unsigned int len) {
 }
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *n) { ENTER(NULL, NULL); if (!n) RET(INVALID_ARGUMENT); *n = S.ndev; RET(OK); }
 nvmlReturn_t nvmlDeviceGetCount(unsigned int *n) { return nvmlDeviceGetCount_v2(n); }
+/* As the driver does, the handle of GPU i is refused with that GPU's trouble: its injected failures (this symbol or
+ * "*" with dev=i) and GPU_IS_LOST once it fell off the bus. */
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int i, void **h) {
     ENTER(NULL, NULL);
     if (!h || i >= (unsigned)S.ndev) RET(INVALID_ARGUMENT);
+    for (int k = 0; k < S.nfail; k++)
+        if ((!strcmp(S.fail[k].fn, __func__) || !strcmp(S.fail[k].fn, "*")) && (S.fail[k].dev < 0 || S.fail[k].dev == (int)i))
+            RET(S.fail[k].code);
+    if (S.dev[i].lost) RET(GPU_IS_LOST);
     *h = &S.dev[i]; RET(OK);
 }
 nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int i, void **h) { return nvmlDeviceGetHandleByIndex_v2(i, h); }
