@@ -89,8 +89,9 @@ def cmd_run(args) -> int:
         signals.append(signum)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP (a closed terminal, some supervisors) stops as SIGTERM does, flushing, rather than killing on the spot
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         service = Service(config, strict=args.strict)
         service.start()
