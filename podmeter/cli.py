@@ -96,7 +96,7 @@ def cmd_run(args) -> int:
         service = Service(config, strict=args.strict)
         service.start()
     except StartError as exc:
-        log.error("start-up failed (--strict): %s", exc)
+        log.error("start-up failed: %s", exc)
         return 1
     tune_gc()
     while not stop.wait(1.0):
@@ -120,7 +120,7 @@ def cmd_collect(args) -> int:
         service = Service(config, strict=args.strict)
         data = service.collect_once(wait_timeout=args.wait)
     except StartError as exc:
-        log.error("start-up failed (--strict): %s", exc)
+        log.error("start-up failed: %s", exc)
         return 1
     if args.format == "otlp-json":
         from google.protobuf.json_format import MessageToJson

@@ -3,6 +3,16 @@
 Threads, one way: each receiver has a scheduler thread that collects on its own interval and pushes the batch
 through every pipeline that lists it (one processor chain per pipeline); each exporter has a worker thread with
 a bounded queue, so a slow, failing or hanging exporter never delays collection or the other exporters.
+
+Start: a receiver or processor that cannot run on this host (no GPU, no socket) is reported once and the rest
+runs. An exporter or extension that cannot start (a port in use, a missing certificate, an unusable queue
+directory) is a configuration error, as in the collector: `start()` raises StartError naming it and its cause,
+and `podmeter run` exits 1, rather than running on with nowhere to send data.
+
+Shutdown, bounded by `service.shutdown_timeout`: scheduling stops; exporters drain and flush while receivers and
+processors release what they hold; a component whose shutdown has not returned by the deadline is abandoned
+(logged once). Collections and shutdowns run on daemon threads, so a call wedged in the kernel or a library (a
+FIFO, a hung NVML call) cannot keep the process from exiting.
 """
 
 from __future__ import annotations
@@ -13,8 +23,10 @@ import ctypes
 import gc
 import logging
 import os
+import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +52,8 @@ from podmeter.telemetry import ComponentTelemetry, Telemetry
 log = logging.getLogger("podmeter")
 
 EXPORTER_QUEUE_BATCHES = 64  # isolation buffer per exporter; otlp exporters keep their own sending_queue
+SHUTDOWN_GRACE = 1.0  # seconds past the shutdown deadline for exporters to wrap up, and then for extensions
+MANDATORY: tuple[Kind, ...] = ("exporter", "extension")  # must start; receivers and processors may be unavailable
 
 
 class StartError(Exception):
@@ -65,12 +79,14 @@ class Pipeline:
             for pid, proc in self.processors:
                 n_in = count_points(data)
                 self.telemetry.processor_in.labels(pid, self.id).inc(n_in)
+                status = self.status.get(f"processor:{pid}:{self.id}")
                 try:
                     data = proc.process(data)
                 except Exception as exc:
-                    status = self.status.get(f"processor:{pid}:{self.id}")
                     _component_error(status, proc, f"process failed: {type(exc).__name__}: {exc}")
                     return None, True
+                if status is not None and status.state == "error":  # it works again: health and logs say so
+                    _component_recovered(status, proc)
                 self.telemetry.processor_out.labels(pid, self.id).inc(count_points(data))
                 if data is None or not data.resource_metrics:
                     return None, False
@@ -95,8 +111,22 @@ def _component_error(status: ComponentStatus | None, component: Any, message: st
         status.state, status.message = "error", message
 
 
+def _component_recovered(status: ComponentStatus | None, component: Any) -> None:
+    telemetry: ComponentTelemetry | None = getattr(component, "_podmeter_telemetry", None)
+    if telemetry is not None:
+        telemetry.recovered("internal")
+    if status is not None:
+        status.state, status.message = "ok", ""
+
+
 class ExporterWorker:
-    """One exporter's thread and bounded queue. A full queue drops the oldest batch and counts it."""
+    """One exporter's thread and bounded queue. A full queue drops the oldest batch and counts it.
+
+    The generic counters (podmeter_exporter_sent/send_failed/enqueue_failed_metric_points) count what export()
+    returned, unless the exporter sets `reports_delivery`: an exporter with its own queue (otlp) returns once a
+    batch is queued, so it counts deliveries itself through `ComponentTelemetry.sent()` and its siblings, and
+    the worker counts only what never reached it (dropped here, raised, abandoned at shutdown).
+    """
 
     def __init__(self, id: str, exporter: Exporter, telemetry: Telemetry, status: ComponentStatus,
                  capacity: int = EXPORTER_QUEUE_BATCHES, export_timeout: float = 30.0) -> None:
@@ -107,6 +137,9 @@ class ExporterWorker:
         self.cond = threading.Condition()
         self.busy = False
         self.stopping = False
+        self.closed = False
+        self.raised = False  # the last failed export() raised: logged under "internal" until one succeeds
+        self.reports_delivery = bool(getattr(exporter, "reports_delivery", False))
         self.thread = threading.Thread(target=self._loop, name=f"exporter-{id}", daemon=True)
         telemetry.exporter_queue_capacity.labels(id).set(capacity)
 
@@ -115,6 +148,9 @@ class ExporterWorker:
 
     def enqueue(self, data: MetricsData) -> None:
         with self.cond:
+            if self.closed:  # a collection that finished after shutdown had given up on this exporter
+                self.telemetry.exporter_enqueue_failed.labels(self.id).inc(count_points(data))
+                return
             if len(self.queue) >= self.capacity:
                 dropped = self.queue.popleft()
                 self.telemetry.exporter_enqueue_failed.labels(self.id).inc(count_points(dropped))
@@ -133,15 +169,20 @@ class ExporterWorker:
                 self.busy = True
                 self.telemetry.exporter_queue_size.labels(self.id).set(len(self.queue))
             points = count_points(data)
+            raised = False
             try:
                 result = self.exporter.export(data, timeout_millis=self.export_timeout * 1000)
             except Exception as exc:
-                result = MetricExportResult.FAILURE
+                result, raised = MetricExportResult.FAILURE, True
                 _component_error(None, self.exporter, f"export raised {type(exc).__name__}: {exc}")
-            if result == MetricExportResult.SUCCESS or result is None:
-                self.telemetry.exporter_sent.labels(self.id).inc(points)
-            else:
-                self.telemetry.exporter_failed.labels(self.id).inc(points)
+            ok = result == MetricExportResult.SUCCESS or result is None
+            if raised or not self.reports_delivery:
+                (self.telemetry.exporter_sent if ok else self.telemetry.exporter_failed).labels(self.id).inc(points)
+            if raised:
+                self.raised = True
+            elif ok and self.raised:  # clear only the cause it set: an exporter may use "internal" itself
+                self.raised = False
+                _component_recovered(None, self.exporter)
             with self.cond:
                 self.busy = False
                 self.cond.notify_all()
@@ -158,6 +199,64 @@ class ExporterWorker:
                 self.cond.wait(remaining)
         return True
 
+    def close(self, deadline: float) -> bool:
+        """At shutdown: drain, then flush and shut the exporter down, by the deadline. What is still queued then
+        is dropped, counted as send_failed and logged. True if everything was flushed."""
+        flushed = self.drain(deadline)
+        with self.cond:
+            self.closed = True
+            left = list(self.queue)
+            self.queue.clear()
+            self.telemetry.exporter_queue_size.labels(self.id).set(0)
+            self.cond.notify_all()
+        if left:
+            points = sum(count_points(d) for d in left)
+            self.telemetry.exporter_failed.labels(self.id).inc(points)
+            log.warning("exporter %s: %d batches (%d points) not exported before the shutdown deadline: dropped",
+                        self.id, len(left), points)
+        try:
+            if self.exporter.force_flush(timeout_millis=_ms_left(deadline)) is False:
+                flushed = False
+            self.exporter.shutdown(timeout_millis=_ms_left(deadline))
+        except Exception as exc:
+            log.warning("exporter %s: shutdown failed: %s: %s", self.id, type(exc).__name__, exc)
+            return False
+        return flushed
+
+
+def _ms_left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic()) * 1000
+
+
+class _Collector:
+    """One daemon thread running a receiver's collect(), one call at a time (always the same thread, as the
+    ThreadPoolExecutor before it). Not a ThreadPoolExecutor: Python joins its workers at exit, so one collection
+    wedged in the kernel or a library (a FIFO, a hung NVML call) would keep the process from ever exiting."""
+
+    def __init__(self, name: str, collect: Callable[[], Any]) -> None:
+        self.collect = collect
+        self.requests: queue.SimpleQueue[concurrent.futures.Future | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def submit(self) -> concurrent.futures.Future:
+        if not self.thread.is_alive() and self.thread.ident is None:
+            self.thread.start()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.requests.put(future)
+        return future
+
+    def close(self) -> None:
+        self.requests.put(None)
+
+    def _loop(self) -> None:
+        while (future := self.requests.get()) is not None:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self.collect())
+            except BaseException as exc:  # handed to the scheduler, which counts and logs it
+                future.set_exception(exc)
+
 
 class ReceiverRunner:
     """Collects one receiver on its interval and feeds every pipeline that lists it."""
@@ -169,7 +268,8 @@ class ReceiverRunner:
         self.initial_delay = float(getattr(config, "initial_delay", 0.0) or 0.0)
         self.timeout = float(getattr(config, "timeout", 0.0) or 0.0) or self.interval
         self.stop_event = threading.Event()
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"collect-{id}")
+        self.wake = threading.Event()  # the pending collection finished, or stop() was called
+        self.collector = _Collector(f"collect-{id}", receiver.collect)
         self.pending: concurrent.futures.Future | None = None
         self.thread = threading.Thread(target=self._loop, name=f"receiver-{id}", daemon=True)
 
@@ -177,11 +277,13 @@ class ReceiverRunner:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop scheduling; a collection in progress is no longer waited for."""
         self.stop_event.set()
+        self.wake.set()
 
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.collector.close()  # a wedged collection keeps its (daemon) thread; nothing waits for it
 
     def _loop(self) -> None:
         if self.stop_event.wait(self.initial_delay):
@@ -201,13 +303,22 @@ class ReceiverRunner:
             self.telemetry.receiver_collections.labels(self.id, "skipped").inc()
             return
         started = time.perf_counter()
-        self.pending = self.pool.submit(self.receiver.collect)
+        future = self.pending = self.collector.submit()
+        future.add_done_callback(lambda _: self.wake.set())
+        deadline = time.monotonic() + self.timeout
+        while not future.done() and not self.stop_event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.wake.wait(remaining):
+                break
+            self.wake.clear()
         try:
-            data = self.pending.result(timeout=self.timeout)
-        except concurrent.futures.TimeoutError:
-            self.telemetry.receiver_collections.labels(self.id, "timeout").inc()
-            _component_error(self.status, self.receiver, f"collection exceeded its timeout of {self.timeout:g}s")
-            return
+            if not future.done():
+                if self.stop_event.is_set():  # shutting down: abandoned, not a timeout
+                    return
+                self.telemetry.receiver_collections.labels(self.id, "timeout").inc()
+                _component_error(self.status, self.receiver, f"collection exceeded its timeout of {self.timeout:g}s")
+                return
+            data = future.result(0)
         except Exception as exc:
             self.telemetry.receiver_collections.labels(self.id, "error").inc()
             _component_error(self.status, self.receiver, f"collection failed: {type(exc).__name__}: {exc}")
@@ -216,10 +327,7 @@ class ReceiverRunner:
             self.telemetry.receiver_duration.labels(self.id).observe(time.perf_counter() - started)
         self.telemetry.receiver_collections.labels(self.id, "ok").inc()
         if self.status.state == "error":
-            self.status.state, self.status.message = "ok", ""
-            telemetry = getattr(self.receiver, "_podmeter_telemetry", None)
-            if telemetry is not None:
-                telemetry.recovered("internal")
+            _component_recovered(self.status, self.receiver)
         if data is None:
             return
         points = count_points(data)
@@ -243,6 +351,7 @@ class Service:
         self.pipelines: dict[str, Pipeline] = {}
         self.runners: list[ReceiverRunner] = []
         self._telemetry_server = None
+        self._fatal: list[str] = []  # exporters and extensions that could not be created or started, one line each
         self.host.publish("component_status", self)
         self._build()
 
@@ -302,12 +411,26 @@ class Service:
         try:
             create()
         except ComponentUnavailable as exc:
-            self._unavailable(status, str(exc))
+            if kind in MANDATORY:
+                self._failed(status, f"cannot be created: {exc}")
+            else:
+                self._unavailable(status, str(exc))
         except StartError as exc:
             if self.strict:
                 raise
             status.state, status.message = "error", str(exc)
-            log.error("%s", exc)
+            if kind in MANDATORY:
+                self._fatal.append(str(exc))
+            else:
+                log.error("%s", exc)
+
+    def _failed(self, status: ComponentStatus, message: str) -> None:
+        """An exporter or extension that cannot run: start() raises StartError once the others are checked."""
+        status.state, status.message = "error", message
+        line = f"{status.kind} {status.id} {message}"
+        if self.strict:
+            raise StartError(line)
+        self._fatal.append(line)
 
     def _unavailable(self, status: ComponentStatus, reason: str) -> None:
         if self.strict:
@@ -322,10 +445,16 @@ class Service:
         try:
             component.start(self.host)
         except ComponentUnavailable as exc:
-            self._unavailable(status, str(exc))
+            if status.kind in MANDATORY:  # e.g. a port in use or a missing certificate: not an optional absence
+                self._failed(status, f"failed to start: {exc}")
+            else:
+                self._unavailable(status, str(exc))
             return False
         except Exception as exc:
             message = f"failed to start: {type(exc).__name__}: {exc}"
+            if status.kind in MANDATORY:
+                self._failed(status, message)
+                return False
             if self.strict:
                 raise StartError(f"{status.kind} {status.id} {message}") from exc
             status.state, status.message = "error", message
@@ -338,17 +467,22 @@ class Service:
         """Start in dependency order: extensions, exporters, processors, receivers (receivers not scheduled).
 
         With exporters=False (collect --once) extensions and exporters are left unstarted: nothing binds a port.
+        An extension or exporter that cannot be created or started raises StartError naming every such one, after
+        what had started is shut down again.
         """
         if not exporters:
             self.extensions.clear()
             self.exporters.clear()
         for eid, ext in list(self.extensions.items()):
-            self._start_component(f"extension:{eid}", ext)
+            if not self._start_component(f"extension:{eid}", ext):
+                del self.extensions[eid]
         for eid, worker in list(self.exporters.items()):
             if self._start_component(f"exporter:{eid}", worker.exporter):
                 worker.start()
             else:
                 del self.exporters[eid]
+        if exporters:
+            self._check_fatal()
         for pid, pipeline in self.pipelines.items():
             kept = []
             for proc_id, proc in pipeline.processors:
@@ -375,6 +509,18 @@ class Service:
         running = [k for k, s in self.status.items() if s.state == "ok"]
         log.info("podmeter started: %d pipelines, %d components running (%s)", len(self.pipelines), len(running),
                  ", ".join(running))
+
+    def _check_fatal(self) -> None:
+        if not self._fatal:
+            return
+        # release what did start (ports, queue directories): the caller exits, or a test starts another service
+        tasks = [(f"exporter {eid}", lambda w=worker: w.close(time.monotonic() + 2.0))
+                 for eid, worker in self.exporters.items() if worker.thread.is_alive()]
+        tasks += [(f"extension {eid}", ext.shutdown) for eid, ext in self.extensions.items()
+                  if self.status[f"extension:{eid}"].state == "ok"]
+        tasks.append(("self-telemetry server", self._stop_telemetry_server))
+        _run_bounded(tasks, time.monotonic() + 2.0)
+        raise StartError("; ".join(self._fatal))
 
     def _start_telemetry_server(self) -> None:
         cfg = self.config.service.telemetry.metrics
@@ -406,40 +552,42 @@ class Service:
                 setter(self.statuses())
 
     def shutdown(self, timeout: float | None = None) -> bool:
-        """Stop receivers, flush exporters within the deadline, stop the rest. True if everything flushed."""
+        """Stop scheduling; drain and flush exporters while receivers and processors shut down, all by the deadline
+        (`shutdown_timeout`); then extensions. A component whose shutdown has not returned by then is abandoned
+        and logged once. True if every exporter flushed everything in time."""
         timeout = self.config.service.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         for runner in self.runners:
             runner.stop()
         for runner in self.runners:
             runner.join(max(0.0, min(2.0, deadline - time.monotonic())))
-        for rid, receiver in self.receivers.items():
-            _safe_shutdown(receiver, f"receiver {rid}")
-            self.status[f"receiver:{rid}"].state = "stopped"
-        for pid, pipeline in self.pipelines.items():
-            for proc_id, proc in pipeline.processors:
-                _safe_shutdown(proc, f"processor {proc_id} in {pid}")
-        flushed = True
+        # Nothing is collected any more, so exporters need nothing from receivers: they drain side by side with
+        # the receivers' and processors' shutdowns, and a receiver stuck behind a wedged call delays nothing.
+        flushed: dict[str, bool] = {}
+        tasks: list[tuple[str, Callable[[], Any]]] = []
         for eid, worker in self.exporters.items():
-            if not worker.drain(deadline):
-                flushed = False
-                log.warning("exporter %s: %d batches not exported before the shutdown deadline", eid, len(worker.queue))
-            remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
-            try:
-                worker.exporter.force_flush(timeout_millis=remaining_ms)
-                worker.exporter.shutdown(timeout_millis=max(0.0, deadline - time.monotonic()) * 1000)
-            except Exception as exc:
-                flushed = False
-                log.warning("exporter %s: shutdown failed: %s: %s", eid, type(exc).__name__, exc)
+            tasks.append((f"exporter {eid}", lambda eid=eid, w=worker: flushed.__setitem__(eid, w.close(deadline))))
+        tasks += [(f"receiver {rid}", r.shutdown) for rid, r in self.receivers.items()]
+        tasks += [(f"processor {proc_id} in {pid}", proc.shutdown) for pid, pipeline in self.pipelines.items()
+                  for proc_id, proc in pipeline.processors]
+        # past the deadline, an exporter still counts and logs what it drops and closes its connections (with no
+        # time left): the grace lets that finish before anything is called abandoned
+        _run_bounded(tasks, deadline + SHUTDOWN_GRACE)
+        for eid in self.exporters:
             self.status[f"exporter:{eid}"].state = "stopped"
-        for eid, ext in self.extensions.items():
-            _safe_shutdown(ext, f"extension {eid}")
-        if self._telemetry_server is not None:
-            server = self._telemetry_server[0] if isinstance(self._telemetry_server, tuple) else None
-            if server is not None:
-                server.shutdown()
-                server.server_close()
-        return flushed
+        for rid in self.receivers:
+            self.status[f"receiver:{rid}"].state = "stopped"
+        tasks = [(f"extension {eid}", ext.shutdown) for eid, ext in self.extensions.items()]
+        tasks.append(("self-telemetry server", self._stop_telemetry_server))
+        _run_bounded(tasks, max(deadline, time.monotonic() + SHUTDOWN_GRACE))
+        return all(flushed.get(eid, False) for eid in self.exporters)  # an abandoned exporter did not flush
+
+    def _stop_telemetry_server(self) -> None:
+        server = self._telemetry_server[0] if isinstance(self._telemetry_server, tuple) else None
+        self._telemetry_server = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     # -- one-shot collection (podmeter collect --once) ------------------------------------------------------
 
@@ -507,8 +655,25 @@ def tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD))
 
 
-def _safe_shutdown(component: Any, name: str) -> None:
+def _run_bounded(tasks: list[tuple[str, Callable[[], Any]]], deadline: float) -> list[str]:
+    """Run each (name, fn) on its own daemon thread and wait for them until the deadline; return the names of
+    those still running, each logged once as abandoned (a daemon thread does not hold up the exit)."""
+    threads = []
+    for name, fn in tasks:
+        thread = threading.Thread(target=_guarded, args=(name, fn), name=f"shutdown {name}", daemon=True)
+        thread.start()
+        threads.append((name, thread))
+    abandoned = []
+    for name, thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            abandoned.append(name)
+            log.warning("%s: shutdown did not return before the shutdown deadline: abandoned", name)
+    return abandoned
+
+
+def _guarded(name: str, fn: Callable[[], Any]) -> None:
     try:
-        component.shutdown()
+        fn()
     except Exception as exc:
         log.warning("%s: shutdown failed: %s: %s", name, type(exc).__name__, exc)

@@ -69,9 +69,16 @@ class ComponentTelemetry:
         self.logger = logger
         self._failing: dict[str, str] = {}
         self._lock = threading.Lock()
+        # the runtime's generic exporter counters, for exporters that count their own deliveries (see `sent`)
+        self._sent = telemetry.exporter_sent.labels(component_id)
+        self._send_failed = telemetry.exporter_failed.labels(component_id)
+        self._enqueue_failed = telemetry.exporter_enqueue_failed.labels(component_id)
 
     def error(self, cause: str, message: str, *, count: int = 1) -> None:
-        """Count an error; log it at WARNING the first time this cause appears (until `recovered`)."""
+        """Count an error; log it at WARNING the first time this cause appears (until `recovered`).
+
+        A cause may carry a class after a colon (`send:HTTP 503`): each class is its own cause, logged once, so a
+        backend switching from 503 to 400 is logged again; `recovered("send")` clears every class of it."""
         self.telemetry.component_errors.labels(self.id, cause).inc(count)
         with self._lock:
             first = cause not in self._failing
@@ -82,14 +89,37 @@ class ComponentTelemetry:
             self.logger.debug("%s: %s", cause, message)
 
     def recovered(self, cause: str) -> None:
+        if not self._failing:  # the common case, called after every success: no lock
+            return
         with self._lock:
-            was = self._failing.pop(cause, None)
-        if was is not None:
-            self.logger.info("%s: recovered", cause)
+            gone = [c for c in self._failing if c == cause or c.startswith(cause + ":")]
+            for c in gone:
+                del self._failing[c]
+        for c in gone:
+            self.logger.info("%s: recovered", c)
 
     def failing(self) -> dict[str, str]:
         with self._lock:
             return dict(self._failing)
+
+    # An exporter that queues (its export() returning means queued, not delivered) sets `reports_delivery = True`
+    # and counts outcomes here instead, in the collector's otelcol_exporter_* terms; the runtime then counts only
+    # what never reached the exporter.
+
+    def sent(self, points: int) -> None:
+        """Points the destination accepted."""
+        if points:
+            self._sent.inc(points)
+
+    def send_failed(self, points: int) -> None:
+        """Points given up: rejected permanently, retries exhausted, or unsent at shutdown."""
+        if points:
+            self._send_failed.inc(points)
+
+    def enqueue_failed(self, points: int) -> None:
+        """Points dropped because the exporter's queue was full (or could not be written)."""
+        if points:
+            self._enqueue_failed.inc(points)
 
     def counter(self, name: str, doc: str, labels=()) -> Counter:
         """A counter labelled with this component: call `.labels(*values)` with `labels` only."""

@@ -3,8 +3,13 @@
 export() encodes the batch (`encode.py`: opentelemetry-proto's messages, byte-identical to what
 opentelemetry-exporter-otlp's encoder makes, at about half its cost), puts the bytes on the sending queue and
 returns; `num_consumers` threads send from the queue, retrying retryable failures with exponential backoff
-(`retry_on_failure`). A full queue drops its oldest batch. With `sending_queue.storage` the queue lives in a
-directory and what was not delivered is sent after a restart, including after SIGKILL.
+(`retry_on_failure`). A full queue (`queue_size` batches or `max_bytes` bytes) drops its oldest batch. With
+`sending_queue.storage` the queue lives in a directory and what was not delivered is sent after a restart,
+including after SIGKILL.
+
+Since export() returns once a batch is queued, the exporter counts outcomes itself (`reports_delivery`): the
+runtime's podmeter_exporter_sent_metric_points when the backend accepted points, send_failed when they were
+rejected, given up after retries or abandoned at shutdown, enqueue_failed when the queue dropped them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .temporality import DeltaConverter
 class OTLPExporter(Exporter):
     sender_class: type = GrpcSender
     type_name = "otlp"
+    reports_delivery = True  # see the module docstring
     max_request_bytes = 3 * 1024 * 1024  # under the 4 MiB gRPC default receive limit, with room to spare
 
     def __init__(self, settings, config) -> None:
@@ -48,10 +54,13 @@ class OTLPExporter(Exporter):
                                   "Points dropped, by cause (queue_full, rejected by the backend)", ["cause"])
         self._queue_size = t.gauge(f"{prefix}_queue_size", "Batches waiting in the sending queue")
         self._queue_capacity = t.gauge(f"{prefix}_queue_capacity", "Capacity of the sending queue in batches")
+        self._queue_bytes = t.gauge(f"{prefix}_queue_size_bytes", "Encoded bytes waiting in the sending queue")
         self._delta = DeltaConverter() if config.temporality_preference == "delta" else None
         self._delta_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._active = 0  # export() calls sending without a queue (on the runtime's worker thread)
+        self._active_cond = threading.Condition()
         self.queue: SendingQueue | None = None
         self.sender = None
         if self._delta is not None:
@@ -65,30 +74,35 @@ class OTLPExporter(Exporter):
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self, host) -> None:
+        # A failure here is a configuration error (a missing certificate, an unusable queue directory): the
+        # runtime treats an exporter that cannot start as fatal, whatever exception says so.
         try:
             self.sender = self.sender_class(self.config)
         except (OSError, ValueError) as exc:
-            raise ComponentUnavailable(f"cannot set up the connection: {exc}") from exc
+            raise ComponentUnavailable(f"cannot set up the connection to {self.config.endpoint}: {exc}") from exc
         q = self.config.sending_queue
         if q.enabled:
             directory = ""
             if q.storage:
                 directory = f"{q.storage.rstrip('/')}/exporter_{_safe(str(self.settings.id))}"
             try:
-                self.queue = SendingQueue(q.queue_size, directory, fsync=q.fsync)
+                self.queue = SendingQueue(q.queue_size, directory, fsync=q.fsync, max_bytes=q.max_bytes)
             except QueueLocked as exc:
                 raise ComponentUnavailable(f"sending_queue::storage: {exc}") from exc
             except OSError as exc:
-                raise ComponentUnavailable(f"sending_queue::storage: cannot use {directory}: {exc}") from exc
+                raise ComponentUnavailable(f"sending_queue::storage: cannot use {directory}: "
+                                           f"{exc.strerror or exc}") from exc
             if self.queue.trimmed:
                 n = sum(i.points for i in self.queue.trimmed)
                 self._dropped.labels("queue_full").inc(n)
-                self.logger.warning("dropped the %d oldest stored batches (%d points) beyond queue_size %d",
-                                    len(self.queue.trimmed), n, q.queue_size)
+                self.telemetry.enqueue_failed(n)
+                self.logger.warning("dropped the %d oldest stored batches (%d points) beyond queue_size %d or "
+                                    "max_bytes %d", len(self.queue.trimmed), n, q.queue_size, q.max_bytes)
             if self.queue.recovered():
                 self.logger.info("sending %d batches left in %s by a previous run", self.queue.recovered(), directory)
             self._queue_capacity.set(q.queue_size)
             self._queue_size.set_function(lambda: len(self.queue) if self.queue else 0)
+            self._queue_bytes.set_function(lambda: self.queue.nbytes() if self.queue else 0)
             for i in range(q.num_consumers):
                 t = threading.Thread(target=self._consume, name=f"{self.settings.id}-sender-{i}", daemon=True)
                 t.start()
@@ -101,28 +115,57 @@ class OTLPExporter(Exporter):
         points = count_points(metrics_data)
         if not points:
             return MetricExportResult.SUCCESS
-        if self.sender is None:  # not started (e.g. `podmeter collect --once` never starts exporters)
+        if self.sender is None:  # not started (`podmeter collect --once` never starts exporters)
+            self._failed.inc(points)
+            self.telemetry.send_failed(points)
+            return MetricExportResult.FAILURE
+        if self._stop.is_set():
+            self._abandoned(points, "exported after the exporter shut down")
             return MetricExportResult.FAILURE
         chunks = self._encode(metrics_data)
         if self.queue is None:  # no queue: send now, retrying within this call
-            deadline = time.monotonic() + timeout_millis / 1000
-            ok = all([self._send_with_retry(data, n, deadline=deadline) is True for data, n in chunks])
-            return MetricExportResult.SUCCESS if ok else MetricExportResult.FAILURE
+            return self._send_now(chunks, time.monotonic() + timeout_millis / 1000)
         dropped = []
-        for data, n in chunks:
+        for i, (data, n) in enumerate(chunks):
             try:
                 dropped += self.queue.put(data, n)
             except OSError as exc:
+                lost = sum(m for _, m in chunks[i:])
                 self.telemetry.error("storage", f"cannot write to the persistent queue: {exc}")
-                self._dropped.labels("storage").inc(n)
+                self._dropped.labels("storage").inc(lost)
+                self.telemetry.enqueue_failed(lost)
                 return MetricExportResult.FAILURE
+        self.telemetry.recovered("storage")
         if dropped:
             n = sum(i.points for i in dropped)
+            q = self.config.sending_queue
             self._dropped.labels("queue_full").inc(n)
-            self.telemetry.error("queue_full", f"sending queue full ({self.config.sending_queue.queue_size} "
-                                 f"batches): dropped the oldest batch ({n} points); the backend is not keeping up "
-                                 "or is unreachable")
+            self.telemetry.enqueue_failed(n)
+            self.telemetry.error("queue_full", f"sending queue full ({q.queue_size} batches or {q.max_bytes} bytes): "
+                                 f"dropped the {len(dropped)} oldest batches ({n} points); the backend is not "
+                                 "keeping up or is unreachable")
+        else:
+            self.telemetry.recovered("queue_full")
         return MetricExportResult.SUCCESS
+
+    def _send_now(self, chunks: list[tuple[bytes, int]], deadline: float) -> MetricExportResult:
+        with self._active_cond:
+            self._active += 1
+        try:
+            results = [self._send_with_retry(data, n, deadline=deadline) for data, n in chunks]
+        finally:
+            with self._active_cond:
+                self._active -= 1
+                self._active_cond.notify_all()
+        stopped = sum(n for (_, n), r in zip(chunks, results, strict=True) if r == "stopped")
+        if stopped:
+            self._abandoned(stopped, "the exporter shut down while sending them")
+        return MetricExportResult.SUCCESS if all(r is True for r in results) else MetricExportResult.FAILURE
+
+    def _abandoned(self, points: int, why: str) -> None:
+        self._failed.inc(points)
+        self.telemetry.send_failed(points)
+        self.telemetry.error("shutdown", f"{points} points not delivered to {self._where()}: {why}")
 
     def _encode(self, data: MetricsData) -> list[tuple[bytes, int]]:
         """Encoded requests of at most max_request_bytes, split between resources when a batch is larger: gRPC
@@ -142,19 +185,21 @@ class OTLPExporter(Exporter):
             self._stop.set()  # consumers in a retry wait give up now
             left = self.queue.abandon()
             for t in self._threads:
-                t.join(max(0.1, deadline - time.monotonic()))
+                t.join(max(0.0, deadline - time.monotonic()))
             if left:
                 n = sum(i.points for i in left)
                 if self.queue.directory:
                     self.logger.info("%d batches (%d points) stay in %s for the next start", len(left), n,
                                      self.queue.directory)
                 else:
-                    self._failed.inc(n)
-                    self.logger.warning("%d batches (%d points) not delivered before the shutdown deadline",
-                                        len(left), n)
+                    self._abandoned(n, f"{len(left)} batches still queued at the shutdown deadline")
             self.queue.release()
         else:
             self._stop.set()
+            # an export() still sending (on the runtime's worker thread) stops after its current attempt; closing
+            # the channel under it would fail that attempt as a bug ("Cannot invoke RPC on closed channel")
+            with self._active_cond:
+                self._active_cond.wait_for(lambda: self._active == 0, max(0.0, deadline - time.monotonic()))
         if self.sender is not None:
             self.sender.close()
 
@@ -173,32 +218,49 @@ class OTLPExporter(Exporter):
                     # shutting down mid-retry: a persistent queue keeps the batch for the next start
                     keep = bool(self.queue.directory)
                     if not keep:
-                        self._failed.inc(item.points)
+                        self._abandoned(item.points, "the exporter shut down while sending them")
+                self.telemetry.recovered("internal")
             except Exception as exc:  # a bug here must not kill the consumer
                 self.telemetry.error("internal", f"sending failed: {type(exc).__name__}: {exc}")
                 self._failed.inc(item.points)
+                self.telemetry.send_failed(item.points)
             finally:
                 self.queue.done(item, keep=keep)
 
     def _send_with_retry(self, data: bytes, points: int, deadline: float | None = None) -> bool | str:
-        """Send until delivered (True), given up (False) or the exporter stops (\"stopped\")."""
+        """Send until delivered (True), given up (False) or the exporter stops (\"stopped\").
+
+        Failures are logged once per class (`send:UNAVAILABLE`, `send_failed:HTTP 400`): `send` while retrying,
+        `send_failed` when points are given up; a delivery clears them, so the next outage is logged again."""
         retry = self.config.retry_on_failure
         started = time.monotonic()
         interval = retry.initial_interval
         while True:
-            outcome: Outcome = self.sender.send(data)
+            if self._stop.is_set():
+                return "stopped"
+            try:
+                outcome: Outcome = self.sender.send(data)
+            except Exception:
+                if self._stop.is_set():  # the channel was closed under this attempt at the shutdown deadline
+                    return "stopped"
+                raise
             if outcome.ok:
                 self._sent.inc(points - outcome.rejected)
+                self.telemetry.sent(points - outcome.rejected)
                 self.telemetry.recovered("send")
+                self.telemetry.recovered("send_failed")
                 if outcome.rejected:
                     self._dropped.labels("rejected").inc(outcome.rejected)
+                    self.telemetry.send_failed(outcome.rejected)
                     self.telemetry.error("rejected", f"the backend rejected {outcome.rejected} points: "
                                          f"{outcome.message}")
+                else:
+                    self.telemetry.recovered("rejected")
                 return True
+            kind = outcome.kind or "error"
             if not outcome.retryable or not retry.enabled:
-                self._failed.inc(points)
-                self.telemetry.error("send", f"dropping {points} points: {outcome.message}"
-                                     + ("" if outcome.retryable else " (not retryable)"))
+                self._give_up(points, kind, f"dropping {points} points: {outcome.message}"
+                              + ("" if outcome.retryable else " (not retryable)"))
                 return False
             wait = interval * (1 + retry.randomization_factor * (2 * random.random() - 1))
             if outcome.retry_after is not None:
@@ -207,16 +269,20 @@ class OTLPExporter(Exporter):
             elapsed = time.monotonic() - started
             if (retry.max_elapsed_time and elapsed + wait > retry.max_elapsed_time) or \
                     (deadline is not None and time.monotonic() + wait > deadline):
-                self._failed.inc(points)
-                self.telemetry.error("send", f"giving up {points} points after {elapsed:.0f}s of retries: "
-                                     f"{outcome.message}")
+                self._give_up(points, kind, f"giving up {points} points after {elapsed:.0f}s of retries: "
+                              f"{outcome.message}")
                 return False
             self._retries.inc()
-            self.telemetry.error("send", f"sending to {self._where()} failed: {outcome.message}; "
+            self.telemetry.error(f"send:{kind}", f"sending to {self._where()} failed: {outcome.message}; "
                                  "retrying with backoff")
             if self._stop.wait(wait):
                 return "stopped"
             interval = min(interval * retry.multiplier, retry.max_interval)
+
+    def _give_up(self, points: int, kind: str, message: str) -> None:
+        self._failed.inc(points)
+        self.telemetry.send_failed(points)
+        self.telemetry.error(f"send_failed:{kind}", message)
 
     def _where(self) -> str:
         return getattr(self.sender, "url", None) or getattr(self.sender, "target", "")

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from podmeter.config import ComponentConfig, Duration
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_size(value):
+    """Bytes as an integer or with a unit: 67108864, "64MiB", "500MB"."""
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"invalid size {value!r}: expected bytes, or a number with B, KiB, MiB, GiB, KB, MB or GB")
+        return int(m.group(1)) * _UNITS[m.group(2)]
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 
 class ClientTLSConfig(ComponentConfig):
@@ -36,6 +52,9 @@ class RetryConfig(ComponentConfig):
 class QueueConfig(ComponentConfig):
     enabled: bool = Field(True, description="Queue batches and send them from consumer threads")
     queue_size: int = Field(1000, gt=0, description="Batches the queue holds; when full the oldest is dropped")
+    max_bytes: ByteSize = Field(64 << 20, ge=0, description="Encoded bytes the queue holds (64 MiB; units as "
+                                                            "\"256MiB\" allowed); when full the oldest batch is "
+                                                            "dropped; 0: no byte bound")
     num_consumers: int = Field(10, gt=0, le=100, description="Threads sending batches in parallel")
     storage: str = Field("", description="Directory of a persistent queue: batches survive a restart or kill "
                                          "(each exporter uses its own subdirectory)")

@@ -1,8 +1,10 @@
 """The sending queue: encoded OTLP requests waiting for a consumer, in memory or in a directory.
 
-Items are serialized ExportMetricsServiceRequest bytes, so what is queued is bounded by `queue_size` batches
-and a persistent queue needs no second encoding. When the queue is full the OLDEST waiting batch is dropped:
-for cumulative metrics the newest batch carries the most recent totals, so it is worth more than the oldest.
+Items are serialized ExportMetricsServiceRequest bytes, so what is queued is bounded exactly, by `queue_size`
+batches and by `max_bytes` bytes, and a persistent queue needs no second encoding. When the queue is full the
+OLDEST waiting batch is dropped: for cumulative metrics the newest batch carries the most recent totals, so it is
+worth more than the oldest. The newest batch is always taken, even alone over `max_bytes` (requests are split
+under 3 MiB, so that bounds the excess).
 
 The persistent queue keeps one file per batch (`<sequence>-<points>.otlp`, written to a temporary name and
 renamed, so a kill leaves either the whole file or none) and removes it once the batch is delivered or given
@@ -30,6 +32,7 @@ class Item:
     seq: int
     points: int
     data: bytes | None = None  # None for a persistent item until it is read
+    size: int = 0  # encoded bytes
 
 
 class QueueLocked(Exception):
@@ -37,8 +40,10 @@ class QueueLocked(Exception):
 
 
 class SendingQueue:
-    def __init__(self, capacity: int, directory: str = "", fsync: bool = False) -> None:
+    def __init__(self, capacity: int, directory: str = "", fsync: bool = False, max_bytes: int = 0) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes  # 0: no byte bound
+        self._bytes = 0  # of the waiting items
         self.directory = directory
         self.fsync = fsync
         self._cond = threading.Condition()
@@ -60,16 +65,23 @@ class SendingQueue:
             for name in os.listdir(directory):
                 m = _FILE.match(name)
                 if m:
-                    found.append(Item(int(m.group(1)), int(m.group(2))))
+                    try:
+                        size = os.stat(os.path.join(directory, name)).st_size
+                    except FileNotFoundError:
+                        continue
+                    found.append(Item(int(m.group(1)), int(m.group(2)), size=size))
                 elif name.endswith(".tmp"):  # a write interrupted by a kill: never complete, never queued
                     os.unlink(os.path.join(directory, name))
             found.sort(key=lambda i: i.seq)
-            # queue_size may have shrunk since the files were written: keep the newest
-            while len(found) > capacity:
+            # queue_size or max_bytes may have shrunk since the files were written: keep the newest
+            total = sum(i.size for i in found)
+            while len(found) > capacity or (max_bytes and total > max_bytes and len(found) > 1):
                 old = found.pop(0)
+                total -= old.size
                 self._remove(old)
                 self.trimmed.append(old)
             self._waiting.extend(found)
+            self._bytes = total
             self._seq = found[-1].seq + 1 if found else 0
 
     def _sync_directory(self) -> None:
@@ -86,6 +98,10 @@ class SendingQueue:
         with self._cond:
             return len(self._waiting)
 
+    def nbytes(self) -> int:
+        """Encoded bytes waiting (in memory, or on disk with a directory)."""
+        return self._bytes
+
     def recovered(self) -> int:
         """Batches found on disk at start (before anything was put)."""
         return len(self._waiting)
@@ -94,7 +110,7 @@ class SendingQueue:
         """Queue a batch; returns the batches dropped to make room (oldest first)."""
         dropped: list[Item] = []
         with self._cond:
-            item = Item(self._seq, points, data)
+            item = Item(self._seq, points, data, len(data))
             self._seq += 1
             if self.directory:
                 path = self._path(item)
@@ -107,11 +123,14 @@ class SendingQueue:
                 if self.fsync:
                     self._sync_directory()  # the rename itself is durable only once the directory is
                 item.data = None  # the file holds it; memory stays bounded by what is in flight
-            while len(self._waiting) >= self.capacity:
+            while self._waiting and (len(self._waiting) >= self.capacity
+                                     or (self.max_bytes and self._bytes + item.size > self.max_bytes)):
                 old = self._waiting.popleft()
+                self._bytes -= old.size
                 self._remove(old)
                 dropped.append(old)
             self._waiting.append(item)
+            self._bytes += item.size
             self._cond.notify()
         return dropped
 
@@ -124,6 +143,7 @@ class SendingQueue:
                 if not self._cond.wait(timeout):
                     return None
             item = self._waiting.popleft()
+            self._bytes -= item.size
             self._in_flight += 1
         data = item.data
         if data is None:
@@ -164,6 +184,7 @@ class SendingQueue:
         with self._cond:
             items = list(self._waiting)
             self._waiting.clear()
+            self._bytes = 0
             self._closed = True
             self._cond.notify_all()
         return items

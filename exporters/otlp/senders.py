@@ -11,6 +11,8 @@ MetricsService method, HTTP as the spec's POST of application/x-protobuf.
 from __future__ import annotations
 
 import gzip
+import os
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ class Outcome:
     message: str = ""
     retry_after: float | None = None  # the server's requested delay, seconds
     rejected: int = 0  # points the server refused in a partial success
+    kind: str = ""  # the class of a failure (gRPC code, HTTP status, exception): one log line per class
 
 
 def _read(path: str) -> bytes | None:
@@ -46,6 +49,29 @@ def _read(path: str) -> bytes | None:
         return None
     with open(path, "rb") as f:
         return f.read()
+
+
+def check_tls_files(tls) -> None:
+    """Load the configured CA and client certificate as a TLS client would, so that a missing, unreadable or
+    malformed file fails the exporter's start (ValueError naming the key) instead of every send."""
+    if tls.ca_file:
+        try:
+            if os.path.isdir(tls.ca_file):  # requests takes a c_rehash'd directory too
+                ssl.create_default_context(capath=tls.ca_file)
+            else:
+                ssl.create_default_context(cafile=tls.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"tls::ca_file: cannot load {tls.ca_file}: {_reason(exc)}") from exc
+    if tls.cert_file:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(tls.cert_file, tls.key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"tls::cert_file/key_file: cannot load {tls.cert_file} and {tls.key_file}: "
+                             f"{_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
 
 
 def _partial(resp: metrics_service_pb2.ExportMetricsServiceResponse) -> Outcome:
@@ -79,6 +105,7 @@ class GrpcSender:
             self.channel = grpc.insecure_channel(self.target, options=options)
         else:
             tls = config.tls
+            check_tls_files(tls)
             creds = grpc.ssl_channel_credentials(root_certificates=_read(tls.ca_file),
                                                  private_key=_read(tls.key_file),
                                                  certificate_chain=_read(tls.cert_file))
@@ -100,7 +127,7 @@ class GrpcSender:
             retry_after = _grpc_retry_after(err)
             retryable = code in RETRYABLE_GRPC or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
                                                    and retry_after is not None)
-            return Outcome(False, retryable, f"{code.name}: {detail}", retry_after)
+            return Outcome(False, retryable, f"{code.name}: {detail}", retry_after, kind=code.name)
         return _partial(resp)
 
     def close(self) -> None:
@@ -134,6 +161,8 @@ class HttpSender:
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
         tls = config.tls
+        if self.url.startswith("https://"):
+            check_tls_files(tls)
         self.verify: bool | str = False if tls.insecure_skip_verify else (tls.ca_file or True)
         self.cert = (tls.cert_file, tls.key_file) if tls.cert_file else None
         self.gzip = config.compression == "gzip"
@@ -155,9 +184,11 @@ class HttpSender:
             resp = session.post(self.url, data=body, headers=headers, timeout=self.timeout,
                                      verify=self.verify, cert=self.cert)
         except requests.exceptions.SSLError as exc:
-            return Outcome(False, False, f"TLS error: {exc}")
+            return Outcome(False, False, f"TLS error: {exc}", kind="SSLError")
         except requests.exceptions.RequestException as exc:  # refused, reset, timed out: the backend is away
-            return Outcome(False, True, f"{type(exc).__name__}: {_short(exc)}")
+            return Outcome(False, True, f"{type(exc).__name__}: {_short(exc)}", kind=type(exc).__name__)
+        except (OSError, ValueError) as exc:  # e.g. a TLS file removed since start: permanent until fixed
+            return Outcome(False, False, f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
         if 200 <= resp.status_code < 300:
             if resp.content and "protobuf" in resp.headers.get("Content-Type", ""):
                 try:
@@ -170,7 +201,7 @@ class HttpSender:
             retry_after = float(resp.headers["Retry-After"])
         text = resp.text[:200].strip() if resp.content else ""
         return Outcome(False, resp.status_code in RETRYABLE_HTTP, f"HTTP {resp.status_code} {resp.reason}: {text}",
-                       retry_after)
+                       retry_after, kind=f"HTTP {resp.status_code}")
 
     def close(self) -> None:
         with self._sessions_lock:
