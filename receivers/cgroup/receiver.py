@@ -61,7 +61,10 @@ class CgroupReceiver(Receiver):
         self._dev_names: dict[str, str] = {}
         self._summed: dict[str, _SummedPod] = {}  # pod uid -> its containers' counts, for pods without a cgroup
         root = config.cgroup_root
-        self._sys_root = root[: -len("/fs/cgroup")] if root.endswith("/fs/cgroup") else "/sys"
+        # block device names: from the sysfs beside cgroup_root (/host/sys/dev/block for /host/sys/fs/cgroup) where
+        # it is mounted, else this container's own /sys, which lists the host's block devices as well
+        sys_root = root[: -len("/fs/cgroup")] if root.endswith("/fs/cgroup") else "/sys"
+        self._block_dir = f"{sys_root}/dev/block" if os.path.isdir(f"{sys_root}/dev/block") else "/sys/dev/block"
         self._gauge = self.telemetry.gauge("podmeter_cgroup_discovered", "Pod and container cgroups found", ["kind"])
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
@@ -272,7 +275,7 @@ class CgroupReceiver(Receiver):
         name = self._dev_names.get(dev)
         if name is None:
             try:
-                name = os.path.basename(os.readlink(f"{self._sys_root}/dev/block/{dev}"))
+                name = os.path.basename(os.readlink(f"{self._block_dir}/{dev}"))
             except OSError:
                 name = dev
             if len(self._dev_names) < 4096:

@@ -95,6 +95,21 @@ def test_values_match_the_files(tmp_path, layout):
                                                                "pressure.type": "some"}) is None
 
 
+def test_device_names_come_from_this_containers_sysfs_when_the_hosts_is_not_mounted(tmp_path):
+    """The DaemonSet mounts the host's /sys/fs/cgroup at /host/sys/fs/cgroup but not the rest of its /sys: block
+    devices are then named from the container's own /sys/dev/block, which shows the host's devices too."""
+    layout = LAYOUTS[1]
+    root = build(str(tmp_path), layout)
+    shutil.rmtree(str(tmp_path / "sys" / "dev"))
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"))
+    assert receiver._block_dir == "/sys/dev/block"
+    entries = sorted(os.listdir("/sys/dev/block"))
+    if entries:  # a machine with a block device at all: it is named as the kernel names it
+        dev = entries[0]
+        assert receiver._device_name(dev) == os.path.basename(os.readlink(f"/sys/dev/block/{dev}"))
+    assert receiver._device_name("4095:4095") == "4095:4095"
+
+
 def test_layout_detection(tmp_path):
     v1 = detect_layout(build(str(tmp_path / "a"), next(x for x in LAYOUTS if x.version == "v1")))
     assert v1.kind == "v1" and not v1.memory.v2 and v1.psi is None and v1.walk.endswith("/memory")
