@@ -66,6 +66,9 @@ RESOURCE_ATTRIBUTES = ("k8s.pod.uid", "k8s.pod.name", "k8s.namespace.name", "k8s
 
 
 BACKOFF_MAX = 30.0
+# A container whose ContainerStatus failed, or came back without a PID while it runs, is asked again after this
+# long rather than at every refresh.
+STATUS_RETRY = 60.0
 
 
 class CriReceiver(Receiver):
@@ -82,6 +85,7 @@ class CriReceiver(Receiver):
         self.runtime_version = ""
         self._connected = False
         self._statuses: dict[str, StatusInfo] = {}
+        self._status_retry: dict[str, float] = {}  # container id -> when to ask its status again (monotonic)
         self._seen_cpu: set[str] = set()  # ids whose first (zero) usage_nano_cores sample has passed
         self._stats_unimplemented = False
         # each stats RPC only when one of its metrics is on (ListPodSandboxStats is slow in containerd 1.6)
@@ -208,8 +212,9 @@ class CriReceiver(Receiver):
         statuses = self._update_statuses(containers)
         snap, dropped = build_snapshot(sandboxes, containers, statuses, self.runtime_name, self.config.max_containers)
         if dropped:
+            # one error per refresh, not per container: the backlog is in the message, the rate stays meaningful
             self.tel.error("cache_full", f"{dropped} containers beyond max_containers={self.config.max_containers} "
-                                         "are not cached", count=dropped)
+                                         "are not cached")
         else:
             self.tel.recovered("cache_full")
         self.cache.replace(snap)
@@ -220,8 +225,14 @@ class CriReceiver(Receiver):
     def _update_statuses(self, containers: list) -> dict[str, StatusInfo]:
         """Verbose ContainerStatus once per new container (and again once it runs, for its PID); pruned to the
         containers listed now, so removed ones are forgotten."""
-        old = self._statuses
+        old, retry = self._statuses, self._status_retry
         new: dict[str, StatusInfo] = {}
+        new_retry: dict[str, float] = {}
+        # One refresh's status calls share a deadline: a runtime that answers slowly (or not at all) leaves the
+        # remaining containers to the next refresh, instead of holding start-up and every refresh for one
+        # request_timeout per container.
+        deadline = time.monotonic() + 2 * self.config.request_timeout
+        failed = left = 0
         for c in containers[: self.config.max_containers]:
             known = old.get(c.id)
             if known is not None and (known.pid or c.state != 1):
@@ -229,15 +240,37 @@ class CriReceiver(Receiver):
                 continue
             if not self.config.container_pids:
                 continue
+            if known is not None:
+                new[c.id] = known
+            due = retry.get(c.id)
+            now = time.monotonic()
+            if due is not None and now < due:
+                new_retry[c.id] = due
+                continue
+            if now >= deadline:
+                left += 1
+                continue
             try:
-                new[c.id] = status_info(self.client.container_status(c.id))
+                info = status_info(self.client.container_status(c.id))
             except Exception as exc:
-                if known is not None:
-                    new[c.id] = known
-                self.tel.error("container_status", f"ContainerStatus {c.id[:13]} failed: {describe(exc)}")
+                failed += 1
+                new_retry[c.id] = time.monotonic() + STATUS_RETRY
+                self.tel.error("container_status", f"ContainerStatus {c.id[:13]} failed: {describe(exc)}; asked "
+                                                   f"again in {STATUS_RETRY:g}s")
                 if is_unimplemented(exc):
                     break
-        self._statuses = new
+                continue
+            new[c.id] = info
+            if not info.pid and c.state == 1:  # running without a PID the runtime will tell: not at every refresh
+                new_retry[c.id] = time.monotonic() + STATUS_RETRY
+        if not failed:
+            self.tel.recovered("container_status")
+        if left:
+            self.tel.error("container_status_slow", f"the runtime answered ContainerStatus slowly: {left} containers "
+                                                    "are left for the next refresh")
+        else:
+            self.tel.recovered("container_status_slow")
+        self._statuses, self._status_retry = new, new_retry
         return new
 
     # -- stats ----------------------------------------------------------------------------------------------
@@ -292,6 +325,8 @@ class CriReceiver(Receiver):
 
     def _container_points(self, b: MetricsBuilder, s, seen: set[str]) -> None:
         cid = s.attributes.id
+        if not cid:  # an entry naming no container: nothing to attribute it to
+            raise ValueError("no container id")
         res = self._container_resource(s.attributes)
         info = self.cache.container_info(cid)
         start = info.created_at if info and info.created_at > 0 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import grpc
 import pytest
@@ -240,6 +241,70 @@ def test_unimplemented_rpcs_degrade(make_receiver, tmp_path):
         assert count_points(receiver.collect()) == 0  # no stats RPC: empty, no exception
         assert count_points(receiver.collect()) == 0
         assert "stats" not in telemetry.failing()
+    finally:
+        server.stop(0)
+
+
+class SlowStatusRuntime(pbg.RuntimeServiceServicer):
+    """A test double of a runtime whose ContainerStatus hangs (a real containerd cannot be made to): ten running
+    containers; its stats list also holds an entry that names no container."""
+
+    def __init__(self) -> None:
+        self.status_calls: list[str] = []
+
+    def Version(self, request, context):
+        return pb.VersionResponse(version="0.1.0", runtime_name="slowrt", runtime_version="1", runtime_api_version="v1")
+
+    def ListPodSandbox(self, request, context):
+        return pb.ListPodSandboxResponse(items=[pb.PodSandbox(
+            id=f"s{i:063d}", metadata=pb.PodSandboxMetadata(name=f"p{i}", uid=f"u-{i}", namespace="n"),
+            created_at=1) for i in range(10)])
+
+    def ListContainers(self, request, context):
+        return pb.ListContainersResponse(containers=[pb.Container(
+            id=f"c{i:063d}", pod_sandbox_id=f"s{i:063d}", metadata=pb.ContainerMetadata(name="main"), state=1,
+            image=pb.ImageSpec(image="app:1"), created_at=1) for i in range(10)])
+
+    def ContainerStatus(self, request, context):
+        self.status_calls.append(request.container_id)
+        time.sleep(1.0)  # past the receiver's request_timeout
+        return pb.ContainerStatusResponse()
+
+    def ListContainerStats(self, request, context):
+        stats = [pb.ContainerStats(attributes=pb.ContainerAttributes(id=f"c{i:063d}"),
+                                   cpu=pb.CpuUsage(usage_core_nano_seconds=pb.UInt64Value(value=10**9)))
+                 for i in range(10)]
+        stats.append(pb.ContainerStats(cpu=pb.CpuUsage(usage_core_nano_seconds=pb.UInt64Value(value=5))))
+        return pb.ListContainerStatsResponse(stats=stats)
+
+
+def test_a_runtime_slow_to_answer_container_status_holds_no_refresh_for_long(make_receiver, tmp_path):
+    """ContainerStatus calls of one refresh share a deadline (2 x request_timeout): the rest is left for the next
+    refresh, and a container whose call failed is not asked again at every refresh. Before, start-up waited one
+    request_timeout per container. A stats entry with no container id is skipped, not a `container.id=""`
+    series."""
+    from concurrent import futures
+
+    runtime = SlowStatusRuntime()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pbg.add_RuntimeServiceServicer_to_server(runtime, server)
+    sock = tmp_path / "slow.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        receiver, meta, telemetry = make_receiver(f"unix://{sock}", request_timeout="200ms",
+                                                  metrics={"container.cpu.time": {"enabled": True}})
+        asked = list(runtime.status_calls)
+        assert 1 <= len(asked) < 10, asked  # start-up gave up after the refresh's deadline
+        assert {"container_status", "container_status_slow"} <= telemetry.failing().keys()
+        assert meta.container(f"c{0:063d}")["k8s.pod.name"] == "p0"  # the listing itself is cached all the same
+        receiver._refresh("periodic")
+        again = runtime.status_calls[len(asked):]
+        assert again and not set(again) & set(asked)  # the others now; the failed ones wait for STATUS_RETRY
+        data = receiver.collect()
+        ids = {res.get("container.id") for _n, res, _a, _v in points(data)}
+        assert "" not in ids and f"c{0:063d}" in ids
+        assert "stats_entry" in telemetry.failing()
     finally:
         server.stop(0)
 
