@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import threading
+import time
 
 import grpc
 
@@ -29,6 +30,7 @@ METRICS = (
 )
 ALLOCATED, NODE_ALLOCATED, ALLOCATABLE = METRICS
 BACKOFF_MAX = 30.0
+ALLOCATABLE_RETRY = 600.0  # seconds between asks of GetAllocatableResources after UNIMPLEMENTED
 
 
 def device_key(device_id: str) -> str:
@@ -64,7 +66,9 @@ class PodResourcesReceiver(Receiver):
         self._patterns = list(config.resource_names)
         self._allocations: dict[tuple, int] = {}  # (container resource items, device id, resource name) -> units
         self._allocatable: dict[str, int] = {}
-        self._allocatable_supported = config.allocatable
+        # when GetAllocatableResources may next be asked after answering UNIMPLEMENTED: a kubelet upgraded or
+        # restarted with the feature on is found again without restarting podmeter
+        self._allocatable_retry_at: float | None = None
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stub: pbg.PodResourcesListerStub | None = None
@@ -154,6 +158,8 @@ class PodResourcesReceiver(Receiver):
         allocations: dict[tuple, int] = {}
         mapping: dict[str, list[dict]] = {}
         for pod in listed.pod_resources:
+            if not pod.name:  # nothing to attribute its devices to
+                continue
             for container in pod.containers:
                 for devices in container.devices:
                     if not self._wanted(devices.resource_name):
@@ -163,7 +169,10 @@ class PodResourcesReceiver(Receiver):
                     uid = uids(pod.namespace, pod.name)
                     if uid:
                         res["k8s.pod.uid"] = uid
-                    for device_id in devices.device_ids:
+                    # a device listed twice for one container is one device (replicas have ids of their own)
+                    for device_id in dict.fromkeys(devices.device_ids):
+                        if not device_id:
+                            continue
                         key = device_key(device_id)
                         akey = (tuple(sorted(res.items())), key, devices.resource_name)
                         allocations[akey] = allocations.get(akey, 0) + 1
@@ -179,20 +188,27 @@ class PodResourcesReceiver(Receiver):
         return True
 
     def _fetch_allocatable(self) -> dict[str, int] | None:
-        if not self._allocatable_supported:
+        if not self.config.allocatable:
+            return None
+        retry_at = self._allocatable_retry_at
+        if retry_at is not None and time.monotonic() < retry_at:
             return None
         try:
             resp = self._call("GetAllocatableResources", pb.AllocatableResourcesRequest())
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # kubelet < 1.21, or the KubeletPodResourcesGetAllocatable gate off: List still works
-                self._allocatable_supported = False
-                self.log.info("the kubelet does not implement GetAllocatableResources: "
-                              "k8s.node.device.allocatable is off")
+                if retry_at is None:
+                    self.log.info("the kubelet does not implement GetAllocatableResources: "
+                                  "k8s.node.device.allocatable is off (asked again every %gs)", ALLOCATABLE_RETRY)
+                self._allocatable_retry_at = time.monotonic() + ALLOCATABLE_RETRY
             else:
                 self.tel.error("allocatable", f"GetAllocatableResources failed: {_describe(exc)}")
             return None
         self.tel.recovered("allocatable")
+        if retry_at is not None:
+            self.log.info("the kubelet now implements GetAllocatableResources: k8s.node.device.allocatable is on")
+            self._allocatable_retry_at = None
         counts: dict[str, set[str]] = {}
         for devices in resp.devices:
             if self._wanted(devices.resource_name):

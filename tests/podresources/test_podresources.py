@@ -220,6 +220,33 @@ def test_older_kubelet_without_allocatable(server, make_receiver, caplog):
     assert any("GetAllocatableResources" in r.getMessage() for r in caplog.records)
 
 
+def test_allocatable_is_asked_again_after_unimplemented(server, make_receiver):
+    """A kubelet upgraded (or restarted with the feature gate on) is found again without restarting podmeter."""
+    kubelet = Kubelet(NODE, ALLOCATABLE, implement_allocatable=False)
+    server.start(kubelet)
+    receiver, _, _ = make_receiver(endpoint=f"unix://{server.path}")
+    assert "k8s.node.device.allocatable" not in {p[0] for p in points(receiver.collect())}
+    kubelet.implement_allocatable = True
+    receiver._refresh()
+    assert "k8s.node.device.allocatable" not in {p[0] for p in points(receiver.collect())}  # not at every refresh
+    receiver._allocatable_retry_at = 0.0  # ALLOCATABLE_RETRY has passed
+    receiver._refresh()
+    assert "k8s.node.device.allocatable" in {p[0] for p in points(receiver.collect())}
+
+
+def test_odd_replies_are_not_passed_through(server, make_receiver):
+    """A whole device listed twice for one container is one device; an empty device id or pod name names
+    nothing and is skipped."""
+    odd = [pod("a", "x", {"c": [("nvidia.com/gpu", [GPU0, GPU0, ""])]}),
+           pod("", "x", {"c": [("nvidia.com/gpu", [GPU1])]})]
+    server.start(Kubelet(odd, ALLOCATABLE))
+    receiver, provider, _ = make_receiver(endpoint=f"unix://{server.path}")
+    assert set(provider.assignments()) == {GPU0}
+    pts = points(receiver.collect())
+    assert [p[3] for p in pts if p[0] == "k8s.container.device.allocated"] == [1]
+    assert all(p[2].get("hw.id") != "" and p[1].get("hw.id") != "" for p in pts)
+
+
 def test_pod_uid_from_the_cri_cache(server, make_receiver):
     class Cri:  # what the cri receiver publishes; its real behaviour is tested in tests/cri
         def pod_by_name(self, namespace, name):
