@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 K8S = os.path.join(ROOT, "k8s")
 
 # every kustomization users apply, relative to k8s/
-VARIANTS = ["", "base", "overlays/gpu-nodes", "overlays/gateway", "overlays/no-ebpf", "overlays/podmonitor"]
+VARIANTS = ["", "base", "overlays/gpu-nodes", "overlays/all-nodes", "overlays/gateway", "overlays/no-ebpf",
+            "overlays/podmonitor"]
 
 # the oldest Kubernetes release the docs promise (docs/deploy.md), and the newest schemas kubernetes-validate has
 SCHEMA_VERSIONS = ["1.25.0", "1.37.0"]

@@ -25,15 +25,18 @@ from deploy.k8s import K8S, SCHEMA_VERSIONS, VARIANTS, config_files, kubectl, ob
 from harness import require
 
 ALLOWED_CAPS = {"BPF", "PERFMON"}
+# No /sys/kernel/btf: the container's own sysfs shows the node's BTF, and a hostPath of it would keep the pod in
+# ContainerCreating on a kernel without BTF instead of the ebpf receiver reporting itself unavailable.
 HOST_MOUNTS = {  # host path -> where the agent sees it
     "/proc": "/host/proc",
     "/sys/fs/cgroup": "/host/sys/fs/cgroup",
-    "/sys/kernel/btf": "/sys/kernel/btf",
     "/run/containerd": "/host/run/containerd",
     "/var/lib/kubelet/pod-resources": "/host/var/lib/kubelet/pod-resources",
 }
-READ_VERBS = {"get", "list", "watch"}
-ALLOWED_RESOURCES = {("", "pods"), ("apps", "replicasets"), ("batch", "jobs")}
+# exactly the requests k8sattributes makes (processors/k8sattributes/kube.py): list/watch of this node's pods, GET of
+# one ReplicaSet or Job by name
+ALLOWED_VERBS = {("", "pods"): {"list", "watch"}, ("apps", "replicasets"): {"get"}, ("batch", "jobs"): {"get"}}
+ALLOWED_RESOURCES = set(ALLOWED_VERBS)
 
 _DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 _LABEL = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
@@ -94,6 +97,28 @@ def agent(docs):
     return ds, ds["spec"]["template"]["spec"]
 
 
+def agents(docs) -> list[tuple[dict, dict]]:
+    """Every agent DaemonSet (overlays/all-nodes has two: podmeter and podmeter-gpu)."""
+    return [(ds, ds["spec"]["template"]["spec"]) for ds in objects(docs, "DaemonSet")
+            if ds["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "agent"]
+
+
+def agent_monitors(docs) -> list[dict]:
+    pod_labels = one(docs, "DaemonSet", "podmeter")["spec"]["template"]["metadata"]["labels"]
+    return [m for m in objects(docs, "ServiceMonitor") + objects(docs, "PodMonitor")
+            if _matches(m["spec"]["selector"], pod_labels)]
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def _bytes(quantity: str) -> int:
+    for suffix, factor in _UNITS.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
 def _matches(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
@@ -119,7 +144,8 @@ def test_renders_and_every_object_is_schema_valid(variant):
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{name} is invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}")
-    assert crds == 1, "one ServiceMonitor or PodMonitor per variant"
+    assert crds >= 1
+    assert len(agent_monitors(docs)) == 1, "one ServiceMonitor or PodMonitor for the agents per variant"
 
 
 def test_the_validator_rejects_a_misspelt_field():
@@ -149,7 +175,9 @@ def test_everything_is_namespaced_in_podmeter(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_container_is_privileged_and_all_are_locked_down(variant):
-    for workload, spec in pod_specs(render(variant)):
+    docs = render(variant)
+    agent_names = {f"DaemonSet/{ds['metadata']['name']}" for ds, _ in agents(docs)}
+    for workload, spec in pod_specs(docs):
         assert not spec.get("hostNetwork"), workload
         assert spec.get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault", workload
         for c in spec["containers"] + spec.get("initContainers", []):
@@ -163,7 +191,7 @@ def test_no_container_is_privileged_and_all_are_locked_down(variant):
             added = set(caps.get("add", []))
             assert "SYS_ADMIN" not in added and "CAP_SYS_ADMIN" not in added, where
             assert added <= ALLOWED_CAPS, f"{where} adds {added - ALLOWED_CAPS}"
-            if workload != "DaemonSet/podmeter":
+            if workload not in agent_names:
                 assert not added, where
             res = c.get("resources", {})
             for kind in ("cpu", "memory"):
@@ -180,26 +208,71 @@ def test_agent_capabilities(variant, caps):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_agent_host_access_is_read_only_and_minimal(variant):
-    _, spec = agent(render(variant))
-    assert spec["hostPID"] is True  # NVML and eBPF report host PIDs
-    container = spec["containers"][0]
-    mounts = {m["name"]: m for m in container["volumeMounts"]}
-    host = {}
-    for vol in spec["volumes"]:
-        if "hostPath" in vol:
-            m = mounts.get(vol["name"])
-            assert m is not None, f"hostPath volume {vol['name']} is not mounted"
-            assert m.get("readOnly") is True, f"hostPath {vol['hostPath']['path']} is mounted writable"
-            host[vol["hostPath"]["path"]] = m["mountPath"]
-    expected = dict(HOST_MOUNTS)
-    if variant == "overlays/no-ebpf":  # no eBPF: no BTF needed (and nodes without BTF have no such directory)
-        del expected["/sys/kernel/btf"]
-    assert host == expected
-    # the only writable mounts are pod-local emptyDirs
-    kinds = {v["name"]: next(k for k in v if k != "name") for v in spec["volumes"]}
-    for m in container["volumeMounts"]:
-        if not m.get("readOnly"):
-            assert kinds[m["name"]] == "emptyDir", m
+    for ds, spec in agents(render(variant)):
+        assert spec["hostPID"] is True  # NVML and eBPF report host PIDs
+        container = spec["containers"][0]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        host = {}
+        for vol in spec["volumes"]:
+            if "hostPath" in vol:
+                m = mounts.get(vol["name"])
+                assert m is not None, f"hostPath volume {vol['name']} is not mounted"
+                assert m.get("readOnly") is True, f"hostPath {vol['hostPath']['path']} is mounted writable"
+                host[vol["hostPath"]["path"]] = m["mountPath"]
+        assert host == HOST_MOUNTS, ds["metadata"]["name"]
+        # the only writable mounts are pod-local emptyDirs
+        kinds = {v["name"]: next(k for k in v if k != "name") for v in spec["volumes"]}
+        for m in container["volumeMounts"]:
+            if not m.get("readOnly"):
+                assert kinds[m["name"]] == "emptyDir", m
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_agent_is_node_critical(variant):
+    """Full GPU nodes: without a priority the agent stays Pending there, or is the first preempted."""
+    found = agents(render(variant))
+    assert found
+    for ds, spec in found:
+        assert spec.get("priorityClassName") == "system-node-critical", ds["metadata"]["name"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_agent_memory_covers_what_it_is_charged(variant):
+    """daemonset.yaml's sum: ~91 MiB RSS + ~20 MiB gRPC + ~18 MB eBPF maps + ~33 MiB cgroup fds + the in-memory
+    /tmp up to its sizeLimit; the request holds that with room, the limit bounds a leak."""
+    for ds, spec in agents(render(variant)):
+        res = spec["containers"][0]["resources"]
+        request, limit = _bytes(res["requests"]["memory"]), _bytes(res["limits"]["memory"])
+        in_memory = sum(_bytes(v["emptyDir"].get("sizeLimit", "0")) for v in spec["volumes"]
+                        if v.get("emptyDir", {}).get("medium") == "Memory")
+        assert request >= (91 + 20 + 18 + 33) * 2**20 + in_memory, ds["metadata"]["name"]
+        assert request >= 256 * 2**20 and limit >= 2 * request, res
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_agent_env_is_used(variant):
+    """Every downward-API variable the agent gets is read by its configuration (${env:NAME})."""
+    docs = render(variant)
+    for ds, spec in agents(docs):
+        text = "\n".join(config_files(docs, spec).values())
+        for e in spec["containers"][0]["env"]:
+            if "valueFrom" in e:
+                assert f"${{env:{e['name']}}}" in text, f"{ds['metadata']['name']}: {e['name']} is read by nothing"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pod_network_counters_only_with_ptrace(variant):
+    """/proc/<pid>/ns/net is shown only to a process that may ptrace the target: without CAP_SYS_PTRACE the cgroup
+    receiver cannot read pod network counters and would warn at every start, so the shipped configuration has them
+    off."""
+    docs = render(variant)
+    for ds, spec in agents(docs):
+        merged: dict = {}
+        for text in config_files(docs, spec).values():
+            merged = _merge(merged, yaml.safe_load(text))
+        network = merged["receivers"]["cgroup"].get("groups", {}).get("network", True)
+        caps = set(spec["containers"][0]["securityContext"]["capabilities"].get("add", []))
+        assert not network or "SYS_PTRACE" in caps, ds["metadata"]["name"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -231,17 +304,22 @@ def test_rbac_only_reads_pods_replicasets_jobs(variant):
     assert not objects(docs, "Role") and not objects(docs, "RoleBinding")
     role = one(docs, "ClusterRole", "podmeter")
     granted = set()
+    verbs: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
-        assert set(rule["verbs"]) <= READ_VERBS, rule
-        assert "*" not in rule["resources"] and "*" not in rule["apiGroups"], rule
-        assert not rule.get("nonResourceURLs"), rule
-        granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+        assert "*" not in rule["resources"] and "*" not in rule["apiGroups"] and "*" not in rule["verbs"], rule
+        assert not rule.get("nonResourceURLs") and not rule.get("resourceNames"), rule
+        for key in ((g, r) for g in rule["apiGroups"] for r in rule["resources"]):
+            assert set(rule["verbs"]) <= ALLOWED_VERBS.get(key, set()), f"{key}: {rule['verbs']}"
+            verbs.setdefault(key, set()).update(rule["verbs"])
+            granted.add(key)
     assert granted == ALLOWED_RESOURCES
+    assert verbs == ALLOWED_VERBS
     binding = one(docs, "ClusterRoleBinding", "podmeter")
     assert binding["roleRef"]["name"] == "podmeter"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "podmeter", "namespace": "podmeter"}]
+    for _, spec in agents(docs):
+        assert spec["serviceAccountName"] == "podmeter"
     _, spec = agent(docs)
-    assert spec["serviceAccountName"] == "podmeter"
     # namespaces would be needed only for labels taken from namespaces: the shipped configuration asks for none
     for text in config_files(docs, spec).values():
         assert "from: namespace" not in text
@@ -253,7 +331,7 @@ def test_scrape_objects_point_at_the_agent(variant):
     _, spec = agent(docs)
     pod_labels = one(docs, "DaemonSet", "podmeter")["spec"]["template"]["metadata"]["labels"]
     port_names = {p["name"] for p in spec["containers"][0]["ports"]}
-    monitors = objects(docs, "ServiceMonitor") + objects(docs, "PodMonitor")
+    monitors = agent_monitors(docs)
     assert len(monitors) == 1
     mon = monitors[0]
     if mon["kind"] == "ServiceMonitor":
@@ -335,6 +413,51 @@ def test_gateway_overlay_wires_agents_to_the_collector():
     assert _matches(pushers[0]["from"][0]["podSelector"], agent_labels)
 
 
+def test_gateway_telemetry_is_scraped():
+    """The collector's own metrics (:8888, which its NetworkPolicy opens to the monitoring namespace) have a Service
+    port and a ServiceMonitor of their own; the agents' monitor does not pick up the gateway."""
+    docs = render("overlays/gateway")
+    gw = one(docs, "Deployment", "podmeter-gateway")
+    gw_ports = {p["name"]: p["containerPort"] for p in gw["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    svc = one(docs, "Service", "podmeter-gateway")
+    svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert gw_ports[svc_ports["telemetry"]["targetPort"]] == svc_ports["telemetry"]["port"] == 8888
+    mon = one(docs, "ServiceMonitor", "podmeter-gateway")
+    assert _matches(mon["spec"]["selector"], svc["metadata"]["labels"])
+    assert not _matches(mon["spec"]["selector"], one(docs, "Service", "podmeter")["metadata"]["labels"])
+    assert [ep["port"] for ep in mon["spec"]["endpoints"]] == ["telemetry"]
+    assert agent_monitors(docs) == [one(docs, "ServiceMonitor", "podmeter")]
+    assert not _matches(one(docs, "ServiceMonitor", "podmeter")["spec"]["selector"], svc["metadata"]["labels"])
+    pol = one(docs, "NetworkPolicy", "podmeter-gateway")["spec"]
+    monitoring = [r for r in pol["ingress"] if "namespaceSelector" in r["from"][0]]
+    assert 8888 in {p["port"] for r in monitoring for p in r["ports"]}
+
+
+def test_all_nodes_runs_one_agent_per_node_kind():
+    """gpu-nodes alone leaves CPU nodes without an agent; all-nodes runs the base there and gpu-nodes' DaemonSet
+    (podmeter-gpu) on GPU nodes, with disjoint node sets and pod selectors, sharing RBAC, Service and monitor."""
+    docs = render("overlays/all-nodes")
+    found = {ds["metadata"]["name"]: (ds, spec) for ds, spec in agents(docs)}
+    assert set(found) == {"podmeter", "podmeter-gpu"}
+    (cpu, cpu_spec), (gpu, gpu_spec) = found["podmeter"], found["podmeter-gpu"]
+    assert gpu_spec["runtimeClassName"] == "nvidia" and "runtimeClassName" not in cpu_spec
+    [(key, value)] = gpu_spec["nodeSelector"].items()
+    terms = cpu_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": key, "operator": "NotIn", "values": [value]}]}]
+    # neither DaemonSet's selector matches the other's pods
+    assert not _matches(cpu["spec"]["selector"], gpu["spec"]["template"]["metadata"]["labels"])
+    assert not _matches(gpu["spec"]["selector"], cpu["spec"]["template"]["metadata"]["labels"])
+    assert cpu_spec["serviceAccountName"] == gpu_spec["serviceAccountName"] == "podmeter"
+    for kind in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "NetworkPolicy", "Namespace"):
+        assert len(objects(docs, kind)) == 1, kind
+    # the one Service (and so the one ServiceMonitor) and NetworkPolicy cover both
+    svc = one(docs, "Service", "podmeter")
+    pol = one(docs, "NetworkPolicy", "podmeter")
+    for ds in (cpu, gpu):
+        labels = ds["spec"]["template"]["metadata"]["labels"]
+        assert _matches(svc["spec"]["selector"], labels) and _matches(pol["spec"]["podSelector"], labels)
+
+
 def test_gpu_overlay_uses_the_nvidia_runtime():
     _, spec = agent(render("overlays/gpu-nodes"))
     assert spec["runtimeClassName"] == "nvidia"
@@ -360,18 +483,18 @@ def _merge(base: dict, override: dict) -> dict:
 def test_shipped_agent_configuration_validates(variant, tmp_path):
     """`podmeter validate` on exactly the files the DaemonSet passes with --config, as the pod would see them."""
     docs = render(variant)
-    _, spec = agent(docs)
-    files = config_files(docs, spec)
-    args = []
-    for i, (path, text) in enumerate(files.items()):
-        local = tmp_path / f"{i}-{os.path.basename(path)}"
-        local.write_text(text)
-        args += ["--config", str(local)]
-    env = dict(os.environ, K8S_NODE_NAME="node-1", K8S_POD_NAME="podmeter-x", K8S_POD_NAMESPACE="podmeter")
-    proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
+    for n, (_, spec) in enumerate(agents(docs)):
+        files = config_files(docs, spec)
+        args = []
+        for i, (path, text) in enumerate(files.items()):
+            local = tmp_path / f"{n}-{i}-{os.path.basename(path)}"
+            local.write_text(text)
+            args += ["--config", str(local)]
+        env = dict(os.environ, K8S_NODE_NAME="node-1")
+        proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", *args], capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("variant", ["base", "overlays/no-ebpf"])
