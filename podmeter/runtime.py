@@ -52,6 +52,9 @@ from podmeter.telemetry import ComponentTelemetry, Telemetry
 log = logging.getLogger("podmeter")
 
 EXPORTER_QUEUE_BATCHES = 64  # isolation buffer per exporter; otlp exporters keep their own sending_queue
+# ... and at most this many points in it: a batch is about 170 bytes per point as SDK objects, so a hung exporter
+# holds about 40 MiB here, not 64 batches of a 250-pod node (190 MiB)
+EXPORTER_QUEUE_POINTS = 250_000
 SHUTDOWN_GRACE = 1.0  # seconds past the shutdown deadline for exporters to wrap up, and then for extensions
 MANDATORY: tuple[Kind, ...] = ("exporter", "extension")  # must start; receivers and processors may be unavailable
 
@@ -96,8 +99,9 @@ class Pipeline:
         """Process and fan out; False when a processor failure refused the batch."""
         out, refused = self.run(data)
         if out is not None:
+            points = count_points(out)
             for worker in self.exporters:
-                worker.enqueue(out)
+                worker.enqueue(out, points)
         return not refused
 
 
@@ -134,6 +138,9 @@ class ExporterWorker:
         self.capacity = capacity
         self.export_timeout = export_timeout
         self.queue: collections.deque[MetricsData] = collections.deque()
+        self.sizes: collections.deque[int] = collections.deque()  # points of each queued batch
+        self.queued_points = 0
+        self.max_points = EXPORTER_QUEUE_POINTS
         self.cond = threading.Condition()
         self.busy = False
         self.stopping = False
@@ -146,15 +153,22 @@ class ExporterWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def enqueue(self, data: MetricsData) -> None:
+    def enqueue(self, data: MetricsData, points: int | None = None) -> None:
+        n = count_points(data) if points is None else points
         with self.cond:
             if self.closed:  # a collection that finished after shutdown had given up on this exporter
-                self.telemetry.exporter_enqueue_failed.labels(self.id).inc(count_points(data))
+                self.telemetry.exporter_enqueue_failed.labels(self.id).inc(n)
                 return
-            if len(self.queue) >= self.capacity:
-                dropped = self.queue.popleft()
-                self.telemetry.exporter_enqueue_failed.labels(self.id).inc(count_points(dropped))
+            # the oldest batches make room (the newest is always taken): at most `capacity` batches and
+            # `max_points` points
+            while self.queue and (len(self.queue) >= self.capacity or self.queued_points + n > self.max_points):
+                self.queue.popleft()
+                dropped = self.sizes.popleft()
+                self.queued_points -= dropped
+                self.telemetry.exporter_enqueue_failed.labels(self.id).inc(dropped)
             self.queue.append(data)
+            self.sizes.append(n)
+            self.queued_points += n
             self.telemetry.exporter_queue_size.labels(self.id).set(len(self.queue))
             self.cond.notify()
 
@@ -166,6 +180,7 @@ class ExporterWorker:
                 if not self.queue and self.stopping:
                     return
                 data = self.queue.popleft()
+                self.queued_points -= self.sizes.popleft()
                 self.busy = True
                 self.telemetry.exporter_queue_size.labels(self.id).set(len(self.queue))
             points = count_points(data)
@@ -205,15 +220,16 @@ class ExporterWorker:
         flushed = self.drain(deadline)
         with self.cond:
             self.closed = True
-            left = list(self.queue)
+            left, points = len(self.queue), self.queued_points
             self.queue.clear()
+            self.sizes.clear()
+            self.queued_points = 0
             self.telemetry.exporter_queue_size.labels(self.id).set(0)
             self.cond.notify_all()
         if left:
-            points = sum(count_points(d) for d in left)
             self.telemetry.exporter_failed.labels(self.id).inc(points)
             log.warning("exporter %s: %d batches (%d points) not exported before the shutdown deadline: dropped",
-                        self.id, len(left), points)
+                        self.id, left, points)
         try:
             if self.exporter.force_flush(timeout_millis=_ms_left(deadline)) is False:
                 flushed = False

@@ -15,6 +15,7 @@ import pytest
 from harness import free_port, wait_for
 
 from podmeter.config import load
+from podmeter.metrics import count_points
 from podmeter.runtime import Service, StartError
 
 HERE = os.path.dirname(__file__)
@@ -94,6 +95,28 @@ def test_full_queue_drops_oldest_and_counts(tmp_path, plugins):
         assert value(newest) > value(oldest)
     finally:
         service.exporters["record/hang"].exporter.release.set()
+        service.shutdown(timeout=2)
+
+
+def test_queue_is_bounded_in_points_too(tmp_path, plugins):
+    """Batches of a big node are large: the queue in front of a hung exporter holds at most `max_points` points
+    (the oldest batches go, counted), not `capacity` batches of any size."""
+    text = base("""  record/hang:
+            name: hang
+            hang: true""", exporters="[record/hang]", interval="10ms")
+    service = Service(config(tmp_path, text))
+    worker = service.exporters["record/hang"]
+    worker.max_points = 5  # a few batches of the counter receiver's points
+    service.start()
+    try:
+        wait_for(lambda: service.telemetry.exporter_enqueue_failed.labels("record/hang")._value.get() >= 3,
+                 what="dropped batches counted")
+        with worker.cond:
+            assert len(worker.queue) < worker.capacity
+            assert worker.queued_points == sum(worker.sizes) == sum(count_points(d) for d in worker.queue)
+            assert worker.queued_points <= worker.max_points or len(worker.queue) == 1
+    finally:
+        worker.exporter.release.set()
         service.shutdown(timeout=2)
 
 
