@@ -519,9 +519,14 @@ def test_configured_paths_lie_in_the_mounts(variant):
         paths.append(r["ebpf"]["cgroup_root"])
     for p in paths:
         assert under(p, host_mounts), f"{p} is not under a host mount {host_mounts}"
-    storage = merged["exporters"]["otlp"]["sending_queue"]["storage"]
+    queue = merged["exporters"]["otlp"]["sending_queue"]
+    storage = queue["storage"]
     writable = [p for p, m in mounts.items() if not m.get("readOnly")]
     assert under(storage, writable), storage
+    # the persistent queue fits its emptyDir: a pod over an emptyDir's sizeLimit is evicted
+    volume = next(v for v in spec["volumes"] if v["name"] == next(
+        m["name"] for p, m in mounts.items() if under(storage, [p]) and not m.get("readOnly")))
+    assert _bytes(str(queue["max_bytes"]).replace("MiB", "Mi")) < _bytes(volume["emptyDir"]["sizeLimit"])
 
 
 # ------------------------------------------------------------------------------------------------------------
