@@ -484,8 +484,9 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
-# How pydantic tags the branches of a union in an error's location: "str", "int", "MyModel", "list[str]", ...
-_UNION_TAG = re.compile(r"str|int|float|bool|none|bytes|[A-Z]\w*|[a-z][a-z-]*\[.*\]", re.S)
+# How pydantic tags the branches of a union in an error's location: "str", "int", "list[str]", ... or the name of a
+# model class (told apart from a user's mapping key by being one of the config's own models)
+_UNION_TAG = re.compile(r"str|int|float|bool|none|bytes|[a-z][a-z-]*\[.*\]", re.S)
 _TAG_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "none": "null",
               "bytes": "string"}
 
@@ -508,11 +509,26 @@ def _tag_name(tag: str) -> str:
     return tag
 
 
-def _union_tag_at(loc: tuple) -> int | None:
+def _union_tag_at(loc: tuple, models: set[str]) -> int | None:
     for i, part in enumerate(loc):
-        if isinstance(part, str) and _UNION_TAG.fullmatch(part):
+        if isinstance(part, str) and (_UNION_TAG.fullmatch(part) or part in models):
             return i
     return None
+
+
+def _model_names(model: type[BaseModel]) -> set[str]:
+    """Names of the model classes a config model holds, itself included."""
+    names: set[str] = set()
+    todo: list[Any] = [model]
+    while todo:
+        annotation = todo.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation.__name__ not in names:
+                names.add(annotation.__name__)
+                todo.extend(f.annotation for f in annotation.model_fields.values())
+        else:
+            todo.extend(getattr(annotation, "__args__", ()) or ())
+    return names
 
 
 def _got(inp: Any) -> str:
@@ -522,11 +538,12 @@ def _got(inp: Any) -> str:
 
 def _pydantic_problems(prefix: str, exc: ValidationError, model: type[BaseModel]) -> list[str]:
     errors = exc.errors(include_url=False)
+    models = _model_names(model)
     # Errors of a union's branches share the location up to the branch tag; several tags at one location (with the
     # same input) are one union: report it once, not once per branch at paths like `value::str` that do not exist.
     branches: dict[tuple, list[tuple[int, dict]]] = {}
     for err in errors:
-        i = _union_tag_at(err["loc"])
+        i = _union_tag_at(err["loc"], models)
         if i is not None:
             branches.setdefault(tuple(err["loc"][:i]), []).append((i, err))
     unions = {}
@@ -538,7 +555,7 @@ def _pydantic_problems(prefix: str, exc: ValidationError, model: type[BaseModel]
     problems: list[str] = []
     reported: set[tuple] = set()
     for err in errors:
-        i = _union_tag_at(err["loc"])
+        i = _union_tag_at(err["loc"], models)
         at = tuple(err["loc"][:i]) if i is not None else None
         if at not in unions:
             problems.extend(_pydantic_problem(prefix, err, model))

@@ -292,6 +292,14 @@ def test_union_mismatch_is_one_problem(tmp_path):
     assert found == ["processors::shapes::value: expected one of string, integer, number, boolean"]
 
 
+def test_mapping_keys_are_not_taken_for_union_branches(tmp_path):
+    """Keys of a user's mapping (`A`, `B`) look like the names pydantic gives union branches; two bad values under
+    them are two problems at their own paths, not one union."""
+    found = problems(tmp_path, with_shapes("labels: {A: 1, B: 1}"))
+    assert found == ["processors::shapes::labels::A: Input should be a valid string (got 1)",
+                     "processors::shapes::labels::B: Input should be a valid string (got 1)"]
+
+
 def test_non_string_map_key(tmp_path):
     found = problems(tmp_path, with_shapes("labels: {1: x, a: b}"))
     assert found == ["processors::shapes::labels::1: keys must be strings (got 1)"]
