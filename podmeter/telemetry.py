@@ -69,10 +69,6 @@ class ComponentTelemetry:
         self.logger = logger
         self._failing: dict[str, str] = {}
         self._lock = threading.Lock()
-        # the runtime's generic exporter counters, for exporters that count their own deliveries (see `sent`)
-        self._sent = telemetry.exporter_sent.labels(component_id)
-        self._send_failed = telemetry.exporter_failed.labels(component_id)
-        self._enqueue_failed = telemetry.exporter_enqueue_failed.labels(component_id)
 
     def error(self, cause: str, message: str, *, count: int = 1) -> None:
         """Count an error; log it at WARNING the first time this cause appears (until `recovered`).
@@ -104,22 +100,22 @@ class ComponentTelemetry:
 
     # An exporter that queues (its export() returning means queued, not delivered) sets `reports_delivery = True`
     # and counts outcomes here instead, in the collector's otelcol_exporter_* terms; the runtime then counts only
-    # what never reached the exporter.
+    # what never reached the exporter. The series are made on first use: a receiver's telemetry has none.
 
     def sent(self, points: int) -> None:
         """Points the destination accepted."""
         if points:
-            self._sent.inc(points)
+            self.telemetry.exporter_sent.labels(self.id).inc(points)
 
     def send_failed(self, points: int) -> None:
         """Points given up: rejected permanently, retries exhausted, or unsent at shutdown."""
         if points:
-            self._send_failed.inc(points)
+            self.telemetry.exporter_failed.labels(self.id).inc(points)
 
     def enqueue_failed(self, points: int) -> None:
         """Points dropped because the exporter's queue was full (or could not be written)."""
         if points:
-            self._enqueue_failed.inc(points)
+            self.telemetry.exporter_enqueue_failed.labels(self.id).inc(points)
 
     def counter(self, name: str, doc: str, labels=()) -> Counter:
         """A counter labelled with this component: call `.labels(*values)` with `labels` only."""

@@ -271,3 +271,21 @@ def test_collection_timeout_and_shutdown_do_not_wait_for_each_other(tmp_path, pl
         receiver.release.set()
         service.shutdown(timeout=1)
 
+
+
+def test_only_exporters_have_exporter_series():
+    """The generic exporter counters an exporter reports through its telemetry appear once it reports: a
+    receiver's or processor's telemetry does not show up as an exporter."""
+    import logging
+
+    from prometheus_client import generate_latest
+
+    from podmeter.telemetry import ComponentTelemetry, Telemetry
+
+    t = Telemetry()
+    ComponentTelemetry(t, "cgroup", logging.getLogger("test.cgroup"))
+    otlp = ComponentTelemetry(t, "otlp", logging.getLogger("test.otlp"))
+    otlp.sent(5)
+    text = generate_latest(t.registry).decode()
+    assert 'exporter="cgroup"' not in text
+    assert 'podmeter_exporter_sent_metric_points_total{exporter="otlp"} 5.0' in text
