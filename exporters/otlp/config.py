@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 
 from podmeter.config import ComponentConfig, Duration
-
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
-_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-
-
-def parse_size(value):
-    """Bytes as an integer or with a unit: 67108864, "64MiB", "500MB"."""
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if not m:
-            raise ValueError(f"invalid size {value!r}: expected bytes, or a number with B, KiB, MiB, GiB, KB, MB or GB")
-        return int(m.group(1)) * _UNITS[m.group(2)]
-    return value
-
-
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 
 class ClientTLSConfig(ComponentConfig):
