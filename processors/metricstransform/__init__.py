@@ -7,7 +7,9 @@ counted and logged once; the metric concerned passes unchanged.
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from dataclasses import replace
 
 from opentelemetry.sdk.metrics.export import (
@@ -81,20 +83,34 @@ class MetricsTransformProcessor(Processor):
         if t.action == "combine":
             return self._combine(ct, metrics, resource)
         result = []
+        # Names still to come and names already out: a rename onto a name another metric of the scope has would
+        # give two metrics one name (two TYPE lines, duplicate series). As the collector documents, a rename
+        # collision leaves the metric unchanged, and is counted and logged.
+        pending, produced = Counter(mm.name for mm in metrics), set()
         for metric in metrics:
+            pending[metric.name] -= 1
             m = ct.match(metric.name)
             if not m:
                 result.append(metric)
+                produced.add(metric.name)
                 continue
             try:
-                changed = self._operate(replace(metric, name=ct.rename(metric.name, m)), t.operations, resource)
+                new_name = ct.rename(metric.name, m)
+                taken = pending[new_name] > 0 or new_name in produced
+                if (new_name == metric.name or taken) if t.action == "insert" else (new_name != metric.name and taken):
+                    raise TransformError(f"renaming to {new_name} would give two metrics that name")
+                changed = self._operate(replace(metric, name=new_name), t.operations, resource,
+                                        _has_duplicates(metric))
             except TransformError as exc:
                 self.telemetry.error("transform", f"{t.include} on {metric.name}: {exc}")
                 result.append(metric)
+                produced.add(metric.name)
                 continue
             if t.action == "insert":
                 result.append(metric)
+                produced.add(metric.name)
             result.append(changed)
+            produced.add(changed.name)
         return result
 
     def _combine(self, ct: _Compiled, metrics: list[Metric], resource: dict) -> list[Metric]:
@@ -104,6 +120,10 @@ class MetricsTransformProcessor(Processor):
             m = ct.match(metric.name)
             (matched if m else rest).append((metric, m))
         if not matched:
+            return metrics
+        if any(mm.name == t.new_name for mm, _ in rest):
+            self.telemetry.error("transform", f"combine {t.include}: a metric named {t.new_name} is already there; "
+                                 "left as they are")
             return metrics
         first = matched[0][0]
         kinds = {(type(mm.data), getattr(mm.data, "is_monotonic", None), mm.unit) for mm, _ in matched}
@@ -121,15 +141,31 @@ class MetricsTransformProcessor(Processor):
             points.extend(replace(p, attributes={**p.attributes, **labels}) for p in metric.data.data_points)
         combined = replace(first, name=t.new_name, data=replace(first.data, data_points=points))
         try:
-            combined = self._operate(combined, t.operations, resource)
+            combined = self._operate(combined, t.operations, resource, any(_has_duplicates(mm) for mm, _ in matched))
         except TransformError as exc:
-            self.telemetry.error("transform", f"combine {t.include}: {exc}")
+            self.telemetry.error("transform", f"combine {t.include}: {exc}; left as they are")
+            return metrics
         return [m for m, _ in rest] + [combined]
 
-    def _operate(self, metric: Metric, operations: list[Operation], resource: dict) -> Metric:
+    def _operate(self, metric: Metric, operations: list[Operation], resource: dict, had_duplicates: bool) -> Metric:
         for op in operations:
             metric = _OPS[op.action](metric, op, resource)
+        # add_label / copy_label / copy_resource_attribute overwriting an attribute the points differ by, or a
+        # combine whose metrics' points end up alike, would give two series with the same name and attributes
+        # (an exporter keeps one at random, a backend rejects them): a collision, left unchanged
+        if not had_duplicates and _has_duplicates(metric):
+            raise TransformError("the result has several points with the same attributes (duplicate series)")
         return metric
+
+
+def _has_duplicates(metric: Metric) -> bool:
+    seen = set()
+    for p in metric.data.data_points:
+        key = tuple(sorted((k, str(v)) for k, v in p.attributes.items()))
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
 
 
 # -- operations: each takes (metric, op, resource attributes) and returns the new metric ------------------------
@@ -154,16 +190,18 @@ def _update_label(metric, op, resource):
     def fn(p):
         if op.label not in p.attributes:
             return p
+        if op.new_label and op.new_label != op.label and op.new_label in p.attributes:
+            # the collector's documented rule: renaming onto an existing label is a collision, not an overwrite
+            raise TransformError(f"update_label: {op.new_label} is already an attribute of the points")
         attrs = dict(p.attributes)
         value = attrs.pop(op.label)
         value = renames.get(value, value) if isinstance(value, str) else value
         attrs[op.new_label or op.label] = value
         return _with_attrs(p, attrs)
 
-    metric = _map_points(metric, fn)
-    if renames:  # two values renamed to one: merge those points, as the collector does (sum)
-        metric = _aggregate(metric, None, "sum", only_if_duplicates=True)
-    return metric
+    # two values renamed to one: merge those points (aggregation_type if given, else sum) rather than emit two
+    # series with equal attributes
+    return _aggregate(_map_points(metric, fn), None, op.aggregation_type or "sum", only_if_duplicates=True)
 
 
 def _delete_label_value(metric, op, resource):
@@ -177,7 +215,7 @@ def _copy_label(metric, op, resource):
 
 def _delete_label(metric, op, resource):
     metric = _map_points(metric, lambda p: _with_attrs(p, {k: v for k, v in p.attributes.items() if k != op.label}))
-    return _aggregate(metric, None, "sum", only_if_duplicates=True)
+    return _aggregate(metric, None, op.aggregation_type or "sum", only_if_duplicates=True)  # e.g. max for a gauge
 
 
 def _copy_resource_attribute(metric, op, resource):
@@ -190,22 +228,34 @@ def _copy_resource_attribute(metric, op, resource):
 
 def _scale(metric, op, resource):
     factor = op.experimental_scale
+    _check_type(metric, "experimental_scale_value")
 
     def fn(p):
         if isinstance(p, HistogramDataPoint):
             return replace(p, sum=p.sum * factor, explicit_bounds=[b * factor for b in p.explicit_bounds],
                            min=p.min * factor, max=p.max * factor)
         value = p.value * factor
-        return replace(p, value=int(round(value)) if isinstance(p.value, int) else value)
+        if isinstance(p.value, int):
+            if not math.isfinite(value):  # int(round(inf)) raises: out of an integer's range
+                raise TransformError(f"{p.value} scaled by {factor} is no integer")
+            value = int(round(value))
+        return replace(p, value=value)
 
     return _map_points(metric, fn)
 
 
 def _toggle(metric, op, resource):
-    if isinstance(metric.data, Histogram):
+    if not isinstance(metric.data, Sum | Gauge):
         raise TransformError("toggle_scalar_data_type applies to sums and gauges, not histograms")
-    return _map_points(metric, lambda p: replace(p, value=float(p.value) if isinstance(p.value, int)
-                                                 else int(round(p.value))))
+
+    def fn(p):
+        if isinstance(p.value, int):
+            return replace(p, value=float(p.value))
+        if not math.isfinite(p.value):  # NaN (a gauge with no reading) or inf has no integer value
+            raise TransformError(f"{p.value} cannot be an integer")
+        return replace(p, value=int(round(p.value)))
+
+    return _map_points(metric, fn)
 
 
 def _aggregate_labels(metric, op, resource):
@@ -216,7 +266,8 @@ def _aggregate_label_values(metric, op, resource):
     values = set(op.aggregated_values or ())
 
     def fn(p):
-        if p.attributes.get(op.label) in values:
+        value = p.attributes.get(op.label)
+        if isinstance(value, str) and value in values:  # a list-valued attribute is no label value (and unhashable)
             return _with_attrs(p, {**p.attributes, op.label: op.new_value})
         return p
 
@@ -231,6 +282,7 @@ def _aggregate(metric: Metric, keep: set | None, how: str, only_if_duplicates: b
         groups.setdefault(tuple(sorted((k, str(v)) for k, v in attrs.items())), []).append((attrs, p))
     if only_if_duplicates and all(len(g) == 1 for g in groups.values()):
         return metric
+    _check_type(metric, "aggregation")  # before reading values: other point types have none
     points = []
     for members in groups.values():
         attrs = members[0][0]
@@ -250,8 +302,6 @@ def _aggregate(metric: Metric, keep: set | None, how: str, only_if_duplicates: b
         starts = [p.start_time_unix_nano for p in ps if p.start_time_unix_nano]
         points.append(NumberDataPoint(attributes=dict(attrs), start_time_unix_nano=min(starts) if starts else 0,
                                       time_unix_nano=max(p.time_unix_nano for p in ps), value=value))
-    if not isinstance(metric.data, Sum | Gauge | Histogram):
-        raise TransformError(f"cannot aggregate a {type(metric.data).__name__}")
     return replace(metric, data=replace(metric.data, data_points=points))
 
 
@@ -268,7 +318,18 @@ def _merge_histograms(ps: list, attrs: dict, how: str) -> HistogramDataPoint:
         attributes=dict(attrs), start_time_unix_nano=min(p.start_time_unix_nano for p in ps),
         time_unix_nano=max(p.time_unix_nano for p in ps), count=sum(p.count for p in ps),
         sum=sum(p.sum for p in ps), bucket_counts=counts, explicit_bounds=bounds,
-        min=min(p.min for p in ps), max=max(p.max for p in ps))
+        min=_extreme(min, [p.min for p in ps]), max=_extreme(max, [p.max for p in ps]))
+
+
+def _extreme(fn, values: list[float]) -> float:
+    # NaN is "not recorded" (MetricsBuilder's default): the merged extreme is then unknown too. min()/max() over a
+    # list with NaN answer by position (min([nan, 0.1]) is nan, min([0.1, nan]) is 0.1).
+    return float("nan") if any(math.isnan(v) for v in values) else fn(values)
+
+
+def _check_type(metric: Metric, what: str) -> None:
+    if not isinstance(metric.data, Sum | Gauge | Histogram):
+        raise TransformError(f"{what} applies to sums, gauges and histograms, not a {type(metric.data).__name__}")
 
 
 _OPS = {

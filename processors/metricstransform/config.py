@@ -3,6 +3,7 @@ plus podmeter's `copy_resource_attribute`, `copy_label` and `delete_label` opera
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -45,6 +46,14 @@ class Operation(ComponentConfig):
     aggregation_type: Literal["sum", "mean", "max", "min"] | None = Field(None, description="How points merge")
     experimental_scale: float | None = Field(None, description="experimental_scale_value: the factor")
     resource_attribute: str | None = Field(None, description="copy_resource_attribute: the resource attribute")
+
+    @field_validator("experimental_scale")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        # NaN or inf would turn every value into NaN/inf, and fail on every integer point
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"experimental_scale must be a finite number, not {v}")
+        return v
 
     @model_validator(mode="after")
     def _required(self):

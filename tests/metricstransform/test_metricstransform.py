@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import urllib.request
+from dataclasses import replace
 
 import pytest
 
@@ -180,3 +181,138 @@ def test_compatibility_names_through_the_prometheus_exporter(tmp_path):
         exp.shutdown()
     assert 'process_rss_memory{pod_name="trainer-0"} 3.0' in text
     assert promtool_check_metrics(text)[0] == 0
+
+
+def _names(md) -> list[str]:
+    return [m.name for rm in md.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+
+
+def test_rename_onto_an_existing_name_is_a_collision_left_unchanged():
+    """Two metrics with one name give two TYPE lines (the prometheus exporter drops one as a type conflict) or
+    duplicate series; the collector documents a rename collision as no operation, logged."""
+    proc, settings = make([
+        {"include": "container.disk.read", "action": "update", "new_name": "container.disk.write"},
+        # a regexp that maps several metrics to one name: the first gets it, the others stay as they are
+        {"include": r"^container\.(memory|cpu)\.", "match_type": "regexp", "action": "update", "new_name": "x"},
+        {"include": "lat", "action": "insert", "new_name": "lat"},
+        {"include": r"^container\.disk\.(?P<d>\w+)$", "match_type": "regexp", "action": "combine",
+         "new_name": "x"},
+    ])
+    names = _names(proc.process(data()))
+    assert sorted(names) == sorted(["container.disk.read", "container.disk.write", "x", "container.memory.usage",
+                                    "lat"])
+    assert "transform" in settings.telemetry.failing()
+
+
+def _one(spec, points, resource=RES):
+    b = MetricsBuilder("podmeter/receiver/test", 1)
+    for value, attrs in points:
+        b.add(spec, value, attrs, resource=resource)
+    return b.build()
+
+
+def test_odd_points_never_raise():
+    """A NaN gauge, a list-valued attribute, an integer out of range, an exponential histogram: the metric passes
+    unchanged (counted), never an exception that makes the pipeline refuse the whole batch."""
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        Buckets,
+        ExponentialHistogram,
+        ExponentialHistogramDataPoint,
+        Metric,
+        MetricsData,
+        ResourceMetrics,
+        ScopeMetrics,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    gauge = MetricSpec("g", "gauge", "1", "g")
+    proc, settings = make([{"include": "g", "action": "update", "operations": [
+        {"action": "toggle_scalar_data_type"}]}])
+    (_, _, value), = points(proc.process(_one(gauge, [(float("nan"), {"gpu": "0"})])))
+    assert value != value  # still the NaN float
+    assert "transform" in settings.telemetry.failing()
+
+    proc, _ = make([{"include": "g", "action": "update", "operations": [
+        {"action": "aggregate_label_values", "label": "k", "aggregated_values": ["a", "b"], "new_value": "ab",
+         "aggregation_type": "sum"}]}])
+    out = points(proc.process(_one(gauge, [(1.0, {"k": ["a", "b"]}), (2.0, {"k": "a"}), (3.0, {"k": "b"})])))
+    assert sorted((str(a["k"]), v) for _, a, v in out) == [("['a', 'b']", 1.0), ("ab", 5.0)]
+
+    proc, _ = make([{"include": "g", "action": "update", "operations": [
+        {"action": "experimental_scale_value", "experimental_scale": 1e308}]}])
+    assert [v for *_, v in points(proc.process(_one(gauge, [(10, {})])))] == [10]
+
+    point = ExponentialHistogramDataPoint(
+        attributes={"k": "a"}, start_time_unix_nano=1, time_unix_nano=2, count=1, sum=1.0, scale=0, zero_count=0,
+        positive=Buckets(0, [1]), negative=Buckets(0, []), flags=0, min=1.0, max=1.0)
+    md = MetricsData([ResourceMetrics(Resource(RES), [ScopeMetrics(InstrumentationScope("s"), [Metric(
+        "g", "", "s", ExponentialHistogram([point, replace(point, attributes={"k": "b"})],
+                                           AggregationTemporality.CUMULATIVE))], "")], "")])
+    for op in ({"action": "aggregate_labels", "label_set": [], "aggregation_type": "sum"},
+               {"action": "experimental_scale_value", "experimental_scale": 2},
+               {"action": "toggle_scalar_data_type"}):
+        proc, _ = make([{"include": "g", "action": "update", "operations": [op]}])
+        assert len(points(proc.process(md))) == 2
+
+
+def test_non_finite_scale_is_a_configuration_error():
+    problems: list[str] = []
+    validate_component(factory, {"transforms": [{"include": "a", "action": "update", "operations": [
+        {"action": "experimental_scale_value", "experimental_scale": float("nan")}]}]},
+        "processors::metricstransform", problems)
+    assert any(p.startswith("processors::metricstransform::transforms::0::operations::0") and "finite" in p
+               for p in problems)
+
+
+def test_merges_keep_the_configured_aggregation_and_never_leave_duplicates():
+    """delete_label / update_label merge the points that become equal: with the aggregation_type given (a gauge's
+    max, not a sum of percentages), and update_label does not overwrite an attribute already there."""
+    util = MetricSpec("hw.gpu.utilization", "gauge", "1", "u")
+    md = _one(util, [(0.5, {"gpu": "0", "state": "busy"}), (0.75, {"gpu": "1", "state": "busy"})])
+    proc, _ = make([{"include": "hw.gpu.utilization", "action": "update", "operations": [
+        {"action": "delete_label", "label": "gpu", "aggregation_type": "max"}]}])
+    assert [(a, v) for _, a, v in points(proc.process(md))] == [({"state": "busy"}, 0.75)]
+
+    proc, _ = make([{"include": "hw.gpu.utilization", "action": "update", "operations": [
+        {"action": "update_label", "label": "gpu", "value_actions": [{"value": "1", "new_value": "0"}],
+         "aggregation_type": "mean"}]}])
+    assert [(a, v) for _, a, v in points(proc.process(md))] == [({"gpu": "0", "state": "busy"}, 0.625)]
+
+    proc, settings = make([{"include": "hw.gpu.utilization", "action": "update", "operations": [
+        {"action": "update_label", "label": "gpu", "new_label": "state"}]}])
+    out = points(proc.process(md))
+    assert sorted(a["gpu"] for _, a, _ in out) == ["0", "1"]  # left unchanged, not two {state: "0"/"1"} overwrites
+    assert "transform" in settings.telemetry.failing()
+
+
+def test_histogram_merge_with_unrecorded_min_max():
+    """min/max NaN means not recorded: the merge is unknown too, whatever the order of the points."""
+    b = MetricsBuilder("podmeter/receiver/test", 1)
+    b.add_histogram(LAT, [1, 0], [0.5], 0.2, attributes={"cpu": "0"}, resource=RES, minimum=0.2, maximum=0.2)
+    b.add_histogram(LAT, [1, 1], [0.5], 1.0, attributes={"cpu": "1"}, resource=RES)
+    proc, _ = make([{"include": "lat", "action": "update", "operations": [{"action": "delete_label", "label": "cpu"}]}])
+    (_, _, p), = points(proc.process(b.build()), "lat")
+    assert p.count == 3 and p.min != p.min and p.max != p.max
+
+
+def test_operations_that_would_make_duplicate_series_leave_the_metric_unchanged():
+    """add_label over an attribute the points differ by, or a combine whose metrics' points end up alike, would
+    give two series with one name and one label set: counted and left as they were."""
+    proc, settings = make([
+        {"include": "container.cpu.time", "action": "update", "operations": [
+            {"action": "add_label", "new_label": "cpu", "new_value": "all"}]},
+        # the combined points differ only by direction, which add_label then overwrites
+        {"include": r"^container\.disk\.(?P<direction>read|write)$", "match_type": "regexp", "action": "combine",
+         "new_name": "container.disk.io", "operations": [{"action": "add_label", "new_label": "direction",
+                                                          "new_value": "any"}]},
+    ])
+    md = proc.process(data())
+    assert sorted(a["cpu"] for _, a, _ in points(md, "container.cpu.time")) == ["0", "0", "0", "1", "1", "1"]
+    assert {n for n, _, _ in points(md)} >= {"container.disk.read", "container.disk.write"}
+    assert "transform" in settings.telemetry.failing()
+    # the same operations where they make no duplicates apply
+    proc, _ = make([{"include": "container.memory.usage", "action": "update", "operations": [
+        {"action": "add_label", "new_label": "cpu", "new_value": "all"}]}])
+    assert [a for _, a, _ in points(proc.process(data()), "container.memory.usage")] == [{"cpu": "all"}]
