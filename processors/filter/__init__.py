@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+from opentelemetry.sdk.resources import Resource
 from pydantic import Field, field_validator, model_validator
 
 from podmeter.component import Factory, Host, Processor, Stability
@@ -175,7 +176,11 @@ class FilterProcessor(Processor):
         if self.include is None and self.exclude is None:
             return data
         out = []
+        emptied: dict[str, ScopeMetrics] = {}  # scope name -> a scope of the batch none of whose metrics were kept
+        kept_scopes: set[str] = set()
         for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                emptied.setdefault(_scope_name(sm), sm)
             attrs = rm.resource.attributes
             pod = _PodView(attrs, self.host)
             inc_res = self.include.resource_matches(attrs, pod) if self.include else True
@@ -189,9 +194,22 @@ class FilterProcessor(Processor):
                         and not (exc_res and self.exclude.name_matches(m.name))]
                 if kept:
                     scopes.append(ScopeMetrics(scope=sm.scope, metrics=kept, schema_url=sm.schema_url))
+                    kept_scopes.add(_scope_name(sm))
             if scopes:
                 out.append(ResourceMetrics(resource=rm.resource, scope_metrics=scopes, schema_url=rm.schema_url))
+        # A receiver's batch replaces its scope's previous series downstream (the prometheus exporter): a scope left
+        # with nothing still goes on, empty, as MetricsBuilder sends it when a receiver has nothing. Dropped
+        # entirely, the batch would stop here and the series of the last matching pod (or all of them, when the
+        # receiver's batch was already that empty marker) would stay exposed until metric_expiration.
+        for name, sm in emptied.items():
+            if name not in kept_scopes:
+                out.append(ResourceMetrics(resource=Resource({}), schema_url="", scope_metrics=[
+                    ScopeMetrics(scope=sm.scope, metrics=[], schema_url=sm.schema_url)]))
         return MetricsData(resource_metrics=out)
+
+
+def _scope_name(sm: ScopeMetrics) -> str:
+    return sm.scope.name if sm.scope else ""
 
 
 factory = Factory(

@@ -107,7 +107,47 @@ def test_resource_attributes():
 
 def test_everything_filtered_gives_empty():
     out = make({"include": {"namespaces": ["nowhere"]}}, PODS).process(data())
-    assert out is None or not out.resource_metrics
+    assert kept(out) == set()
+    # the receiver's scope still goes on, empty (see the next test)
+    assert [sm.scope.name for rm in out.resource_metrics for sm in rm.scope_metrics] == ["podmeter/receiver/test"]
+
+
+def test_last_matching_pod_gone_its_series_go_at_once():
+    """Through the real prometheus exporter: a receiver's batch replaces its series. When the filter leaves nothing
+    of a batch (the last pod of the namespace went away, or the receiver sent its empty marker), the empty scope
+    must still reach the exporter, or the gone pod's series stay exposed until metric_expiration (5 minutes)."""
+    import urllib.request
+
+    from harness import free_port
+
+    from exporters.prometheus import factory as prom_factory
+    from podmeter.telemetry import ComponentTelemetry, Telemetry
+
+    port = free_port()
+    logger = logging.getLogger("test.prometheus")
+    settings = CreateSettings(id=ComponentID("prometheus"), kind="exporter", logger=logger,
+                              telemetry=ComponentTelemetry(Telemetry(), "prometheus", logger))
+    exp = prom_factory.create(settings, prom_factory.config_model.model_validate({"endpoint": f"127.0.0.1:{port}"}))
+    exp.start(Host())
+
+    def scrape():
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+
+    try:
+        for rules in ({"include": {"namespaces": ["ml"]}}, {"exclude": {"namespaces": ["web"]}}):
+            proc = make(rules, PODS)
+            exp.export(proc.process(data()))
+            assert "u-train" in scrape()
+            b = MetricsBuilder("podmeter/receiver/test", 1)  # the ml pods are gone: only the web pod is left
+            b.add(CPU, 1.0, resource={"k8s.pod.uid": "u-web", "k8s.namespace.name": "web"})
+            exp.export(proc.process(b.build()))
+            assert "u-train" not in scrape()
+            exp.export(proc.process(data()))
+            assert "u-train" in scrape()
+            exp.export(proc.process(MetricsBuilder("podmeter/receiver/test", 1).build()))  # no pods at all
+            assert "u-train" not in scrape()
+    finally:
+        exp.shutdown()
 
 
 @pytest.mark.parametrize("bad, message", [
