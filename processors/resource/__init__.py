@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from opentelemetry.sdk.metrics.export import MetricsData
+from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics
 from pydantic import Field, model_validator
 
 from podmeter.component import Factory, Processor, Stability
 from podmeter.config import ComponentConfig
-from podmeter.metrics import with_resource
+from podmeter.metrics import PerResource, with_resource
 
 
 class AttributeAction(ComponentConfig):
@@ -38,6 +38,11 @@ class ResourceConfig(ComponentConfig):
 class ResourceProcessor(Processor):
     def __init__(self, settings, config: ResourceConfig) -> None:
         self.actions = config.attributes
+        # input Resource -> the Resource made from it. Receivers (cgroup, nvml) and k8sattributes hand the same
+        # Resource object on while nothing changed, and exporters keep their work per Resource object (rendered
+        # labels, encoded attributes): a new object for each resource in each batch would have them redo it all,
+        # every collection. Entries go with their input Resource (weak references), so it holds only live ones.
+        self._made = PerResource()
 
     def apply(self, attrs: dict) -> dict:
         for a in self.actions:
@@ -58,7 +63,13 @@ class ResourceProcessor(Processor):
     def process(self, data: MetricsData) -> MetricsData:
         if not self.actions:
             return data
-        out = [with_resource(rm, self.apply(dict(rm.resource.attributes))) for rm in data.resource_metrics]
+        out = []
+        for rm in data.resource_metrics:
+            resource = self._made.get(rm.resource)
+            if resource is None:  # actions depend on the attributes only, and a Resource's never change
+                resource = with_resource(rm, self.apply(dict(rm.resource.attributes))).resource
+                self._made.put(rm.resource, resource)
+            out.append(ResourceMetrics(resource=resource, scope_metrics=rm.scope_metrics, schema_url=rm.schema_url))
         return MetricsData(resource_metrics=out)
 
 

@@ -70,3 +70,28 @@ service: {pipelines: {metrics: {receivers: [cgroup], processors: [resource], exp
     with pytest.raises(ConfigError) as err:
         load([str(f)])
     assert any(p.startswith("processors::resource::attributes::0") and "exactly one" in p for p in err.value.problems)
+
+
+def test_same_resource_in_gives_same_resource_out():
+    """Receivers and k8sattributes pass one Resource object on while nothing changed, and exporters keep their
+    per-resource work by that object: the processor hands back one Resource per input Resource, not a new one per
+    batch, and holds it no longer than the input lives."""
+    import gc
+
+    from opentelemetry.sdk.resources import Resource
+
+    p = make([{"key": "k8s.cluster.name", "value": "prod", "action": "upsert"}])
+    kept = Resource({"k8s.pod.uid": "u1"})
+
+    def batch(resource):
+        b = MetricsBuilder("podmeter/receiver/test", 1)
+        b.adder(resource)(SPEC, 1.0)
+        return b.build()
+
+    (first,), (second,) = p.process(batch(kept)).resource_metrics, p.process(batch(kept)).resource_metrics
+    assert first.resource is second.resource
+    assert dict(first.resource.attributes) == {"k8s.pod.uid": "u1", "k8s.cluster.name": "prod"}
+    assert dict(kept.attributes) == {"k8s.pod.uid": "u1"}  # the input is never changed
+    del kept, first, second
+    gc.collect()
+    assert len(p._made) == 0
