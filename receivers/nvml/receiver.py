@@ -146,6 +146,15 @@ class NvmlReceiver(Receiver):
         self._ns_map: dict[int, int] | None = None      # NSpid translation, built only when needed
         self._nested_pidns = False
         self._error_names: dict[int, str] = {}
+        # Cumulative counters (energy, ECC, PCIe, NVLink) count "since the driver was loaded" and restart at a driver
+        # reload or a GPU reset. A cumulative point that goes down under the same start time reads as a huge
+        # negative rate to OTLP backends (cumulative-to-delta), so each series gets a new start time when it
+        # restarts. (GPU uuid, metric, attributes) -> [start_ns, last value, last time_ns, session]; bounded by the
+        # GPUs ever seen on the node (kept when a GPU leaves, so a returning GPU is compared with what it was).
+        self._counters: dict[tuple, list] = {}
+        self._session = 0                # NVML sessions started after the first (driver reloads)
+        self._session_ns = self.start_ns  # start time of series first seen in this session
+        self._collect_ns = self.start_ns  # time of the latest collection
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -203,6 +212,9 @@ class NvmlReceiver(Receiver):
         """After a driver reload: drop the old session, start a new one. False if NVML is still unavailable."""
         self.telemetry.error("nvml_reinit", f"NVML session lost ({why}); re-initialising")
         self.ready = False
+        # the driver restarted after the latest collection: every counter read from now on restarted there
+        self._session += 1
+        self._session_ns = self._collect_ns + 1
         self.devices = []  # a new driver may support what the old one did not: forget it all
         try:
             self.nvml.nvmlShutdown()
@@ -487,7 +499,8 @@ class NvmlReceiver(Receiver):
         return empty()
 
     def _collect(self) -> MetricsData:
-        b = MetricsBuilder(self.scope, self.start_ns)
+        self._collect_ns = now_ns()
+        b = MetricsBuilder(self.scope, self.start_ns, time_ns=self._collect_ns)
         assignments = self._assignments()
         seen_pids: set[int] = set()
         self._checked = set()
@@ -537,7 +550,7 @@ class NvmlReceiver(Receiver):
         v = q(dev, "nvmlDeviceGetEnforcedPowerLimit", N.nvmlDeviceGetEnforcedPowerLimit, h)
         b.add(M.POWER_LIMIT, None if v is None else v / 1000, None, res)
         v = q(dev, "nvmlDeviceGetTotalEnergyConsumption", N.nvmlDeviceGetTotalEnergyConsumption, h)
-        b.add(M.ENERGY, None if v is None else v / 1000, None, res)
+        self._counter(b, dev, M.ENERGY, None if v is None else v / 1000, None)
         for clock, domain in CLOCKS:
             v = q(dev, f"nvmlDeviceGetClockInfo({domain})", N.nvmlDeviceGetClockInfo, h, clock)
             b.add(M.CLOCK, None if v is None else v * 1_000_000, {"hw.gpu.clock.domain": domain}, res)
@@ -552,16 +565,19 @@ class NvmlReceiver(Receiver):
         if self.config.ecc:
             for etype, label in ((0, "corrected"), (1, "uncorrected")):
                 v = q(dev, f"nvmlDeviceGetTotalEccErrors({label})", N.nvmlDeviceGetTotalEccErrors, h, etype, 0)
-                b.add(M.ERRORS, v, {"error.type": label}, res)
+                self._counter(b, dev, M.ERRORS, v, {"error.type": label})
         if self.config.interconnect and dev.fields:
             values = self._field_values(dev, list(dev.fields))
             for fid, direction in ((FI_PCIE_TX_BYTES, "transmit"), (FI_PCIE_RX_BYTES, "receive")):
                 if (fid, 0) in values:
-                    b.add(M.IO, values[(fid, 0)], {"network.io.direction": direction}, res)
+                    self._counter(b, dev, M.IO, values[(fid, 0)], {"network.io.direction": direction})
             for fid, direction in ((FI_NVLINK_TX_KIB, "transmit"), (FI_NVLINK_RX_KIB, "receive")):
                 kib = [v for (f, _), v in values.items() if f == fid]
-                if kib:
-                    b.add(M.NVLINK_IO, sum(kib) * 1024, {"network.io.direction": direction}, res)
+                # a sum over some of the links only is not the counter: it would read as a reset, then as a jump
+                # of a whole link's bytes when that link answers again; left out until every link asked answers
+                asked = sum(1 for w in dev.fields if isinstance(w, tuple) and w[0] == fid)
+                if kib and len(kib) == asked:
+                    self._counter(b, dev, M.NVLINK_IO, sum(kib) * 1024, {"network.io.direction": direction})
         self._allocation(b, dev, assignments)
         if self.config.per_process and not dev.mig_mode:
             self._processes(b, dev, seen, utilization=True)
@@ -571,6 +587,24 @@ class NvmlReceiver(Receiver):
             if self.config.per_process:
                 # MIG: NVML has no per-process utilization (nvmlDeviceGetProcessUtilization is NOT_SUPPORTED)
                 self._processes(b, mig, seen, utilization=False)
+
+    def _counter(self, b: MetricsBuilder, dev: Device, spec, value, attrs: dict | None) -> None:
+        """A cumulative point whose start time moves when the device's counter restarted: after a driver reload
+        (a new NVML session), when the GPU comes back from GPU_IS_LOST (a reset clears its volatile counters), or
+        whenever the value went down. The new start is just after the previous point, where the restart happened."""
+        if value is None:
+            return
+        key = (dev.uuid, spec.name, tuple(attrs.items()) if attrs else ())
+        now = self._collect_ns
+        prev = self._counters.get(key)
+        if prev is None:
+            start = self._session_ns
+        elif value < prev[1] or prev[3] != self._session or dev.lost:
+            start = prev[2] + 1
+        else:
+            start = prev[0]
+        self._counters[key] = [start, value, now, self._session]
+        b.add(spec, value, attrs, dev.resource, start_time_ns=start)
 
     def _memory(self, b: MetricsBuilder, dev: Device) -> None:
         N, res = self.nvml, dev.resource
@@ -603,8 +637,13 @@ class NvmlReceiver(Receiver):
             b.add(M.MEM_UTILIZATION, mem.used / mem.total, None, res)
 
     def _allocation(self, b: MetricsBuilder, dev: Device, assignments: dict) -> None:
-        for attrs in assignments.get(dev.uuid, ()):
-            b.add(M.ALLOCATION, 1, attrs, dev.resource)
+        # NVIDIA's device plugin names devices by UUID; GKE's (container-engine-accelerators) by device node:
+        # "nvidia<minor>" for a GPU and "nvidia<minor>/gi<GPU instance>" for a MIG device (hw.name without /ci<n>)
+        name = dev.resource.get("hw.name", "")
+        gke = name.rpartition("/ci")[0] if dev.is_mig else name
+        for key in (dev.uuid, gke):
+            for attrs in assignments.get(key, ()):
+                b.add(M.ALLOCATION, 1, attrs, dev.resource)
 
     def _assignments(self) -> dict[str, list[dict]]:
         """GPU/MIG UUID -> pods it is allocated to, from podresources when it runs (looked up lazily)."""
@@ -618,8 +657,18 @@ class NvmlReceiver(Receiver):
                 self.telemetry.error("device_assignments", f"podresources lookup failed: {exc}")
                 continue
             for device_id, pods in (table or {}).items():
-                # time-slicing replicas are advertised as "<uuid>::<n>": they are the same GPU
-                out.setdefault(str(device_id).split("::")[0], []).extend(dict(p) for p in pods)
+                # time-slicing replicas are advertised as "<uuid>::<n>" (NVIDIA's plugin) or "nvidia0/vgpu<n>",
+                # "nvidia0/gi1/vgpu<n>" (GKE's): they are the same GPU or MIG device; each keeps its replica id
+                device_id = str(device_id)
+                key = device_id.split("::")[0]
+                base, sep, replica = key.rpartition("/vgpu")
+                if sep and replica.isdigit():
+                    key = base
+                entries = [dict(p) for p in pods]
+                if key != device_id:
+                    for e in entries:
+                        e.setdefault("k8s.device.id", device_id)
+                out.setdefault(key, []).extend(entries)
         return out
 
     # ------------------------------------------------------------------------------------------------ processes
@@ -652,9 +701,10 @@ class NvmlReceiver(Receiver):
                 continue  # not supported (MIG) or failed: left out, never reported as zero
             sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
             for task, v in (("sm", sm), ("memory", mem), ("encoder", enc), ("decoder", dec)):
-                add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task})
+                if v is not None:
+                    add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task})
 
-    def _samples(self, dev: Device) -> dict[int, tuple[float, float, float, float]] | None:
+    def _samples(self, dev: Device) -> dict[int, tuple[float | None, ...]] | None:
         """Per-PID utilization averaged over the samples newer than this device's last-seen timestamp.
 
         A lastSeen of 0 returns the driver's whole buffer, a lagging average: the first call asks for one
@@ -688,14 +738,17 @@ class NvmlReceiver(Receiver):
             if s.timeStamp <= dev.last_seen:
                 continue
             newest = max(newest, s.timeStamp)
-            a = acc.setdefault(s.pid, [0, 0, 0, 0, 0])
-            a[0] += s.smUtil
-            a[1] += s.memUtil
-            a[2] += s.encUtil
-            a[3] += s.decUtil
-            a[4] += 1
+            # per task: [sum, number of valid samples]. Drivers are known to fill some samples with garbage
+            # (values like 2147483632, nvtop#110, DCGM#83): a percentage over 100 is not a measurement, so it is
+            # left out of the average rather than reported as a utilization of millions
+            a = acc.setdefault(s.pid, [[0, 0], [0, 0], [0, 0], [0, 0]])
+            for k, v in enumerate((s.smUtil, s.memUtil, s.encUtil, s.decUtil)):
+                if v <= 100:
+                    a[k][0] += v
+                    a[k][1] += 1
         dev.last_seen = newest
-        return {pid: (a[0] / a[4], a[1] / a[4], a[2] / a[4], a[3] / a[4]) for pid, a in acc.items()}
+        # a task with samples but none valid: None (that point is left out; no sample at all means idle, 0)
+        return {pid: tuple(t / n if n else None for t, n in a) for pid, a in acc.items()}
 
     def _process_resource(self, pid: int, dev: Device) -> Resource:
         """The process's attributes merged with the device's, as a Resource kept while both stay the same."""
@@ -715,16 +768,26 @@ class NvmlReceiver(Receiver):
         /proc is read once per process: afterwards one faccessat through its /proc/<pid> fd per collection (or a
         start-time comparison) confirms the PID still names the same process; a reused PID is attributed anew."""
         proc = self._procs.get(pid)
+        gone = None
         if proc is not None:
             if pid in self._checked or self._same(proc):
                 self._checked.add(pid)
                 return proc
             self._drop(pid)  # exited: the PID now names another process, or nothing
+            gone = proc
         host_pid = pid
         info = self.attributor.lookup(pid)
         if info is None and self._nested_pidns:
             host_pid = self._translate(pid)
             info = self.attributor.lookup(host_pid) if host_pid else None
+        if info is None and gone is not None:
+            # The process exited and its PID names nothing yet, but NVML still lists it while the driver tears its
+            # contexts down (a collection or two): that memory is still its pod's. Reported as the process it was,
+            # not as a process outside any pod (which would show up as host GPU use at every pod termination);
+            # kept until NVML stops listing the PID (a new process on that PID is attributed anew).
+            self._procs[pid] = gone
+            self._checked.add(pid)
+            return gone
         if info is None:
             self.telemetry.error("process_not_visible",
                                  f"PID {pid} that NVML reports is not under {self.config.proc_root} (exited, or "
