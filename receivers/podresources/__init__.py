@@ -34,8 +34,11 @@ ALLOCATABLE_RETRY = 600.0  # seconds between asks of GetAllocatableResources aft
 
 
 def device_key(device_id: str) -> str:
-    """The physical device behind a plugin id: time-slicing/MPS replicas are `<GPU UUID>::<n>`."""
-    return device_id.split("::", 1)[0]
+    """The device behind a plugin id: time-slicing/MPS replicas are `<GPU UUID>::<n>` (NVIDIA's device plugin) or
+    `nvidia<minor>/vgpu<n>` and `nvidia<minor>/gi<n>/vgpu<m>` (GKE's, which names devices by device node)."""
+    key = device_id.split("::", 1)[0]
+    base, sep, replica = key.rpartition("/vgpu")
+    return base if sep and base and replica.isdigit() else key
 
 
 class DeviceAssignments:

@@ -288,3 +288,19 @@ def test_concurrent_readers_see_whole_snapshots(server, make_receiver):
     for t in threads:
         t.join()
     assert bad == []
+
+
+def test_gke_time_sharing_replicas_map_to_their_device(server, make_receiver):
+    # GKE's device plugin names devices by device node, and its time-sharing replicas "<device>/vgpu<n>"
+    # (container-engine-accelerators' gpusharing): one GPU, or one MIG device, however many replicas
+    shared = [pod("a", "x", {"c": [("nvidia.com/gpu", ["nvidia0/vgpu0", "nvidia0/vgpu1"])]}),
+              pod("b", "x", {"c": [("nvidia.com/gpu", ["nvidia1/gi2/vgpu3"])]})]
+    server.start(Kubelet(shared, [("nvidia.com/gpu", ["nvidia0/vgpu0", "nvidia0/vgpu1", "nvidia1/gi2/vgpu3"])]))
+    receiver, provider, _ = make_receiver(endpoint=f"unix://{server.path}")
+    table = provider.assignments()
+    assert set(table) == {"nvidia0", "nvidia1/gi2"}
+    assert sorted(e["k8s.device.id"] for e in table["nvidia0"]) == ["nvidia0/vgpu0", "nvidia0/vgpu1"]
+    pts = points(receiver.collect())
+    assert {p[1]["k8s.pod.name"]: p[3] for p in pts if p[0] == "k8s.container.device.allocated"} == {"a": 2, "b": 1}
+    assert [p[3] for p in pts if p[0] == "k8s.node.device.allocated"] == [2]
+    assert [p[3] for p in pts if p[0] == "k8s.node.device.allocatable"] == [2]
