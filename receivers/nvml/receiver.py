@@ -56,6 +56,17 @@ CLOCKS = ((0, "graphics"), (1, "sm"), (2, "memory"))  # NVML_CLOCK_GRAPHICS, _SM
 class _Reinit(Exception):
     """NVML lost its session (driver reload): re-initialise and rediscover."""
 
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DriverUpgraded(Exception):
+    """The NVIDIA driver was replaced under a running agent: the library this process loaded no longer matches
+    the kernel module (LIB_RM_VERSION_MISMATCH), and a loaded library cannot be swapped for the new one. Raised from
+    collect(), so the component reports an error and health_check fails: the liveness probe then restarts the
+    agent, which loads the new library (as a restart of dcgm-exporter does)."""
+
 
 class _Lost(Exception):
     """The GPU fell off the bus."""
@@ -146,6 +157,7 @@ class NvmlReceiver(Receiver):
         self._ns_map: dict[int, int] | None = None      # NSpid translation, built only when needed
         self._nested_pidns = False
         self._error_names: dict[int, str] = {}
+        self.initialised = False  # nvmlInit succeeded once in this process
         # Cumulative counters (energy, ECC, PCIe, NVLink) count "since the driver was loaded" and restart at a driver
         # reload or a GPU reset. A cumulative point that goes down under the same start time reads as a huge
         # negative rate to OTLP backends (cumulative-to-delta), so each series gets a new start time when it
@@ -203,8 +215,8 @@ class NvmlReceiver(Receiver):
         try:
             N.nvmlInit()
         except N.NVMLError as exc:
-            raise _Reinit(f"nvmlInit: {self._name(exc)}") from None
-        self.ready = True
+            raise _Reinit(f"nvmlInit: {self._name(exc)}", getattr(exc, "value", None)) from None
+        self.ready = self.initialised = True
         self.telemetry.recovered("nvmlInit")
         self._discover()
 
@@ -223,6 +235,7 @@ class NvmlReceiver(Receiver):
         try:
             self._init()
         except _Reinit as exc:
+            self._upgraded(exc)
             self.telemetry.error("nvmlInit", f"NVML could not initialise: {exc}; retrying every collection")
             return False
         self.telemetry.recovered("nvml_reinit")
@@ -486,6 +499,7 @@ class NvmlReceiver(Receiver):
             try:
                 self._init()
             except _Reinit as exc:
+                self._upgraded(exc)
                 self.telemetry.error("nvmlInit", f"NVML could not initialise: {exc}; retrying every collection")
                 return empty()
         for attempt in (1, 2):
@@ -497,6 +511,14 @@ class NvmlReceiver(Receiver):
                 if attempt == 2 or not self._reinit(str(exc)):
                     return empty()
         return empty()
+
+    def _upgraded(self, exc: _Reinit) -> None:
+        """Raise DriverUpgraded when NVML worked in this process and now refuses it as a version mismatch. A
+        mismatch from the very first nvmlInit is a mounted library that does not fit the node's driver: restarting
+        would not fix it, so that one is only reported, and the agent's other receivers keep running."""
+        if exc.code == LIB_RM_VERSION_MISMATCH and self.initialised:
+            raise DriverUpgraded(f"the NVIDIA driver changed under the agent ({exc}): the loaded NVML library no "
+                                 "longer fits it; restart podmeter to load the new one") from None
 
     def _collect(self) -> MetricsData:
         self._collect_ns = now_ns()

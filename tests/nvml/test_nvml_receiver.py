@@ -28,6 +28,7 @@ from harness.fake_nvml import (
 )
 
 from podmeter.component import ComponentUnavailable, Host
+from receivers.nvml.receiver import LIB_RM_VERSION_MISMATCH, DriverUpgraded
 
 UUID0 = "GPU-00000000-1111-2222-3333-444444444444"
 UUID1 = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
@@ -296,6 +297,29 @@ def test_driver_reload_reinitialises(fake, make_receiver):
     s.generation = 2
     fake.write(s)
     assert value(r.collect(), "hw.gpu.temperature", hw__id=UUID1) == 46
+
+
+def test_driver_upgraded_under_the_agent_fails_the_collection(fake, make_receiver):
+    """A driver upgrade replaces the kernel module under a running agent: the library it loaded answers
+    LIB_RM_VERSION_MISMATCH from then on, and only a restart loads the new one. The collection fails (component
+    error, health 503, the liveness probe restarts the agent) rather than returning nothing forever."""
+    s = fake.write(Scenario(gpus=[GPU(uuid=UUID0, temp=41)]))
+    r = make_receiver()
+    assert value(r.collect(), "hw.gpu.temperature", hw__id=UUID0) == 41
+    s.generation, s.fail = 1, [Fail("nvmlInit", LIB_RM_VERSION_MISMATCH)]
+    fake.write(s)
+    for _ in range(2):  # whether the session is found lost in this collection or was already
+        with pytest.raises(DriverUpgraded, match="restart podmeter"):
+            r.collect()
+
+
+def test_version_mismatch_from_the_first_init_is_only_reported(fake, make_receiver):
+    """A mounted library that never fitted the node's driver: restarting would not help, so the agent keeps
+    running its other receivers and the nvml receiver reports the cause."""
+    fake.write(Scenario(gpus=[GPU(uuid=UUID0)], fail=[Fail("nvmlInit", LIB_RM_VERSION_MISMATCH)]))
+    r = make_receiver()
+    assert r.collect().resource_metrics == []
+    assert errors(r, "nvmlInit") >= 1
 
 
 def test_driver_not_loaded_at_start_is_retried(fake, make_receiver):
