@@ -10,6 +10,7 @@ its result per resource for as long as the pod table (its generation counter) an
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -175,11 +176,17 @@ class K8sAttributesProcessor(Processor):
         api = Api(self.api_client)
         self.owners = OwnerResolver(api, cfg.owner_lookup_ttl, self.telemetry, cfg.request_timeout)
         kwargs: dict[str, Any] = {}
-        if cfg.filter.node:
-            kwargs["field_selector"] = f"spec.nodeName={cfg.filter.node}"
+        node = cfg.filter.node
+        env_var = cfg.filter.node_from_env_var
+        if not node and env_var:  # configurations written for the collector name the variable, not the node
+            node = os.environ.get(env_var, "").strip()
+        if node:
+            kwargs["field_selector"] = f"spec.nodeName={node}"
         else:
-            self.settings.logger.warning("filter.node is empty: watching every pod of the cluster (memory and API "
-                                         "load grow with the cluster); set it to ${env:K8S_NODE_NAME} in a DaemonSet")
+            empty = f"the environment variable {env_var} (filter.node_from_env_var) is empty or unset" if env_var \
+                else "filter.node is empty"
+            self.settings.logger.warning(f"{empty}: watching every pod of the cluster (memory and API load grow with "
+                                         "the cluster); set filter.node to ${env:K8S_NODE_NAME} in a DaemonSet")
         if cfg.filter.labels:
             kwargs["label_selector"] = ",".join(f.selector() for f in cfg.filter.labels)
         if cfg.filter.namespace:
@@ -278,8 +285,9 @@ class K8sAttributesProcessor(Processor):
             return None
         labels, annotations = md.get("labels") or {}, md.get("annotations") or {}
         ip = status.get("podIP") or ""
-        # host-network pods share the node's IP: it identifies none of them
-        index_ip = "" if spec.get("hostNetwork") else ip
+        # host-network pods share the node's IP: it identifies none of them. A completed pod (a Job's, kept for
+        # hours) still shows the podIP its sandbox released, which the CNI gives to new pods: not its IP any more
+        index_ip = "" if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed") else ip
         attrs: dict[str, Any] = {"k8s.pod.name": name, "k8s.pod.uid": uid, "k8s.namespace.name": ns}
         if spec.get("nodeName"):
             attrs["k8s.node.name"] = spec["nodeName"]
@@ -305,8 +313,9 @@ class K8sAttributesProcessor(Processor):
                 last = ((cs.get("lastState") or {}).get("terminated") or {}).get("containerID")
                 if last and cs.get("name"):
                     cids[normalise_container_id(last)] = cs["name"]
-        return PodRecord(uid, name, ns, index_ip, MappingProxyType(dict(labels)), MappingProxyType(dict(annotations)),
-                         MappingProxyType(attrs), MappingProxyType(images), MappingProxyType(cids))
+        return PodRecord(uid, name, ns, index_ip, MappingProxyType(dict(labels)), MappingProxyType(attrs),
+                         MappingProxyType(images), MappingProxyType(cids), started=status.get("startTime") or "",
+                         mirror_uid=str(annotations.get("kubernetes.io/config.mirror") or ""))
 
     def _workload(self, md: dict, ns: str, labels: dict) -> dict:
         out: dict[str, str] = {}
@@ -441,12 +450,21 @@ class K8sAttributesProcessor(Processor):
                 continue
             tried = True
             found = self._lookup(names, values)
-            if found is not None:
+            if found is not None and self._same_pod(found, attrs.get("k8s.pod.uid")):
                 return found
         if tried:
             self.m_misses.inc()
             self._tl.missed = True
         return None
+
+    @staticmethod
+    def _same_pod(found: _Match, uid) -> bool:
+        """A resource that names its pod uid gets no other pod's metadata from a later rule: a StatefulSet pod
+        recreated under the same name (new uid) must not take the old one's labels by name, nor the reverse."""
+        if uid in (None, "") or found.uid in (None, "", uid):
+            return True
+        rec = found.record
+        return rec is not None and uid in (rec.uid, rec.mirror_uid)
 
     def _lookup(self, names: tuple[str, ...], values: list) -> _Match | None:
         if len(names) == 2:  # k8s.pod.name + k8s.namespace.name (validated as a pair)

@@ -112,6 +112,8 @@ class LabelFilter(ComponentConfig):
 class FilterConfig(ComponentConfig):
     node: str = Field("", description="Watch only pods on this node (sent as the spec.nodeName field selector); "
                                       "typically ${env:K8S_NODE_NAME}. Empty watches every pod of the cluster")
+    node_from_env_var: str = Field("", description="The collector's way to give node: the name of an environment "
+                                                   "variable holding it (e.g. K8S_NODE_NAME); node wins when both are set")
     namespace: str = Field("", description="Watch only pods of this namespace")
     labels: list[LabelFilter] = Field(default_factory=list, description="Watch only pods with these labels "
                                                                         "(sent as a label selector): {key, value, op}")

@@ -158,6 +158,12 @@ class Reflector:
         self.forbidden = False
         self.last_sync = 0.0  # monotonic time the cache was last confirmed current (list, event, bookmark)
         self.rv: str | None = None
+        # The resourceVersion a list asks for, as client-go's reflector does: "0" (any, served from the API server's
+        # watch cache) at first; after a 410 on the watch, the last one seen ("not older than", also from the cache);
+        # "" (a consistent read from etcd) only after a list got 410. A list without one is a quorum read: etcd reads
+        # every pod of the cluster and the field selector filters afterwards, from every node's agent at once after
+        # an API server restart.
+        self._list_rv = "0"
         self._stop = threading.Event()
         self._watch: _RawWatch | None = None
         self._thread: threading.Thread | None = None
@@ -195,6 +201,7 @@ class Reflector:
                     delay = self.backoff_initial
             except Gone:
                 self.restarts.labels(self.resource.name, "expired").inc()
+                self._list_rv = self.rv or "0"
                 self.rv = None  # relist: the server told us our view is too old
                 if time.monotonic() - started < 1.0:
                     # 410 right after a list: a server this confused gets backoff, not a relist storm
@@ -209,6 +216,8 @@ class Reflector:
         status = exc.status if isinstance(exc, ApiException) else None
         reason = {403: "forbidden", 401: "unauthorized", 410: "expired"}.get(status, "error")
         if status == 410:
+            if self.rv is None:  # the list's resourceVersion is too old for the server: read from etcd once
+                self._list_rv = ""
             self.rv = None
             self.restarts.labels(self.resource.name, reason).inc()
             return delay
@@ -235,11 +244,13 @@ class Reflector:
 
     def _list(self) -> None:
         r = self.resource
-        resp = r.list_fn(**r.kwargs, _preload_content=False, _request_timeout=(5, self.request_timeout))
+        resp = r.list_fn(**r.kwargs, resource_version=self._list_rv or None, _preload_content=False,
+                         _request_timeout=(5, self.request_timeout))
         doc = json.loads(resp.data)
         items = doc.get("items") or []
         self.on_replace(items)
         self.rv = (doc.get("metadata") or {}).get("resourceVersion") or "0"
+        self._list_rv = "0"
         self._ok()
         self.synced.set()
         self.settled.set()
@@ -398,13 +409,16 @@ class PodRecord:
     uid: str
     name: str
     namespace: str
-    ip: str
+    ip: str  # the IP to index the pod by ("" for host-network, completed and not-yet-started pods)
     labels: MappingProxyType
-    annotations: MappingProxyType
+    # (no annotations: nothing reads them after extraction, and kubectl's last-applied-configuration alone can be
+    # hundreds of KiB per pod; the extracted ones are in attrs)
     attrs: MappingProxyType  # pod-level resource attributes (metadata + pod labels/annotations), precomputed
     images: MappingProxyType  # container name -> (image name, image tag)
     container_ids: MappingProxyType  # container id -> container name
     deleted_at: float | None = None
+    started: str = ""  # status.startTime (RFC 3339, UTC: compares as text): which pod an IP belongs to now
+    mirror_uid: str = ""  # a static pod's uid on the node (its cgroup, CRI sandbox): kubernetes.io/config.mirror
 
 
 class PodCache:
@@ -423,11 +437,17 @@ class PodCache:
         self._by_name: dict[tuple[str, str], str] = {}
         self._by_ip: dict[str, str] = {}
         self._by_cid: dict[str, str] = {}
+        self._by_mirror: dict[str, str] = {}  # static pod uid on the node -> mirror pod uid
 
     # -- reads (processing path) ---------------------------------------------------------------------------
 
     def get(self, uid: str) -> PodRecord | None:
-        return self._pods.get(uid)
+        rec = self._pods.get(uid)
+        if rec is None and self._by_mirror:
+            # a static pod: the node knows it by kubelet's uid, the API server's mirror pod has its own
+            api_uid = self._by_mirror.get(uid)
+            rec = self._pods.get(api_uid) if api_uid else None
+        return rec
 
     def by_name(self, namespace: str, name: str) -> PodRecord | None:
         uid = self._by_name.get((namespace, name))
@@ -502,15 +522,28 @@ class PodCache:
 
     def _index(self, rec: PodRecord) -> None:
         self._by_name[(rec.namespace, rec.name)] = rec.uid
-        if rec.ip:
+        if self._takes_ip(rec):
             self._by_ip[rec.ip] = rec.uid
         for cid in rec.container_ids:
             self._by_cid[cid] = rec.uid
+        if rec.mirror_uid:
+            self._by_mirror[rec.mirror_uid] = rec.uid
+
+    def _takes_ip(self, rec: PodRecord) -> bool:
+        """Whether the pod gets its IP's index entry: not from a live pod that started later (an old pod's update
+        arriving after the CNI gave its IP to a new pod; the collector's k8sattributes guards the same way)."""
+        if not rec.ip:
+            return False
+        holder = self._pods.get(self._by_ip.get(rec.ip, ""))
+        return (holder is None or holder.uid == rec.uid or holder.deleted_at is not None or not rec.started
+                or rec.started >= holder.started)
 
     def _indexed(self, rec: PodRecord) -> bool:
         uid = rec.uid
-        return (self._by_name.get((rec.namespace, rec.name)) == uid and (not rec.ip or self._by_ip.get(rec.ip) == uid)
-                and all(self._by_cid.get(cid) == uid for cid in rec.container_ids))
+        return (self._by_name.get((rec.namespace, rec.name)) == uid
+                and (not self._takes_ip(rec) or self._by_ip.get(rec.ip) == uid)
+                and all(self._by_cid.get(cid) == uid for cid in rec.container_ids)
+                and (not rec.mirror_uid or self._by_mirror.get(rec.mirror_uid) == uid))
 
     def _unindex(self, rec: PodRecord) -> None:
         # only entries still pointing at this pod: a newer pod may have taken the name or the IP
@@ -518,6 +551,8 @@ class PodCache:
             del self._by_name[(rec.namespace, rec.name)]
         if rec.ip and self._by_ip.get(rec.ip) == rec.uid:
             del self._by_ip[rec.ip]
+        if rec.mirror_uid and self._by_mirror.get(rec.mirror_uid) == rec.uid:
+            del self._by_mirror[rec.mirror_uid]
         for cid in rec.container_ids:
             if self._by_cid.get(cid) == rec.uid:
                 del self._by_cid[cid]

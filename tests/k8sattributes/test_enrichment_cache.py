@@ -111,7 +111,7 @@ def test_process_pid_association_is_not_cached(make_processor, tmp_path):
 
 def _rec(uid: str, labels: dict) -> PodRecord:
     from types import MappingProxyType as M
-    return PodRecord(uid, "n", "ns", "", M(dict(labels)), M({}), M({"k8s.pod.uid": uid}), M({}), M({}))
+    return PodRecord(uid, "n", "ns", "", M(dict(labels)), M({"k8s.pod.uid": uid}), M({}), M({}))
 
 
 def test_pod_cache_generation():

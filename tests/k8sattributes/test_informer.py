@@ -4,12 +4,15 @@ responses, outages)."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Mapping
 
 from harness import wait_for
 from harness.apiserver import owned, pod
 from opentelemetry.sdk.resources import Resource
 
+from podmeter.component import Host
 from podmeter.metrics import MetricsBuilder, MetricSpec, iter_points
 
 from .conftest import NODE
@@ -452,3 +455,146 @@ def test_namespace_labels_for_cri_only_pods(api, make_processor):
     p = make_processor(api, host=host, extract={"labels": [{"key": "team", "from": "namespace"}]})
     wait_for(lambda: p.ns_reflector.synced.is_set(), what="the namespace list")
     assert p.attributes_for({"k8s.pod.uid": u})["k8s.namespace.label.team"] == "vision"
+
+
+def test_recreated_pod_with_the_same_name_keeps_its_own_metadata(api, make_processor):
+    """A StatefulSet pod deleted and recreated (same name, new uid): a resource carrying one uid must never get the
+    other pod's metadata through the name rule (CRI, nvml and podresources resources carry uid and name)."""
+    old, new = uid(), uid()
+    api.create("pods", "ml", pod("db-0", NODE, uid=old, labels={"rev": "1"}, owner=("StatefulSet", "db")))
+    p = make_processor(api, extract={"labels": [{"key": "rev"}]}, pod_delete_grace_period="1h")
+    assert p.ready(10)
+    api.outage()  # the informer misses the recreation for now
+    api.delete("pods", "ml", "db-0")
+    api.create("pods", "ml", pod("db-0", NODE, uid=new, labels={"rev": "2"}, owner=("StatefulSet", "db")))
+    # the new pod's first samples, before the informer knows it: nothing rather than the old pod's labels
+    assert p.attributes_for({"k8s.pod.uid": new, "k8s.pod.name": "db-0", "k8s.namespace.name": "ml"}) == {}
+    api.clear()
+    wait_for(lambda: p.cache.get(new), timeout=15, what="the recreated pod")
+    assert p.attributes_for({"k8s.pod.uid": new})["k8s.pod.label.rev"] == "2"
+    # the old pod's last samples after its grace period: nothing rather than the new pod's labels
+    p.cache.sweep(now=float("inf"))
+    assert p.cache.get(old) is None
+    assert p.attributes_for({"k8s.pod.uid": old, "k8s.pod.name": "db-0", "k8s.namespace.name": "ml"}) == {}
+    # a resource with no uid is still associated by name
+    assert p.attributes_for({"k8s.pod.name": "db-0", "k8s.namespace.name": "ml"})["k8s.pod.uid"] == new
+
+
+def test_static_pod_found_by_its_cgroup_uid(api, make_processor):
+    """A static pod runs under kubelet's uid (the config hash, which its cgroup and CRI sandbox carry); the API
+    server's mirror pod has another uid and names the hash in the kubernetes.io/config.mirror annotation."""
+    config_hash = "3b2f1e0d9c8b7a695847362514031f2e"
+    cid = "d" * 64
+    api.create("pods", "ml", pod(
+        "etcd-node-1", NODE, uid=(mirror := uid()), owner=("Node", NODE), host_network=True,
+        annotations={"kubernetes.io/config.mirror": config_hash, "kubernetes.io/config.hash": config_hash,
+                     "kubernetes.io/config.source": "file"},
+        containers={"etcd": "registry.k8s.io/etcd:3.5.15-0"}, container_ids={"etcd": f"containerd://{cid}"}))
+    host = Host()
+    p = make_processor(api, host=host)
+    assert p.ready(10)
+    got = resources(p.process(batch({"k8s.pod.uid": config_hash, "container.id": cid})))[0]
+    assert got["k8s.pod.name"] == "etcd-node-1" and got["k8s.namespace.name"] == "ml"
+    assert got["k8s.pod.uid"] == config_hash  # the resource's own value is kept, as for every attribute
+    assert got["k8s.container.name"] == "etcd"
+    (provider,) = host.lookup("pod_metadata")
+    assert provider.pod(config_hash)["k8s.pod.name"] == "etcd-node-1"
+    assert p.attributes_for({"k8s.pod.uid": mirror})["k8s.pod.name"] == "etcd-node-1"
+    api.delete("pods", "ml", "etcd-node-1")
+    wait_for(lambda: p.cache.get(mirror).deleted_at is not None, what="the mirror pod's deletion")
+    p.cache.sweep(now=float("inf"))
+    assert p.attributes_for({"k8s.pod.uid": config_hash}) == {}
+
+
+def test_completed_pod_does_not_keep_its_released_ip(api, make_processor):
+    """A completed Job pod stays in the API with its podIP, which the CNI has given to a new pod: the IP rule must
+    find the new pod, whatever order list or update events come in."""
+    done, fresh = uid(), uid()
+    api.create("pods", "ml", pod("zz-report-29012345-abcde", NODE, uid=done, ip="10.1.0.9", phase="Succeeded",
+                                 owner=("Job", "report-29012345")))
+    api.create("pods", "ml", pod("aa-web", NODE, uid=fresh, ip="10.1.0.9"))
+    p = make_processor(api)
+    assert p.ready(10)
+    assert p.attributes_for({"k8s.pod.ip": "10.1.0.9"})["k8s.pod.uid"] == fresh
+    api.patch("pods", "ml", "zz-report-29012345-abcde", {"metadata": {"labels": {"late": "update"}}})
+    wait_for(lambda: p.cache.get(done).labels.get("late"), what="the completed pod's late update")
+    assert p.attributes_for({"k8s.pod.ip": "10.1.0.9"})["k8s.pod.uid"] == fresh
+
+
+def test_old_pods_late_update_does_not_take_the_ip_of_a_newer_pod(api, make_processor):
+    """As the collector does: an IP goes to the pod that started last, not to the one updated last."""
+    old, new = uid(), uid()
+    older = pod("old", NODE, uid=old, ip="10.1.0.8")
+    older["status"]["startTime"] = "2026-11-24T17:00:00Z"
+    api.create("pods", "ml", older)
+    p = make_processor(api)
+    assert p.ready(10)
+    newer = pod("new", NODE, uid=new, ip="10.1.0.8")
+    newer["status"]["startTime"] = "2026-11-24T18:30:00Z"
+    api.create("pods", "ml", newer)
+    wait_for(lambda: p.cache.get(new), what="the new pod")
+    api.patch("pods", "ml", "old", {"metadata": {"labels": {"terminating": "yes"}}})
+    wait_for(lambda: p.cache.get(old).labels.get("terminating"), what="the old pod's late update")
+    assert p.attributes_for({"k8s.pod.ip": "10.1.0.8"})["k8s.pod.uid"] == new
+    gen = p.cache.generation
+    api.patch("pods", "ml", "old", {"metadata": {"labels": {"terminating": "yes"}}})  # a no-op update
+    api.create("pods", "ml", pod("marker", NODE, uid=(marker := uid())))
+    wait_for(lambda: p.cache.get(marker), what="a later event")
+    assert p.cache.generation == gen + 1  # only the marker: the unchanged old pod is not re-indexed every time
+
+
+def test_unextracted_annotations_are_not_kept(api, make_processor):
+    """kubectl's last-applied-configuration and other annotations can be hundreds of KiB per pod: only what a rule
+    extracts is kept, and a change of an annotation nobody extracts changes nothing readers see."""
+    big = "x" * 200_000
+    api.create("pods", "ml", pod("p", NODE, uid=(u := uid()), annotations={
+        "kubectl.kubernetes.io/last-applied-configuration": big, "owner": "ana"}))
+    p = make_processor(api, extract={"annotations": [{"key": "owner"}]})
+    assert p.ready(10)
+    rec = p.cache.get(u)
+    assert rec.attrs["k8s.pod.annotation.owner"] == "ana"
+    assert not any(isinstance(v, Mapping) and big in v.values()
+                   for v in (getattr(rec, f.name) for f in dataclasses.fields(rec)))
+    gen = p.cache.generation
+    api.patch("pods", "ml", "p", {"metadata": {"annotations": {"kubectl.kubernetes.io/last-applied-configuration": "y"}}})
+    api.create("pods", "ml", pod("marker", NODE, uid=(marker := uid())))
+    wait_for(lambda: p.cache.get(marker), what="a later event")
+    assert p.cache.generation == gen + 1
+
+
+def test_node_from_env_var(api, make_processor, monkeypatch):
+    """The collector's filter.node_from_env_var: configurations written for it keep their node filter."""
+    monkeypatch.setenv("KUBE_NODE_NAME", NODE)
+    api.create("pods", "ml", pod("mine", NODE, uid=(mine := uid())))
+    api.create("pods", "ml", pod("theirs", "node-2", uid=uid()))
+    p = make_processor(api, filter={"node_from_env_var": "KUBE_NODE_NAME"})
+    assert p.ready(10)
+    assert p.cache.uids() == [mine]
+    assert all(r.query.get("fieldSelector") == f"spec.nodeName={NODE}" for r in api.asked("pods"))
+
+
+def test_lists_are_served_from_the_api_servers_cache(api, make_processor):
+    """As client-go's reflector: the first list asks for resourceVersion 0 (the API server's watch cache), a relist
+    after a 410 for the last version seen; without one, every node's agent makes etcd read all of the cluster's pods
+    (the field selector filters afterwards) at once after an API server restart."""
+    api.create("pods", "ml", pod("p", NODE, uid=uid()))
+    p = make_processor(api)
+    assert p.ready(10)
+    assert api.asked("pods", "list")[0].query.get("resourceVersion") == "0"
+    wait_for(lambda: api.open_watches() == 1, what="the watch to be open")
+    api.outage()
+    api.create("pods", "ml", pod("while-away", NODE, uid=(u := uid())))
+    api.compact()
+    api.clear()
+    wait_for(lambda: p.cache.get(u), timeout=15, what="the relist after 410")
+    relist = api.asked("pods", "list")[1]
+    assert int(relist.query.get("resourceVersion", "0")) > 0
+
+
+def test_list_refused_for_its_resource_version_reads_from_etcd(api, make_processor):
+    api.fail("pods", "list", code=410, times=1)
+    api.create("pods", "ml", pod("p", NODE, uid=(u := uid())))
+    p = make_processor(api)
+    assert p.ready(10) and p.cache.get(u) is not None
+    first, second = api.asked("pods", "list")[:2]
+    assert first.query.get("resourceVersion") == "0" and "resourceVersion" not in second.query
