@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_collect)
 
-    p = sub.add_parser("inspect", help="what podmeter knows of a cgroup line/path or a PID",
-                       description="podmeter inspect cgroup LINE_OR_PATH | podmeter inspect pid PID [--config F]")
+    # inspect parses its own arguments, --help included (podmeter.inspect); argparse only routes to it
+    p = sub.add_parser("inspect", help="what podmeter knows of a cgroup line/path or a PID", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_inspect)
     return parser
@@ -217,15 +217,26 @@ def main(argv: list[str] | None = None) -> int:
     # parsing is inside the try: a Ctrl-C while argparse imports what it needs is an interrupt, not a traceback
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        # REMAINDER takes nothing that starts with "-" before inspect's first word (`inspect --help`): pass it on
+        args, unknown = parser.parse_known_args(argv)
+        if getattr(args, "command", None) == "inspect":
+            args.rest = unknown + args.rest
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so that a reader gone away is caught below
+        return code
     except SystemExit as exc:
         return int(exc.code or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`podmeter components | head -1`): stop quietly; what is still buffered goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug: one line, not a traceback, unless asked
         if os.environ.get("PODMETER_DEBUG"):
             raise

@@ -1,7 +1,7 @@
 """`podmeter inspect`: what podmeter makes of a cgroup line or path, or of a running process.
 
     podmeter inspect cgroup LINE_OR_PATH     one /proc/<pid>/cgroup line (`12:memory:/...`, `0::/...`) or a bare
-                                             path; `-` reads lines from stdin (`cat /proc/1234/cgroup | ... -`)
+                                             path; a file (`/proc/1234/cgroup`) or `-` (stdin): its lines
     podmeter inspect pid PID [--proc-root DIR] [--config F ...] [--wait SECONDS]
 
 Prints JSON. Fields the input does not tell are null. Bad input is a message on stderr and exit status 2.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from podmeter.attribution import NOT_A_POD, cgroup_path_of, parse_cgroup, read_process
@@ -48,6 +49,9 @@ def _main(argv: list[str]) -> int:
             return 0
         raise _Usage("what to inspect? `cgroup` or `pid`")
     what, rest = argv[0], argv[1:]
+    if what in ("cgroup", "pid") and ("-h" in rest or "--help" in rest):
+        print(__doc__.strip())
+        return 0
     if what == "cgroup":
         return _cgroup(rest)
     if what == "pid":
@@ -58,8 +62,18 @@ def _main(argv: list[str]) -> int:
 def _cgroup(args: list[str]) -> int:
     if len(args) != 1:
         raise _Usage("`inspect cgroup` takes one cgroup line or path (quote it)")
-    if args[0] == "-":
-        lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if args[0] == "-" or os.path.isfile(args[0]):
+        # `-` or a file such as /proc/<pid>/cgroup (no cgroup path is a regular file): its lines. Bytes: a stray
+        # non-UTF-8 byte is replaced, as when the receivers read /proc/<pid>/cgroup, whatever the locale
+        try:
+            if args[0] == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args[0], "rb") as f:
+                    data = f.read(1 << 20)
+        except OSError as exc:
+            raise _Usage(f"cannot read {args[0]}: {exc.strerror}") from None
+        lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
     else:
         lines = [line for line in args[0].splitlines() if line.strip()] or [args[0]]
     # several lines (a whole /proc/<pid>/cgroup): the one that says most, the v2 line first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,25 @@ def test_inspect_pid_with_a_config_without_k8sattributes(tmp_path, capsys):
     assert inspect.main(["pid", str(os.getpid()), "--config", str(cfg)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["pod_metadata"] is None and doc["pod_metadata_note"]
+
+
+def test_stdin_that_is_not_utf8_under_a_strict_locale():
+    """`cat cgroup-dump | podmeter inspect cgroup -` in a UTF-8 locale (strict decoding) with a stray byte: parsed,
+    not an "internal error"."""
+    line, uid, cid, runtime, qos = CASES[0]
+    res = subprocess.run([sys.executable, "-m", "podmeter.cli", "inspect", "cgroup", "-"], capture_output=True,
+                         input=b"9:name=systemd:/\xff\xfe\n" + line.encode() + b"\n", timeout=60,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["pod_uid"] == uid
+
+
+def test_cgroup_file_given_as_the_path_is_read(tmp_path):
+    """`podmeter inspect cgroup /proc/1234/cgroup` (or a saved copy) reads the file's lines; it used to parse the file
+    name itself and print nulls, as if the process were not in a pod."""
+    line, uid, cid, _, _ = CASES[0]
+    saved = tmp_path / "cgroup"
+    saved.write_text("\n".join(["9:name=systemd:/", line, "0::/"]) + "\n")
+    res = run_cli("cgroup", str(saved))
+    assert res.returncode == 0, res.stderr
+    assert (json.loads(res.stdout)["pod_uid"], json.loads(res.stdout)["container_id"]) == (uid, cid)
