@@ -301,13 +301,18 @@ def _check_expanded_size(doc: Any, name: str, base: str = "") -> None:
         size(doc, base)
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a collector config is kilobytes; the largest seen in the wild is well under 1 MiB
+
+
 def read_yaml(path: str) -> Any:
     """One file's YAML, or a ConfigError naming the file (and line/column for syntax errors)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_CONFIG_BYTES + 1)  # bounded: `--config /dev/zero` must not take all memory
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; is this the configuration file?"])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -182,6 +182,14 @@ def test_non_utf8_file_names_file_and_offset(tmp_path):
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
 
 
+def test_endless_file_is_refused_without_reading_it_all():
+    # `--config /dev/zero` (or a log file given by mistake) used to be read whole: MemoryError, "internal error"
+    result = cli("validate", "--config", "/dev/zero")
+    assert result.returncode == 2, result.stderr
+    assert "/dev/zero: larger than 16 MiB" in result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+
+
 # -- 5. duplicate keys -----------------------------------------------------------------------------------------
 
 
