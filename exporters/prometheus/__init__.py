@@ -143,6 +143,8 @@ def _family_lines(fam: Family) -> bytes:
     """The sample lines of a translated family: `<name><key> <value>` each (see Family). Joined from the strings
     that already exist (the family name, the keys its resources' LabelSets keep, the values), so that no string
     per line is made on the way to the one bytes object that is kept."""
+    if fam.infos is not None:
+        return fam.info_lines().encode()
     name = fam.name
     return "".join([s for key, value in fam.samples.items() for s in (name, key, " ", value, "\n")]).encode()
 
@@ -238,8 +240,11 @@ class PrometheusExporter(Exporter):
             while families:
                 # taken out as it is rendered: its samples go now, not after the last family's
                 name, fam = families.popitem()
-                if name != "target_info":  # resources describing the same pod give the same target_info: fine
-                    duplicates += fam.duplicates
+                if fam.infos is not None:  # target_info: kept as labels too, to merge with other scopes' (below)
+                    out[name] = _Family(Family(fam.name, fam.type, fam.help, infos=fam.infos), len(fam.infos),
+                                        _family_lines(fam))
+                    continue
+                duplicates += fam.duplicates
                 out[name] = _Family(Family(fam.name, fam.type, fam.help), len(fam.samples), _family_lines(fam))
         now = time.monotonic()
         with self._lock:
@@ -285,6 +290,13 @@ class PrometheusExporter(Exporter):
             first = parts[0]
             if len(parts) == 1:
                 lines, n = first.lines, first.count
+            elif first.fam.infos is not None:
+                # target_info of entities several receivers describe: one per entity, their labels merged
+                merged = Family(name, first.fam.type, first.fam.help)
+                for rf in parts:
+                    for info in (rf.fam.infos or {}).values():
+                        merged.add_info(info)
+                lines, n = merged.info_lines().encode(), len(merged.infos or ())
             else:
                 samples: dict[bytes, bytes] = {}
                 for rf in parts:
@@ -293,8 +305,7 @@ class PrometheusExporter(Exporter):
                         continue
                     before = len(samples) + rf.count
                     samples.update(rf.samples())  # the scope listed later wins
-                    if name != "target_info":
-                        duplicates += before - len(samples)
+                    duplicates += before - len(samples)
                 lines, n = _lines(samples), len(samples)
             if not n:
                 continue

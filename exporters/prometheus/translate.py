@@ -223,11 +223,33 @@ class Family:
     help: str
     samples: dict[str, str] = field(default_factory=dict)
     duplicates: int = 0
+    # target_info only: promoted labels' key -> the resource's target_info (see add_info)
+    infos: dict[str, tuple] | None = None
 
     def add(self, key: str, value: str) -> None:
         if key in self.samples:
             self.duplicates += 1
         self.samples[key] = value
+
+    def add_info(self, info: tuple[str, tuple[tuple[str, str], ...]]) -> None:
+        """A resource's target_info: one per set of promoted labels, the entity its series are keyed by. Receivers
+        describing one container (cgroup, cri, ebpf) may know different things of it (the QoS class, the runtime);
+        one target_info each would make `* on (container_id) group_left(...) target_info` many-to-many. Their
+        labels are merged instead; where two disagree on a label, the one added later wins."""
+        if self.infos is None:
+            self.infos = {}
+        base = info[0]
+        have = self.infos.get(base)
+        if have is None:
+            self.infos[base] = info  # as rendered once per Resource: the usual case, nothing to merge
+        else:
+            merged = dict(have[1])
+            merged.update(info[1])
+            pairs = tuple(sorted(merged.items()))
+            self.infos[base] = (base, pairs, _braced(list(pairs)))
+
+    def info_lines(self) -> str:
+        return "".join([s for _, _, key in (self.infos or {}).values() for s in (self.name, key, " 1.0\n")])
 
 
 @dataclass
@@ -257,25 +279,27 @@ class Translator:
             fam = families.get("target_info")
             if fam is None:
                 fam = families["target_info"] = Family("target_info", "gauge", "Target metadata")
-            fam.add(info, "1.0")
+            fam.add_info(info)
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
                 self.metric(metric, rendered, families)
 
-    def _resource(self, resource) -> tuple[str | None, LabelSet]:
-        """(the key of the resource's target_info sample or None, its promoted labels rendered once for all its
-        points)."""
+    def _resource(self, resource) -> tuple[tuple | None, LabelSet]:
+        """(the resource's target_info: its promoted labels' key and all its label pairs, or None; its promoted
+        labels rendered once for all its points)."""
         attrs = dict(resource.attributes)
         promoted = {k: v for k, v in attrs.items() if self.promote(k)}
         base = labels_from(promoted)
         for k, v in self.const_labels.items():
             base.setdefault(k, v)
         info = None
+        promoted_labels = LabelSet(base)
         if self.target_info and attrs:
             labels = labels_from({k: v for k, v in attrs.items() if k not in promoted})
             labels.update(base)
-            info = series("", labels)
-        return info, LabelSet(base)
+            every = LabelSet(labels)
+            info = (promoted_labels.key, tuple(every.pairs), every.key)
+        return info, promoted_labels
 
     def metric(self, metric: Metric, base: LabelSet, families: dict[str, Family]) -> None:
         data = metric.data

@@ -300,7 +300,42 @@ def test_duplicates_keep_the_last_point_in_every_kind_of_series(exporter, kit):
     assert promtool_check_metrics(text)[0] == 0
     assert kit.sample(telemetry, "podmeter_prometheus_dropped_points_total", component="prometheus",
                       cause="duplicate_series") == 1 + 1 + 5
-    assert text.count("target_info{") == 2  # host.name is in target_info: two resources, two series
+    # one target_info per entity, as for its series: the resources' labels merged, the later one's value kept
+    assert [line for line in text.splitlines() if line.startswith("target_info{")] == [
+        'target_info{host_name="b",k8s_pod_uid="u"} 1.0']
+
+
+def test_one_target_info_per_entity_whatever_the_receivers_know(exporter, kit):
+    """Receivers describing one container know different things of it (cgroup the QoS class, cri the runtime):
+    one target_info each made `* on (container_id) group_left(...) target_info` many-to-many (a PromQL error). Their
+    labels are merged into one target_info per set of promoted labels, within a batch and across receivers."""
+    from podmeter.metrics import MetricsBuilder
+
+    exp, port, _ = exporter()
+    ident = {"k8s.pod.uid": "u", "container.id": "c" * 64}
+    cgroup = MetricsBuilder("podmeter/receiver/cgroup", kit.START_NS)
+    cgroup.add(kit.MEM, 7, resource={**ident, "k8s.pod.qos_class": "Burstable"})
+    cri = MetricsBuilder("podmeter/receiver/cri", kit.START_NS)
+    cri.add(kit.MEM, 7, resource={**ident, "container.runtime.name": "containerd"})
+    cri.add(kit.CPU, 1.0, {"cpu.mode": "user"}, resource={**ident, "container.image.name": "app"})
+    cri.add(kit.CPU, 1.0, {"cpu.mode": "user"}, resource={"k8s.pod.uid": "other", "container.image.name": "x"})
+    exp.export(cgroup.build())
+    exp.export(cri.build())
+    _, text = scrape(port)
+    infos = sorted(line for line in text.splitlines() if line.startswith("target_info{"))
+    assert infos == [
+        f'target_info{{container_id="{"c" * 64}",container_image_name="app",container_runtime_name="containerd",'
+        'k8s_pod_qos_class="Burstable",k8s_pod_uid="u"} 1.0',
+        'target_info{container_image_name="x",k8s_pod_uid="other"} 1.0']
+    assert promtool_check_metrics(text)[0] == 0
+    # a receiver's next batch replaces what it said: the merged labels follow
+    cgroup = MetricsBuilder("podmeter/receiver/cgroup", kit.START_NS)
+    cgroup.add(kit.MEM, 7, resource={**ident, "k8s.pod.qos_class": "Guaranteed"})
+    exp.export(cgroup.build())
+    _, text = scrape(port)
+    assert sum('k8s_pod_qos_class="Guaranteed"' in line for line in text.splitlines()
+               if line.startswith("target_info{")) == 1
+    assert "Burstable" not in text
 
 
 def test_resource_to_telemetry_conversion_and_exact_names(exporter, kit):
