@@ -30,8 +30,12 @@ TCP_RETRANSMITS = MetricSpec("container.tcp.retransmits", "sum", "{segment}",
 TCP_CONNECTIONS = MetricSpec("container.tcp.connections", "sum", "{connection}",
                              "TCP connections opened: outbound (connect) and inbound (accepted)",
                              attributes=("network.connection.direction",))
-OOM_KILLS = MetricSpec("container.memory.oom_kills", "sum", "{kill}",
-                       "Tasks of the container killed by the OOM killer (any memory cgroup's limit or the node's)")
+# The same count as the cgroup receiver's container.memory.oom.kills (memory.events oom_kill: kills by any OOM
+# killer), so the same name and unit, and off by default: both on in one pipeline would be two sources of one series
+# (the prometheus exporter keeps one). For nodes where the cgroup receiver does not run.
+OOM_KILLS = MetricSpec("container.memory.oom.kills", "sum", "{process}",
+                       "Processes of the container killed by the OOM killer (any memory cgroup's limit or the "
+                       "node's); the cgroup receiver's metric, counted from the kernel event instead", enabled=False)
 MAJOR_FAULTS = MetricSpec("container.memory.major_page_faults", "sum", "{fault}",
                           "Major page faults (a page read from disk) of the container's tasks")
 

@@ -104,7 +104,7 @@ def test_oom_kill_in_memory_limited_cgroup(receiver_factory, pod, workload, seri
     mem = [h for h in hierarchies() if h.endswith("/memory")] or ([v2_root()] if os.path.exists(
         f"{v2_root()}/cgroup.subtree_control") and "memory" in open(f"{v2_root()}/cgroup.controllers").read() else [])
     require(bool(mem), "needs a memory controller (cgroup v1 memory or v2 with memory enabled)")
-    r = receiver_factory(profile="minimal")
+    r = receiver_factory(profile="minimal", metrics={"container.memory.oom.kills": {"enabled": True}})
     if mem[0].endswith("/memory"):
         pod.set("memory", "memory.limit_in_bytes", str(48 << 20))
     else:
@@ -113,7 +113,7 @@ def test_oom_kill_in_memory_limited_cgroup(receiver_factory, pod, workload, seri
     out = workload(pod, "alloc", 512, check=False)
     assert out["returncode"] == -9, out  # SIGKILLed by the OOM killer
     s = series(r.collect(), pod)
-    assert s[("container.memory.oom_kills", ())] == 1
+    assert s[("container.memory.oom.kills", ())] == 1
 
 
 def test_major_faults_match_getrusage(receiver_factory, pod, workload, series):
