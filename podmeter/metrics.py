@@ -127,15 +127,17 @@ class MetricsBuilder:
             value,
         ))
 
-    def adder(self, resource: Mapping[str, Any] | Resource) -> Callable[..., None]:
+    def adder(self, resource: Mapping[str, Any] | Resource, start_time_ns: int | None = None) -> Callable[..., None]:
         """`add` bound to one resource, for receivers that add many points per resource: `adder(resource)(spec,
         value, attributes)` is `add(spec, value, attributes, resource)` with the resource's bucket found once.
         `resource` is a dict of attributes, or a Resource the receiver keeps across collections (used as it is).
+        `start_time_ns`: the start of the resource's cumulative points, where it is not the builder's (a cgroup
+        made after the receiver started, or made again).
 
         `attributes` is kept as given, not copied: pass a dict made for the point (or None).
         """
         _attrs, points, specs = self._entry_of(resource)
-        start, now, point = self._start, self._time, number_point
+        start, now, point = start_time_ns or self._start, self._time, number_point
 
         def add(spec: MetricSpec, value: int | float | None, attributes: dict | None = None) -> None:
             if value is None or not spec.enabled:

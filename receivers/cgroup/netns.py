@@ -33,11 +33,16 @@ class PodNetwork:
         self.failures: list[str] = []  # this collection's problems with /proc, for the receiver to report
         self._kept: dict[str, tuple[int, bool]] = {}  # pod uid -> (fd of its process's /proc dir, on the node's net)
         self._host: str | None = None
+        # pod uid -> the network namespace its counters were last read in; pods read in another one this collection
+        # (the sandbox was made again: new interfaces, counters from 0) are in `renewed`
+        self._netns: dict[str, str] = {}
+        self.renewed: set[str] = set()
 
     def begin(self, host_netns: str | None) -> None:
         """A collection starts; `host_netns`: the node's network namespace (`net:[...]`), if known."""
         self._host = host_netns
         self.failures.clear()
+        self.renewed.clear()
 
     def read(self, uid: str, container_paths) -> bytes | None:
         """The pod's `net/dev`; None when there is nothing to report (on the node's network, no process, gone)."""
@@ -62,7 +67,13 @@ class PodNetwork:
                 self.failures.append(f"cannot open {self.proc_root}/{pid}: {exc.strerror}")
                 return None
             try:
-                on_host = self._host is not None and os.readlink("ns/net", dir_fd=fd) == self._host
+                try:
+                    netns = os.readlink("ns/net", dir_fd=fd)
+                except OSError as exc:
+                    if self._host is not None or exc.errno in GONE:
+                        raise
+                    netns = None  # the node's namespace unknown either: read net/dev all the same, as before
+                on_host = netns is not None and netns == self._host
                 data = None if on_host else self._net_dev(fd, uid)
             except OSError as exc:
                 os.close(fd)
@@ -74,6 +85,9 @@ class PodNetwork:
             if data is None and not on_host:
                 os.close(fd)
                 continue  # exited while read
+            if self._netns.setdefault(uid, netns) != netns:
+                self._netns[uid] = netns
+                self.renewed.add(uid)
             if self.keep and FD_BUDGET.take():
                 self._kept[uid] = (fd, on_host)
             else:
@@ -85,6 +99,8 @@ class PodNetwork:
         """Let go of the processes of pods no longer listed."""
         for uid in [uid for uid in self._kept if uid not in uids]:
             self._forget(uid)
+        if len(self._netns) > len(uids):
+            self._netns = {uid: ns for uid, ns in self._netns.items() if uid in uids}
 
     def close(self) -> None:
         for uid in list(self._kept):

@@ -18,7 +18,7 @@ from .config import CgroupReceiverConfig
 from .discovery import Discovery, Layout, detect_layout
 from .metrics import CONTAINER_METRICS, GROUP_OF, POD_METRICS
 from .netns import PodNetwork
-from .stats import FD_BUDGET, Reader, Stats
+from .stats import FD_BUDGET, Reader, Stats, read_small
 
 
 class CgroupReceiver(Receiver):
@@ -55,11 +55,19 @@ class CgroupReceiver(Receiver):
         self.network: PodNetwork | None = None
         self._next_search = 0.0
         self._prev_cpu: dict[tuple, tuple[float, float]] = {}  # cgroup key -> (cpu seconds, monotonic time)
+        # cgroup key -> start time of its cumulative series. A cgroup present at the first collection counts since
+        # before the receiver started: its series start at the receiver's start. One that appears later, or is made
+        # again under the same path (a static pod restarted keeps its uid, so its pod cgroup's path), counts from 0
+        # since the previous collection: its series start then, so that a backend sees a new series or a reset
+        # (OTel: a cumulative that restarts gets a new start time) instead of a counter going backward.
+        self._starts: dict[tuple, int] = {}
+        self._last_ns: int | None = None  # time of the previous collection
         # cgroup key -> (its CgroupRef, its Resource): one Resource object per cgroup for as long as it lives, which
         # the pipeline's caches (enrichment, the prometheus exporter's labels) then find again by identity
         self._resources: dict[tuple, tuple[CgroupRef, Resource]] = {}
         self._dev_names: dict[str, str] = {}
         self._summed: dict[str, _SummedPod] = {}  # pod uid -> its containers' counts, for pods without a cgroup
+        self._oom_v1: dict[str, _OomKillsV1] = {}  # pod uid -> its containers' OOM kills, on cgroup v1 memory
         root = config.cgroup_root
         # block device names: from the sysfs beside cgroup_root (/host/sys/dev/block for /host/sys/fs/cgroup) where
         # it is mounted, else this container's own /sys, which lists the host's block devices as well
@@ -107,7 +115,8 @@ class CgroupReceiver(Receiver):
         # fds of cgroups discovery no longer lists are closed before anything is read
         reader.retain(found.pods.keys() | found.containers.keys())
         reader.begin()
-        b = MetricsBuilder(self.scope, self.start_ns)
+        collect_ns = now_ns()
+        b = MetricsBuilder(self.scope, self.start_ns, time_ns=collect_ns)
         reader.errors.clear()
         seen: set[tuple] = set()
 
@@ -140,10 +149,21 @@ class CgroupReceiver(Receiver):
                 pods.setdefault(uid, []).append((None, found.containers[paths[0]]))
             summed = self._summed
             self._summed = {}
+            oom_v1, self._oom_v1 = self._oom_v1, {}
+            # cgroup v1 counts an OOM kill only in the victim's own memory cgroup (memory.oom_control is not
+            # hierarchical, unlike cgroup2's memory.events): a pod cgroup's own count stays 0 while its containers'
+            # processes are killed, so the pod's is its own plus its containers'
+            v1_kills = self.layout.memory is not None and not self.layout.memory.v2 and self.pod_groups.memory \
+                and self.pod_specs["memory.oom.kills"].enabled
             for uid, candidates in pods.items():
                 s, ref = self._read_pod(uid, candidates, per_pod_containers.get(uid, ()), summed, found.containers)
                 if s is None:
                     continue
+                if v1_kills and s.oom_kills is not None and uid not in self._summed:  # a pod cgroup's own count
+                    kills = self._oom_v1[uid] = oom_v1.get(uid) or _OomKillsV1()
+                    s.oom_kills += kills.total(found.containers_of.get(uid, ()), per_pod_containers.get(uid, ()),
+                                               found.containers, None if self.config.per_container
+                                               else self.layout.memory.root)
                 n_pods += 1
                 key = ("p", uid)
                 seen.add(key)
@@ -152,7 +172,16 @@ class CgroupReceiver(Receiver):
                 if network is not None:
                     net_dev = network.read(uid, found.containers_of.get(uid, ()))
                     if net_dev:
-                        self._network(b, net_dev, resource)
+                        # the pod's network counters restart with its cgroup's, and also when its sandbox is made
+                        # again in a new network namespace (the pod cgroup stays)
+                        net_key = ("n", uid)
+                        seen.add(net_key)
+                        net_start = self._starts.get(net_key)
+                        if uid in network.renewed:
+                            net_start = self._starts[net_key] = self._last_ns or self.start_ns
+                        elif net_start is None or net_start < self._starts[key]:
+                            net_start = self._starts[net_key] = self._starts[key]  # the pod's, as it moves
+                        self._network(b, net_dev, resource, net_start)
             if network is not None:
                 network.retain(pods)
                 if network.failures:
@@ -165,6 +194,9 @@ class CgroupReceiver(Receiver):
             self._prev_cpu = {k: v for k, v in self._prev_cpu.items() if k in seen}
         if len(self._resources) > len(seen):
             self._resources = {k: v for k, v in self._resources.items() if k in seen}
+        if len(self._starts) > len(seen):
+            self._starts = {k: v for k, v in self._starts.items() if k in seen}
+        self._last_ns = collect_ns
         if reader.errors:
             path, exc = reader.errors[0]
             self.telemetry.error("read", f"{len(reader.errors)} cgroup files unreadable, first {path}: "
@@ -202,12 +234,21 @@ class CgroupReceiver(Receiver):
         return kept[1]
 
     def _emit(self, b: MetricsBuilder, specs: _Specs, s: Stats, resource: Resource, key: tuple, t: float) -> None:
-        add = b.adder(resource)
+        prev = self._prev_cpu.get(key)
+        start = self._starts.get(key)
+        if start is None:
+            start = self._starts[key] = self.start_ns if self._last_ns is None else self._last_ns
+        elif s.renewed or prev is not None and s.cpu_total is not None and s.cpu_total < prev[0]:
+            # the cgroup was made again under the same path (its kept fds said so, or its CPU time went backward,
+            # which a cgroup's never does): its counters restarted, so its series restart with a new start time,
+            # and no CPU usage is computed across the two cgroups
+            start = self._starts[key] = self._last_ns or self.start_ns
+            prev = None
+        add = b.adder(resource, start)
         if s.cpu_user is not None:
             add(specs.cpu_time, s.cpu_user, {"cpu.mode": "user"})
             add(specs.cpu_time, s.cpu_system, {"cpu.mode": "system"})
         if s.cpu_total is not None:
-            prev = self._prev_cpu.get(key)
             self._prev_cpu[key] = (s.cpu_total, t)
             if prev is not None and t > prev[1] and s.cpu_total >= prev[0]:
                 cores = (s.cpu_total - prev[0]) / (t - prev[1])
@@ -254,10 +295,10 @@ class CgroupReceiver(Receiver):
                 continue
         return None
 
-    def _network(self, b: MetricsBuilder, data: bytes, resource: Resource) -> None:
+    def _network(self, b: MetricsBuilder, data: bytes, resource: Resource, start: int) -> None:
         specs = self.pod_specs
         excluded = self.config.exclude_interfaces
-        add = b.adder(resource)
+        add = b.adder(resource, start)
         for iface, v in p.parse_net_dev(data).items():
             if iface in excluded:
                 continue
@@ -281,6 +322,38 @@ class CgroupReceiver(Receiver):
             if len(self._dev_names) < 4096:
                 self._dev_names[dev] = name
         return name
+
+
+class _OomKillsV1:
+    """The OOM kills of a pod's containers on cgroup v1, where each is counted in the victim's cgroup alone. What a
+    container counted stays counted once it is gone (kubelet restarts an OOM-killed container under a new id), as
+    cgroup2's hierarchical count keeps it: the last count read of a container no longer listed is kept in `gone`.
+    A container killed and removed between two collections is never read, so not counted (the ebpf receiver's OOM
+    kills see every one)."""
+
+    __slots__ = ("members", "gone")
+
+    def __init__(self) -> None:
+        self.members: dict[str, int] = {}  # container cgroup -> its last count
+        self.gone = 0
+
+    def total(self, paths, read: list[tuple[str, Stats]], listed, memory_root: str | None) -> int:
+        """`read`: the pod's containers as read this collection; `memory_root`: where to read their kills instead
+        (per_container off: containers of a pod with a cgroup are not read, only this one file of theirs)."""
+        counts = {path: cs.oom_kills for path, cs in read if cs.oom_kills is not None}
+        if memory_root is not None:
+            for path in paths:
+                n = p.parse_flat(read_small(f"{memory_root}{path}/memory.oom_control")).get(b"oom_kill")
+                if n is not None:
+                    counts[path] = n
+        for path, last in self.members.items():
+            if path not in counts:
+                if path in listed:
+                    counts[path] = last  # listed but not readable this time
+                else:
+                    self.gone += last  # gone for good (container ids are not reused)
+        self.members = counts
+        return self.gone + sum(counts.values())
 
 
 class _SummedPod:

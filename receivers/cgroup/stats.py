@@ -44,6 +44,9 @@ class Stats:
     pids_limit: int | None = None
     psi: dict[tuple[str, str], float] = field(default_factory=dict)  # (resource, some|full) -> seconds
     found: bool = False  # at least one file was read: the cgroup exists
+    # a kept fd said the cgroup was removed and a cgroup of the same path answered instead: its counters started
+    # again from 0 (the receiver gives its series a new start time)
+    renewed: bool = False
 
     # values that add up across containers (for pods that have no cgroup of their own); limits and PSI do not
     ADDITIVE = ("cpu_user", "cpu_system", "cpu_total", "periods", "throttled_periods", "throttled_time",
@@ -171,6 +174,7 @@ class Reader:
         self._whole: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
         self._cur: dict[str, int] | None = None  # the fds of the cgroup being read by path
         self._vanished = False  # a kept fd of the cgroup being read said it was removed
+        self._renewed = False  # ...and the file opened again by path: a new cgroup of the same name
         self._partial = False  # a file of the cgroup being read by path was read without keeping its fd
         # cgroup -> (memory limit, pids limit, whether a CPU quota is set)
         self._limits: dict[str, tuple[int | None, int | None, bool | None]] = {}
@@ -258,6 +262,8 @@ class Reader:
             elif exc.errno not in GONE:
                 self.errors.append((path, exc))
             return None
+        if reopening:
+            self._renewed = True
         return self._first_read(path, fd, fds)
 
     def _first_read(self, path: str, fd: int, fds: dict[str, int]) -> bytes | None:
@@ -307,12 +313,17 @@ class Reader:
         fds = self._fds.get(rel)
         if fds is None and self.max_open > 0:
             fds = self._fds[rel] = {}
-        self._cur, self._vanished, self._partial = fds, False, False
+        self._cur, self._vanished, self._partial, self._renewed = fds, False, False, False
         n_errors = len(self.errors)
         try:
             s = self._read(rel, self.text, groups)
         finally:
             self._cur = None
+        if self._renewed and not self._vanished:
+            # the cgroup was made again under the same name (a static pod restarted keeps its uid): a new cgroup,
+            # whose limits are read anew on the next collection
+            s.renewed = True
+            self._limits.pop(rel, None)
         if self._vanished or not s.found:
             self._close(rel)  # removed while read: nothing kept for it
             self._limits.pop(rel, None)
@@ -398,8 +409,13 @@ class Reader:
             base = lay.psi + rel
             psi = s.psi
             for res, path in (("cpu", "/cpu.pressure"), ("memory", "/memory.pressure"), ("io", "/io.pressure")):
-                for kind, total_us in p.parse_psi(text(base + path)).items():
+                data = text(base + path)
+                if data is not None:
+                    s.found = True  # a receiver reading only pressure (or IO) reports it all the same
+                for kind, total_us in p.parse_psi(data).items():
                     psi[_PSI_KEYS[res, kind]] = total_us / 1e6
+        if not (g.cpu or g.memory or g.io or g.pids or g.pressure):
+            s.found = True  # nothing to read here (the pod's network only): the cgroup is there, as listed
         return s
 
     def _cpu_quota_set(self, base: str, v2: bool) -> bool | None:
@@ -453,7 +469,10 @@ class Reader:
 
     def _io(self, base: str, v2: bool, s: Stats, text) -> None:
         if v2:
-            for dev, v in p.parse_io_stat(text(base + "/io.stat")).items():
+            data = text(base + "/io.stat")
+            if data is not None:
+                s.found = True  # an idle cgroup's io.stat is empty, and there all the same
+            for dev, v in p.parse_io_stat(data).items():
                 s.io[dev] = {"read_bytes": v.get(b"rbytes", 0), "write_bytes": v.get(b"wbytes", 0),
                              "read_ops": v.get(b"rios", 0), "write_ops": v.get(b"wios", 0)}
             return
@@ -461,6 +480,7 @@ class Reader:
         for suffix in ("_recursive", ""):
             by_bytes = text(f"{base}/blkio.throttle.io_service_bytes{suffix}")
             if by_bytes is not None:
+                s.found = True
                 ops = p.parse_blkio(text(f"{base}/blkio.throttle.io_serviced{suffix}"))
                 for dev, v in p.parse_blkio(by_bytes).items():
                     o = ops.get(dev, {})

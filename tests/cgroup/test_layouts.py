@@ -208,6 +208,34 @@ def test_groups_and_metric_switches(tmp_path):
     assert not any(n.startswith(("container.disk.", "container.pressure.", "k8s.pod.")) for n in names)
 
 
+ONLY = [(lay, only) for lay in LAYOUTS if lay.name in ("v1-cgroupfs-containerd", "v2-systemd-containerd",
+                                                         "hybrid-cgroupfs-containerd", "v2-containerd-colon-form")
+        for only in ("io", "pressure") if not (only == "pressure" and lay.version == "v1")]  # v1: no PSI files
+
+
+@pytest.mark.parametrize("layout,only", ONLY, ids=[f"{lay.name}-{only}" for lay, only in ONLY])
+def test_a_receiver_reading_only_io_or_pressure_reports_them(tmp_path, layout, only):
+    """A cgroup counted as there only when its CPU, memory or PIDs files were read made a receiver configured for
+    IO or pressure alone (a second pipeline with its own interval, say) report nothing at all."""
+    groups = {g: g == only for g in ("cpu", "memory", "io", "pids", "pressure", "network")}
+    receiver, data = _collect(tmp_path, layout, groups=groups)
+    pod, (_d, cid, _rt) = layout.pods[0], layout.pods[0].containers[0]
+    c, p = {"container.id": cid}, {"k8s.pod.uid": pod.uid}
+    if only == "io":
+        read = {"system.device": "vda", "disk.io.direction": "read"}
+        assert value(data, "container.disk.io", c, read) == 1048576
+        assert value(data, "k8s.pod.disk.io", p, read) == 1048576 * (1 if pod.dir else len(pod.containers))
+    else:
+        some_cpu = {"pressure.resource": "cpu", "pressure.type": "some"}
+        assert value(data, "container.pressure.stall_time", c, some_cpu) == pytest.approx(1.5)
+        if pod.dir:
+            assert value(data, "k8s.pod.pressure.stall_time", p, some_cpu) == pytest.approx(1.5)
+    assert not [n for _r, n, _a, _v in points(data) if ".memory." in n or ".cpu." in n or ".pids." in n]
+    # and the files stay kept between collections: a cgroup found is not taken for gone
+    assert receiver.reader.kept(layout.pods[0].containers[0][0]) > 0
+    receiver.shutdown()
+
+
 def test_a_metric_switched_off_for_containers_only_is_not_read_for_containers(tmp_path):
     """Files are read per kind of cgroup for the metrics enabled at that level: with container PSI off, pods keep
     theirs and containers' pressure files are never opened."""

@@ -106,3 +106,56 @@ def test_pods_that_go_let_their_process_go(tmp_path):
     shutil.rmtree(f"{root}{pod.dir}")
     receiver.collect()
     assert pod.uid not in receiver.network._kept
+
+
+def test_a_receiver_reading_only_the_network_reports_it(tmp_path):
+    """With every cgroup file group off, pods are still there (discovery listed them) and their network is read."""
+    root, proc, pod, procs_file = _node(tmp_path)
+    _process(proc, 123, "net:[4026532001]", rx=1000, tx=2000)
+    _in_pod(procs_file, 123)
+    receiver = make_receiver(cgroup_root=root, proc_root=proc, groups={
+        "cpu": False, "memory": False, "io": False, "pids": False, "pressure": False})
+    data = receiver.collect()
+    assert value(data, "k8s.pod.network.io", {"k8s.pod.uid": pod.uid}, RX) == 1000
+    assert receiver.reader.kept() == 0  # no cgroup file was read
+    receiver.shutdown()
+
+
+def test_a_sandbox_made_again_starts_new_network_series(tmp_path):
+    """The pod cgroup stays while kubelet makes the pod's sandbox again (its pause container died): the new network
+    namespace counts from 0, so the pod's network series get a new start time (OTel's mark of a reset). Another
+    process in the same namespace changes nothing."""
+    root, proc, pod, procs_file = _node(tmp_path)
+    _process(proc, 123, "net:[4026532001]", rx=50_000)
+    _in_pod(procs_file, 123)
+    receiver = make_receiver(cgroup_root=root, proc_root=proc)
+    p = {"k8s.pod.uid": pod.uid}
+
+    def rx_point(data):
+        [pt] = [pt for rm in data.resource_metrics if dict(rm.resource.attributes) == {**p, "k8s.pod.qos_class": "Burstable"}
+                for sm in rm.scope_metrics for m in sm.metrics if m.name == "k8s.pod.network.io"
+                for pt in m.data.data_points if dict(pt.attributes) == RX]
+        return pt
+
+    first = rx_point(receiver.collect())
+    assert first.value == 50_000 and first.start_time_unix_nano == receiver.start_ns
+    # another process of the pod, the same namespace: the same series
+    shutil.rmtree(f"{proc}/123")
+    _process(proc, 124, "net:[4026532001]", rx=60_000)
+    _in_pod(procs_file, 124)
+    same = rx_point(receiver.collect())
+    assert same.value == 60_000 and same.start_time_unix_nano == first.start_time_unix_nano
+    # the sandbox made again: a new namespace, its counters from 0
+    shutil.rmtree(f"{proc}/124")
+    _process(proc, 456, "net:[4026532002]", rx=700)
+    _in_pod(procs_file, 456)
+    renewed = rx_point(receiver.collect())
+    assert renewed.value == 700 and renewed.start_time_unix_nano >= same.time_unix_nano
+    later = rx_point(receiver.collect())
+    assert later.start_time_unix_nano == renewed.start_time_unix_nano
+    # the pod's cgroup counters go on under their own start time
+    mem = [pt for rm in receiver.collect().resource_metrics if rm.resource.attributes.get("k8s.pod.uid") == pod.uid
+           and "container.id" not in rm.resource.attributes for sm in rm.scope_metrics for m in sm.metrics
+           if m.name == "k8s.pod.cpu.time" for pt in m.data.data_points]
+    assert mem and all(pt.start_time_unix_nano == receiver.start_ns for pt in mem)
+    receiver.shutdown()
