@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -39,6 +40,9 @@ GiB = 1 << 30
 NODE = "node-1"
 UUID0 = "GPU-d0d0d0d0-1111-2222-3333-444444444444"
 UUID1 = "GPU-d1d1d1d1-1111-2222-3333-444444444444"
+UUID2 = "GPU-d2d2d2d2-1111-2222-3333-444444444444"  # in MIG mode
+MIG1 = "MIG-11111111-1111-2222-3333-444444444444"
+MIG2 = "MIG-22222222-1111-2222-3333-444444444444"
 # Grafana's values for the template variables in this test (multi-value variables become regex alternatives)
 VARIABLES = {"$node": NODE, "$namespace": "ml|web", "$pod": "trainer-0|web-0", "$__rate_interval": "20s",
              "$__range": "15m", "$__interval": "1s"}
@@ -54,10 +58,20 @@ def panels(dash: dict) -> list[dict]:
     return [p for p in dash["panels"] if p["type"] != "row"]
 
 
-def substitute(expr: str) -> str:
-    for var in sorted(VARIABLES, key=len, reverse=True):
-        expr = expr.replace(var, VARIABLES[var])
+def substitute(expr: str, variables: dict[str, str] | None = None) -> str:
+    variables = VARIABLES if variables is None else variables
+    for var in sorted(variables, key=len, reverse=True):
+        expr = expr.replace(var, variables[var])
     return expr
+
+
+def all_selected() -> dict[str, str]:
+    """The variables as Grafana substitutes them when `All` is selected: each one's allValue."""
+    out = dict(VARIABLES)
+    for v in load()["templating"]["list"]:
+        if v.get("includeAll"):
+            out[f"${v['name']}"] = v["allValue"]
+    return out
 
 
 def selectors(expr: str) -> set[str]:
@@ -167,6 +181,39 @@ def test_promql_parses():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _seconds(duration: str) -> float:
+    return sum(float(n) * {"ms": .001, "s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)(ms|s|m|h)", duration))
+
+
+def test_rate_windows_hold_enough_scrapes_of_the_shipped_monitors():
+    """Grafana's $__rate_interval is max($__interval + S, 4 S), S being the panel's min interval or else the
+    data source's scrape interval (15s unless someone changed it). The shipped ServiceMonitor and PodMonitor scrape
+    the metrics port every 30s and the telemetry port every 60s: with S = 15s a 60s window holds one telemetry
+    sample (no rate at all) and two metric samples (a gap at every missed scrape). Each panel that rates must
+    say its endpoint's interval, so that the window is at least four scrapes, as Grafana and Prometheus advise."""
+    intervals: dict[str, float] = {}
+    for rel in ("k8s/base/servicemonitor.yaml", "k8s/overlays/podmonitor/podmonitor.yaml"):
+        with open(os.path.join(ROOT, rel)) as f:
+            spec = yaml.safe_load(f)["spec"]
+        for ep in spec.get("endpoints") or spec.get("podMetricsEndpoints"):
+            intervals[ep["port"]] = max(intervals.get(ep["port"], 0), _seconds(ep["interval"]))
+    assert set(intervals) == {"metrics", "telemetry"}, intervals
+    telemetry = declared_telemetry_names()
+    problems = []
+    for p in panels(load()):
+        for t in p["targets"]:
+            if "$__rate_interval" not in t["expr"]:
+                continue
+            names = selectors(t["expr"])
+            scraped = max(intervals["telemetry" if name in telemetry else "metrics"] for name in names)
+            s = _seconds(p.get("interval") or "15s")
+            window = max(s + s, 4 * s)  # $__interval is at least the min interval S
+            if window < 4 * scraped:
+                problems.append(f"panel {p['title']!r} {t['refId']}: $__rate_interval can be {window:g}s over series "
+                                f"scraped every {scraped:g}s")
+    assert not problems, "\n".join(problems)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # every panel against a real Prometheus scraping a real podmeter
 
@@ -187,12 +234,41 @@ def _limit_memory(pod: PodCgroup, nbytes: int) -> None:
             f.write(str(nbytes))
 
 
+def _working_set(pod: PodCgroup) -> int:
+    """The pod's working set as the kernel accounts it now (usage - inactive_file), the panel's ground truth."""
+    v1 = f"/sys/fs/cgroup/memory{pod.pod_path}"
+    base, usage, inactive = (v1, "memory.usage_in_bytes", "total_inactive_file") if os.path.isdir(v1) else \
+        (f"{v2_root()}{pod.pod_path}", "memory.current", "inactive_file")
+    with open(f"{base}/{usage}") as f:
+        used = int(f.read())
+    with open(f"{base}/memory.stat") as f:
+        stat = dict(line.split() for line in f)
+    return max(used - int(stat[inactive]), 0)
+
+
 def _has_data(rows) -> bool:
     return any(not math.isnan(v) for _, v in rows)
 
 
-@pytest.mark.slow
-def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
+class Live:
+    """What the `live` fixture started: the Prometheus, the pods, and what the workload did."""
+
+    prom: PrometheusServer
+    trainer: PodCgroup
+    web: PodCgroup
+    log_path: str
+    telemetry: int
+    retrans: int | None = None
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A real Prometheus scraping a real `podmeter run` (the DaemonSet's pipelines.yaml) on real pod cgroups.
+
+    trainer-0 (ml): two busy processes under half a core (throttled); process 1 on GPU 0 (10 GiB, 70% SM), process
+    2 on MIG device MIG1 of GPU 2 (8 GiB); the kubelet allocated it GPU 0 and MIG1. web-0 (web): idle, 48 MiB
+    limit, one process OOM-killed; allocated GPU 1, which it does not use. A process outside every pod uses 1 GiB
+    and 20% SM of GPU 0 (a host daemon): GPU 0 shows 12 GiB used and 65% busy in all."""
     require(os.geteuid() == 0, "needs root: pod-shaped cgroups, eBPF")
     prometheus_binary()
     for type_ in (*RECEIVERS, "prometheus", "k8sattributes"):
@@ -201,8 +277,9 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
     require(shutil.which("gcc") is not None, "needs gcc to build the fake libnvidia-ml.so.1")
     from harness.apiserver import ApiServer
     from harness.apiserver import pod as api_pod
-    from harness.fake_nvml import GPU, Process, Scenario, build_fake_nvml
+    from harness.fake_nvml import GPU, MigDevice, Process, Scenario, build_fake_nvml
 
+    tmp_path = tmp_path_factory.mktemp("dashboard")
     lib = build_fake_nvml()
     trainer = PodCgroup().create()
     web = PodCgroup(qos="guaranteed").create()
@@ -213,6 +290,8 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
         _limit_memory(web, 48 << 20)
         burners = [trainer.spawn([sys.executable, WORKLOAD, "burn"]) for _ in range(2)]
         web.spawn(["sleep", "600"])
+        host_daemon = subprocess.Popen(["sleep", "600"])  # in no pod
+        cleanup.append(lambda: stop_process(host_daemon, 5))
 
         api = ApiServer().start()
         cleanup.append(api.stop)
@@ -226,13 +305,18 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
 
         os.makedirs(tmp_path / "kubelet" / "pod-resources")
         socket_path = str(tmp_path / "kubelet" / "pod-resources" / "kubelet.sock")
-        kubelet = serve_podresources(socket_path, {("ml", "trainer-0", "main"): [UUID0],
+        kubelet = serve_podresources(socket_path, {("ml", "trainer-0", "main"): [UUID0, MIG1],
                                                    ("web", "web-0", "main"): [UUID1]})
         cleanup.append(lambda: kubelet.stop(0).wait())
 
         scenario = str(tmp_path / "nvml-scenario.txt")
-        Scenario(gpus=[GPU(uuid=UUID0, mem_used=12 * GiB, util_gpu=65), GPU(uuid=UUID1, util_gpu=0)],
-                 processes=[Process(pid=burners[0].pid, gpu=0, used_mem=10 * GiB, sm=70)]).write(scenario)
+        Scenario(gpus=[GPU(uuid=UUID0, mem_used=12 * GiB, util_gpu=65), GPU(uuid=UUID1, util_gpu=0),
+                       GPU(uuid=UUID2, mem_used=10 * GiB, mig=1)],
+                 mig=[MigDevice(gpu=2, gi=1, uuid=MIG1, mem_used=9 * GiB),
+                      MigDevice(gpu=2, gi=2, uuid=MIG2, mem_used=1 * GiB)],
+                 processes=[Process(pid=burners[0].pid, gpu=0, used_mem=10 * GiB, sm=70),
+                            Process(pid=burners[1].pid, gpu=2, gi=1, ci=0, used_mem=8 * GiB),
+                            Process(pid=host_daemon.pid, gpu=0, used_mem=1 * GiB, sm=20)]).write(scenario)
 
         # the DaemonSet's pipelines.yaml, with host paths, ports and the API server of this machine merged over it
         port, health, telemetry = free_port(), free_port(), free_port()
@@ -284,7 +368,8 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
             victim = web.spawn([sys.executable, WORKLOAD, "alloc", "512"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
             assert victim.wait(timeout=120) == -9, "the memory-limited process was not OOM-killed"
-            retrans = None
+            state = Live()
+            state.prom, state.trainer, state.web, state.log_path, state.telemetry = prom, trainer, web, log_path, telemetry
             if shutil.which("unshare") and shutil.which("tc") and shutil.which("ip"):
                 script = ("ip link set lo up && ip link set lo mtu 1500 && "
                           "tc qdisc add dev lo root tbf rate 20mbit burst 16kb limit 30000 && "
@@ -293,68 +378,167 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
                                   stderr=subprocess.PIPE, text=True)
                 out, err = p.communicate(timeout=180)
                 if p.returncode == 0:
-                    retrans = json.loads(out.strip().splitlines()[-1])["RetransSegs"]
-
-            problems = []
-            for p in panels(load()):
-                for t in p["targets"]:
-                    expr = substitute(t["expr"])
-                    try:
-                        prom.wait_for(expr, _has_data, timeout=60)
-                    except AssertionError:
-                        problems.append(f"panel {p['title']!r} {t['refId']}: no data for {expr}")
-            for v in load()["templating"]["list"]:
-                if v["type"] != "query":
-                    continue
-                m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["definition"])
-                rows = prom.query(f"group by ({m.group(2)}) ({substitute(m.group(1))})")
-                values = {r.get(m.group(2)) for r, _ in rows}
-                expected = {"node": {NODE}, "namespace": {"ml", "web"}, "pod": {"trainer-0", "web-0"}}[v["name"]]
-                if not expected <= values:
-                    problems.append(f"variable {v['name']}: {sorted(expected - values)} missing from {sorted(values)}")
-            assert not problems, "\n".join(problems) + f"\nagent log tail:\n{log_path.read_text()[-4000:]}"
-
-            # and the values mean what the panels say
-            def by_pod(expr):
-                return {r.get("k8s_pod_name"): v for r, v in prom.query(substitute(expr))}
-
-            gpu_mem = by_pod('sum by (k8s_namespace_name, k8s_pod_name) (process_gpu_memory_usage_bytes'
-                             '{node=~"$node", k8s_pod_name=~"$pod"})')
-            assert gpu_mem == {"trainer-0": 10 * GiB}
-            allocated = by_pod('count by (k8s_namespace_name, k8s_pod_name) (max by (k8s_namespace_name, '
-                               'k8s_pod_name, hw_id) (hw_gpu_allocation_ratio{k8s_pod_name=~"$pod"}))')
-            assert allocated == {"trainer-0": 1, "web-0": 1}
-            used = by_pod('sum by (k8s_namespace_name, k8s_pod_name) (process_gpu_utilization_ratio'
-                          '{hw_gpu_task="sm", k8s_pod_name=~"$pod"})')
-            assert used == {"trainer-0": pytest.approx(0.7)}  # web-0 holds a GPU it does not use
-            # the kill shows once a collection after it has been scraped
-            oom = prom.wait_for(substitute('sum by (k8s_pod_name) (container_memory_oom_kills_total'
-                                           '{k8s_pod_name=~"$pod"})'),
-                                lambda rows: {r["k8s_pod_name"]: v for r, v in rows}.get("web-0", 0) >= 1)
-            assert {r["k8s_pod_name"]: v for r, v in oom}.get("trainer-0") == 0
-            throttled = prom.wait_for(substitute(
-                'sum by (k8s_pod_name) (rate(container_cpu_throttling_data_throttled_periods_total'
-                '{k8s_pod_name="trainer-0"}[$__rate_interval]))'), lambda rows: rows and rows[0][1] > 0)
-            assert throttled
-            if retrans:
-                # the counter reaches the kernel's own count once the next collection is scraped
-                prom.wait_for('sum(container_tcp_retransmits_total{k8s_pod_name="trainer-0"})',
-                              lambda rows: rows and abs(rows[0][1] - retrans) <= 0.05 * retrans + 2)
-            else:
-                print("no retransmission happened (or no tc/unshare): the retransmit panel returned zeros only")
-            # one source per series: the shipped config keeps CRI and eBPF from duplicating cgroup's series
-            dup = prom.query('count by (k8s_pod_uid, container_id, cpu_mode) '
-                             '(container_cpu_time_seconds_total{k8s_pod_name=~"trainer-0|web-0"}) > 1')
-            assert dup == [], dup
-            with urllib.request.urlopen(f"http://127.0.0.1:{telemetry}/metrics", timeout=5) as r:
-                own = r.read().decode()
-            assert 'cause="duplicate_series"' not in own and 'cause="type_conflict"' not in own
-            print(own[-3000:])
+                    state.retrans = json.loads(out.strip().splitlines()[-1])["RetransSegs"]
+            yield state
         assert "Traceback" not in log_path.read_text()
-        print(log_path.read_text()[-3000:])
     finally:
         stop_process(agent, 20)
         for fn in reversed(cleanup):
             fn()
         trainer.destroy()
         web.destroy()
+
+
+@pytest.mark.slow
+def test_every_panel_query_returns_data_from_a_real_prometheus(live):
+    prom, log_path = live.prom, live.log_path
+    problems = []
+    for p in panels(load()):
+        for t in p["targets"]:
+            expr = substitute(t["expr"])
+            try:
+                prom.wait_for(expr, _has_data, timeout=60)
+            except AssertionError:
+                problems.append(f"panel {p['title']!r} {t['refId']}: no data for {expr}")
+    for v in load()["templating"]["list"]:
+        if v["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["definition"])
+        rows = prom.query(f"group by ({m.group(2)}) ({substitute(m.group(1))})")
+        values = {r.get(m.group(2)) for r, _ in rows}
+        expected = {"node": {NODE}, "namespace": {"ml", "web"}, "pod": {"trainer-0", "web-0"}}[v["name"]]
+        if not expected <= values:
+            problems.append(f"variable {v['name']}: {sorted(expected - values)} missing from {sorted(values)}")
+    assert not problems, "\n".join(problems) + f"\nagent log tail:\n{log_path.read_text()[-4000:]}"
+
+    if live.retrans:
+        # the counter reaches the kernel's own count once the next collection is scraped
+        prom.wait_for('sum(container_tcp_retransmits_total{k8s_pod_name="trainer-0"})',
+                      lambda rows: rows and abs(rows[0][1] - live.retrans) <= 0.05 * live.retrans + 2)
+    else:
+        print("no retransmission happened (or no tc/unshare): the retransmit panel returned zeros only")
+    # one source per series: the shipped config keeps CRI and eBPF from duplicating cgroup's series
+    dup = prom.query('count by (k8s_pod_uid, container_id, cpu_mode) '
+                     '(container_cpu_time_seconds_total{k8s_pod_name=~"trainer-0|web-0"}) > 1')
+    assert dup == [], dup
+    with urllib.request.urlopen(f"http://127.0.0.1:{live.telemetry}/metrics", timeout=5) as r:
+        own = r.read().decode()
+    assert 'cause="duplicate_series"' not in own and 'cause="type_conflict"' not in own
+    assert "Traceback" not in log_path.read_text()
+
+
+def _target(title: str, ref: str) -> dict:
+    [t] = [t for p in panels(load()) if p["title"] == title for t in p["targets"] if t["refId"] == ref]
+    return t
+
+
+def _legend(fmt: str, labels: dict) -> str:
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), fmt)
+
+
+def _shown(prom: PrometheusServer, title: str, ref: str, variables: dict, key=None) -> tuple[dict, list]:
+    """What the panel shows: {legend (or key(labels) for tables): value}, and what is wrong with its legends (two
+    series sharing one, a label no series has)."""
+    t = _target(title, ref)
+    out: dict = {}
+    clashes = []
+    rows = prom.query(substitute(t["expr"], variables))
+    if rows and not key:  # a legend naming a label no series has shows nothing where the user expects a name
+        present = {name for labels, _ in rows for name in labels}
+        clashes += [f"{{{{{name}}}}} is on no series" for name in re.findall(r"\{\{\s*(\w+)\s*\}\}", t["legendFormat"])
+                    if name not in present]
+    for labels, value in rows:
+        name = key(labels) if key else _legend(t["legendFormat"], labels)
+        if name in out:
+            clashes.append(name)
+        out[name] = value
+    return out, clashes
+
+
+def _near(value: float | None, expected: float, rel: float = 0.02, abs_: float = 1e-9) -> bool:
+    return value is not None and not math.isnan(value) and abs(value - expected) <= max(rel * abs(expected), abs_)
+
+
+@pytest.mark.slow
+def test_every_panel_shows_what_the_workload_did(live):
+    """Each panel's own expression, with the test's pods selected and with `All` selected, against what the pods,
+    GPUs and kernel did: values, not just data. A table of wrong values (or of series two legends share) fails."""
+    prom, trainer, web = live.prom, live.trainer, live.web
+    mib = 1 << 20
+    pods = lambda labels: (labels.get("k8s_pod_name", ""), labels.get("hw_id", ""))  # noqa: E731
+    errs = lambda labels: (labels.get("component", ""), labels.get("cause", ""))  # noqa: E731
+    checks = [
+        # GPU: trainer-0's two processes (10 GiB on GPU 0, 8 GiB on a MIG device); the host daemon is in no pod
+        ("GPU memory by pod", "A", None, lambda s: s == {"ml/trainer-0": 18 * GiB}),
+        ("GPU memory by namespace", "A", None, lambda s: s == {"ml": 18 * GiB}),
+        ("GPU utilization by pod", "A", None, lambda s: s.keys() == {"ml/trainer-0"} and _near(s["ml/trainer-0"], .7)),
+        ("GPU utilization by namespace", "A", None, lambda s: s.keys() == {"ml"} and _near(s["ml"], .7)),
+        ("GPUs allocated vs used by pod", "A", None,
+         lambda s: s == {"allocated ml/trainer-0": 2, "allocated web/web-0": 1}),
+        ("GPUs allocated vs used by pod", "B", None,
+         lambda s: s.keys() == {"used ml/trainer-0"} and _near(s["used ml/trainer-0"], .7)),
+        ("Allocated GPUs and their use", "A", pods,
+         lambda s: s.keys() == {("trainer-0", UUID0), ("web-0", UUID1)} and _near(s["trainer-0", UUID0], .65)
+         and s["web-0", UUID1] == 0),
+        ("Allocated GPUs and their use", "B", pods,
+         lambda s: s == {("trainer-0", UUID0): 12 * GiB, ("web-0", UUID1): 0, ("trainer-0", MIG1): 9 * GiB}),
+        ("GPU device utilization", "A", None,
+         lambda s: s.keys() == {f"{NODE} GPU 0", f"{NODE} GPU 1"} and _near(s[f"{NODE} GPU 0"], .65)
+         and s[f"{NODE} GPU 1"] == 0),
+        # GPU 0: 12 of 80 GiB; GPU 1: none; GPU 2 (MIG mode): 10 of 80 GiB, its MIG devices 9 and 1 of 10 GiB
+        ("GPU device memory used", "A", None,
+         lambda s: len(s) == 5 and all(_near(a, b) for a, b in zip(sorted(s.values()), [0, .1, .125, .15, .9], strict=True))),
+        # CPU: two busy processes under a quota of half a core; web-0 sleeps
+        ("CPU by pod", "A", None,
+         lambda s: s.keys() == {"ml/trainer-0", "web/web-0"} and .35 <= s["ml/trainer-0"] <= .7
+         and s["web/web-0"] < .05),
+        ("CPU by namespace", "A", None, lambda s: s.keys() == {"ml", "web"} and .35 <= s["ml"] <= .7 and s["web"] < .05),
+        ("CPU throttling by pod", "A", None, lambda s: s.get("periods ml/trainer-0", 0) > .8),
+        ("CPU throttling by pod", "B", None, lambda s: s.get("throttled time ml/trainer-0", 0) > .1),
+        # memory: the kernel's own working set of each pod now
+        ("Memory working set by pod", "A", None,
+         lambda s: s.keys() == {"ml/trainer-0", "web/web-0"}
+         and _near(s["ml/trainer-0"], _working_set(trainer), .15, 2 * mib)
+         and _near(s["web/web-0"], _working_set(web), .15, 2 * mib)),
+        ("Memory working set by namespace", "A", None,
+         lambda s: s.keys() == {"ml", "web"} and _near(s["ml"], _working_set(trainer), .15, 2 * mib)),
+        ("Memory working set vs limit by container", "A", None,
+         lambda s: s.keys() == {"web/web-0/main"} and _near(s["web/web-0/main"], _working_set(web) / (48 * mib), .15,
+                                                            .05)),
+        ("OOM kills by pod", "A", None,
+         lambda s: round(s.get("web/web-0", 0)) == 1 and s.get("ml/trainer-0") == 0),
+        # kernel (eBPF): trainer-0 sleeps 1 ms between bursts (a syscall and a voluntary switch each) and waits for
+        # its quota on the run queue
+        ("Run-queue latency p99 by pod", "A", None, lambda s: 0 < s.get("p99 ml/trainer-0", 0) <= 1.1),
+        ("Context switches by pod", "A", None, lambda s: s.get("voluntary ml/trainer-0", 0) > 10),
+        ("Syscall errors by pod", "B", None, lambda s: s.get("all ml/trainer-0", 0) > 10),
+        # the agent itself
+        ("Collection time p99 by receiver", "A", None,
+         lambda s: {f"{NODE} {r}" for r in RECEIVERS} <= s.keys() and all(0 < v < 10 for v in s.values())),
+        ("Errors by component and cause", "A", errs, lambda s: s.get(("cri", "socket_absent"), 0) >= 1),
+        ("Agent memory and CPU", "A", None, lambda s: 10 * mib < s.get(f"{NODE} memory", 0) < 2048 * mib),
+        ("Agent memory and CPU", "B", None, lambda s: 0 < s.get(f"{NODE} CPU cores", 0) <= 2),
+    ]
+    psi = prom.query('k8s_pod_pressure_stall_time_seconds_total{pressure_resource="cpu"}')
+    if psi:
+        checks.append(("Pressure stall by pod", "A", None, lambda s: s.get("cpu ml/trainer-0", 0) > .1))
+    problems = []
+    for name, variables in (("selected", VARIABLES), ("All", all_selected())):
+        pending = list(checks)
+        deadline = time.monotonic() + 60  # rates need a window of samples; counters the next collection
+        while pending:
+            last = {}
+            for check in list(pending):
+                title, ref, key, ok = check
+                shown, clashes = _shown(prom, title, ref, variables, key)
+                last[check] = (shown, clashes)
+                if not clashes and ok(shown):
+                    pending.remove(check)
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        for title, ref, key, ok in pending:
+            shown, clashes = last[title, ref, key, ok]
+            problems.append(f"{name}: panel {title!r} {ref} shows {shown}"
+                            + (f" (legend problems: {clashes})" if clashes else ""))
+    assert not problems, "\n".join(problems)
