@@ -161,6 +161,8 @@ class ProcessInfo:
             attrs["container.id"] = self.ref.container_id
         if self.ref.runtime:
             attrs["container.runtime.name"] = self.ref.runtime
+        if self.ref.qos_class:  # as the cgroup receiver says of the pod
+            attrs["k8s.pod.qos_class"] = self.ref.qos_class
         return attrs
 
 

@@ -44,7 +44,10 @@ from .informer import (
 
 POD_LEVEL = ("k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.pod.ip", "k8s.namespace.name", "k8s.node.name",
              "k8s.deployment.name", "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name",
-             "k8s.job.name", "k8s.cronjob.name")
+             "k8s.job.name", "k8s.cronjob.name", "k8s.pod.qos_class")
+# a container id's scheme in the pod status (containerd://...) -> container.runtime.name, as the cgroup receiver
+# names runtimes
+RUNTIMES = {"containerd": "containerd", "cri-o": "cri-o", "docker": "docker"}
 SWEEP_INTERVAL = 5.0  # the attribution cache's sweep, at most; a shorter pod_delete_grace_period sweeps as often
 # (deleted pods leave the pod table as soon as their grace period is over: PodCache.sweep is O(1) until then)
 # The enrichment cache (resource -> enriched resource) keeps what was used in the last ENRICH_ROTATE_CALLS to
@@ -115,7 +118,7 @@ class K8sAttributesProcessor(Processor):
         meta = set(config.extract.metadata)
         self.pod_keys = tuple(k for k in POD_LEVEL if k in meta)
         self.want_container = {k for k in ("k8s.container.name", "container.image.name", "container.image.tag",
-                                           "container.id") if k in meta}
+                                           "container.id", "container.runtime.name", "k8s.pod.qos_class") if k in meta}
         self.rules: list[_Rule] = []
         for kind, entries in (("labels", config.extract.labels), ("annotations", config.extract.annotations)):
             for e in entries:
@@ -293,6 +296,8 @@ class K8sAttributesProcessor(Processor):
             attrs["k8s.node.name"] = spec["nodeName"]
         if status.get("startTime"):
             attrs["k8s.pod.start_time"] = status["startTime"]
+        if status.get("qosClass"):
+            attrs["k8s.pod.qos_class"] = status["qosClass"]
         if ip:
             attrs["k8s.pod.ip"] = ip
         attrs.update(self._workload(md, ns, labels))
@@ -305,17 +310,19 @@ class K8sAttributesProcessor(Processor):
             if c.get("name"):
                 images[c["name"]] = parse_image(c.get("image", ""))
         cids = {}
+        runtime = ""
         for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
             for cs in status.get(key) or []:
                 if cs.get("containerID") and cs.get("name"):
                     cids[normalise_container_id(cs["containerID"])] = cs["name"]
+                    runtime = runtime or RUNTIMES.get(cs["containerID"].partition("://")[0], "")
                 # the previous instance's id (a restarted container's last samples)
                 last = ((cs.get("lastState") or {}).get("terminated") or {}).get("containerID")
                 if last and cs.get("name"):
                     cids[normalise_container_id(last)] = cs["name"]
         return PodRecord(uid, name, ns, index_ip, MappingProxyType(dict(labels)), MappingProxyType(attrs),
                          MappingProxyType(images), MappingProxyType(cids), started=status.get("startTime") or "",
-                         mirror_uid=str(annotations.get("kubernetes.io/config.mirror") or ""))
+                         mirror_uid=str(annotations.get("kubernetes.io/config.mirror") or ""), runtime=runtime)
 
     def _workload(self, md: dict, ns: str, labels: dict) -> dict:
         out: dict[str, str] = {}
@@ -558,6 +565,15 @@ class K8sAttributesProcessor(Processor):
                 rule.apply(labels, out)
         return out
 
+    def _qos_of(self, cid: str) -> str | None:
+        for cri in self._cri():
+            fn = getattr(cri, "container_pid", None)
+            pid = fn(cid) if fn else None
+            if pid:
+                info = self.attributor.lookup(pid)
+                return info.ref.qos_class if info is not None else None
+        return None
+
     def _container_attrs(self, match: _Match, attrs) -> dict:
         out: dict[str, Any] = {}
         cid = attrs.get("container.id") or match.container_id
@@ -567,7 +583,8 @@ class K8sAttributesProcessor(Processor):
         if not name and cid and rec is not None:
             name = rec.container_ids.get(cid)
         cri_attrs = None
-        if cid and (not name or rec is None):
+        want_runtime = "container.runtime.name" in self.want_container and not attrs.get("container.runtime.name")
+        if cid and (not name or rec is None or want_runtime and not rec.runtime):
             for cri in self._cri():
                 cri_attrs = cri.container(cid)
                 if cri_attrs:
@@ -577,6 +594,15 @@ class K8sAttributesProcessor(Processor):
             out["k8s.container.name"] = name
         if cid and "container.id" in self.want_container:
             out["container.id"] = cid
+        if cid and want_runtime:
+            runtime = (rec.runtime if rec is not None else "") or (cri_attrs or {}).get("container.runtime.name")
+            if runtime:
+                out["container.runtime.name"] = runtime
+        if cid and rec is None and "k8s.pod.qos_class" in self.want_container and not attrs.get("k8s.pod.qos_class"):
+            # no pod object (CRI metadata only): the QoS class is in the path of the container's cgroup
+            qos = self._qos_of(cid)
+            if qos:
+                out["k8s.pod.qos_class"] = qos
         image = rec.images.get(name) if rec is not None and name else None
         if image is None and cri_attrs:
             image = (cri_attrs.get("container.image.name"), cri_attrs.get("container.image.tag"))
@@ -599,5 +625,5 @@ factory = Factory(
     resource_attributes=("k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.namespace.name", "k8s.node.name",
                          "k8s.container.name", "container.image.name", "container.image.tag", "k8s.deployment.name",
                          "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name", "k8s.job.name",
-                         "k8s.cronjob.name"),
+                         "k8s.cronjob.name", "k8s.pod.qos_class", "container.runtime.name"),
 )

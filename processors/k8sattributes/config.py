@@ -14,12 +14,15 @@ METADATA_KEYS = (
     "k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.pod.ip", "k8s.namespace.name", "k8s.node.name",
     "k8s.container.name", "container.id", "container.image.name", "container.image.tag",
     "k8s.deployment.name", "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name",
-    "k8s.job.name", "k8s.cronjob.name",
+    "k8s.job.name", "k8s.cronjob.name", "k8s.pod.qos_class", "container.runtime.name",
 )
 DEFAULT_METADATA = [
     "k8s.namespace.name", "k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.node.name",
     "k8s.container.name", "container.image.name", "container.image.tag", "k8s.deployment.name",
     "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name", "k8s.job.name", "k8s.cronjob.name",
+    # what the cgroup receiver tells of every pod and container where the cgroup path says it: added to the other
+    # receivers' resources too, so that one container is one resource whichever receiver describes it
+    "k8s.pod.qos_class", "container.runtime.name",
 ]
 # Resource attributes an association source may name.
 ASSOCIATION_NAMES = ("k8s.pod.uid", "k8s.pod.name", "k8s.namespace.name", "k8s.pod.ip", "container.id", "process.pid")

@@ -419,6 +419,7 @@ class PodRecord:
     deleted_at: float | None = None
     started: str = ""  # status.startTime (RFC 3339, UTC: compares as text): which pod an IP belongs to now
     mirror_uid: str = ""  # a static pod's uid on the node (its cgroup, CRI sandbox): kubernetes.io/config.mirror
+    runtime: str = ""  # container.runtime.name, from the scheme of its containers' ids (containerd://...)
 
 
 class PodCache:

@@ -15,7 +15,7 @@ factory = Factory(
     stability=Stability.ALPHA,
     metrics=METRICS,
     description="Per-pod kernel events from CO-RE eBPF programs (loaded through libbpf.so.1), counted per cgroup",
-    resource_attributes=("k8s.pod.uid", "container.id", "container.runtime.name", "cgroup.path"),
+    resource_attributes=("k8s.pod.uid", "container.id", "container.runtime.name", "k8s.pod.qos_class", "cgroup.path"),
 )
 
 __all__ = ["factory", "EbpfReceiver", "EbpfConfig"]

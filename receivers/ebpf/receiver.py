@@ -171,6 +171,8 @@ class EbpfReceiver(Receiver):
                 attrs.append(("container.id", ref.container_id))
             if ref.runtime:
                 attrs.append(("container.runtime.name", ref.runtime))
+            if ref.qos_class:  # as the cgroup receiver's resources: one container, one resource
+                attrs.append(("k8s.pod.qos_class", ref.qos_class))
             return tuple(sorted(attrs))
         policy = self.config.non_pod_cgroups
         if policy == "keep":

@@ -58,5 +58,5 @@ RESOURCE_ATTRIBUTES = (
     "hw.gpu.index", "hw.gpu.pci_bus_id", "hw.gpu.mig.gpu_instance_id", "hw.gpu.mig.compute_instance_id",
     "hw.gpu.mig.profile",
     "process.pid", "process.executable.name", "process.command", "process.owner", "process.creation.time",
-    "k8s.pod.uid", "container.id", "container.runtime.name",
+    "k8s.pod.uid", "container.id", "container.runtime.name", "k8s.pod.qos_class",
 )

@@ -36,7 +36,8 @@ def test_real_process_in_a_pod_cgroup():
         assert info.ref.qos_class == "Burstable"
         assert info.cgroup_path == cg.container_path
         assert info.nspid[0] == proc.pid
-        assert info.attributes() == {"process.pid": proc.pid, "k8s.pod.uid": cg.uid, "container.id": cg.container_id}
+        assert info.attributes() == {"process.pid": proc.pid, "k8s.pod.uid": cg.uid, "container.id": cg.container_id,
+                                     "k8s.pod.qos_class": "Burstable"}
         assert attributor.lookup(proc.pid) is info and attributor.hits == 1
         proc.kill()
         proc.wait()

@@ -598,3 +598,23 @@ def test_list_refused_for_its_resource_version_reads_from_etcd(api, make_process
     assert p.ready(10) and p.cache.get(u) is not None
     first, second = api.asked("pods", "list")[:2]
     assert first.query.get("resourceVersion") == "0" and "resourceVersion" not in second.query
+
+
+def test_qos_class_and_runtime_added_to_every_receivers_resources(api, make_processor):
+    """The cgroup receiver says a pod's QoS class and (under the systemd driver) the runtime from the cgroup path;
+    the cri, nvml and podresources receivers, or cgroupfs paths, do not. k8sattributes adds both from the pod object
+    (status.qosClass, the scheme of its containers' ids) wherever they are missing, so that one container is one
+    resource whichever receiver describes it; a value the receiver gave is kept."""
+    cid = "e" * 64
+    obj = pod("web-1", NODE, uid=(u := uid()), containers={"app": "nginx:1.27"},
+              container_ids={"app": f"cri-o://{cid}"})
+    obj["status"]["qosClass"] = "Guaranteed"
+    api.create("pods", "ml", obj)
+    p = make_processor(api)
+    assert p.ready(10)
+    got = resources(p.process(batch({"k8s.pod.uid": u, "container.id": cid}, {"k8s.pod.uid": u})))
+    assert got[0]["k8s.pod.qos_class"] == "Guaranteed" and got[0]["container.runtime.name"] == "cri-o"
+    assert got[1]["k8s.pod.qos_class"] == "Guaranteed" and "container.runtime.name" not in got[1]  # the pod's own
+    kept = resources(p.process(batch({"k8s.pod.uid": u, "container.id": cid, "k8s.pod.qos_class": "Burstable",
+                                      "container.runtime.name": "crio"})))[0]
+    assert (kept["k8s.pod.qos_class"], kept["container.runtime.name"]) == ("Burstable", "crio")
