@@ -126,10 +126,27 @@ def cmd_collect(args) -> int:
         from google.protobuf.json_format import MessageToJson
         from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
-        print(MessageToJson(encode_metrics(data)))
+        print(MessageToJson(encode_metrics(one_entry_per_resource(data))))
     else:
         print(render_table(data))
     return 0
+
+
+def one_entry_per_resource(data):
+    """The batch with one ResourceMetrics per distinct resource, its receivers' scopes side by side. Receivers that
+    describe one container (cgroup, cri, ebpf) give it equal resources once k8sattributes has run; the SDK's encoder
+    keys its entries by Resource (which compares by attributes) and would keep only the last one's metrics."""
+    from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics
+
+    grouped: dict = {}
+    for rm in data.resource_metrics:
+        entry = grouped.get(rm.resource)
+        if entry is None:
+            grouped[rm.resource] = ResourceMetrics(resource=rm.resource, scope_metrics=list(rm.scope_metrics),
+                                                   schema_url=rm.schema_url)
+        else:
+            entry.scope_metrics.extend(rm.scope_metrics)
+    return MetricsData(resource_metrics=list(grouped.values()))
 
 
 def render_table(data) -> str:
