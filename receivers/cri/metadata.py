@@ -78,6 +78,8 @@ class Snapshot:
     pods: dict[str, PodInfo] = field(default_factory=dict)
     sandboxes: dict[str, ContainerInfo] = field(default_factory=dict)  # sandbox ("pause") id -> pod-level info
     by_name: dict[tuple[str, str], str] = field(default_factory=dict)  # (namespace, name) -> uid
+    # (pod uid, container name) -> the id of that container (the running one, else the newest listed)
+    by_container_name: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 class ContainerMetadata:
@@ -123,6 +125,10 @@ class ContainerMetadata:
     def pod_annotations(self, pod_uid: str) -> dict[str, str]:
         info = self._snap.pods.get(pod_uid)
         return dict(info.annotations) if info else {}
+
+    def container_id(self, pod_uid: str, name: str) -> str | None:
+        """The id of the pod's container of that name (APIs that name containers only: PodResources)."""
+        return self._snap.by_container_name.get((pod_uid, name))
 
     def container_pid(self, container_id: str) -> int | None:
         info = self._snap.containers.get(normalise_id(container_id))
@@ -241,6 +247,8 @@ def build_snapshot(sandboxes: list, containers: list, statuses: dict[str, Status
         if image_tag:
             attrs["container.image.tag"] = image_tag
         attrs.update(runtime)
+        if uid and cname:
+            snap.by_container_name.setdefault((uid, cname), c.id)  # running containers come first
         snap.containers[c.id] = ContainerInfo(
             id=c.id, sandbox_id=c.pod_sandbox_id, name=cname, pod_uid=uid, state=c.state, created_at=c.created_at,
             attempt=c.metadata.attempt, pid=status.pid if status else None, attributes=MappingProxyType(attrs))

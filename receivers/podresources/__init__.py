@@ -155,7 +155,7 @@ class PodResourcesReceiver(Receiver):
             self.tel.error("list", f"PodResources List at {self.config.endpoint} failed: {_describe(exc)}")
             return False
         self.tel.recovered("list")
-        uids = self._uid_lookup()
+        uids, container_ids = self._cri_lookup()
         # (container, device, resource) -> allocation units: time-sliced replicas of one GPU given to one
         # container add up instead of making duplicate series
         allocations: dict[tuple, int] = {}
@@ -172,12 +172,16 @@ class PodResourcesReceiver(Receiver):
                     uid = uids(pod.namespace, pod.name)
                     if uid:
                         res["k8s.pod.uid"] = uid
+                    # the container's id as every other receiver's container series carry it (promoted to a label
+                    # by the prometheus exporter): `on (container_id)` joins find these series too
+                    cid = container_ids(uid, container.name) if uid else None
                     # a device listed twice for one container is one device (replicas have ids of their own)
                     for device_id in dict.fromkeys(devices.device_ids):
                         if not device_id:
                             continue
                         key = device_key(device_id)
-                        akey = (tuple(sorted(res.items())), key, devices.resource_name)
+                        akey = (tuple(sorted({**res, "container.id": cid}.items() if cid else res.items())), key,
+                                devices.resource_name)
                         allocations[akey] = allocations.get(akey, 0) + 1
                         entry = {**res, "k8s.resource.name": devices.resource_name}
                         if key != device_id:
@@ -218,8 +222,9 @@ class PodResourcesReceiver(Receiver):
                 counts.setdefault(devices.resource_name, set()).update(device_key(d) for d in devices.device_ids)
         return {name: len(ids) for name, ids in counts.items()}
 
-    def _uid_lookup(self):
-        """PodResources names pods but gives no uid: borrow it from the CRI cache when one runs."""
+    def _cri_lookup(self):
+        """PodResources names pods and containers but gives no uid or container id: borrow them from the CRI cache
+        when one runs."""
         providers = [p for p in (self._host.lookup("container_metadata") if self._host else [])
                      if hasattr(p, "pod_by_name")]
 
@@ -230,7 +235,14 @@ class PodResourcesReceiver(Receiver):
                     return attrs["k8s.pod.uid"]
             return None
 
-        return uid
+        def container_id(pod_uid: str, name: str) -> str | None:
+            for p in providers:
+                found = p.container_id(pod_uid, name) if hasattr(p, "container_id") else None
+                if found:
+                    return found
+            return None
+
+        return uid, container_id
 
     # -- collection -----------------------------------------------------------------------------------------
 

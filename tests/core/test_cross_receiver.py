@@ -5,8 +5,6 @@ One agent (the runtime's Service) runs cgroup + cri + ebpf + k8sattributes on re
 harness: real containerd + runc, kubelet-shaped pods under /kubepods/burstable/pod<uid>/<id>), exporting to the
 prometheus exporter and to an in-test recording exporter that keeps the last processed batch of each receiver.
 The shipped pipelines.yaml is also run through the CLI (`podmeter run`, `podmeter collect --once`).
-
-Tests marked xfail(strict=True) are defects whose fix lies outside this file (see each reason).
 """
 
 from __future__ import annotations
@@ -560,10 +558,6 @@ def test_podresources_names_the_same_pod_as_cgroup(node, kubelet_podresources, t
     assert {tuple(a.get(k) for k in keys) for a in pr + cg} == {(pod.uid, "web-0", "shop", "app")}, (pr, cg)
 
 
-@pytest.mark.xfail(strict=True, reason="podresources' container resources carry no container.id (the kubelet API "
-                                       "names containers only; neither the receiver nor k8sattributes looks the id "
-                                       "up in the CRI cache), so their promoted labels differ from every other "
-                                       "receiver's container series and `on (container_id)` joins miss")
 def test_podresources_container_series_carry_the_container_id(node, kubelet_podresources, tmp_path):
     pod, out = _podresources_and_cgroup(node, kubelet_podresources, tmp_path)
     pr = [a for a in out.get("podresources", []) if a.get("k8s.container.name") == "app"]
