@@ -236,9 +236,10 @@ def _scale(metric, op, resource):
                            min=p.min * factor, max=p.max * factor)
         value = p.value * factor
         if isinstance(p.value, int):
-            if not math.isfinite(value):  # int(round(inf)) raises: out of an integer's range
+            if not math.isfinite(value):  # int(inf) raises: out of an integer's range
                 raise TransformError(f"{p.value} scaled by {factor} is no integer")
-            value = int(round(value))
+            # truncated toward zero, as the collector's int64(): 1.9 MiB is 1, as dcgm-exporter's integer MiB
+            value = int(value)
         return replace(p, value=value)
 
     return _map_points(metric, fn)
@@ -253,7 +254,7 @@ def _toggle(metric, op, resource):
             return replace(p, value=float(p.value))
         if not math.isfinite(p.value):  # NaN (a gauge with no reading) or inf has no integer value
             raise TransformError(f"{p.value} cannot be an integer")
-        return replace(p, value=int(round(p.value)))
+        return replace(p, value=int(p.value))  # truncated toward zero, as the collector's int64()
 
     return _map_points(metric, fn)
 

@@ -69,6 +69,17 @@ def test_insert_keeps_the_original():
     assert ("mem_mib", {}, 3) in out  # integer points stay integers
 
 
+def test_integers_are_truncated_as_the_collector_does():
+    """The collector converts with Go's int64(), which truncates toward zero: 1.9 MiB is 1 MiB, as dcgm-exporter's
+    integer MiB are (examples/dcgm-compat.yaml), not 2."""
+    gauge = MetricSpec("g", "gauge", "By", "g")
+    proc, _ = make([{"include": "g", "action": "update", "operations": [
+        {"action": "experimental_scale_value", "experimental_scale": 1 / 1048576}]}])
+    assert [v for _, _, v in points(proc.process(_one(gauge, [(int(1.9 * 1048576), {})])))] == [1]
+    proc, _ = make([{"include": "g", "action": "update", "operations": [{"action": "toggle_scalar_data_type"}]}])
+    assert [v for _, _, v in points(proc.process(_one(gauge, [(2.7, {}), (-2.7, {"k": "n"})])))] == [2, -2]
+
+
 def test_label_operations():
     proc, _ = make([{"include": "container.cpu.time", "action": "update", "operations": [
         {"action": "add_label", "new_label": "source", "new_value": "cgroup"},
