@@ -25,7 +25,7 @@ from podmeter.component import ComponentUnavailable, Exporter, Factory, Stabilit
 from podmeter.metrics import count_points
 
 from .config import OTLPGrpcConfig, OTLPHttpConfig
-from .encode import Encoder
+from .encode import Encoder, split_request
 from .queue import QueueLocked, SendingQueue
 from .senders import GrpcSender, HttpSender, Outcome
 from .temporality import DeltaConverter
@@ -63,6 +63,8 @@ class OTLPExporter(Exporter):
         self._active_cond = threading.Condition()
         self.queue: SendingQueue | None = None
         self.sender = None
+        self._last_warning = ""  # the last partial-success warning logged
+        self._split_logged = False  # "request too large, split" said once
         if self._delta is not None:
             # what an SDK MetricReader would ask of this exporter (as the SDK's OTLP delta preference)
             from opentelemetry.sdk.metrics import Counter, Histogram, ObservableCounter
@@ -245,19 +247,40 @@ class OTLPExporter(Exporter):
                     return "stopped"
                 raise
             if outcome.ok:
-                self._sent.inc(points - outcome.rejected)
-                self.telemetry.sent(points - outcome.rejected)
+                # a server counting more rejected points than were sent must not make a counter go negative (a
+                # ValueError here would count the whole batch failed a second time)
+                rejected = min(max(outcome.rejected, 0), points)
+                self._sent.inc(points - rejected)
+                self.telemetry.sent(points - rejected)
                 self.telemetry.recovered("send")
                 self.telemetry.recovered("send_failed")
-                if outcome.rejected:
-                    self._dropped.labels("rejected").inc(outcome.rejected)
-                    self.telemetry.send_failed(outcome.rejected)
-                    self.telemetry.error("rejected", f"the backend rejected {outcome.rejected} points: "
+                if rejected:
+                    self._dropped.labels("rejected").inc(rejected)
+                    self.telemetry.send_failed(rejected)
+                    self.telemetry.error("rejected", f"the backend rejected {rejected} points: "
                                          f"{outcome.message}")
                 else:
                     self.telemetry.recovered("rejected")
+                    if outcome.message and outcome.message != self._last_warning:
+                        # a partial success rejecting nothing is a warning from the backend (the OTLP spec; the
+                        # collector logs it): log each distinct one once
+                        self._last_warning = outcome.message
+                        self.logger.warning("%s accepted every point with a warning: %s", self._where(),
+                                            outcome.message)
                 return True
             kind = outcome.kind or "error"
+            if outcome.too_large:
+                # The gateway's limit is below ours (max_request_bytes): a proxy's body limit, a smaller
+                # max_recv_msg_size_mib. The collector drops such a batch, and every later one; halves by resource
+                # are sent instead, each split again if it is still too large.
+                halves = split_request(data)
+                if halves is not None:
+                    if not self._split_logged:  # a warning, not an error: nothing is lost
+                        self._split_logged = True
+                        self.logger.warning("%s refused a request of %d bytes as too large (%s); sending requests "
+                                            "that large in smaller parts", self._where(), len(data), outcome.message)
+                    results = [self._send_with_retry(part, n, deadline) for part, n in halves]
+                    return "stopped" if "stopped" in results else all(r is True for r in results)
             if not outcome.retryable or not retry.enabled:
                 self._give_up(points, kind, f"dropping {points} points: {outcome.message}"
                               + ("" if outcome.retryable else " (not retryable)"))

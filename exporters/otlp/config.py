@@ -40,11 +40,23 @@ class QueueConfig(ComponentConfig):
                                                             "\"256MiB\" allowed); when full the oldest batch is "
                                                             "dropped; 0: no byte bound")
     num_consumers: int = Field(10, gt=0, le=100, description="Threads sending batches in parallel")
-    storage: str = Field("", description="Directory of a persistent queue: batches survive a restart or kill "
-                                         "(each exporter uses its own subdirectory)")
+    storage: str = Field("", description="Absolute path of the directory of a persistent queue: batches survive a "
+                                         "restart or kill (each exporter uses its own subdirectory); not a storage "
+                                         "extension's name, as in the collector")
     fsync: bool = Field(False, description="With storage: flush each batch file and the directory to disk before "
                                            "it counts as queued, so batches also survive a power loss (one disk "
                                            "flush per batch)")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        # The collector's sending_queue.storage names a storage extension (`file_storage`, `file_storage/otc`);
+        # copied here it would silently become a directory relative to the agent's working directory.
+        if v and not v.startswith("/"):
+            raise ValueError("must be an absolute directory path, like /var/lib/podmeter/queue; "
+                             "podmeter has no storage extensions: where the collector names one (file_storage), "
+                             "give the directory itself")
+        return v
 
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")

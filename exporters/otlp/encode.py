@@ -140,6 +140,21 @@ class Encoder:
         return encoded
 
 
+def split_request(data: bytes) -> list[tuple[bytes, int]] | None:
+    """An encoded request as two requests of half its resources each, with their points; None for one resource."""
+    request = ExportMetricsServiceRequest.FromString(data)
+    resources = request.resource_metrics
+    if len(resources) < 2:
+        return None
+    out = []
+    for part in (resources[:len(resources) // 2], resources[len(resources) // 2:]):
+        half = ExportMetricsServiceRequest(resource_metrics=part)
+        points = sum(len(getattr(m, m.WhichOneof("data")).data_points) if m.WhichOneof("data") else 0
+                     for rm in part for sm in rm.scope_metrics for m in sm.metrics)
+        out.append((half.SerializeToString(), points))
+    return out
+
+
 def _clear_unknown_min_max(metric: pb2.Metric) -> None:
     """Histogram min/max are optional in OTLP; podmeter's receivers leave them NaN when unknown (kernel and
     cgroup histograms have no min/max). The SDK encoder would send NaN as if it were a value: unset it."""

@@ -42,6 +42,7 @@ class Outcome:
     retry_after: float | None = None  # the server's requested delay, seconds
     rejected: int = 0  # points the server refused in a partial success
     kind: str = ""  # the class of a failure (gRPC code, HTTP status, exception): one log line per class
+    too_large: bool = False  # the server refused the request for its size (HTTP 413, gRPC "larger than max")
 
 
 def _read(path: str) -> bytes | None:
@@ -49,6 +50,21 @@ def _read(path: str) -> bytes | None:
         return None
     with open(path, "rb") as f:
         return f.read()
+
+
+# Where Go's crypto/x509 (so the collector) looks for the system's CA bundle on Linux, after $SSL_CERT_FILE.
+_SYSTEM_CA_FILES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem",
+                    "/etc/pki/tls/cacert.pem", "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem", "/etc/ssl/cert.pem")
+
+
+def system_ca_file() -> str | None:
+    """The system's CA bundle, as the collector trusts by default. Without it grpcio would verify against its own
+    bundled roots and requests against certifi's, so a gateway signed by a CA installed in the node's (or image's)
+    trust store, which the collector accepts, would fail every send with a TLS error."""
+    found = ssl.get_default_verify_paths().cafile  # honours $SSL_CERT_FILE, as Go and OpenSSL do
+    if found:
+        return found
+    return next((path for path in _SYSTEM_CA_FILES if os.path.isfile(path)), None)
 
 
 def check_tls_files(tls) -> None:
@@ -106,7 +122,7 @@ class GrpcSender:
         else:
             tls = config.tls
             check_tls_files(tls)
-            creds = grpc.ssl_channel_credentials(root_certificates=_read(tls.ca_file),
+            creds = grpc.ssl_channel_credentials(root_certificates=_read(tls.ca_file or system_ca_file() or ""),
                                                  private_key=_read(tls.key_file),
                                                  certificate_chain=_read(tls.cert_file))
             self.channel = grpc.secure_channel(self.target, creds, options=options)
@@ -127,7 +143,11 @@ class GrpcSender:
             retry_after = _grpc_retry_after(err)
             retryable = code in RETRYABLE_GRPC or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
                                                    and retry_after is not None)
-            return Outcome(False, retryable, f"{code.name}: {detail}", retry_after, kind=code.name)
+            # a gateway whose max_recv_msg_size is below our request size answers RESOURCE_EXHAUSTED, without
+            # RetryInfo: "Received message larger than max (N vs. M)" (grpc-go says "grpc: received message ...")
+            too_large = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (detail or "")
+            return Outcome(False, retryable, f"{code.name}: {detail}", retry_after, kind=code.name,
+                           too_large=too_large)
         return _partial(resp)
 
     def close(self) -> None:
@@ -135,18 +155,29 @@ class GrpcSender:
 
 
 def _grpc_retry_after(err) -> float | None:
+    """The delay a server asks for in a RetryInfo, or None without one. Servers (the collector's receiver, any
+    grpc-go or grpc-java server) send it as a detail of the google.rpc.Status in the `grpc-status-details-bin`
+    trailer, as the OTLP spec shows; a few Google APIs also send it alone as `google.rpc.retryinfo-bin`."""
     try:
         trailing = dict(err.trailing_metadata() or ())
     except Exception:
         return None
-    raw = trailing.get("google.rpc.retryinfo-bin")
-    if raw is None:
-        return None
     try:
         from google.rpc.error_details_pb2 import RetryInfo
+        from google.rpc.status_pb2 import Status
 
         info = RetryInfo()
-        info.ParseFromString(raw)
+        raw = trailing.get("grpc-status-details-bin")
+        if raw is not None:
+            details = Status.FromString(raw).details
+            found = next((d for d in details if d.Is(RetryInfo.DESCRIPTOR)), None)
+            if found is None or not found.Unpack(info):
+                raw = None
+        if raw is None:
+            raw = trailing.get("google.rpc.retryinfo-bin")
+            if raw is None:
+                return None
+            info.ParseFromString(raw)
         return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
     except Exception:
         return None
@@ -163,7 +194,7 @@ class HttpSender:
         tls = config.tls
         if self.url.startswith("https://"):
             check_tls_files(tls)
-        self.verify: bool | str = False if tls.insecure_skip_verify else (tls.ca_file or True)
+        self.verify: bool | str = False if tls.insecure_skip_verify else (tls.ca_file or system_ca_file() or True)
         self.cert = (tls.cert_file, tls.key_file) if tls.cert_file else None
         self.gzip = config.compression == "gzip"
         self.timeout = config.timeout
@@ -199,15 +230,30 @@ class HttpSender:
         retry_after = None
         if resp.headers.get("Retry-After", "").strip().isdigit():
             retry_after = float(resp.headers["Retry-After"])
-        text = resp.text[:200].strip() if resp.content else ""
+        text = _error_text(resp)
         return Outcome(False, resp.status_code in RETRYABLE_HTTP, f"HTTP {resp.status_code} {resp.reason}: {text}",
-                       retry_after, kind=f"HTTP {resp.status_code}")
+                       retry_after, kind=f"HTTP {resp.status_code}", too_large=resp.status_code == 413)
 
     def close(self) -> None:
         with self._sessions_lock:
             for session in self._sessions:
                 session.close()
             self._sessions.clear()
+
+
+def _error_text(resp) -> str:
+    """What a failed response says. An OTLP/HTTP server answers 4xx/5xx with a protobuf google.rpc.Status (the
+    collector's receiver does): its message, not the raw bytes, goes to the log."""
+    if not resp.content:
+        return ""
+    if "protobuf" in resp.headers.get("Content-Type", ""):
+        try:
+            from google.rpc.status_pb2 import Status
+
+            return Status.FromString(resp.content).message[:200]
+        except Exception:
+            return f"({len(resp.content)} bytes of undecodable protobuf)"
+    return resp.text[:200].strip()
 
 
 def _short(exc: Exception) -> str:

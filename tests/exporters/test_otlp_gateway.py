@@ -1,0 +1,329 @@
+"""What a gateway answers, and what a config copied from the collector's otlp / otlphttp exporters means here.
+
+The servers are real (grpcio's server on opentelemetry-proto's official servicer, the standard library's HTTP
+server) and script their answers the way the collector's receiver and the OTLP spec shape them: gRPC status codes
+with RetryInfo as a detail of the google.rpc.Status (`grpc-status-details-bin`), HTTP errors with a protobuf
+google.rpc.Status body, partial successes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+from google.protobuf.any_pb2 import Any
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
+from harness import free_port, wait_for
+from harness.otlp import OTLPSink
+from harness.tls import make_certs
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms_pb2
+
+from exporters.otlp import grpc_factory, http_factory
+
+FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}
+
+
+class _GrpcStatus(grpc.Status):
+    def __init__(self, code, details, trailing_metadata):
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+
+
+class ScriptedGrpcSink(OTLPSink):
+    """The real sink, answering its first requests from `script`: (code, retry delay in seconds or None) as a
+    status, or an ExportMetricsServiceResponse (a partial success) after recording the request."""
+
+    def __init__(self, script) -> None:
+        super().__init__()
+        self.script = list(script)
+        self.attempts = 0
+
+    def Export(self, request, context):  # noqa: N802 - the generated servicer's name
+        with self.cond:
+            self.attempts += 1
+            step = self.script.pop(0) if self.script else None
+        if isinstance(step, ms_pb2.ExportMetricsServiceResponse):
+            self._record(request, dict(context.invocation_metadata()))
+            return step
+        if step is not None:
+            code, delay = step
+            status = Status(code=code.value[0], message=f"scripted {code.name}")
+            if delay is not None:  # as grpc-go's status.WithDetails(&errdetails.RetryInfo{...}) sends it
+                detail = Any()
+                detail.Pack(RetryInfo(retry_delay={"seconds": int(delay), "nanos": int(delay % 1 * 1e9)}))
+                status.details.append(detail)
+            context.abort_with_status(_GrpcStatus(code, status.message,
+                                                  (("grpc-status-details-bin", status.SerializeToString()),)))
+        return super().Export(request, context)
+
+
+@pytest.fixture
+def make_exporter(kit, host):
+    made = []
+
+    def make(factory, **config):
+        exp, telemetry = kit.make(factory, {"retry_on_failure": FAST, "sending_queue": {"num_consumers": 1},
+                                            **config})
+        exp.start(host)
+        made.append(exp)
+        return exp, telemetry
+
+    yield make
+    for exp in made:
+        exp.shutdown(timeout_millis=2000)
+
+
+def counter(kit, telemetry, cid: str, what: str) -> float:
+    return kit.sample(telemetry, f"podmeter_{cid}_exporter_{what}_total", component=cid)
+
+
+@pytest.mark.parametrize("code,delay,retried", [
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 0.1, True),  # throttled: the server says when to come back
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, None, False),  # e.g. a message over the server's size limit
+    (grpc.StatusCode.UNAVAILABLE, 0.1, True),
+    (grpc.StatusCode.UNAVAILABLE, None, True),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, None, True),
+    (grpc.StatusCode.PERMISSION_DENIED, None, False),
+    (grpc.StatusCode.INVALID_ARGUMENT, None, False),
+])
+def test_grpc_status_codes_are_retried_or_dropped_as_the_collector_does(code, delay, retried, make_exporter, kit):
+    sink = ScriptedGrpcSink([(code, delay)]).start()
+    try:
+        exp, telemetry = make_exporter(grpc_factory, endpoint=sink.grpc_endpoint)
+        exp.export(kit.batch([0], step=1))
+        if retried:
+            sink.wait_for(lambda pts: len(pts) == 5)
+            assert counter(kit, telemetry, "otlp", "retries") == 1
+            assert counter(kit, telemetry, "otlp", "send_failed_metric_points") == 0
+        else:
+            wait_for(lambda: counter(kit, telemetry, "otlp", "send_failed_metric_points") == 5,
+                     what="the batch to be dropped")
+            assert sink.attempts == 1 and counter(kit, telemetry, "otlp", "retries") == 0
+            assert f"send_failed:{code.name}" in exp.telemetry.failing()
+    finally:
+        sink.stop()
+
+
+def test_partial_success_counts_rejected_points_and_logs_warnings_once(make_exporter, kit, caplog):
+    rejected = ms_pb2.ExportMetricsServiceResponse()
+    rejected.partial_success.rejected_data_points = 2
+    rejected.partial_success.error_message = "2 points had no name"
+    warning = ms_pb2.ExportMetricsServiceResponse()
+    warning.partial_success.error_message = "metric names will be truncated"
+    too_many = ms_pb2.ExportMetricsServiceResponse()
+    too_many.partial_success.rejected_data_points = 99  # a server counting differently from us
+    sink = ScriptedGrpcSink([rejected, warning, warning, too_many]).start()
+    try:
+        exp, telemetry = make_exporter(grpc_factory, endpoint=sink.grpc_endpoint)
+        with caplog.at_level(logging.INFO):
+            for step in range(1, 5):
+                exp.export(kit.batch([0], step=step))
+                wait_for(lambda s=step: len(sink.requests) == s, what=f"batch {step}")
+            assert exp.force_flush(5000)
+    finally:
+        sink.stop()
+    assert counter(kit, telemetry, "otlp", "sent_metric_points") == 3 + 5 + 5 + 0
+    assert kit.sample(telemetry, "podmeter_otlp_exporter_dropped_metric_points_total", component="otlp",
+                      cause="rejected") == 2 + 5
+    assert counter(kit, telemetry, "otlp", "send_failed_metric_points") == 0  # none failed as a whole
+    text = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("2 points had no name" in t for t in text) == 1
+    assert sum("metric names will be truncated" in t for t in text) == 1  # a warning: logged, once
+    assert not any("internal" in t for t in text)
+
+
+class ScriptedHttpSink:
+    """An OTLP/HTTP receiver answering its first requests from `script` (status, headers, body); then 200."""
+
+    def __init__(self, script, max_body: int = 0) -> None:
+        self.script = list(script)
+        self.max_body = max_body  # larger bodies are answered 413, as a proxy's body limit does
+        self.requests: list = []
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, headers, reply = sink.script.pop(0) if sink.script else (200, {}, b"")
+                if sink.max_body and len(body) > sink.max_body:
+                    status, headers, reply = 413, {}, b"request entity too large"
+                if status == 200:
+                    import gzip
+
+                    if self.headers.get("Content-Encoding") == "gzip":
+                        body = gzip.decompress(body)
+                    sink.requests.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_error_body_is_decoded_as_a_google_rpc_status(make_exporter, kit, caplog):
+    """The collector's OTLP/HTTP receiver answers 400 with a protobuf google.rpc.Status: its message is what the
+    log says, not the raw protobuf bytes."""
+    body = Status(code=3, message="unknown metric type for container.cpu.time").SerializeToString()
+    sink = ScriptedHttpSink([(400, {"Content-Type": "application/x-protobuf"}, body)])
+    try:
+        exp, telemetry = make_exporter(http_factory, endpoint=sink.endpoint)
+        with caplog.at_level(logging.WARNING):
+            exp.export(kit.batch([0], step=1))
+            wait_for(lambda: counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 5,
+                     what="the batch to be dropped")
+    finally:
+        sink.stop()
+    (line,) = [r.getMessage() for r in caplog.records if "send_failed:HTTP 400" in r.getMessage()]
+    assert "HTTP 400 Bad Request: unknown metric type for container.cpu.time (not retryable)" in line, line
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_tls_without_ca_file_trusts_the_system_store_as_the_collector(proto, make_exporter, kit, tmp_path,
+                                                                      monkeypatch):
+    """A gateway whose CA is in the system trust store (here: $SSL_CERT_FILE, which Go, so the collector, and
+    OpenSSL honour) is trusted without tls.ca_file. grpcio's bundled roots and requests' certifi bundle are not
+    the system's: a private CA installed on the node failed every send."""
+    certs = make_certs(tmp_path)
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+        monkeypatch.delenv(var, raising=False)  # not set in a pod; some CI machines set them
+    monkeypatch.setenv("SSL_CERT_FILE", certs.ca)
+    sink = OTLPSink(certs=certs).start()
+    try:
+        factory = grpc_factory if proto == "grpc" else http_factory
+        exp, telemetry = make_exporter(factory, endpoint=sink.grpc_endpoint if proto == "grpc" else sink.http_endpoint)
+        exp.export(kit.batch([0], step=1))
+        sink.wait_for(lambda pts: len(pts) == 5, timeout=15)
+    finally:
+        sink.stop()
+
+
+
+def test_delta_first_points_resets_and_start_times(make_exporter, kit):
+    """temporality_preference: delta, as the gateway receives it. A series already running at the first collection
+    is the baseline (held back); one that began later (a new pod: the cgroup receiver starts it at the previous
+    collection) is sent whole, as the collector's cumulativetodelta `initial_value: auto` does; a reset, by a drop
+    in value or by a new start time (a restarted container whose counter passed its old value), sends the new
+    value; no two points of a series cover overlapping intervals."""
+    from podmeter.metrics import MetricsBuilder
+
+    s = kit.START_NS
+    t = [s + k * 10_000_000_000 for k in range(5)]  # collections at t[1]..t[4], 10 s apart
+
+    def collection(k: int, points: dict):
+        b = MetricsBuilder("podmeter/receiver/cgroup", s, time_ns=t[k])
+        for pod, (start, value) in points.items():
+            b.add(kit.CPU, float(value), {"cpu.mode": "user"}, resource=kit.pod_resource(pod), start_time_ns=start)
+            b.add_histogram(kit.LAT, [int(value), 0, 0], [0.001, 0.01], total=value, resource=kit.pod_resource(pod),
+                            start_time_ns=start)
+        return b.build()
+
+    sink = OTLPSink().start()
+    try:
+        exp, _ = make_exporter(grpc_factory, endpoint=sink.grpc_endpoint, temporality_preference="delta")
+        exp.export(collection(1, {0: (s, 100)}))
+        exp.export(collection(2, {0: (s, 105), 1: (t[1], 7)}))  # pod 1 is new
+        exp.export(collection(3, {0: (s, 2), 1: (t[2], 9)}))  # pod 0's counter went back; pod 1 restarted
+        exp.export(collection(4, {0: (s, 4), 1: (t[2], 10)}))
+        assert exp.force_flush(10_000)
+        sink.wait_for(lambda pts: len(pts) >= 2 * 5)
+    finally:
+        sink.stop()
+    got: dict[tuple, list] = {}
+    for req in sink.requests:
+        for rm in req.resource_metrics:
+            pod = next(a.value.string_value for a in rm.resource.attributes if a.key == "k8s.pod.uid")
+            for m in (m for sm in rm.scope_metrics for m in sm.metrics):
+                data = m.sum if m.name == kit.CPU.name else m.histogram
+                assert data.aggregation_temporality == 1  # delta
+                for dp in data.data_points:
+                    value = dp.as_double if m.name == kit.CPU.name else dp.count
+                    got.setdefault((pod, m.name), []).append((dp.start_time_unix_nano, dp.time_unix_nano, value))
+    expected = {
+        "uid-0": [(t[1], t[2], 5), (t[2], t[3], 2), (t[3], t[4], 2)],
+        "uid-1": [(t[1], t[2], 7), (t[2], t[3], 9), (t[3], t[4], 1)],
+    }
+    for pod, series in expected.items():
+        assert got[(pod, kit.CPU.name)] == series, pod
+        assert got[(pod, kit.LAT.name)] == series, pod
+    for series in got.values():
+        assert all(start < end for start, end, _ in series)
+        assert all(later[0] >= earlier[1] for earlier, later in zip(series, series[1:], strict=False))
+
+
+def test_collector_settings_without_an_equivalent_are_refused_naming_the_key():
+    """Keys copied from a collector config either work or stop validation with their path; none is ignored. The
+    collector's `sending_queue.storage` names a storage extension: taken as a path it became a directory relative
+    to the agent's working directory, silently."""
+    from podmeter.config import validate_component
+
+    problems: list[str] = []
+    validate_component(grpc_factory, {
+        "endpoint": "otel-gateway:4317", "balancer_name": "round_robin", "keepalive": {"time": "30s"},
+        "auth": {"authenticator": "oauth2client"}, "compression": "zstd",
+        "tls": {"server_name_override": "gw", "min_version": "1.3"},
+        "sending_queue": {"storage": "file_storage/otc"}}, "exporters::otlp", problems)
+    validate_component(http_factory, {"endpoint": "https://gw:4318", "compression": "snappy"},
+                       "exporters::otlphttp", problems)
+    validate_component(grpc_factory, {"tls": {"insecure_skip_verify": True}}, "exporters::otlp", problems)
+    text = "\n".join(problems)
+    for key in ("otlp::balancer_name", "otlp::keepalive", "otlp::auth", "otlp::compression",
+                "otlp::tls::server_name_override", "otlp::tls::min_version", "otlphttp::compression"):
+        assert f"exporters::{key}: " in text, key
+    assert "exporters::otlp::sending_queue::storage: must be an absolute directory path" in text
+    assert "tls::insecure_skip_verify is not supported by the gRPC exporter" in text
+    ok: list[str] = []
+    validate_component(grpc_factory, {"sending_queue": {"storage": "/var/lib/podmeter/queue"}}, "exporters::otlp", ok)
+    assert ok == []
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_a_gateway_with_a_smaller_request_limit_gets_smaller_requests(proto, make_exporter, kit):
+    """A gateway refusing our request size (a collector with max_recv_msg_size_mib below 3, a proxy's body limit
+    answering 413) got every batch dropped, forever; the batch is sent in parts under its limit instead."""
+    limit = 6_000
+    if proto == "grpc":
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
+
+        sink = OTLPSink()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                             options=[("grpc.max_receive_message_length", limit)])
+        ms_grpc.add_MetricsServiceServicer_to_server(sink, server)
+        server.add_insecure_port(f"127.0.0.1:{sink.grpc_port}")
+        server.start()
+        stop, endpoint, requests = (lambda: server.stop(0).wait()), sink.grpc_endpoint, sink.requests
+    else:
+        sink = ScriptedHttpSink([], max_body=limit)
+        stop, endpoint, requests = sink.stop, sink.endpoint, sink.requests
+    try:
+        factory = grpc_factory if proto == "grpc" else http_factory
+        cid = "otlp" if proto == "grpc" else "otlphttp"
+        exp, telemetry = make_exporter(factory, endpoint=endpoint, compression="none")
+        exp.export(kit.batch(range(20), step=1))
+        wait_for(lambda: counter(kit, telemetry, cid, "sent_metric_points") == 20 * 5, what="every point")
+    finally:
+        stop()
+    assert counter(kit, telemetry, cid, "send_failed_metric_points") == 0
+    assert len(requests) > 2 and all(r.ByteSize() <= limit for r in requests)
+    pods = {a.value.string_value for r in requests for rm in r.resource_metrics for a in rm.resource.attributes
+            if a.key == "k8s.pod.uid"}
+    assert pods == {f"uid-{i}" for i in range(20)}
