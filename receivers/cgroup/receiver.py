@@ -16,9 +16,9 @@ from podmeter.metrics import MetricsBuilder, MetricsData, now_ns
 from . import parsers as p
 from .config import CgroupReceiverConfig
 from .discovery import Discovery, Layout, detect_layout
-from .metrics import CONTAINER_METRICS, GROUP_OF, POD_METRICS
+from .metrics import CONTAINER_METRICS, GROUP_OF, KINDS, POD_METRICS
 from .netns import PodNetwork
-from .stats import FD_BUDGET, Reader, Stats, read_small
+from .stats import FD_BUDGET, Reader, Reads, Stats, read_small
 
 
 class CgroupReceiver(Receiver):
@@ -33,20 +33,18 @@ class CgroupReceiver(Receiver):
         self.container_specs = {k: replace(s, enabled=toggles.get(s.name, s.enabled))
                                 for k, s in CONTAINER_METRICS.items()}
         self.pod_specs = {k: replace(s, enabled=toggles.get(s.name, s.enabled)) for k, s in POD_METRICS.items()}
-        # What is read of each kind of cgroup: the groups its own enabled metrics want (a group none of whose
-        # metrics is wanted is not read at all). Containers also read the additive groups the pod metrics want: a
-        # pod without a cgroup of its own is the sum of its containers.
-        def wanted(group: str, specs: dict, level_on: bool) -> bool:
-            return getattr(config.groups, group) and level_on and any(
-                GROUP_OF[s.name] == group and s.enabled for s in specs.values())
+        # What is read of each kind of cgroup, decided here once: the files its own enabled metrics need (a file
+        # that only metrics switched off need is never opened; a group switched off reads nothing). Containers also
+        # read what the pod metrics that add up need: a pod without a cgroup of its own is the sum of its containers,
+        # and on cgroup v1 a pod's OOM kills are its containers' (_SummedPod, _OomKillsV1).
+        def wanted(specs: dict, level_on: bool) -> set[str]:
+            return {suffix for suffix, s in specs.items()
+                    if level_on and s.enabled and getattr(config.groups, GROUP_OF[s.name])}
 
-        self.pod_groups = config.groups.model_copy(update={
-            g: wanted(g, self.pod_specs, config.per_pod) for g in _GROUPS})
-        self.container_groups = config.groups.model_copy(update={
-            g: wanted(g, self.container_specs, config.per_container) or g in _ADDITIVE and getattr(self.pod_groups, g)
-            for g in _GROUPS})
-        self.groups = config.groups.model_copy(update={
-            g: getattr(self.pod_groups, g) or getattr(self.container_groups, g) for g in _GROUPS})
+        pod_wanted = wanted(self.pod_specs, config.per_pod)
+        self.pod_reads = Reads(pod_wanted)
+        self.container_reads = Reads(wanted(self.container_specs, config.per_container) | pod_wanted & _ADDITIVE)
+        self.pod_network = any(GROUP_OF[self.pod_specs[suffix].name] == "network" for suffix in pod_wanted)
         self._container_handles = _Specs(self.container_specs)
         self._pod_handles = _Specs(self.pod_specs)
         self.layout: Layout | None = None
@@ -87,7 +85,7 @@ class CgroupReceiver(Receiver):
             raise ComponentUnavailable(f"no cgroup hierarchy under {root} (neither cgroup2 nor v1 controllers)")
         self.layout = layout
         self.discovery = Discovery(layout.walk, self.config.max_depth)
-        self.reader = Reader(layout, self.groups, _fd_budget(self.config.max_open_files),
+        self.reader = Reader(layout, self.container_reads, _fd_budget(self.config.max_open_files),
                              self.config.limits_every)
         self.network = PodNetwork(self.config.proc_root, layout.walk, self.reader.errors,
                                   keep=self.reader.max_open > 0)
@@ -126,7 +124,7 @@ class CgroupReceiver(Receiver):
         for path, ref in found.containers.items():
             if ref.pod_uid in with_dir:
                 continue
-            s = reader.read(path, self.container_groups)
+            s = reader.read(path, self.container_reads)
             if not s.found:
                 continue  # removed between listing and reading
             per_pod_containers.setdefault(ref.pod_uid, []).append((path, s))
@@ -138,7 +136,7 @@ class CgroupReceiver(Receiver):
 
         n_pods = 0
         if self.config.per_pod:
-            network = self.network if self.pod_groups.network else None
+            network = self.network if self.pod_network else None
             if network is not None:
                 network.begin(self._host_netns())
             pods: dict[str, list[tuple[str | None, CgroupRef]]] = {}
@@ -153,8 +151,7 @@ class CgroupReceiver(Receiver):
             # cgroup v1 counts an OOM kill only in the victim's own memory cgroup (memory.oom_control is not
             # hierarchical, unlike cgroup2's memory.events): a pod cgroup's own count stays 0 while its containers'
             # processes are killed, so the pod's is its own plus its containers'
-            v1_kills = self.layout.memory is not None and not self.layout.memory.v2 and self.pod_groups.memory \
-                and self.pod_specs["memory.oom.kills"].enabled
+            v1_kills = self.layout.memory is not None and not self.layout.memory.v2 and self.pod_reads.oom_v1
             for uid, candidates in pods.items():
                 s, ref = self._read_pod(uid, candidates, per_pod_containers.get(uid, ()), summed, found.containers)
                 if s is None:
@@ -219,7 +216,7 @@ class CgroupReceiver(Receiver):
         """The pod's statistics from the first candidate that can be read (a uid in two trees is a left-over)."""
         for path, ref in candidates:
             if path is not None:
-                s = self.reader.read(path, self.pod_groups)
+                s = self.reader.read(path, self.pod_reads)
             else:
                 pod = self._summed[uid] = summed.get(uid) or _SummedPod()
                 s = pod.total(containers, listed)
@@ -389,8 +386,9 @@ class _SummedPod:
         return s
 
 
-_GROUPS = ("cpu", "memory", "io", "pids", "pressure", "network")
-_ADDITIVE = ("cpu", "memory", "io", "pids")  # groups whose values add up across containers (Stats.add)
+# the metrics whose values add up across containers (Stats.ADDITIVE); limits and pressure do not
+_ADDITIVE = frozenset(k.suffix for k in KINDS if k.group in ("cpu", "memory", "io", "pids")
+                      and k.suffix not in ("memory.limit", "pids.limit"))
 
 
 class _Specs:

@@ -75,6 +75,67 @@ class Stats:
         self.found = self.found or other.found
 
 
+# What each metric (by its suffix, the same for containers and pods) needs read. Files: cpu = the CPU time file(s)
+# (v2 cpu.stat, v1 cpuacct.usage_all or its fallbacks); throttle = the CPU quota (cpu.max / cpu.cfs_quota_us) and,
+# where the CFS counters are not in the cpu.stat already read, their cpu.stat; mem_usage = memory.current /
+# memory.usage_in_bytes; mem_stat / mem_stat_v1 = memory.stat on cgroup v2 / v1 (v1 has swap there, not kernel
+# stacks nor page tables); mem_limit = memory.max / memory.limit_in_bytes; swap = memory.swap.current (v2);
+# oom_v2 = memory.events; oom_v1 = memory.oom_control (kills only); io = io.stat / blkio; pids_count =
+# pids.current; pids_limit = pids.max; pressure = the three PSI files. The network is the receiver's (not here).
+READS_OF: dict[str, tuple[str, ...]] = {
+    "cpu.time": ("cpu",),
+    "cpu.usage": ("cpu",),
+    "cpu.percent": ("cpu",),
+    "cpu.throttling_data.periods": ("cpu", "throttle"),
+    "cpu.throttling_data.throttled_periods": ("cpu", "throttle"),
+    "cpu.throttling_data.throttled_time": ("cpu", "throttle"),
+    "memory.usage": ("mem_usage",),
+    "memory.working_set": ("mem_usage", "mem_stat", "mem_stat_v1"),
+    "memory.rss": ("mem_stat", "mem_stat_v1"),
+    "memory.cache": ("mem_stat", "mem_stat_v1"),
+    "memory.kernel_stack": ("mem_stat",),
+    "memory.page_tables": ("mem_stat",),
+    "memory.paging.faults": ("mem_stat", "mem_stat_v1"),
+    "memory.swap": ("swap", "mem_stat_v1"),
+    "memory.limit": ("mem_limit",),
+    "memory.oom.events": ("oom_v2",),
+    "memory.oom.kills": ("oom_v2", "oom_v1"),
+    "disk.io": ("io",),
+    "disk.operations": ("io",),
+    "pids.count": ("pids_count",),
+    "pids.limit": ("pids_limit",),
+    "pressure.stall_time": ("pressure",),
+}
+_FLAGS = ("cpu", "throttle", "mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2", "oom_v1", "io",
+          "pids_count", "pids_limit", "pressure")
+_MEMORY_READS = ("mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2", "oom_v1")
+
+
+class Reads:
+    """What is read of one kind of cgroup (containers, pods): the files the metrics wanted at that level need, and
+    no other. Decided once, when the receiver is made, from the metric switches: one boolean per file (or group
+    of files), checked once per cgroup as it is read, never a lookup per file."""
+
+    __slots__ = (*_FLAGS, "memory", "pids", "limits", "listed", "nothing")
+
+    def __init__(self, metrics=READS_OF) -> None:
+        """`metrics`: the suffixes of the metrics wanted (`cpu.time`, `memory.limit`...); by default all."""
+        flags = {f for suffix in metrics for f in READS_OF.get(suffix, ())}
+        for name in _FLAGS:
+            setattr(self, name, name in flags)
+        self.memory = any(name in flags for name in _MEMORY_READS)
+        self.pids = self.pids_count or self.pids_limit
+        self.limits = self.mem_limit or self.pids_limit  # (the CPU quota goes with the counters it gates)
+        # nothing but limits is read: on the collections that take the limits from what was read before, no file
+        # is read and the cgroup is there as discovery listed it; `nothing`: no file at all (the pod's network)
+        self.listed = not (self.cpu or self.mem_usage or self.mem_stat or self.mem_stat_v1 or self.swap
+                           or self.oom_v2 or self.oom_v1 or self.io or self.pids_count or self.pressure)
+        self.nothing = self.listed and not self.limits
+
+    def __repr__(self) -> str:
+        return f"Reads({', '.join(n for n in _FLAGS if getattr(self, n))})"
+
+
 BUFSIZE = 65536  # larger than any cgroup file read here; a file that fills it is read on, never cut short
 # a kept fd whose cgroup was removed answers ENODEV (kernfs); ESTALE and ENOENT mean the same on other filesystems
 VANISHED = (errno.ENODEV, errno.ESTALE, errno.ENOENT)
@@ -155,12 +216,13 @@ class Reader:
     At most `max_open` fds are kept; files beyond that are opened, read and closed as before. Limits
     (memory.limit_in_bytes / memory.max, pids.max, the CPU quota) change rarely: they are read when a cgroup is
     first seen and then on every `limits_every`-th collection, without keeping an fd. `max_open` bounds this
-    reader and FD_BUDGET the whole process.
+    reader and FD_BUDGET the whole process. What is read of a cgroup is what its `Reads` say: a file that only
+    metrics switched off need is never opened (nor kept).
     """
 
-    def __init__(self, layout: Layout, groups, max_open: int = 0, limits_every: int = 1) -> None:
+    def __init__(self, layout: Layout, reads: Reads | None = None, max_open: int = 0, limits_every: int = 1) -> None:
         self.layout = layout
-        self.groups = groups
+        self.reads = reads if reads is not None else Reads()
         self.errors: list[tuple[str, OSError]] = []
         # lines the parsers skipped as malformed this collection (the first MALFORMED_KEPT), and the first cgroup
         # that had one
@@ -284,15 +346,16 @@ class Reader:
 
     # -- one cgroup ---------------------------------------------------------------------------------------------
 
-    def read(self, rel: str, groups=None) -> Stats:
-        """One cgroup's statistics, of the metric groups `groups` (default: the reader's)."""
+    def read(self, rel: str, reads: Reads | None = None) -> Stats:
+        """One cgroup's statistics: the files `reads` says (default: the reader's). A cgroup is to be read with the
+        same `reads` every time (its kept fds and remembered limits are those of one)."""
         n_malformed = len(self.malformed)
-        s = self._read_cgroup(rel, groups)
+        s = self._read_cgroup(rel, reads or self.reads)
         if len(self.malformed) != n_malformed and self.malformed_at is None:
             self.malformed_at = rel
         return s
 
-    def _read_cgroup(self, rel: str, groups) -> Stats:
+    def _read_cgroup(self, rel: str, reads: Reads) -> Stats:
         # the one-pass reading covers the files the cgroup had when last read by path; when limits are due (every
         # Nth collection) it is read by path again, so a file that appeared since is found (on cgroup v2 a
         # controller's files appear in a cgroup made before its parent enabled the controller)
@@ -304,11 +367,11 @@ class Reader:
             except OSError:
                 contents = None  # removed (ENODEV) or worse: read by path below, which sorts it out
             if contents is not None and BUFSIZE not in map(len, contents):
-                return self._read(rel, dict(zip(paths, contents, strict=True)).get, groups or self.groups)
+                return self._read(rel, dict(zip(paths, contents, strict=True)).get, reads)
             del self._whole[rel]
-        return self._read_by_path(rel, groups or self.groups)
+        return self._read_by_path(rel, reads)
 
-    def _read_by_path(self, rel: str, groups) -> Stats:
+    def _read_by_path(self, rel: str, reads: Reads) -> Stats:
         """Open what is not kept yet, re-read what is: a cgroup's first reading, or one after a kept fd failed."""
         fds = self._fds.get(rel)
         if fds is None and self.max_open > 0:
@@ -316,7 +379,7 @@ class Reader:
         self._cur, self._vanished, self._partial, self._renewed = fds, False, False, False
         n_errors = len(self.errors)
         try:
-            s = self._read(rel, self.text, groups)
+            s = self._read(rel, self.text, reads)
         finally:
             self._cur = None
         if self._renewed and not self._vanished:
@@ -334,15 +397,16 @@ class Reader:
             self._whole[rel] = (tuple(fds), tuple(fds.values()))
         return s
 
-    def _read(self, rel: str, text, g) -> Stats:
-        """Statistics of one cgroup from `text(path)`: the file's content, or None when it cannot be read; `g`:
-        the metric groups read."""
+    def _read(self, rel: str, text, w: Reads) -> Stats:
+        """Statistics of one cgroup from `text(path)`: the file's content, or None when it cannot be read; `w`: what
+        is read. The cgroup is found when at least one file was read (or, reading nothing but limits it already
+        has, as discovery listed it)."""
         s = Stats()
         lay = self.layout
         limits = self._limits.get(rel) if not self._refresh_limits else None
         cpu_limited = None
         v2_cpu_stat: dict[bytes, int] | None = None
-        if g.cpu and lay.cpu is not None:
+        if w.cpu and lay.cpu is not None:
             base = lay.cpu.root + rel
             if lay.cpu.v2:
                 v2_cpu_stat = p.parse_flat(text(base + "/cpu.stat"))
@@ -372,7 +436,8 @@ class Reader:
                         hz = _user_hz()
                         if b"user" in ticks and b"system" in ticks:
                             s.cpu_user, s.cpu_system = ticks[b"user"] / hz, ticks[b"system"] / hz
-            thr = lay.throttle
+            # the throttling counters and the quota that gates them: read only when a throttling metric is wanted
+            thr = lay.throttle if w.throttle else None
             if thr is not None:
                 # CFS counters mean something only under a CPU limit (without one they stay 0 forever): they are read
                 # and emitted only for a cgroup with a quota, as cAdvisor emits them only with one
@@ -390,22 +455,26 @@ class Reader:
                     elif b"throttled_time" in stat:  # v1: nanoseconds
                         s.throttled_time = stat[b"throttled_time"] / 1e9
         mem_limit = pids_limit = None
-        if g.memory and lay.memory is not None:
-            mem_limit = self._memory(lay.memory.root + rel, lay.memory.v2, s, limits, text)
-        if g.io and lay.io is not None:
+        if w.memory and lay.memory is not None:
+            mem_limit = self._memory(lay.memory.root + rel, lay.memory.v2, s, limits, text, w)
+        if w.io and lay.io is not None:
             self._io(lay.io.root + rel, lay.io.v2, s, text)
-        if g.pids and lay.pids is not None:
+        if w.pids and lay.pids is not None:
             base = lay.pids.root + rel
-            s.pids = p.parse_int(text(base + "/pids.current"))
-            if limits is None:
-                pids_limit = p.parse_int(read_small(base + "/pids.max", self.errors))  # "max" -> None
-            else:
-                pids_limit = limits[1]
-            s.pids_limit = pids_limit
-            s.found = s.found or s.pids is not None
-        if limits is None and s.found:
-            self._limits[rel] = (mem_limit, pids_limit, cpu_limited)
-        if g.pressure and lay.psi is not None:
+            if w.pids_count:
+                s.pids = p.parse_int(text(base + "/pids.current"))
+                if s.pids is not None:
+                    s.found = True
+            if w.pids_limit:
+                if limits is None:
+                    data = read_small(base + "/pids.max", self.errors)
+                    if data is not None:
+                        s.found = True
+                    pids_limit = p.parse_int(data)  # "max" -> None
+                else:
+                    pids_limit = limits[1]
+                s.pids_limit = pids_limit
+        if w.pressure and lay.psi is not None:
             base = lay.psi + rel
             psi = s.psi
             for res, path in (("cpu", "/cpu.pressure"), ("memory", "/memory.pressure"), ("io", "/io.pressure")):
@@ -414,8 +483,13 @@ class Reader:
                     s.found = True  # a receiver reading only pressure (or IO) reports it all the same
                 for kind, total_us in p.parse_psi(data).items():
                     psi[_PSI_KEYS[res, kind]] = total_us / 1e6
-        if not (g.cpu or g.memory or g.io or g.pids or g.pressure):
-            s.found = True  # nothing to read here (the pod's network only): the cgroup is there, as listed
+        if limits is None:
+            if s.found:
+                self._limits[rel] = (mem_limit, pids_limit, cpu_limited)
+            elif w.nothing:
+                s.found = True  # nothing to read here (the pod's network only): the cgroup is there, as listed
+        elif w.listed:
+            s.found = True  # only limits are read, and they are those read before: the cgroup is there, as listed
         return s
 
     def _cpu_quota_set(self, base: str, v2: bool) -> bool | None:
@@ -427,36 +501,68 @@ class Reader:
         quota = p.parse_int(read_small(base + "/cpu.cfs_quota_us", self.errors))
         return None if quota is None else quota > 0
 
-    def _memory(self, base: str, v2: bool, s: Stats, limits: tuple | None, text) -> int | None:
-        """Memory statistics into `s`; returns the limit as read (or as remembered in `limits`)."""
+    def _memory(self, base: str, v2: bool, s: Stats, limits: tuple | None, text, w: Reads) -> int | None:
+        """Memory statistics into `s`, of the files `w` says; returns the limit as read (or as remembered in
+        `limits`)."""
+        usage = inactive_file = faults = None
+        if w.mem_usage:
+            usage = p.parse_int(text(base + ("/memory.current" if v2 else "/memory.usage_in_bytes")))
         if v2:
-            usage = p.parse_int(text(base + "/memory.current"))
-            stat = p.parse_flat(text(base + "/memory.stat"), _V2_MEMORY_KEYS)
-            s.mem_rss, s.mem_cache = stat.get(b"anon"), stat.get(b"file")
-            s.mem_kernel_stack, s.mem_page_tables = stat.get(b"kernel_stack"), stat.get(b"pagetables")
-            inactive_file = stat.get(b"inactive_file")
-            s.faults_major = stat.get(b"pgmajfault")
-            faults = stat.get(b"pgfault")
-            s.mem_limit = p.parse_int(read_small(base + "/memory.max", self.errors)) if limits is None \
-                else limits[0]
-            s.mem_swap = p.parse_int(text(base + "/memory.swap.current"))
-            events = p.parse_flat(text(base + "/memory.events"))
-            s.oom_events, s.oom_kills = events.get(b"oom"), events.get(b"oom_kill")
+            if w.mem_stat:
+                data = text(base + "/memory.stat")
+                if data is not None:
+                    s.found = True
+                    stat = p.parse_flat(data, _V2_MEMORY_KEYS)
+                    s.mem_rss, s.mem_cache = stat.get(b"anon"), stat.get(b"file")
+                    s.mem_kernel_stack, s.mem_page_tables = stat.get(b"kernel_stack"), stat.get(b"pagetables")
+                    inactive_file = stat.get(b"inactive_file")
+                    s.faults_major = stat.get(b"pgmajfault")
+                    faults = stat.get(b"pgfault")
+            if w.mem_limit:
+                if limits is None:
+                    data = read_small(base + "/memory.max", self.errors)
+                    if data is not None:
+                        s.found = True
+                    s.mem_limit = p.parse_int(data)  # "max" -> None
+                else:
+                    s.mem_limit = limits[0]
+            if w.swap:
+                data = text(base + "/memory.swap.current")
+                if data is not None:
+                    s.found = True
+                    s.mem_swap = p.parse_int(data)
+            if w.oom_v2:
+                data = text(base + "/memory.events")
+                if data is not None:
+                    s.found = True
+                    events = p.parse_flat(data)
+                    s.oom_events, s.oom_kills = events.get(b"oom"), events.get(b"oom_kill")
         else:
-            usage = p.parse_int(text(base + "/memory.usage_in_bytes"))
-            # total_* are hierarchical (they include sub-cgroups); the plain keys count this cgroup alone
-            stat = p.parse_flat(text(base + "/memory.stat"), _V1_MEMORY_KEYS)
-            s.mem_rss, s.mem_cache = stat.get(b"total_rss"), stat.get(b"total_cache")
-            s.mem_swap = stat.get(b"total_swap")
-            inactive_file = stat.get(b"total_inactive_file")
-            s.faults_major = stat.get(b"total_pgmajfault")
-            faults = stat.get(b"total_pgfault")
-            if limits is None:
-                limit = p.parse_int(read_small(base + "/memory.limit_in_bytes", self.errors))
-                s.mem_limit = limit if limit is not None and limit < p.V1_UNLIMITED else None
-            else:
-                s.mem_limit = limits[0]
-            s.oom_kills = p.parse_flat(text(base + "/memory.oom_control")).get(b"oom_kill")
+            if w.mem_stat_v1:
+                # total_* are hierarchical (they include sub-cgroups); the plain keys count this cgroup alone
+                data = text(base + "/memory.stat")
+                if data is not None:
+                    s.found = True
+                    stat = p.parse_flat(data, _V1_MEMORY_KEYS)
+                    s.mem_rss, s.mem_cache = stat.get(b"total_rss"), stat.get(b"total_cache")
+                    s.mem_swap = stat.get(b"total_swap")
+                    inactive_file = stat.get(b"total_inactive_file")
+                    s.faults_major = stat.get(b"total_pgmajfault")
+                    faults = stat.get(b"total_pgfault")
+            if w.mem_limit:
+                if limits is None:
+                    data = read_small(base + "/memory.limit_in_bytes", self.errors)
+                    if data is not None:
+                        s.found = True
+                    limit = p.parse_int(data)
+                    s.mem_limit = limit if limit is not None and limit < p.V1_UNLIMITED else None
+                else:
+                    s.mem_limit = limits[0]
+            if w.oom_v1:
+                data = text(base + "/memory.oom_control")
+                if data is not None:
+                    s.found = True
+                    s.oom_kills = p.parse_flat(data).get(b"oom_kill")
         if usage is not None:
             s.found = True
             s.mem_usage = usage

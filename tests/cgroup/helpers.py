@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -42,3 +43,25 @@ def value(data, name: str, where: dict, attrs: dict | None = None):
 @pytest.fixture
 def receiver_factory():
     return make_receiver
+
+
+_OPENED: list[str] | None = None
+
+
+def _hook(event: str, args) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], str):
+        _OPENED.append(args[0])
+
+
+sys.addaudithook(_hook)  # once per process (this module is imported once)
+
+
+def opened_during(fn) -> tuple[object, list[str]]:
+    """What fn returns and every path opened meanwhile (os.open and open() both raise the `open` audit event)."""
+    global _OPENED
+    _OPENED = []
+    try:
+        out = fn()
+        return out, _OPENED
+    finally:
+        _OPENED = None

@@ -9,34 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from cgroup.helpers import make_receiver, value
+from cgroup.helpers import make_receiver, opened_during, value
 from harness import require, require_root
 from harness.cgroups import ROOT, PodCgroup, hierarchies
 
 from receivers.cgroup import receiver as receiver_module
 from receivers.cgroup import stats as stats_module
 from receivers.cgroup.discovery import detect_layout
-
-_OPENED: list[str] | None = None
-
-
-def _hook(event: str, args) -> None:
-    if _OPENED is not None and event == "open" and isinstance(args[0], str):
-        _OPENED.append(args[0])
-
-
-sys.addaudithook(_hook)
-
-
-def opened_during(fn) -> tuple[object, list[str]]:
-    """What fn returns and every path opened meanwhile (os.open and open() both raise the `open` audit event)."""
-    global _OPENED
-    _OPENED = []
-    try:
-        out = fn()
-        return out, _OPENED
-    finally:
-        _OPENED = None
 
 
 def fds_naming(text: str) -> list[str]:
