@@ -542,13 +542,12 @@ class Service:
         cfg = self.config.service.telemetry.metrics
         if cfg.level == "none":
             return
-        from prometheus_client import start_http_server
-
         from podmeter.config import split_endpoint
+        from podmeter.telemetry import serve
 
         host, port = split_endpoint(cfg.address)
         try:
-            self._telemetry_server = start_http_server(port, addr=host, registry=self.telemetry.registry)
+            self._telemetry_server = serve(self.telemetry.registry, host, port)
         except OSError as exc:
             message = f"cannot serve self-telemetry on {cfg.address}: {exc.strerror or exc}"
             if self.strict:

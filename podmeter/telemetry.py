@@ -150,6 +150,52 @@ def null_component_telemetry(component_id: str = "test", logger: logging.Logger 
     return ComponentTelemetry(Telemetry(), component_id, logger or logging.getLogger(f"podmeter.{component_id}"))
 
 
+def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[object, threading.Thread]:
+    """Serve `registry` on http://host:port/metrics (any path, as prometheus_client's start_http_server) from a
+    daemon thread; returns (server, thread) as start_http_server does: `server.shutdown(); server.server_close()`
+    stops it.
+
+    Not start_http_server itself: its wsgiref server has socketserver's backlog of 5, no timeout and no limit on
+    connections, so a few hundred stalled connections on :8888 would hold a thread each for good. This one is
+    podmeter.httpserve's (request deadline, connection limit, backlog), as /metrics and health are.
+    """
+    import gzip
+    from urllib.parse import parse_qs, urlsplit
+
+    from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+    from podmeter import httpserve
+
+    class Handler(httpserve.Handler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            url = urlsplit(self.path)
+            if url.path == "/favicon.ico":  # as prometheus_client: browsers ask for it
+                body, headers = b"", [("Content-Type", "text/plain")]
+            else:
+                names = parse_qs(url.query).get("name[]")
+                encoder, ctype = choose_encoder(self.headers.get("Accept"))
+                body = encoder(registry.restricted_registry(names) if names else registry)
+                headers = [("Content-Type", ctype)]
+                if gzip_accepted(self.headers.get("Accept-Encoding")):
+                    body = gzip.compress(body)
+                    headers.append(("Content-Encoding", "gzip"))
+            self.send_response(200)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.write_body((body,))
+
+        do_HEAD = do_GET  # noqa: N815 - the same headers, no body (write_body skips it)
+
+    server = httpserve.Server((host, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="telemetry-http", daemon=True)
+    thread.start()
+    return server, thread
+
+
 def rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

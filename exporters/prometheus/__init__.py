@@ -17,11 +17,11 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.sdk.metrics.export import MetricExportResult, MetricsData
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as TEXT_CONTENT_TYPE
 
+from podmeter import httpserve
 from podmeter.component import ComponentUnavailable, Exporter, Factory, Stability
 from podmeter.config import split_endpoint
 from podmeter.metrics import PerResource
@@ -169,7 +169,7 @@ class PrometheusExporter(Exporter):
         self._rendering = Rendering()
         self._wanted: dict[str, float] = {}  # form -> when a scrape last asked for it gzipped (monotonic)
         self._next_expiry = float("inf")
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         t = settings.telemetry
         self._scrapes = t.counter("podmeter_prometheus_scrapes", "Scrapes served, by HTTP status code", ["code"])
@@ -354,37 +354,24 @@ class PrometheusExporter(Exporter):
         return (r.gzipped(form),)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(httpserve.Server):
+    """podmeter.httpserve's server (request deadline, connection limit, backlog), with the exporter's housekeeping
+    and its count of failed connections."""
 
     def __init__(self, address, handler, exporter: PrometheusExporter, context: ssl.SSLContext | None) -> None:
         self.exporter = exporter
-        self.context = context
-        if ":" in address[0]:
-            import socket
-
-            self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
-
-    def get_request(self):
-        sock, addr = super().get_request()
-        if self.context is not None:
-            # the handshake runs in the request's own thread (do_handshake in setup), never in the accept loop
-            sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
+        super().__init__(address, handler, context)
 
     def service_actions(self) -> None:
+        super().service_actions()
         try:
             self.exporter.expire()
         except Exception as exc:  # never let housekeeping stop the server
             self.exporter.telemetry.error("expiration", f"expiring old series failed: {type(exc).__name__}: {exc}")
 
-    def handle_error(self, request, client_address) -> None:
-        # a client that hangs up or fails the TLS handshake is its own problem: count it, no traceback
-        import sys
-
-        exc = sys.exc_info()[1]
+    def connection_failed(self, client_address, exc: BaseException | None) -> None:
+        # a client that hangs up or fails the TLS handshake is its own problem: count it, no traceback (those the
+        # server closed itself, past their deadline or over the connection limit, are not counted)
         self.exporter.telemetry.error("scrape_connection", f"connection from {client_address[0]} failed: "
                                       f"{type(exc).__name__}: {exc}")
 
@@ -395,15 +382,9 @@ def _make_handler(exporter: PrometheusExporter):
     if auth is not None:
         expected = b"Basic " + base64.b64encode(f"{auth.username}:{auth.password}".encode())
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(httpserve.Handler):  # deadlines and the TLS handshake: see podmeter.httpserve
         protocol_version = "HTTP/1.1"
-        timeout = 30  # a stuck client cannot hold a thread forever
         server_version = "podmeter"
-
-        def setup(self) -> None:
-            super().setup()
-            if isinstance(self.connection, ssl.SSLSocket):
-                self.connection.do_handshake()
 
         def do_GET(self) -> None:  # noqa: N802
             started = time.perf_counter()
@@ -440,12 +421,8 @@ def _make_handler(exporter: PrometheusExporter):
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.writelines(chunks)
+            self.write_body(chunks)  # nothing for HEAD
             return code
-
-        def log_message(self, format, *args) -> None:  # noqa: A002 - scrapes are counted, not logged
-            pass
 
     return Handler
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pydantic import Field
 
+from podmeter import httpserve
 from podmeter.component import Extension, Factory, Host, Stability
 from podmeter.config import ComponentConfig, Endpoint, split_endpoint
 
@@ -26,7 +26,7 @@ class HealthCheckConfig(ComponentConfig):
 class HealthCheck(Extension):
     def __init__(self, settings, config: HealthCheckConfig) -> None:
         self.settings, self.config = settings, config
-        self.server: ThreadingHTTPServer | None = None
+        self.server: httpserve.Server | None = None
         self.service = None
 
     def start(self, host: Host) -> None:
@@ -34,7 +34,9 @@ class HealthCheck(Extension):
         self.service = providers[0] if providers else None
         extension = self
 
-        class Handler(BaseHTTPRequestHandler):
+        # httpserve's: a probe must still be answered after a flood of stalled connections (request deadline,
+        # connection limit, listen backlog); it does not log (probes come every few seconds)
+        class Handler(httpserve.Handler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 code, body = extension.report()
                 payload = json.dumps(body).encode()
@@ -42,14 +44,12 @@ class HealthCheck(Extension):
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                self.write_body((payload,))
 
-            def log_message(self, *args) -> None:  # probes every few seconds: keep the log quiet
-                pass
+            do_HEAD = do_GET  # noqa: N815 - the same headers, no body (write_body skips it)
 
         host_, port = split_endpoint(self.config.endpoint)
-        self.server = ThreadingHTTPServer((host_, port), Handler)
-        self.server.daemon_threads = True
+        self.server = httpserve.Server((host_, port), Handler)
         threading.Thread(target=self.server.serve_forever, name="health_check", daemon=True).start()
 
     def report(self) -> tuple[int, dict]:
