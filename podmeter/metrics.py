@@ -120,9 +120,14 @@ class MetricsBuilder:
             time_ns: int | None = None) -> None:
         if value is None or not spec.enabled:
             return
+        start = (start_time_ns or self._start) if spec.instrument != "gauge" else 0
+        if time_ns and start > time_ns:
+            # a point timed by its source (CRI's stats timestamps) from before the start we know: the interval ends
+            # there, and OTLP wants start <= time
+            start = time_ns
         self._bucket(spec, resource or {}).append(number_point(
             dict(attributes) if attributes else {},
-            (start_time_ns or self._start) if spec.instrument != "gauge" else 0,
+            start,
             time_ns or self._time,
             value,
         ))

@@ -277,7 +277,9 @@ class PrometheusExporter(Exporter):
         # scopes expose (target_info for a pod that several receivers describe, or one metric from two receivers)
         # is merged into one family, so that the exposition has one # HELP/# TYPE per family.
         by_name: dict[str, list[_Family]] = {}
-        for entry in self._scopes.values():
+        # in scope name order, not arrival order: where receivers describe one entity differently (an image name
+        # as CRI resolves it, or as the pod spec says), the merged target_info is the same after every restart
+        for _scope, entry in sorted(self._scopes.items()):
             for name, rf in entry.families.items():
                 by_name.setdefault(name, []).append(rf)
         text: list[bytes] = []

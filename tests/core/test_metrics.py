@@ -97,3 +97,14 @@ def test_a_kept_resource_object_is_used_as_it_is():
     assert rms[0].resource is kept
     assert [p.value for p in rms[0].scope_metrics[0].metrics[0].data.data_points] == [1, 2]
     assert dict(rms[1].resource.attributes) == {"process.pid": 8}
+
+
+def test_a_point_timed_before_the_start_starts_at_its_time():
+    # CRI times its stats itself (writable_layer.timestamp), which can be before the receiver started: OTLP wants
+    # start_time_unix_nano <= time_unix_nano
+    builder = MetricsBuilder("podmeter/receiver/test", 1_000)
+    builder.add(SUM, 1.0, {"cpu.mode": "user"}, {"k8s.pod.uid": "u"}, time_ns=400)
+    builder.add(SUM, 2.0, {"cpu.mode": "system"}, {"k8s.pod.uid": "u"}, time_ns=2_000)
+    (point_early, point_late) = builder.build().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    assert (point_early.start_time_unix_nano, point_early.time_unix_nano) == (400, 400)
+    assert (point_late.start_time_unix_nano, point_late.time_unix_nano) == (1_000, 2_000)

@@ -542,3 +542,26 @@ def test_every_panel_shows_what_the_workload_did(live):
             problems.append(f"{name}: panel {title!r} {ref} shows {shown}"
                             + (f" (legend problems: {clashes})" if clashes else ""))
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_the_target_info_joins_the_exporter_readme_gives(live):
+    """The joins exporters/prometheus/README.md gives, run by a real Prometheus on a node with GPU processes in
+    pods (their target_info carries their container's container_id and their GPU's hw_id) and MIG devices: each
+    returns its entity's descriptive label, none is refused as many-to-many."""
+    prom = live.prom
+    readme = open(os.path.join(ROOT, "exporters", "prometheus", "README.md")).read()
+    joins = re.findall(r"- a (container|pod|GPU): `(\* on \(\w+\) group_left \((\w+)\) target_info\{[^`]*\})`", readme)
+    assert {kind for kind, _, _ in joins} == {"container", "pod", "GPU"}, joins
+    left = {"container": 'container_memory_working_set_bytes{k8s_pod_name="trainer-0"}',
+            "pod": 'k8s_pod_memory_working_set_bytes{k8s_pod_name="trainer-0"}',
+            "GPU": "hw_gpu_memory_usage_bytes"}
+    prom.wait_for('target_info{process_pid!=""}')  # the GPU processes' own target_info is there to collide with
+    for kind, join, label in joins:
+        expr = f"{left[kind]} {join}"
+        try:
+            rows = prom.query(expr)
+        except Exception as exc:  # HTTP 422: many-to-many
+            body = exc.read().decode(errors="replace") if hasattr(exc, "read") else ""
+            pytest.fail(f"{kind} join refused: {expr}: {exc} {body}")
+        assert rows and all(r.get(label) for r, _ in rows), (kind, expr, rows)

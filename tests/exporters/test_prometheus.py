@@ -338,6 +338,28 @@ def test_one_target_info_per_entity_whatever_the_receivers_know(exporter, kit):
     assert "Burstable" not in text
 
 
+def test_merged_target_info_does_not_depend_on_which_receiver_came_first(exporter, kit):
+    """Receivers that disagree on a descriptive attribute (CRI's resolved image name, the pod spec's) get one
+    merged target_info; which value it shows must not change with the order their first batches arrived in (after
+    every agent restart)."""
+    from podmeter.metrics import MetricsBuilder
+
+    shown = set()
+    for order in (("cgroup", "cri"), ("cri", "cgroup")):
+        exp, port, _ = exporter()
+        for scope in order:
+            b = MetricsBuilder(f"podmeter/receiver/{scope}", kit.START_NS)
+            image = "docker.io/library/nginx" if scope == "cri" else "nginx"
+            b.add(kit.MEM, 7, resource={"k8s.pod.uid": "u", "container.id": "c" * 64, "container.image.name": image})
+            exp.export(b.build())
+        _, text = scrape(port)
+        infos = [line for line in text.splitlines() if line.startswith("target_info{")]
+        assert len(infos) == 1, infos
+        shown.add(infos[0])
+        exp.shutdown()
+    assert len(shown) == 1, shown
+
+
 def test_resource_to_telemetry_conversion_and_exact_names(exporter, kit):
     exp, port, _ = exporter(resource_to_telemetry_conversion={"enabled": True}, add_metric_suffixes=False,
                             target_info={"enabled": False})
