@@ -195,13 +195,6 @@ def escape_value(v: str) -> str:
     return hit
 
 
-def series(name: str, labels: Mapping[str, str]) -> str:
-    """A sample's identity as exposed: `name{a="1",b="2"}` (labels sorted; names already sanitized)."""
-    if not labels:
-        return name
-    return name + "{" + ",".join(f'{k}="{escape_value(labels[k])}"' for k in sorted(labels)) + "}"
-
-
 def format_value(v: float) -> str:
     return floatToGoString(v)
 
@@ -231,8 +224,9 @@ class Family:
             self.duplicates += 1
         self.samples[key] = value
 
-    def add_info(self, info: tuple[str, tuple[tuple[str, str], ...]]) -> None:
-        """A resource's target_info: one per set of promoted labels, the entity its series are keyed by. Receivers
+    def add_info(self, info: tuple[str, tuple[tuple[str, str], ...], str]) -> None:
+        """A resource's target_info, `info` = (its promoted labels' key, every label's (name, rendered pair), every
+        label's key): one per set of promoted labels, the entity its series are keyed by. Receivers
         describing one container (cgroup, cri, ebpf) may know different things of it (the QoS class, the runtime);
         one target_info each would make `* on (container_id) group_left(...) target_info` many-to-many. Their
         labels are merged instead; where two disagree on a label, the one added later wins."""

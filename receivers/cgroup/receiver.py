@@ -59,7 +59,7 @@ class CgroupReceiver(Receiver):
         # since the previous collection: its series start then, so that a backend sees a new series or a reset
         # (OTel: a cumulative that restarts gets a new start time) instead of a counter going backward.
         self._starts: dict[tuple, int] = {}
-        self._last_ns: int | None = None  # time of the previous collection
+        self._last_ns = self.start_ns  # time of the previous collection (before the first: the receiver's start)
         # cgroup key -> (its CgroupRef, its Resource): one Resource object per cgroup for as long as it lives, which
         # the pipeline's caches (enrichment, the prometheus exporter's labels) then find again by identity
         self._resources: dict[tuple, tuple[CgroupRef, Resource]] = {}
@@ -175,7 +175,7 @@ class CgroupReceiver(Receiver):
                         seen.add(net_key)
                         net_start = self._starts.get(net_key)
                         if uid in network.renewed:
-                            net_start = self._starts[net_key] = self._last_ns or self.start_ns
+                            net_start = self._starts[net_key] = self._last_ns
                         elif net_start is None or net_start < self._starts[key]:
                             net_start = self._starts[net_key] = self._starts[key]  # the pod's, as it moves
                         self._network(b, net_dev, resource, net_start)
@@ -234,12 +234,12 @@ class CgroupReceiver(Receiver):
         prev = self._prev_cpu.get(key)
         start = self._starts.get(key)
         if start is None:
-            start = self._starts[key] = self.start_ns if self._last_ns is None else self._last_ns
+            start = self._starts[key] = self._last_ns
         elif s.renewed or prev is not None and s.cpu_total is not None and s.cpu_total < prev[0]:
             # the cgroup was made again under the same path (its kept fds said so, or its CPU time went backward,
             # which a cgroup's never does): its counters restarted, so its series restart with a new start time,
             # and no CPU usage is computed across the two cgroups
-            start = self._starts[key] = self._last_ns or self.start_ns
+            start = self._starts[key] = self._last_ns
             prev = None
         add = b.adder(resource, start)
         if s.cpu_user is not None:

@@ -518,14 +518,27 @@ class Reader:
                     inactive_file = stat.get(b"inactive_file")
                     s.faults_major = stat.get(b"pgmajfault")
                     faults = stat.get(b"pgfault")
-            if w.mem_limit:
-                if limits is None:
-                    data = read_small(base + "/memory.max", self.errors)
-                    if data is not None:
-                        s.found = True
-                    s.mem_limit = p.parse_int(data)  # "max" -> None
-                else:
-                    s.mem_limit = limits[0]
+        elif w.mem_stat_v1:
+            # total_* are hierarchical (they include sub-cgroups); the plain keys count this cgroup alone
+            data = text(base + "/memory.stat")
+            if data is not None:
+                s.found = True
+                stat = p.parse_flat(data, _V1_MEMORY_KEYS)
+                s.mem_rss, s.mem_cache = stat.get(b"total_rss"), stat.get(b"total_cache")
+                s.mem_swap = stat.get(b"total_swap")
+                inactive_file = stat.get(b"total_inactive_file")
+                s.faults_major = stat.get(b"total_pgmajfault")
+                faults = stat.get(b"total_pgfault")
+        if w.mem_limit:
+            if limits is None:
+                data = read_small(base + ("/memory.max" if v2 else "/memory.limit_in_bytes"), self.errors)
+                if data is not None:
+                    s.found = True
+                limit = p.parse_int(data)  # v2's "max" -> None; v1 says unlimited with a huge number
+                s.mem_limit = limit if limit is not None and limit < p.V1_UNLIMITED else None
+            else:
+                s.mem_limit = limits[0]
+        if v2:
             if w.swap:
                 data = text(base + "/memory.swap.current")
                 if data is not None:
@@ -537,32 +550,11 @@ class Reader:
                     s.found = True
                     events = p.parse_flat(data)
                     s.oom_events, s.oom_kills = events.get(b"oom"), events.get(b"oom_kill")
-        else:
-            if w.mem_stat_v1:
-                # total_* are hierarchical (they include sub-cgroups); the plain keys count this cgroup alone
-                data = text(base + "/memory.stat")
-                if data is not None:
-                    s.found = True
-                    stat = p.parse_flat(data, _V1_MEMORY_KEYS)
-                    s.mem_rss, s.mem_cache = stat.get(b"total_rss"), stat.get(b"total_cache")
-                    s.mem_swap = stat.get(b"total_swap")
-                    inactive_file = stat.get(b"total_inactive_file")
-                    s.faults_major = stat.get(b"total_pgmajfault")
-                    faults = stat.get(b"total_pgfault")
-            if w.mem_limit:
-                if limits is None:
-                    data = read_small(base + "/memory.limit_in_bytes", self.errors)
-                    if data is not None:
-                        s.found = True
-                    limit = p.parse_int(data)
-                    s.mem_limit = limit if limit is not None and limit < p.V1_UNLIMITED else None
-                else:
-                    s.mem_limit = limits[0]
-            if w.oom_v1:
-                data = text(base + "/memory.oom_control")
-                if data is not None:
-                    s.found = True
-                    s.oom_kills = p.parse_flat(data).get(b"oom_kill")
+        elif w.oom_v1:
+            data = text(base + "/memory.oom_control")
+            if data is not None:
+                s.found = True
+                s.oom_kills = p.parse_flat(data).get(b"oom_kill")
         if usage is not None:
             s.found = True
             s.mem_usage = usage

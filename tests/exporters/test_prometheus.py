@@ -734,11 +734,11 @@ def test_a_rendered_family_parses_back_whatever_its_label_values_hold():
     """Families shared by several scopes are merged from their rendered lines: a value with spaces, quotes,
     backslashes, a newline (escaped) or a raw carriage return (not escaped by either format) survives."""
     from exporters.prometheus import _Family, _lines
-    from exporters.prometheus.translate import Family, series
+    from exporters.prometheus.translate import Family, LabelSet
 
     odd = {"plain": "a", "spaced": "a b  c", "quoted": 'say "hi"', "slashed": "C:\\x", "newline": "1\n2",
            "cr": "1\r2"}
-    samples = {series("m", {"k": v}): f"{i}.0" for i, v in enumerate(odd.values())}
+    samples = {"m" + LabelSet({"k": v}).key: f"{i}.0" for i, v in enumerate(odd.values())}
     rendered = _Family(Family("m", "gauge", "help"), len(samples),
                        _lines({k.encode(): v.encode() for k, v in samples.items()}))
     assert rendered.samples() == {k.encode(): v.encode() for k, v in samples.items()}
