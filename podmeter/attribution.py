@@ -29,6 +29,14 @@ _RUNTIME_PREFIX = {
     "cri-o": "cri-o",
     "containerd": "containerd",
 }
+
+
+def runtime_name(prefix: str) -> str | None:
+    """container.runtime.name of a runtime's prefix: a cgroup name's (`cri-containerd`, `crio`), or a container id
+    scheme in a pod's status (`containerd://`, `cri-o://`, `docker://`)."""
+    return _RUNTIME_PREFIX.get(prefix)
+
+
 # systemd scopes (`cri-containerd-<id>.scope`) and CRI-O's cgroupfs names (`crio-<id>`)
 _SCOPE = re.compile(r"^(cri-containerd|crio-conmon|crio|docker)-([0-9a-f]{64})(?:\.scope)?$")
 _LINE = re.compile(r"^\d+:[^:]*:(/.*)$")

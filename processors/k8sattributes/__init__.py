@@ -21,7 +21,7 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics
 from opentelemetry.sdk.resources import Resource as OtelResource
 
-from podmeter.attribution import ProcessAttributor
+from podmeter.attribution import ProcessAttributor, runtime_name
 from podmeter.component import ComponentUnavailable, Factory, Host, Processor, Stability
 
 from .config import K8sAttributesConfig
@@ -45,9 +45,6 @@ from .informer import (
 POD_LEVEL = ("k8s.pod.name", "k8s.pod.uid", "k8s.pod.start_time", "k8s.pod.ip", "k8s.namespace.name", "k8s.node.name",
              "k8s.deployment.name", "k8s.replicaset.name", "k8s.statefulset.name", "k8s.daemonset.name",
              "k8s.job.name", "k8s.cronjob.name", "k8s.pod.qos_class")
-# a container id's scheme in the pod status (containerd://...) -> container.runtime.name, as the cgroup receiver
-# names runtimes
-RUNTIMES = {"containerd": "containerd", "cri-o": "cri-o", "docker": "docker"}
 SWEEP_INTERVAL = 5.0  # the attribution cache's sweep, at most; a shorter pod_delete_grace_period sweeps as often
 # (deleted pods leave the pod table as soon as their grace period is over: PodCache.sweep is O(1) until then)
 # The enrichment cache (resource -> enriched resource) keeps what was used in the last ENRICH_ROTATE_CALLS to
@@ -315,7 +312,7 @@ class K8sAttributesProcessor(Processor):
             for cs in status.get(key) or []:
                 if cs.get("containerID") and cs.get("name"):
                     cids[normalise_container_id(cs["containerID"])] = cs["name"]
-                    runtime = runtime or RUNTIMES.get(cs["containerID"].partition("://")[0], "")
+                    runtime = runtime or runtime_name(cs["containerID"].partition("://")[0]) or ""
                 # the previous instance's id (a restarted container's last samples)
                 last = ((cs.get("lastState") or {}).get("terminated") or {}).get("containerID")
                 if last and cs.get("name"):
