@@ -71,7 +71,8 @@ class _OTLPBase(ComponentConfig):
     sending_queue: QueueConfig = Field(default_factory=QueueConfig, description="The sending queue")
     temporality_preference: Literal["cumulative", "delta"] = Field(
         "cumulative", description="cumulative sends sums and histograms as collected; delta sends the change "
-                                  "since the previous collection (the first collection of a series is held back)")
+                                  "since the previous collection (a series already running when the agent started "
+                                  "is held back once, as the baseline)")
 
 
     @field_validator("headers")
@@ -111,6 +112,8 @@ class OTLPGrpcConfig(_OTLPBase):
 class OTLPHttpConfig(_OTLPBase):
     endpoint: str = Field("http://localhost:4318", description="Base URL; metrics are POSTed to <endpoint>/v1/metrics")
     metrics_endpoint: str = Field("", description="Full URL for metrics, used as is instead of endpoint + /v1/metrics")
+    # the collector's otlphttp default: its HTTP client's deadline covers connecting, sending and reading the reply
+    timeout: Duration = Field(30.0, gt=0, description="Deadline of one send attempt")
 
     @field_validator("endpoint", "metrics_endpoint")
     @classmethod

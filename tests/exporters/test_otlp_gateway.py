@@ -294,6 +294,20 @@ def test_collector_settings_without_an_equivalent_are_refused_naming_the_key():
     assert ok == []
 
 
+def test_defaults_are_the_collectors():
+    """A config copied from a collector behaves the same where it leaves a key out. The collector's otlphttp
+    exporter gives its HTTP client 30 s (connect, send and read the reply); the otlp exporter's exporterhelper
+    timeout is 5 s. podmeter's otlphttp had 5 s: a gateway answering a large batch in 6 s got it resent, forever."""
+    from exporters.otlp.config import OTLPGrpcConfig, OTLPHttpConfig
+
+    grpc, http = OTLPGrpcConfig(), OTLPHttpConfig()
+    assert (grpc.timeout, http.timeout) == (5.0, 30.0)
+    assert grpc.compression == http.compression == "gzip"
+    assert (grpc.sending_queue.queue_size, grpc.sending_queue.num_consumers) == (1000, 10)
+    assert (grpc.retry_on_failure.initial_interval, grpc.retry_on_failure.max_interval,
+            grpc.retry_on_failure.max_elapsed_time) == (5.0, 30.0, 300.0)
+
+
 @pytest.mark.parametrize("proto", ["grpc", "http"])
 def test_a_gateway_with_a_smaller_request_limit_gets_smaller_requests(proto, make_exporter, kit):
     """A gateway refusing our request size (a collector with max_recv_msg_size_mib below 3, a proxy's body limit
