@@ -382,7 +382,7 @@ def _make_handler(exporter: PrometheusExporter):
     auth = exporter.config.basic_auth
     expected = None
     if auth is not None:
-        expected = b"Basic " + base64.b64encode(f"{auth.username}:{auth.password}".encode())
+        expected = base64.b64encode(f"{auth.username}:{auth.password}".encode())
 
     class Handler(httpserve.Handler):  # deadlines and the TLS handshake: see podmeter.httpserve
         protocol_version = "HTTP/1.1"
@@ -399,8 +399,10 @@ def _make_handler(exporter: PrometheusExporter):
         def _serve(self) -> int:
             path = self.path.split("?", 1)[0]
             if expected is not None:
-                given = (self.headers.get("Authorization") or "").encode()
-                if not hmac.compare_digest(given, expected):
+                # the scheme is case-insensitive (RFC 9110 11.1): some clients send "basic"
+                scheme, _, credentials = (self.headers.get("Authorization") or "").strip().partition(" ")
+                if not (hmac.compare_digest(credentials.strip().encode(), expected)
+                        and scheme.lower() == "basic"):
                     return self._reply(401, b"unauthorized\n", "text/plain; charset=utf-8",
                                        {"WWW-Authenticate": 'Basic realm="podmeter"'})
             if path not in ("/metrics", "/metrics/"):

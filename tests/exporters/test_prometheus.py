@@ -389,10 +389,16 @@ def test_tls_basic_auth_with_real_prometheus(exporter, kit, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as err:  # wrong password
         scrape(port, scheme="https", context=ctx, auth="Basic cHJvbTp3cm9uZw==")
     assert err.value.code == 401
+    # the scheme is case-insensitive (RFC 9110): "basic" from some clients is the same credentials
+    assert "container_cpu_time_seconds_total" in scrape(port, scheme="https", context=ctx,
+                                                        auth="basic cHJvbTpzM2NyZXQ=")[1]
+    with pytest.raises(urllib.error.HTTPError) as err:  # right credentials, another scheme
+        scrape(port, scheme="https", context=ctx, auth="Bearer cHJvbTpzM2NyZXQ=")
+    assert err.value.code == 401
     no_client_cert = ssl.create_default_context(cafile=certs.ca)
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         scrape(port, scheme="https", context=no_client_cert)
-    assert kit.sample(telemetry, "podmeter_prometheus_scrapes_total", component="prometheus", code="401") == 1
+    assert kit.sample(telemetry, "podmeter_prometheus_scrapes_total", component="prometheus", code="401") == 2
 
 
 def test_bad_config_names_the_key():
