@@ -291,8 +291,10 @@ class K8sAttributesProcessor(Processor):
         attrs: dict[str, Any] = {"k8s.pod.name": name, "k8s.pod.uid": uid, "k8s.namespace.name": ns}
         if spec.get("nodeName"):
             attrs["k8s.node.name"] = spec["nodeName"]
-        if status.get("startTime"):
-            attrs["k8s.pod.start_time"] = status["startTime"]
+        if md.get("creationTimestamp"):
+            # the collector's source: a backend fed by both sees one value (status.startTime is later, by hours
+            # for a GPU pod that waited in Pending, and missing until the kubelet takes the pod)
+            attrs["k8s.pod.start_time"] = md["creationTimestamp"]
         if status.get("qosClass"):
             attrs["k8s.pod.qos_class"] = status["qosClass"]
         if ip:

@@ -543,6 +543,16 @@ def test_old_pods_late_update_does_not_take_the_ip_of_a_newer_pod(api, make_proc
     assert p.cache.generation == gen + 1  # only the marker: the unchanged old pod is not re-indexed every time
 
 
+def test_pod_start_time_is_its_creation_time_as_in_the_collector(api, make_processor):
+    """`k8s.pod.start_time` is the pod's `metadata.creationTimestamp` (RFC 3339), as the collector's k8sattributes
+    sets it, not `status.startTime`: the two differ by as long as the pod waited to be scheduled."""
+    created = api.create("pods", "ml", pod("waited", NODE, uid=(u := uid())))
+    assert created["status"]["startTime"] != created["metadata"]["creationTimestamp"]
+    p = make_processor(api)
+    assert p.ready(10)
+    assert p.attributes_for({"k8s.pod.uid": u})["k8s.pod.start_time"] == created["metadata"]["creationTimestamp"]
+
+
 def test_unextracted_annotations_are_not_kept(api, make_processor):
     """kubectl's last-applied-configuration and other annotations can be hundreds of KiB per pod: only what a rule
     extracts is kept, and a change of an annotation nobody extracts changes nothing readers see."""
