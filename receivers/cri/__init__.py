@@ -6,10 +6,12 @@ import dataclasses
 import threading
 import time
 
+import grpc
+
 from podmeter.component import Factory, Receiver, Stability
 from podmeter.metrics import MetricsBuilder, MetricSpec, now_ns
 
-from .client import CriClient, describe, is_unimplemented
+from .client import CriClient, code_of, describe, is_unimplemented
 from .config import CriConfig
 from .metadata import (
     CONTAINER_NAME,
@@ -88,6 +90,9 @@ class CriReceiver(Receiver):
         self._status_retry: dict[str, float] = {}  # container id -> when to ask its status again (monotonic)
         self._seen_cpu: set[str] = set()  # ids whose first (zero) usage_nano_cores sample has passed
         self._stats_unimplemented = False
+        # ListPodSandboxStats failed as a whole (containerd 1.6 does while any sandbox is NOT_READY): ask
+        # PodSandboxStats per READY sandbox until the next handshake (a restarted runtime may be a fixed one)
+        self._pod_stats_each = False
         # each stats RPC only when one of its metrics is on (ListPodSandboxStats is slow in containerd 1.6)
         self._container_stats = any(m.enabled for n, m in self.specs.items() if n.startswith("container."))
         self._pod_stats = any(m.enabled for n, m in self.specs.items() if n.startswith("k8s.pod."))
@@ -176,6 +181,7 @@ class CriReceiver(Receiver):
         self.cache.runtime_name = self.runtime_name
         # the runtime computes usage_nano_cores from its own previous sample: after it restarts, 0 again
         self._seen_cpu.clear()
+        self._pod_stats_each = False
         self.log.info("connected to %s %s (CRI %s) at %s", self.runtime_name, v.runtime_version,
                       v.runtime_api_version, self.config.endpoint)
         return True
@@ -253,6 +259,10 @@ class CriReceiver(Receiver):
             try:
                 info = status_info(self.client.container_status(c.id))
             except Exception as exc:
+                if code_of(exc) == grpc.StatusCode.NOT_FOUND:
+                    # removed since ListContainers (churn, not an error): the next refresh no longer lists it
+                    new.pop(c.id, None)
+                    continue
                 failed += 1
                 new_retry[c.id] = time.monotonic() + STATUS_RETRY
                 self.tel.error("container_status", f"ContainerStatus {c.id[:13]} failed: {describe(exc)}; asked "
@@ -280,14 +290,18 @@ class CriReceiver(Receiver):
         if not self._connected:
             return b.build()  # the refresher says why (once); an empty batch keeps health neutral
         seen: set[str] = set()
+        answering = True
         if self._container_stats and not self._stats_unimplemented:
-            self._collect_containers(b, seen)
-        if self._pod_stats:
+            answering = self._collect_containers(b, seen)
+        # a runtime that just timed out (or went away) is not asked again in this collection: one request_timeout,
+        # not two, before the collection returns (the default request_timeout is half the default interval)
+        if self._pod_stats and answering:
             self._collect_pods(b, seen)
         self._seen_cpu = seen
         return b.build()
 
-    def _collect_containers(self, b: MetricsBuilder, seen: set[str]) -> None:
+    def _collect_containers(self, b: MetricsBuilder, seen: set[str]) -> bool:
+        """Container stats into b; False when the runtime did not answer (unreachable, or past the deadline)."""
         try:
             stats = self.client.list_container_stats()
         except Exception as exc:
@@ -295,16 +309,17 @@ class CriReceiver(Receiver):
                 self._stats_unimplemented = True
                 self.log.info("%s does not implement ListContainerStats: container stats are off, metadata "
                               "still works", self.runtime_name)
-            else:
-                self.tel.error("stats", f"ListContainerStats failed: {describe(exc)}")
-                self._wake.set()  # let the refresher notice a restarted runtime soon
-            return
+                return True
+            self.tel.error("stats", f"ListContainerStats failed: {describe(exc)}")
+            self._wake.set()  # let the refresher notice a restarted runtime soon
+            return code_of(exc) not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         self.tel.recovered("stats")
         for s in stats:
             try:
                 self._container_points(b, s, seen)
             except Exception as exc:  # one odd entry must not cost the others
                 self.tel.error("stats_entry", f"container stats entry skipped: {type(exc).__name__}: {exc}")
+        return True
 
     def _container_resource(self, a) -> dict:
         attrs = self.cache.container(a.id)
@@ -336,9 +351,11 @@ class CriReceiver(Receiver):
         if s.HasField("memory"):
             self._memory(b, s.memory, res, sp["container.memory.working_set"], sp["container.memory.usage"],
                          sp["container.memory.rss"])
-        if s.HasField("writable_layer"):
+        # containerd answers zeros with timestamp 0 until its snapshot syncer (every stats_collect_period) has
+        # measured a new container's layer: "not measured yet", not an empty layer
+        if s.HasField("writable_layer") and s.writable_layer.timestamp:
             wl = s.writable_layer
-            ts = wl.timestamp or None
+            ts = wl.timestamp
             if wl.HasField("used_bytes"):
                 b.add(sp["container.filesystem.usage"], wl.used_bytes.value, resource=res, time_ns=ts)
             if wl.HasField("inodes_used"):
@@ -363,22 +380,60 @@ class CriReceiver(Receiver):
                 b.add(spec, getattr(mem, field).value, resource=res, time_ns=ts)
 
     def _collect_pods(self, b: MetricsBuilder, seen: set[str]) -> None:
-        try:
-            stats = self.client.list_pod_sandbox_stats()
-        except Exception as exc:
-            if is_unimplemented(exc):
-                self._pod_stats = False
-                self.log.info("%s %s does not implement ListPodSandboxStats: pod-level stats are off",
-                              self.runtime_name, self.runtime_version)
-            else:
-                self.tel.error("pod_stats", f"ListPodSandboxStats failed: {describe(exc)}")
-            return
-        self.tel.recovered("pod_stats")
+        stats = None
+        if not self._pod_stats_each:
+            try:
+                stats = self.client.list_pod_sandbox_stats()
+            except Exception as exc:
+                if is_unimplemented(exc):
+                    self._pod_stats = False
+                    self.log.info("%s %s does not implement ListPodSandboxStats: pod-level stats are off",
+                                  self.runtime_name, self.runtime_version)
+                    return
+                if code_of(exc) != grpc.StatusCode.UNKNOWN:  # unreachable or too slow: not the list's own fault
+                    self.tel.error("pod_stats", f"ListPodSandboxStats failed: {describe(exc)}")
+                    return
+                # containerd 1.6 fails the whole list while any sandbox is NOT_READY, and kubelet keeps stopped
+                # sandboxes around for a while: on a real node, nearly always
+                self._pod_stats_each = True
+                self.log.info("%s %s failed ListPodSandboxStats (%s): asking PodSandboxStats per ready sandbox "
+                              "instead", self.runtime_name, self.runtime_version, describe(exc))
+        if stats is None:
+            stats = self._pod_stats_per_sandbox()  # says itself how it went
+            if stats is None:
+                return
+        else:
+            self.tel.recovered("pod_stats")
         for s in stats:
             try:
                 self._pod_points(b, s, seen)
             except Exception as exc:  # one odd entry must not cost the others
                 self.tel.error("stats_entry", f"pod stats entry skipped: {type(exc).__name__}: {exc}")
+
+    def _pod_stats_per_sandbox(self) -> list | None:
+        """PodSandboxStats of every sandbox the cache knows READY, within one request_timeout in all (what the
+        list call would have had); None when the runtime does not answer."""
+        deadline = time.monotonic() + self.config.request_timeout
+        stats = []
+        ids = self.cache.ready_sandbox_ids()
+        for i, sid in enumerate(ids):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.tel.error("pod_stats", f"PodSandboxStats answered slowly: {len(ids) - i} of {len(ids)} pods "
+                                            "skipped in this collection")
+                return stats
+            try:
+                stats.append(self.client.pod_sandbox_stats(sid, remaining))
+            except Exception as exc:
+                code = code_of(exc)
+                if code == grpc.StatusCode.NOT_FOUND or "not in ready state" in describe(exc):
+                    continue  # stopped or removed since the last metadata refresh
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.tel.error("pod_stats", f"PodSandboxStats failed: {describe(exc)}")
+                    return None
+                self.tel.error("stats_entry", f"pod stats of sandbox {sid[:13]} skipped: {describe(exc)}")
+        self.tel.recovered("pod_stats")
+        return stats
 
     def _pod_points(self, b: MetricsBuilder, s, seen: set[str]) -> None:
         sp = self.specs

@@ -74,6 +74,9 @@ class CriClient:
     def list_pod_sandbox_stats(self) -> list:
         return list(self.call("ListPodSandboxStats", pb.ListPodSandboxStatsRequest()).stats)
 
+    def pod_sandbox_stats(self, sandbox_id: str, timeout: float | None = None):
+        return self.call("PodSandboxStats", pb.PodSandboxStatsRequest(pod_sandbox_id=sandbox_id), timeout).stats
+
     def close(self) -> None:
         with self._lock:
             if self._channel is not None:
@@ -89,5 +92,9 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def code_of(exc: BaseException) -> grpc.StatusCode | None:
+    return exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+
+
 def is_unimplemented(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() == grpc.StatusCode.UNIMPLEMENTED
+    return code_of(exc) == grpc.StatusCode.UNIMPLEMENTED

@@ -10,10 +10,13 @@ class MetricToggle(ComponentConfig):
 
 
 def parse_unix_endpoint(value: str, key: str = "endpoint") -> str:
-    """`unix:///path` (or a bare absolute path) -> the socket path; anything else is a config error."""
+    """`unix:///path`, `unix:/path` or a bare absolute path (all three as kubelet's --container-runtime-endpoint
+    takes them) -> `unix:///path`; anything else is a config error."""
     text = str(value).strip()
     if text.startswith("unix://"):
         path = text[len("unix://"):]
+    elif text.startswith("unix:/"):
+        path = text[len("unix:"):]
     elif text.startswith("/"):
         path = text
     else:

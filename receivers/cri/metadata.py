@@ -146,6 +146,10 @@ class ContainerMetadata:
     def container_ids(self) -> list[str]:
         return list(self._snap.containers)
 
+    def ready_sandbox_ids(self) -> list[str]:
+        """The sandboxes the last refresh saw READY (the ones a runtime has stats for)."""
+        return [sid for sid, info in self._snap.sandboxes.items() if info.state == 0]
+
     def __len__(self) -> int:
         return len(self._snap.containers)
 

@@ -203,11 +203,12 @@ class PodResourcesReceiver(Receiver):
         try:
             resp = self._call("GetAllocatableResources", pb.AllocatableResourcesRequest())
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            if _not_served(exc):
                 # kubelet < 1.21, or the KubeletPodResourcesGetAllocatable gate off: List still works
                 if retry_at is None:
-                    self.log.info("the kubelet does not implement GetAllocatableResources: "
-                                  "k8s.node.device.allocatable is off (asked again every %gs)", ALLOCATABLE_RETRY)
+                    self.log.info("the kubelet does not serve GetAllocatableResources (%s): "
+                                  "k8s.node.device.allocatable is off (asked again every %gs)", _describe(exc),
+                                  ALLOCATABLE_RETRY)
                 self._allocatable_retry_at = time.monotonic() + ALLOCATABLE_RETRY
             else:
                 self.tel.error("allocatable", f"GetAllocatableResources failed: {_describe(exc)}")
@@ -252,11 +253,22 @@ class PodResourcesReceiver(Receiver):
         for (res, device, resource_name), units in self._allocations.items():
             b.add(ALLOCATED, units, {"hw.id": device, "k8s.resource.name": resource_name}, dict(res))
             per_resource.setdefault(resource_name, set()).add(device)
+        # a resource the node has but nobody holds is 0 allocated, not a series that stops at its last value
+        for resource_name in self._allocatable.keys() - per_resource.keys():
+            per_resource[resource_name] = set()
         for resource_name, devices in per_resource.items():
             b.add(NODE_ALLOCATED, len(devices), {"k8s.resource.name": resource_name})
         for resource_name, count in self._allocatable.items():
             b.add(ALLOCATABLE, count, {"k8s.resource.name": resource_name})
         return b.build()
+
+
+def _not_served(exc: grpc.RpcError) -> bool:
+    """UNIMPLEMENTED (kubelet < 1.21), or the kubelet's answer while the method's feature gate is off (1.21-1.22
+    by default): a plain Go error, so UNKNOWN, "PodResources API GetAllocatableResources disabled"."""
+    code = exc.code()
+    return code == grpc.StatusCode.UNIMPLEMENTED or (
+        code == grpc.StatusCode.UNKNOWN and (exc.details() or "").rstrip().endswith("disabled"))
 
 
 def _describe(exc: grpc.RpcError) -> str:
@@ -267,7 +279,7 @@ def _describe(exc: grpc.RpcError) -> str:
 factory = Factory(
     kind="receiver", type="podresources", config_model=PodResourcesConfig, create=PodResourcesReceiver,
     stability=Stability.ALPHA, metrics=METRICS,
-    resource_attributes=("k8s.pod.name", "k8s.namespace.name", "k8s.container.name", "k8s.pod.uid"),
+    resource_attributes=("k8s.pod.name", "k8s.namespace.name", "k8s.container.name", "k8s.pod.uid", "container.id"),
     description="Device allocations (GPUs, MIG devices, other device plugin resources) per pod and container "
                 "from the kubelet's PodResources API, shared with nvml as device_assignments",
 )

@@ -3,11 +3,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-from harness import require
+from harness import require, wait_for
 from harness.containerd import Containerd, available
 
 from podmeter.component import ComponentID, CreateSettings, Host
 from podmeter.telemetry import null_component_telemetry
+from receivers.cri import api_pb2 as pb
 from receivers.cri import factory
 
 
@@ -42,3 +43,17 @@ def make_receiver():
     for r in made:
         r.shutdown()
 
+
+
+@pytest.fixture
+def layers_measured(ctrd):
+    """Wait until containerd's snapshot syncer has measured these containers' writable layers (until then it
+    answers timestamp 0, and the receiver omits the layer rather than emit a 0)."""
+    def wait(*cids: str) -> None:
+        def measured():
+            stats = ctrd.rt.ListContainerStats(pb.ListContainerStatsRequest(), timeout=10).stats
+            return all(s.writable_layer.timestamp for s in stats if s.attributes.id in cids)
+
+        wait_for(measured, timeout=15, interval=0.2, what="containerd to measure the writable layers")
+
+    return wait

@@ -38,9 +38,10 @@ def expected(pod, cname):
             "k8s.container.name": cname}
 
 
-def test_cri_receiver_through_the_cli(ctrd, tmp_path):
+def test_cri_receiver_through_the_cli(ctrd, tmp_path, layers_measured):
     pod = ctrd.run_pod("checkout-5c7d", "shop", {"api": ["/bin/sleep", "3600"], "proxy": ["/bin/sleep", "3600"]})
     try:
+        layers_measured(*pod.containers.values())  # an unmeasured layer is omitted, not a 0
         got = collect(f"""
 receivers:
   cri:

@@ -91,7 +91,7 @@ def test_stats_match_the_kernel(ctrd, make_receiver):
         receiver, _, _ = make_receiver(ctrd.endpoint, **ALL)
         first = receiver.collect()
         names = {p[0] for p in points(first) if p[1].get("container.id") == cid}
-        assert {"container.cpu.time", "container.memory.working_set", "container.filesystem.usage"} <= names
+        assert {"container.cpu.time", "container.memory.working_set"} <= names
         # the runtime's first usage_nano_cores sample is 0 ("not computed yet"): omitted, not emitted as 0
         assert "container.cpu.usage" not in names
         # burn some CPU inside the container, then let it sleep again: the cgroup counter is then static
@@ -316,6 +316,11 @@ def test_config_errors_are_clear():
         factory.config_model.model_validate({"metrics": {"container.cpu.tim": {"enabled": False}}})
     cfg = factory.config_model.model_validate({"endpoint": "/var/run/crio/crio.sock"})
     assert cfg.endpoint == "unix:///var/run/crio/crio.sock"
+    # kubelet (Go's url.Parse) also takes the one-slash form: so does podmeter, for one config to copy
+    cfg = factory.config_model.model_validate({"endpoint": "unix:/run/containerd/containerd.sock"})
+    assert cfg.endpoint == "unix:///run/containerd/containerd.sock"
+    with pytest.raises(ValidationError, match="must be absolute"):  # kubelet would dial /containerd/...
+        factory.config_model.model_validate({"endpoint": "unix://run/containerd/containerd.sock"})
 
 
 @pytest.mark.parametrize("ref,expected", [
@@ -330,9 +335,10 @@ def test_parse_image(ref, expected):
     assert parse_image(ref) == expected
 
 
-def test_metric_toggles(ctrd, make_receiver):
+def test_metric_toggles(ctrd, make_receiver, layers_measured):
     pod = ctrd.run_pod("quiet", "default", {"c": ["/bin/sleep", "3600"]})
     try:
+        layers_measured(pod.containers["c"])
         # default: only what the runtime alone knows (the writable layer); no pod metric on, so
         # ListPodSandboxStats is not called at all
         receiver, _, _ = make_receiver(ctrd.endpoint)
@@ -421,3 +427,201 @@ def test_snapshot_prefers_ready_newest_sandboxes_and_caps_them():
     assert set(snap.pods) == {"old-uid", "new-uid"}
     snap, dropped = build_snapshot(listed, [], {}, "containerd", 1)
     assert set(snap.sandboxes) == {"b" * 64} and dropped == 1
+
+
+def test_pod_stats_survive_a_stopped_sandbox(ctrd, make_receiver, caplog):
+    """containerd 1.6 fails ListPodSandboxStats as a whole (UNKNOWN: "... is not in ready state") while any
+    sandbox is NOT_READY, which kubelet keeps around after a pod's sandbox stops. The pod stats of the running
+    pods still come, from PodSandboxStats per ready sandbox; a pod with no containers has pod stats too."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    running = ctrd.run_pod("running", "default", {"c": ["/bin/sleep", "3600"]})
+    bare = ctrd.run_pod("bare", "default", {})  # a sandbox with no containers
+    stopped = ctrd.run_pod("stopped", "default", {})
+    ctrd.stop_pod(stopped)
+    try:
+        with pytest.raises(grpc.RpcError) as err:  # the runtime does fail the list: the test exercises it
+            ctrd.rt.ListPodSandboxStats(pb.ListPodSandboxStatsRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNKNOWN
+        receiver, _, telemetry = make_receiver(ctrd.endpoint, metrics={"k8s.pod.cpu.time": {"enabled": True},
+                                                                       "k8s.pod.memory.working_set": {"enabled": True}})
+        for _ in range(2):
+            data = receiver.collect()
+            for pod in (running, bare):
+                assert (value_of(data, "k8s.pod.cpu.time", **{"k8s.pod.uid": pod.uid}) or 0) > 0, pod.name
+                assert (value_of(data, "k8s.pod.memory.working_set", **{"k8s.pod.uid": pod.uid}) or 0) > 0, pod.name
+            assert value_of(data, "k8s.pod.cpu.time", **{"k8s.pod.uid": stopped.uid}) is None
+            assert "pod_stats" not in telemetry.failing() and "stats_entry" not in telemetry.failing()
+        said = [r for r in caplog.records if "ListPodSandboxStats" in r.getMessage()]
+        assert len(said) == 1, said  # once, not at every collection
+    finally:
+        for pod in (running, bare, stopped):
+            ctrd.remove_pod(pod)
+
+
+def test_a_writable_layer_not_measured_yet_is_not_a_zero(ctrd, make_receiver):
+    """containerd answers used_bytes 0 and timestamp 0 for a container its snapshot syncer has not measured yet
+    (up to stats_collect_period after it was created): omitted, not emitted as an empty layer."""
+    receiver, _, _ = make_receiver(ctrd.endpoint, metadata_refresh_interval="1h")
+    caught = 0
+    for i in range(5):
+        pod = ctrd.run_pod(f"fresh-{i}", "default", {"c": ["/bin/sleep", "3600"]})
+        cid = pod.containers["c"]
+        try:
+            data = receiver.collect()
+            raw = {s.attributes.id: s for s in ctrd.rt.ListContainerStats(pb.ListContainerStatsRequest(),
+                                                                           timeout=10).stats}
+            if raw[cid].writable_layer.timestamp == 0:  # still unmeasured now, so it was when collect() asked
+                caught += 1
+                assert value_of(data, "container.filesystem.usage", **{"container.id": cid}) is None
+                assert value_of(data, "container.filesystem.inodes.usage", **{"container.id": cid}) is None
+            # once measured, it is emitted (a layer always holds its root directory: an inode at least)
+            inodes = wait_for(lambda cid=cid: value_of(receiver.collect(), "container.filesystem.inodes.usage",
+                                                       **{"container.id": cid}), timeout=10, interval=0.3,
+                              what="the measured writable layer")
+            assert inodes >= 1
+        finally:
+            ctrd.remove_pod(pod)
+        if caught >= 2:
+            break
+    assert caught, "never collected inside containerd's unmeasured window"
+
+
+def test_a_container_removed_before_its_status_is_no_error(ctrd, make_receiver, caplog):
+    """A container removed between ListContainers and its ContainerStatus (NOT_FOUND) is churn, not an error: no
+    warning, nothing counted, no retry bookkeeping kept for it."""
+    pod = ctrd.run_pod("short", "default", {"keep": ["/bin/sleep", "3600"]})
+    try:
+        receiver, meta, telemetry = make_receiver(ctrd.endpoint, metadata_refresh_interval="1h")
+        doomed = ctrd.add_container(pod, "doomed", ["/bin/sleep", "3600"])
+        listed = receiver.client.list_containers
+
+        def list_then_remove():  # the real runtime's list, then the container goes, as kubelet removes it
+            containers = listed()
+            ctrd.remove_container(doomed)
+            return containers
+
+        receiver.client.list_containers = list_then_remove
+        receiver._refresh("periodic")
+        assert "container_status" not in telemetry.failing()
+        assert doomed not in receiver._status_retry and doomed not in receiver._statuses
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        assert meta.container_pid(pod.containers["keep"]) == ctrd.container_pid(pod.containers["keep"])
+    finally:
+        ctrd.remove_pod(pod)
+
+
+def test_a_v1alpha2_only_runtime_gets_a_clear_error(make_receiver, tmp_path, caplog):
+    """containerd < 1.6 / CRI-O < 1.20 serve only runtime.v1alpha2 (a test double: none is installable here):
+    Version on runtime.v1 is UNIMPLEMENTED. One clear warning naming CRI v1, nothing emitted, no traceback."""
+    from concurrent import futures
+
+    def version(request, context):
+        return pb.VersionResponse(version="0.1.0", runtime_name="containerd", runtime_version="1.5.18",
+                                  runtime_api_version="v1alpha2")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("runtime.v1alpha2.RuntimeService", {
+        "Version": grpc.unary_unary_rpc_method_handler(version, pb.VersionRequest.FromString,
+                                                       pb.VersionResponse.SerializeToString)}),))
+    sock = tmp_path / "old.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        receiver, meta, telemetry = make_receiver(f"unix://{sock}", metrics={"container.cpu.time": {"enabled": True}})
+        receiver._refresh("periodic")
+        assert count_points(receiver.collect()) == 0
+        assert set(telemetry.failing()) == {"cri_v1_unimplemented"}
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "does not serve CRI v1" in warnings[0], warnings
+        assert receiver.ready(0.1) is False
+    finally:
+        server.stop(0)
+
+
+class DenseRuntime(pbg.RuntimeServiceServicer):
+    """A test double of a dense node's runtime (a real containerd cannot run thousands of pods here): replies over
+    gRPC's default 4 MiB receive limit; kubelet reads up to 16 MiB, containerd sends up to 16 MiB."""
+
+    N = 6000
+    LABELS = {"io.kubernetes.pod.namespace": "batch", "annotation-ish": "x" * 800}
+
+    def Version(self, request, context):
+        return pb.VersionResponse(version="0.1.0", runtime_name="dense", runtime_version="1", runtime_api_version="v1")
+
+    def ListPodSandbox(self, request, context):
+        return pb.ListPodSandboxResponse(items=[pb.PodSandbox(
+            id=f"s{i:063d}", metadata=pb.PodSandboxMetadata(name=f"p{i}", uid=f"u-{i}", namespace="batch"),
+            labels=self.LABELS, created_at=1) for i in range(self.N)])
+
+    def ListContainers(self, request, context):
+        return pb.ListContainersResponse(containers=[pb.Container(
+            id=f"c{i:063d}", pod_sandbox_id=f"s{i:063d}", metadata=pb.ContainerMetadata(name="main"), state=1,
+            labels=self.LABELS, image=pb.ImageSpec(image="app:1"), created_at=1) for i in range(self.N)])
+
+    def ListContainerStats(self, request, context):
+        return pb.ListContainerStatsResponse(stats=[pb.ContainerStats(
+            attributes=pb.ContainerAttributes(id=f"c{i:063d}", labels=self.LABELS),
+            cpu=pb.CpuUsage(timestamp=1, usage_core_nano_seconds=pb.UInt64Value(value=i))) for i in range(self.N)])
+
+
+def test_replies_over_4_mib(make_receiver, tmp_path):
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", -1)])
+    pbg.add_RuntimeServiceServicer_to_server(DenseRuntime(), server)
+    sock = tmp_path / "dense.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as channel:  # gRPC's default limit fails: the test exercises it
+            with pytest.raises(grpc.RpcError) as err:
+                pbg.RuntimeServiceStub(channel).ListContainers(pb.ListContainersRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        receiver, meta, telemetry = make_receiver(f"unix://{sock}", request_timeout="20s",
+                                                  metrics={"container.cpu.time": {"enabled": True}})
+        assert len(meta) == DenseRuntime.N
+        assert count_points(receiver.collect()) == DenseRuntime.N
+        assert not {"list", "stats", "connect"} & set(telemetry.failing())
+    finally:
+        server.stop(0)
+
+
+class HungStatsRuntime(OldRuntime):
+    """A test double of a runtime that lists but whose stats calls hang (a real containerd stopped mid-call
+    cannot be arranged deterministically)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def ListContainerStats(self, request, context):
+        self.calls.append("ListContainerStats")
+        time.sleep(1.0)
+        return pb.ListContainerStatsResponse()
+
+    def ListPodSandboxStats(self, request, context):
+        self.calls.append("ListPodSandboxStats")
+        time.sleep(1.0)
+        return pb.ListPodSandboxStatsResponse()
+
+
+def test_a_hung_runtime_costs_one_deadline_per_collection(make_receiver, tmp_path):
+    """Once ListContainerStats has run past its deadline the runtime is not asked ListPodSandboxStats in the same
+    collection: a collection stays within one request_timeout instead of two (the default request_timeout, 5 s,
+    is half the default collection_interval)."""
+    from concurrent import futures
+
+    runtime = HungStatsRuntime()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pbg.add_RuntimeServiceServicer_to_server(runtime, server)
+    sock = tmp_path / "hung.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        receiver, _, telemetry = make_receiver(f"unix://{sock}", request_timeout="200ms", **ALL)
+        assert count_points(receiver.collect()) == 0
+        assert runtime.calls == ["ListContainerStats"]
+        assert "stats" in telemetry.failing()
+    finally:
+        server.stop(0)

@@ -38,17 +38,24 @@ def pod(name, namespace, containers):
 
 
 class Kubelet(pbg.PodResourcesListerServicer):
-    def __init__(self, pods, allocatable=None, implement_allocatable=True):
+    def __init__(self, pods, allocatable=None, implement_allocatable=True, allocatable_gate=True):
         self.pods, self.allocatable, self.implement_allocatable = pods, allocatable or [], implement_allocatable
+        self.allocatable_gate = allocatable_gate
         self.calls = 0
+        self.allocatable_calls = 0
 
     def List(self, request, context):
         self.calls += 1
         return pb.ListPodResourcesResponse(pod_resources=self.pods)
 
     def GetAllocatableResources(self, request, context):
+        self.allocatable_calls += 1
         if not self.implement_allocatable:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
+        if not self.allocatable_gate:
+            # kubelet 1.21-1.22 with KubeletPodResourcesGetAllocatable off (its default) returns a plain Go error,
+            # `fmt.Errorf("PodResources API GetAllocatableResources disabled")`, which gRPC-Go sends as UNKNOWN
+            context.abort(grpc.StatusCode.UNKNOWN, "PodResources API GetAllocatableResources disabled")
         return pb.AllocatableResourcesResponse(devices=[pb.ContainerDevices(resource_name=r, device_ids=ids)
                                                         for r, ids in self.allocatable])
 
@@ -304,3 +311,57 @@ def test_gke_time_sharing_replicas_map_to_their_device(server, make_receiver):
     assert {p[1]["k8s.pod.name"]: p[3] for p in pts if p[0] == "k8s.container.device.allocated"} == {"a": 2, "b": 1}
     assert [p[3] for p in pts if p[0] == "k8s.node.device.allocated"] == [2]
     assert [p[3] for p in pts if p[0] == "k8s.node.device.allocatable"] == [2]
+
+
+def test_allocatable_behind_its_feature_gate_is_no_error_storm(server, make_receiver, caplog):
+    """Kubelet 1.21-1.22 has GetAllocatableResources but, with its feature gate off (the default until 1.23),
+    answers UNKNOWN "... disabled" rather than UNIMPLEMENTED: one log line, no error at every refresh."""
+    caplog.set_level(logging.INFO)
+    kubelet = Kubelet(NODE, ALLOCATABLE, allocatable_gate=False)
+    server.start(kubelet)
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}")
+    for _ in range(3):
+        receiver._refresh()
+    assert kubelet.allocatable_calls == 1  # asked again only after ALLOCATABLE_RETRY
+    assert GPU0 in provider.assignments()
+    assert "k8s.node.device.allocatable" not in {p[0] for p in points(receiver.collect())}
+    assert telemetry.failing() == {}
+    said = [r for r in caplog.records if "GetAllocatableResources" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO", said
+
+
+def test_a_node_with_no_allocations_reports_zero_allocated(server, make_receiver):
+    """When the last GPU pod ends, k8s.node.device.allocated is 0 (not a series that stops, which a backend
+    keeps showing at its last value) for every resource the node can allocate."""
+    kubelet = Kubelet(NODE, ALLOCATABLE)
+    server.start(kubelet)
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}")
+    kubelet.pods = [pod("web", "shop", {"app": []})]  # the GPU pods are gone
+    receiver._refresh()
+    assert provider.assignments() == {}
+    pts = points(receiver.collect())
+    assert not [p for p in pts if p[0] == "k8s.container.device.allocated"]
+    node_alloc = {p[2]["k8s.resource.name"]: p[3] for p in pts if p[0] == "k8s.node.device.allocated"}
+    assert node_alloc == {"nvidia.com/gpu": 0, "nvidia.com/mig-1g.10gb": 0}
+    kubelet.pods = []  # an empty node: List answers no pods at all
+    receiver._refresh()
+    assert {p[2]["k8s.resource.name"]: p[3] for p in points(receiver.collect())
+            if p[0] == "k8s.node.device.allocated"} == node_alloc
+    assert telemetry.failing() == {}
+
+
+def test_topology_and_dynamic_resources_decode(server, make_receiver):
+    """A current kubelet's reply with NUMA topology, CPU ids, memory and DRA claims decodes; the device plugin
+    devices are mapped as before."""
+    numa = pb.TopologyInfo(nodes=[pb.NUMANode(ID=1)])
+    rich = [pb.PodResources(name="train-0", namespace="ml", containers=[pb.ContainerResources(
+        name="trainer", cpu_ids=[2, 3],
+        devices=[pb.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=[GPU0], topology=numa)],
+        memory=[pb.ContainerMemory(memory_type="memory", size=1 << 30, topology=numa)],
+        dynamic_resources=[pb.DynamicResource(claim_name="gpu-claim", claim_namespace="ml", claim_resources=[
+            pb.ClaimResource(driver_name="gpu.nvidia.com", pool_name="node-a", device_name="gpu-1",
+                             cdi_devices=[pb.CDIDevice(name="nvidia.com/gpu=gpu-1")])])])])]
+    server.start(Kubelet(rich, ALLOCATABLE))
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}")
+    assert set(provider.assignments()) == {GPU0}
+    assert telemetry.failing() == {}
