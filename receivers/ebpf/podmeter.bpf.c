@@ -240,10 +240,28 @@ static __always_inline bool watched(long nr)
 #define SYSCALL_NR_TYPED(regs) ((regs)->orig_ax)
 #endif
 
+#if defined(__TARGET_ARCH_x86)
+#define TS_COMPAT 0x0002 /* thread_info.status: a 32-bit (ia32) syscall is running, cleared on return to user */
+/* A 32-bit task's syscall numbers are the ia32 table's (3 is read there, close in x86_64's): such calls are counted
+ * but not named. */
+static __always_inline bool compat_syscall(bool typed)
+{
+	if (typed)
+		return bpf_get_current_task_btf()->thread_info.status & TS_COMPAT;
+	struct task_struct *t = (void *)bpf_get_current_task();
+	return BPF_CORE_READ(t, thread_info.status) & TS_COMPAT;
+}
+#else
+static __always_inline bool compat_syscall(bool typed)
+{
+	return false;
+}
+#endif
+
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter_btf, struct pt_regs *regs, long id)
 {
-	if (!cfg.syscall_latency || !watched(id))
+	if (!cfg.syscall_latency || !watched(id) || compat_syscall(true))
 		return 0;
 	__u64 *ts = bpf_task_storage_get(&sys_enter_ts, bpf_get_current_task_btf(), 0,
 					 BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -264,7 +282,7 @@ static __always_inline void count_sys_exit(long nr, long ret, bool typed)
 		if (failed)
 			ADD(c->syscall_errors, 1);
 	}
-	if (!cfg.breakdown || !watched(nr))
+	if (!cfg.breakdown || !watched(nr) || compat_syscall(typed))
 		return;
 	__u64 delta = 0;
 	if (typed && cfg.syscall_latency) {
@@ -318,10 +336,33 @@ static __always_inline void count_retransmit(const struct sock *sk, const struct
 		ADD(c->tcp_retrans_segs, skb_pcount(skb)); /* segments, like /proc/net/snmp RetransSegs */
 }
 
+/* per socket: tcp_sock.total_retrans at the last retransmit event, freed with the socket */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} retrans_seen SEC(".maps");
+
+/* The segments the kernel added to RetransSegs (and to the socket's total_retrans, together) since the socket's
+ * last event. Reading the skb's gso_segs once it has been sent instead races with the stack, which may have
+ * changed the shared skb_shared_info by then (seen undercounting by a few %); failed sends (local qdisc drops),
+ * which RetransSegs counts and kernels before 6.12 fire no event for, are picked up at the next event. */
 SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(retrans_btf, const struct sock *sk, const struct sk_buff *skb)
+int BPF_PROG(retrans_btf, struct sock *sk, const struct sk_buff *skb)
 {
-	count_retransmit(sk, skb);
+	__u32 *seen = bpf_sk_storage_get(&retrans_seen, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!seen) {
+		diag_inc(DIAG_STORAGE_FAIL);
+		count_retransmit(sk, skb);
+		return 0;
+	}
+	__u32 total = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	__u32 delta = total - *seen; /* u32 arithmetic: right across wrap-around */
+	*seen = total;
+	struct cg_counters *c = delta ? counters_of(sock_cgid(sk)) : 0;
+	if (c)
+		ADD(c->tcp_retrans_segs, delta);
 	return 0;
 }
 

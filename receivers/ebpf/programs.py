@@ -188,12 +188,15 @@ class Programs:
                     for link in obj.links.pop(prog, []):
                         obj._lib.bpf_link__destroy(link)
                 res.unavailable[hook] = f"{v.kind} attach failed: {exc.strerror}"
-        self.counters = obj.map("counters")
-        self.syscalls = obj.map("syscalls")
-        self.diag = obj.map("diag")
-        if self.counters.value_size != 8 * COUNTERS_WORDS or self.syscalls.value_size != 8 * SC_WORDS:
-            self.close()
-            raise lb.BPFError(errno.EINVAL, f"{self.path}: map layout differs from this podmeter (run make bpf)")
+        try:
+            self.counters = obj.map("counters")
+            self.syscalls = obj.map("syscalls")
+            self.diag = obj.map("diag")
+            if self.counters.value_size != 8 * COUNTERS_WORDS or self.syscalls.value_size != 8 * SC_WORDS:
+                raise lb.BPFError(errno.EINVAL, f"{self.path}: map layout differs from this podmeter (run make bpf)")
+        except BaseException:
+            self.close()  # attached already: a receiver that does not start must leave nothing running
+            raise
         return res
 
     # ---- reading ------------------------------------------------------------------------------------------

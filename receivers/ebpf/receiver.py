@@ -3,9 +3,11 @@ metrics attributed through the cgroup2 tree."""
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from dataclasses import replace
+from itertools import chain
 
 from opentelemetry.sdk.metrics.export import MetricsData
 
@@ -83,6 +85,17 @@ class EbpfReceiver(Receiver):
         self._carry: dict[tuple, list[int]] = {}
         self._carry_sc: dict[tuple, dict[int, list[int]]] = {}
         self._diag_seen: dict[str, int] = {}
+        # resource key -> start time of its cumulative series. Resources at the first collection count since the
+        # receiver started. One that appears later (or comes back: a static pod's cgroup made again under the same
+        # uid, a systemd unit restarted with non_pod_cgroups: keep) starts at the previous collection, and so does
+        # one whose counts went down (an LRU-evicted cgroup entry starts again from 0): OTel wants a new start time
+        # where a cumulative restarts, not a counter going backward.
+        self._starts: dict[tuple, int] = {}
+        self._last_ns = self.start_ns
+        self._prev_totals: dict[tuple, list[int]] = {}
+        self._prev_sc: dict[tuple, dict[int, list[int]]] = {}
+        # map keys after the previous collection, less those we deleted: one missing now was evicted by the kernel
+        self._prev_keys: dict[str, set] = {"counters": set(), "syscalls": set()}
         self._enabled = {s.name: (config.metrics[s.name].enabled if s.name in config.metrics else s.enabled)
                          for s in m.METRICS}
         self._specs = {s.name: replace(s, enabled=self._enabled[s.name]) for s in m.METRICS}
@@ -91,6 +104,9 @@ class EbpfReceiver(Receiver):
         self._capacity = self.tel.gauge("podmeter_ebpf_map_capacity", "Capacity (max_entries) of a BPF map", ["map"])
         self._update_errors = self.tel.counter(
             "podmeter_ebpf_map_update_errors", "BPF-side failures to add an entry (map full, no memory)", ["map"])
+        self._evictions = self.tel.counter(
+            "podmeter_ebpf_map_evictions", "Entries the kernel evicted from an LRU map to make room (their cgroups' "
+                                           "counters restarted)", ["map"])
         self._unattributed = self.tel.counter(
             "podmeter_ebpf_unattributed_cgroups", "Map entries whose cgroup was gone before it could be resolved")
         self._hooks = self.tel.gauge("podmeter_ebpf_hooks", "Hooks by state (1 = in this state)",
@@ -147,6 +163,7 @@ class EbpfReceiver(Receiver):
                                                              "tp_btf and is not measured")
         self.programs = progs
         self.paths = CgroupPaths(mount)
+        self.start_ns = self._last_ns = time.time_ns()  # the maps count from here
         self.hooks = res
         self._capacity.labels("counters").set(progs.counters.max_entries)
         self._capacity.labels("syscalls").set(progs.syscalls.max_entries)
@@ -183,7 +200,8 @@ class EbpfReceiver(Receiver):
 
     def collect(self) -> MetricsData:
         progs, paths = self.programs, self.paths
-        b = MetricsBuilder(f"podmeter/receiver/{self.settings.id}", self.start_ns)
+        now = time.time_ns()
+        b = MetricsBuilder(f"podmeter/receiver/{self.settings.id}", self.start_ns, time_ns=now)
         if progs is None or paths is None:
             return b.build()
         try:
@@ -193,7 +211,7 @@ class EbpfReceiver(Receiver):
         except lb.BPFError as exc:
             self.tel.error("map_read", f"reading BPF maps failed: {exc}")
             return b.build()
-        self._diagnostics(progs, len(counters), len(sc))
+        self._diagnostics(progs, counters, sc)
 
         ids = set(counters) | {cg for cg, _ in sc}
         resolved = paths.resolve(ids)
@@ -230,14 +248,44 @@ class EbpfReceiver(Receiver):
                 for nr, words in per_nr.items():
                     _add(sc_totals.setdefault(res, {}).setdefault(nr, [0] * SC_WORDS), words)
 
+        for words in totals.values():
+            words[REMOVED] = 0  # a timestamp, not a count: kept out of the backward check
+
+        starts = self._restarts(totals, sc_totals)
         for res, words in totals.items():
-            self._emit(b, dict(res), words)
+            self._emit(b, dict(res), words, starts[res])
         for res, per_nr in sc_totals.items():
-            self._emit_syscalls(b, dict(res), per_nr)
+            self._emit_syscalls(b, dict(res), per_nr, starts[res])
 
         self._cleanup(progs, paths, counters, sc, resolved, removed, gone, live)
         paths.retain(ids)
+        self._last_ns = now
         return b.build()
+
+    def _restarts(self, totals: dict, sc_totals: dict) -> dict[tuple, int]:
+        """Each resource's start time (see _starts): kept while its counts only grow; the previous collection's
+        time for a resource new since then, or one with a count (or histogram bucket, or per-syscall series) that
+        went down."""
+        starts: dict[tuple, int] = {}
+        prev_t, prev_sc, known, lt = self._prev_totals, self._prev_sc, self._starts, operator.lt
+        for res in totals.keys() | sc_totals.keys():
+            start = known.get(res)
+            if start is not None:
+                old = prev_t.get(res)
+                new = totals.get(res)
+                back = old is not None and (new is None or any(map(lt, new, old)))
+                old_sc = prev_sc.get(res)
+                if not back and old_sc:
+                    # one pass over all of the resource's per-syscall words (a series that vanished went back too)
+                    new_sc = sc_totals.get(res, {})
+                    back = not old_sc.keys() <= new_sc.keys() or any(map(
+                        lt, chain.from_iterable(map(new_sc.__getitem__, old_sc)), chain.from_iterable(old_sc.values())))
+                if back:
+                    start = None
+            starts[res] = self._last_ns if start is None else start
+        # resources not reported now are forgotten: if they come back, they start again
+        self._starts, self._prev_totals, self._prev_sc = starts, totals, sc_totals
+        return starts
 
     def _cleanup(self, progs, paths, counters, sc, resolved, removed, gone, live) -> None:
         """Delete entries of removed cgroups (after this last sample) and carry their counts while the resource
@@ -266,56 +314,67 @@ class EbpfReceiver(Receiver):
             progs.forget(sorted(dead), dead_sc)
         except lb.BPFError as exc:
             self.tel.error("map_delete", f"deleting entries of removed cgroups failed: {exc}")
+        self._prev_keys["counters"] -= dead
+        self._prev_keys["syscalls"].difference_update(dead_sc)
         paths.forget(dead)
 
-    def _emit(self, b: MetricsBuilder, resource: dict, w: list[int]) -> None:
+    def _emit(self, b: MetricsBuilder, resource: dict, w: list[int], start: int) -> None:
         f, s = self.features, self._specs
+        add = b.adder(resource, start)
         if "context_switches" in f:
-            b.add(s[m.CONTEXT_SWITCHES.name], w[IDX["switches_voluntary"]],
-                  {"process.context_switch.type": "voluntary"}, resource)
-            b.add(s[m.CONTEXT_SWITCHES.name], w[IDX["switches_involuntary"]],
-                  {"process.context_switch.type": "involuntary"}, resource)
+            add(s[m.CONTEXT_SWITCHES.name], w[IDX["switches_voluntary"]], {"process.context_switch.type": "voluntary"})
+            add(s[m.CONTEXT_SWITCHES.name], w[IDX["switches_involuntary"]],
+                {"process.context_switch.type": "involuntary"})
         if "runqueue_latency" in f and w[IDX["runq_count"]]:
             b.add_histogram(s[m.RUNQUEUE_LATENCY.name], fold(w[N_COUNTERS:]), BOUNDS_S,
-                            w[IDX["runq_sum_ns"]] / 1e9, w[IDX["runq_count"]], resource=resource)
+                            w[IDX["runq_sum_ns"]] / 1e9, w[IDX["runq_count"]], resource=resource,
+                            start_time_ns=start)
         if "syscalls" in f:
-            b.add(s[m.SYSCALLS.name], w[IDX["syscalls"]], None, resource)
-            b.add(s[m.SYSCALL_ERRORS.name], w[IDX["syscall_errors"]], None, resource)
+            add(s[m.SYSCALLS.name], w[IDX["syscalls"]])
+            add(s[m.SYSCALL_ERRORS.name], w[IDX["syscall_errors"]])
         if "tcp" in f:
-            b.add(s[m.TCP_IO.name], w[IDX["tcp_tx_bytes"]], {"network.io.direction": "transmit"}, resource)
-            b.add(s[m.TCP_IO.name], w[IDX["tcp_rx_bytes"]], {"network.io.direction": "receive"}, resource)
-            b.add(s[m.TCP_RETRANSMITS.name], w[IDX["tcp_retrans_segs"]], None, resource)
-            b.add(s[m.TCP_CONNECTIONS.name], w[IDX["tcp_conn_outbound"]],
-                  {"network.connection.direction": "outbound"}, resource)
-            b.add(s[m.TCP_CONNECTIONS.name], w[IDX["tcp_conn_inbound"]],
-                  {"network.connection.direction": "inbound"}, resource)
+            add(s[m.TCP_IO.name], w[IDX["tcp_tx_bytes"]], {"network.io.direction": "transmit"})
+            add(s[m.TCP_IO.name], w[IDX["tcp_rx_bytes"]], {"network.io.direction": "receive"})
+            add(s[m.TCP_RETRANSMITS.name], w[IDX["tcp_retrans_segs"]])
+            add(s[m.TCP_CONNECTIONS.name], w[IDX["tcp_conn_outbound"]], {"network.connection.direction": "outbound"})
+            add(s[m.TCP_CONNECTIONS.name], w[IDX["tcp_conn_inbound"]], {"network.connection.direction": "inbound"})
         if "oom_kills" in f:
-            b.add(s[m.OOM_KILLS.name], w[IDX["oom_kills"]], None, resource)
+            add(s[m.OOM_KILLS.name], w[IDX["oom_kills"]])
         if "page_faults" in f:
-            b.add(s[m.MAJOR_FAULTS.name], w[IDX["major_faults"]], None, resource)
+            add(s[m.MAJOR_FAULTS.name], w[IDX["major_faults"]])
 
-    def _emit_syscalls(self, b: MetricsBuilder, resource: dict, per_nr: dict[int, list[int]]) -> None:
+    def _emit_syscalls(self, b: MetricsBuilder, resource: dict, per_nr: dict[int, list[int]], start: int) -> None:
         s = self._specs
+        add = b.adder(resource, start)
         latency = "syscall_latency" in self.features
         for nr, w in sorted(per_nr.items()):
             name = self.tracked.get(nr)
             if name is None:
                 continue
-            attrs = {"syscall.name": name}
-            b.add(s[m.SYSCALL_CALLS.name], w[0], attrs, resource)
-            b.add(s[m.SYSCALL_FAILURES.name], w[1], attrs, resource)
+            add(s[m.SYSCALL_CALLS.name], w[0], {"syscall.name": name})
+            add(s[m.SYSCALL_FAILURES.name], w[1], {"syscall.name": name})
             if latency and w[2]:
                 b.add_histogram(s[m.SYSCALL_DURATION.name], fold(w[4:]), BOUNDS_S, w[3] / 1e9, w[2],
-                                attributes=attrs, resource=resource)
+                                attributes={"syscall.name": name}, resource=resource, start_time_ns=start)
 
-    def _diagnostics(self, progs: Programs, n_counters: int, n_sc: int) -> None:
-        self._entries.labels("counters").set(n_counters)
-        self._entries.labels("syscalls").set(n_sc)
-        if n_counters >= progs.counters.max_entries * 0.9:
-            self.tel.error("counters_map_full", f"the per-cgroup map holds {n_counters} of "
-                                                f"{progs.counters.max_entries} entries: raise max_cgroups")
-        else:
-            self.tel.recovered("counters_map_full")
+    def _diagnostics(self, progs: Programs, counters: dict, sc: dict) -> None:
+        # An LRU map evicts well before it is full (the kernel keeps free entries on per-CPU lists), silently:
+        # entries that were in the map at the last collection and are gone now, though not deleted by us, were
+        # evicted, and their cgroups' counters start again from 0.
+        for name, keys, setting, cap in (("counters", counters, "max_cgroups", progs.counters.max_entries),
+                                         ("syscalls", sc, "max_syscall_entries", progs.syscalls.max_entries)):
+            self._entries.labels(name).set(len(keys))
+            evicted = len(self._prev_keys[name] - keys.keys())
+            self._prev_keys[name] = set(keys)
+            if evicted:
+                self._evictions.labels(name).inc(evicted)
+                self.tel.error(f"{name}_map_full", f"{evicted} entries were evicted from the {name} map ({len(keys)} "
+                                                   f"of {cap} in use): their counters restarted; raise {setting}")
+            elif len(keys) >= cap * 0.9:
+                self.tel.error(f"{name}_map_full", f"the {name} map holds {len(keys)} of {cap} entries: raise "
+                                                   f"{setting}")
+            else:
+                self.tel.recovered(f"{name}_map_full")
         try:
             diag = progs.read_diag()
         except lb.BPFError:

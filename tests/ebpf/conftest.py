@@ -22,8 +22,9 @@ EBPF_DIR = os.path.dirname(DEFAULT_OBJECT)
 
 
 def ensure_object() -> None:
-    """The object is a build output (gitignored): build it here when the tools exist, as `make bpf` would."""
-    if not os.path.exists(DEFAULT_OBJECT) and shutil.which("clang") and shutil.which("bpftool"):
+    """The object is a build output (gitignored): build it here when the tools exist, as `make bpf` would (make
+    rebuilds it when podmeter.bpf.c or podmeter.h changed, so tests never run a stale object)."""
+    if shutil.which("clang") and shutil.which("bpftool"):
         subprocess.run(["make", "-s", "-C", EBPF_DIR], check=False, capture_output=True, timeout=120)
     require(os.path.exists(DEFAULT_OBJECT), f"{DEFAULT_OBJECT} not built: run `make bpf` (clang, bpftool, libbpf-dev)")
 

@@ -96,7 +96,11 @@ def test_retransmits_in_private_netns(receiver_factory, pod, workload, series):
     require(truth["RetransSegs"] > 0, "the shaped loopback caused no retransmission on this kernel")
     s = series(r.collect(), pod)
     got = s[("container.tcp.retransmits", ())]
-    assert abs(got - truth["RetransSegs"]) <= 0.05 * truth["RetransSegs"] + 2, (got, truth)
+    assert r.hooks.attached["tcp_retransmit"] == "tp_btf"
+    # exact: the segments the kernel added to the socket's total_retrans (and RetransSegs) at each event, not the
+    # skb's gso_segs read after sending (which raced with the stack and undercounted by up to 7 % now and then);
+    # RetransSegs also counts SYN-ACK retransmits of the listener's request sockets: a couple at most
+    assert truth["RetransSegs"] - 2 <= got <= truth["RetransSegs"], (got, truth)
     assert s[("container.tcp.io", (("network.io.direction", "transmit"),))] >= 2 << 20
 
 
@@ -263,3 +267,44 @@ def test_pod_churn_keeps_state_bounded(receiver_factory, series):
     assert not set(r.paths._cache) & set(gone_ids)
     assert len(r.paths) <= len(in_map)
     assert not r._carry and not r._carry_sc
+    # entries podmeter deleted are not mistaken for LRU evictions
+    reg = r.settings.telemetry.telemetry.registry
+    for name in ("counters", "syscalls"):
+        assert not reg.get_sample_value("podmeter_ebpf_map_evictions_total", {"component": "ebpf", "map": name})
+    assert not {"counters_map_full", "syscalls_map_full"} & set(r.settings.telemetry.failing())
+
+
+COMPAT_PROGRAM = r"""
+/* a 32-bit (ia32) program without libc: 1000 getpid (ia32 20), 500 failing read(-1) (ia32 3, close on x86_64) */
+void _start(void)
+{
+	int ret;
+	for (int i = 0; i < 1000; i++)
+		__asm__ volatile("int $0x80" : "=a"(ret) : "a"(20) : "memory");
+	for (int i = 0; i < 500; i++)
+		__asm__ volatile("int $0x80" : "=a"(ret) : "a"(3), "b"(-1), "c"(0), "d"(0) : "memory");
+	__asm__ volatile("int $0x80" : : "a"(1), "b"(0)); /* exit */
+}
+"""
+
+
+@pytest.mark.parametrize("kind", ["tp_btf", "raw_tp"])
+def test_32bit_syscalls_counted_but_not_named(receiver_factory, pod, series, tmp_path, kind):
+    require(os.uname().machine == "x86_64", "ia32 syscalls exist on x86_64")
+    clang = require_binary("clang")
+    src, exe = tmp_path / "compat.c", tmp_path / "compat"
+    src.write_text(COMPAT_PROGRAM)
+    build = subprocess.run([clang, "-m32", "-nostdlib", "-static", "-fno-pic", "-O1", "-o", str(exe), str(src)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    r = receiver_factory(profile="minimal", tracked_syscalls=["close", "read", "writev"], attach_order=[kind])
+    assert r.hooks.attached["sys_exit"] == kind
+    proc = pod.spawn([str(exe)])
+    require(proc.wait() == 0, "the kernel runs no 32-bit programs (CONFIG_IA32_EMULATION off)")
+    s = series(r.collect(), pod)
+    assert 1_500 <= s[("container.syscalls", ())] <= 1_600  # counted: the exec and the few before it add some
+    assert 500 <= s[("container.syscall.errors", ())] <= 600
+    # not named with x86_64's numbers: ia32 read (3) is not close, ia32 getpid (20) is not writev
+    assert s.get(("container.syscall.failures", (("syscall.name", "close"),)), 0) == 0
+    assert s.get(("container.syscall.calls", (("syscall.name", "close"),)), 0) < 10
+    assert s.get(("container.syscall.calls", (("syscall.name", "writev"),)), 0) == 0

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import require, require_root
+from harness import require, require_binary, require_root
 from pydantic import ValidationError
 
 from podmeter.component import ComponentID, ComponentUnavailable, CreateSettings, Host
@@ -140,3 +140,48 @@ def test_corrupt_object_is_unavailable_with_the_reason(tmp_path):
     bad.write_bytes(b"not an ELF object")
     with pytest.raises(ComponentUnavailable, match="cannot load"):
         make(bpf_object=str(bad)).start(Host())
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_object_not_matching_leaves_nothing_attached(tmp_path):
+    """An object that loads and attaches but lacks a map this podmeter reads (an old build): the receiver is
+    unavailable, and its programs are detached and every fd closed, not left running for the agent's life."""
+    require_root()
+    require(os.path.exists("/sys/kernel/btf/vmlinux") and find_cgroup2("/sys/fs/cgroup") is not None,
+            "needs BTF and cgroup2 (checked first)")
+    clang = require_binary("clang")
+    ebpf = os.path.join(REPO, "receivers", "ebpf")
+    require(os.path.exists(os.path.join(ebpf, "vmlinux.h")), "vmlinux.h not generated: run make bpf")
+    src = open(os.path.join(ebpf, "podmeter.bpf.c")).read()
+    src = src.replace("} diag SEC", "} diag_renamed SEC").replace("&diag,", "&diag_renamed,")
+    (tmp_path / "podmeter.bpf.c").write_text(src)
+    obj = tmp_path / "podmeter.bpf.o"
+    arch = {"x86_64": "x86", "aarch64": "arm64"}[os.uname().machine]
+    build = subprocess.run([clang, "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", f"-I{ebpf}", "-c",
+                            str(tmp_path / "podmeter.bpf.c"), "-o", str(obj)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    before = _fds()
+    with pytest.raises(ComponentUnavailable, match="lacks program or map 'diag'"):
+        make(profile="minimal", bpf_object=str(obj)).start(Host())
+    assert _fds() == before
+
+
+def test_start_shutdown_cycles_leak_no_fds(built_object):
+    require_root()
+    require(os.path.exists("/sys/kernel/btf/vmlinux") and find_cgroup2("/sys/fs/cgroup") is not None,
+            "needs BTF and cgroup2")
+    r = make(profile="comprehensive")  # the first start loads libbpf and opens what stays open (the library)
+    r.start(Host())
+    r.collect()
+    r.shutdown()
+    before = _fds()
+    for profile in ("minimal", "standard", "comprehensive"):
+        r = make(profile=profile)
+        r.start(Host())
+        r.collect()
+        r.shutdown()
+        assert r.collect().resource_metrics[0].scope_metrics[0].metrics == []  # nothing after shutdown
+    assert _fds() == before
