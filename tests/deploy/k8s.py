@@ -16,8 +16,9 @@ K8S = os.path.join(ROOT, "k8s")
 VARIANTS = ["", "base", "overlays/gpu-nodes", "overlays/all-nodes", "overlays/gateway", "overlays/no-ebpf",
             "overlays/podmonitor"]
 
-# the oldest Kubernetes release the docs promise (docs/deploy.md), and the newest schemas kubernetes-validate has
-SCHEMA_VERSIONS = ["1.25.0", "1.37.0"]
+# the oldest Kubernetes release the docs promise (docs/deploy.md: the first with volumeMounts' recursiveReadOnly), and
+# the newest schemas kubernetes-validate has
+SCHEMA_VERSIONS = ["1.30.0", "1.37.0"]
 
 
 def kubectl() -> str:

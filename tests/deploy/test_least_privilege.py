@@ -2,8 +2,9 @@
 the container's view is rebuilt with the same kernel mechanisms a runtime uses):
 
 - a private mount namespace: the host's /proc, /sys/fs/cgroup and the kubelet's pod-resources directory bind-mounted
-  read-only under <tmp>/host (the DaemonSet's read-only hostPath mounts), the whole root filesystem read-only
-  (readOnlyRootFilesystem), a tmpfs for the writable emptyDir;
+  read-only under <tmp>/host (the DaemonSet's read-only hostPath mounts), with the mounts below them read-only too
+  (recursiveReadOnly; checked: none is writable), the whole root filesystem read-only (readOnlyRootFilesystem), a
+  tmpfs for the writable emptyDir;
 - UID 0 with the capability sets a runtime gives for `drop: [ALL], add: [BPF, PERFMON]` (or none, for the no-ebpf
   overlay) and no_new_privs (allowPrivilegeEscalation: false), through util-linux's setpriv.
 
@@ -80,8 +81,10 @@ def test_agent_runs_with_only_the_granted_privileges(variant, short_tmp):
             ctrd = containerd.Containerd().start()
             ctrd.run_pod("web-0", "shop", containers={"main": ["/bin/sleep", "3600"]})
             (host / "run" / "containerd").mkdir(parents=True)
-            cri_mount = (f"mount --bind {ctrd.work} {host}/run/containerd\n"
-                         f"mount -o remount,bind,ro {host}/run/containerd\n")
+            # with what is mounted below it (the containers' root filesystems), all read-only: recursiveReadOnly
+            cri_mount = (f"mount --rbind {ctrd.work} {host}/run/containerd\n"
+                         f"for m in $(findmnt -rn -o TARGET -R {host}/run/containerd); do "
+                         f"mount -o remount,bind,ro \"$m\"; done\n")
         worker = pod.spawn([sys.executable, "-c", "import time\nwhile True:\n    sum(range(10000)); time.sleep(0.001)"])
         # NVML through the fake libnvidia-ml.so.1 (no GPU here): the GPU process is the pod's real worker, so its
         # attribution reads /proc/<pid> of a process the agent may not ptrace
@@ -130,6 +133,9 @@ def test_agent_runs_with_only_the_granted_privileges(variant, short_tmp):
             if touch /podmeter-rootfs-probe 2>/dev/null || touch {host}/proc/x 2>/dev/null; then
               echo "mounts are writable" >&2; exit 3
             fi
+            for m in $(findmnt -rn -o TARGET | grep "^{host}/"); do
+              if touch "$m/.podmeter-probe" 2>/dev/null; then echo "$m is writable" >&2; exit 3; fi
+            done
             export TMPDIR={tmp_path}/state/tmp PYTHONDONTWRITEBYTECODE=1 K8S_NODE_NAME=node-1 \\
               FAKE_NVML_SCENARIO={scenario}
             exec setpriv --bounding-set {caps} --inh-caps -all --nnp -- \\

@@ -218,6 +218,10 @@ def test_agent_host_access_is_read_only_and_minimal(variant):
                 m = mounts.get(vol["name"])
                 assert m is not None, f"hostPath volume {vol['name']} is not mounted"
                 assert m.get("readOnly") is True, f"hostPath {vol['hostPath']['path']} is mounted writable"
+                # readOnly alone leaves the mounts below a hostPath writable (cgroup v1 controllers, containers'
+                # root filesystems under /run/containerd): see test_read_only_bind_mount_is_not_recursive
+                assert m.get("recursiveReadOnly") == "IfPossible", \
+                    f"hostPath {vol['hostPath']['path']}: the mounts below it stay writable"
                 host[vol["hostPath"]["path"]] = m["mountPath"]
         assert host == HOST_MOUNTS, ds["metadata"]["name"]
         # the only writable mounts are pod-local emptyDirs
@@ -561,6 +565,33 @@ def test_unix_socket_on_a_read_only_bind_mount_accepts_connections(tmp_path):
     server.close()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["read-only", "ok"]
+
+
+def test_read_only_bind_mount_is_not_recursive(tmp_path):
+    """Why every hostPath mount has `recursiveReadOnly`: the runtime bind-mounts a hostPath with everything mounted
+    below it (rbind), and `readOnly: true` alone remounts only the top read-only, as done here. A mount below it (a
+    cgroup v1 controller under /sys/fs/cgroup, a container's root filesystem under /run/containerd) stays
+    writable to the agent, UID 0 with no capability at all: it owns those files. Made read-only recursively, as a
+    runtime does for recursiveReadOnly, it is not. Real kernel; a tmpfs stands in for the mount below."""
+    require(os.geteuid() == 0, "needs root to make bind mounts")
+    for tool in ("unshare", "setpriv", "findmnt", "mount"):
+        require(shutil.which(tool) is not None, f"needs {tool} (util-linux)")
+    src, dst = tmp_path / "host-run", tmp_path / "mnt"
+    (src / "task" / "rootfs").mkdir(parents=True)
+    dst.mkdir()
+    results = {}
+    for mode, remount in (("readOnly", f"mount -o remount,bind,ro {dst}"),
+                          ("recursiveReadOnly", f'for m in $(findmnt -rn -o TARGET -R {dst}); do '
+                                                f'mount -o remount,bind,ro "$m"; done')):
+        script = (f"set -e; mount -t tmpfs -o mode=0755 t {src}/task/rootfs; echo v1 > {src}/task/rootfs/f; "
+                  f"mount --rbind {src} {dst}; {remount}; "
+                  f"exec setpriv --bounding-set -all --inh-caps -all --nnp -- sh -c "
+                  f"'(echo changed > {dst}/task/rootfs/f) 2>/dev/null && echo writable || echo read-only'")
+        proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        results[mode] = proc.stdout.strip()
+    assert results == {"readOnly": "writable", "recursiveReadOnly": "read-only"}
 
 
 def test_overlays_compose_into_one(tmp_path):
