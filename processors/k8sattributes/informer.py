@@ -225,8 +225,8 @@ class Reflector:
             self.forbidden = True
             verb = "list" if self.rv is None else "watch"
             self.telemetry.error(f"forbidden_{self.resource.name}",
-                                 f"the API server forbids {verb} on {self.verb_resource} ({describe(exc)}); grant get, "
-                                 f"list and watch on {self.verb_resource} to podmeter's service account. Going on "
+                                 f"the API server forbids {verb} on {self.verb_resource} ({describe(exc)}); grant list "
+                                 f"and watch on {self.verb_resource} to podmeter's service account. Going on "
                                  "with CRI metadata; retrying in the background")
             self.settled.set()
             delay = self.backoff_max  # RBAC changes are slow: retry at the longest interval

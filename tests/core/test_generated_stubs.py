@@ -35,3 +35,32 @@ def test_both_protos_load_in_one_process():
 
     assert cri.DESCRIPTOR.name == "cri/api.proto" and cri.DESCRIPTOR.package == "runtime.v1"
     assert podresources.DESCRIPTOR.name == "podresources/api.proto" and podresources.DESCRIPTOR.package == "v1"
+
+
+def _minimum(requirement_prefix: str) -> tuple[int, ...]:
+    import re
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.match(rf"{requirement_prefix}\s*[<>=~!]", d)]
+    return tuple(int(x) for x in re.search(r">=([\d.]+)", spec).group(1).split("."))
+
+
+@pytest.mark.parametrize("component", ["cri", "podresources"])
+def test_declared_minimums_run_the_checked_in_stubs(component):
+    """A plain `pip install` (no constraints.txt) may pick any version pyproject.toml allows: the generated code
+    refuses a protobuf runtime older than (or of another major than) its gencode, and a grpcio older than the
+    grpcio-tools that made it, at import. The declared minimums must be at least those."""
+    import re
+
+    folder = os.path.join(ROOT, "receivers", component)
+    with open(os.path.join(folder, "api_pb2.py")) as f:
+        gencode = tuple(int(x) for x in re.search(
+            r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),",
+            f.read()).groups())
+    with open(os.path.join(folder, "api_pb2_grpc.py")) as f:
+        grpc_made = tuple(int(x) for x in re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", f.read()).group(1).split("."))
+    assert _minimum("protobuf") >= gencode
+    assert _minimum("protobuf")[0] == gencode[0]
+    assert _minimum("grpcio") >= grpc_made

@@ -201,7 +201,7 @@ def test_forbidden_is_reported_once_and_cri_metadata_used(api, make_processor, c
     wait_for(lambda: len(api.asked("pods", "list")) >= 3, timeout=15, what="background retries")
     warnings = [r for r in caplog.records if "forbids" in r.getMessage()]
     assert len(warnings) == 1
-    assert "list on pods" in warnings[0].getMessage() and "grant get, list and watch on pods" in warnings[0].getMessage()
+    assert "list on pods" in warnings[0].getMessage() and "grant list and watch on pods" in warnings[0].getMessage()
     got = p.attributes_for({"k8s.pod.uid": u})
     assert got == {"k8s.pod.uid": u, "k8s.pod.name": "web-7f9c4d5b8-kx2lp", "k8s.namespace.name": "ml",
                    "k8s.deployment.name": "web", "k8s.replicaset.name": "web-7f9c4d5b8", "k8s.pod.label.app": "web"}
