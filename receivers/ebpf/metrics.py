@@ -4,8 +4,9 @@ they exist (`network.io.direction`, `process.context_switch.type`)."""
 
 from podmeter.metrics import MetricSpec
 
+# unit as semconv's process.context_switches (model/process/metrics.yaml)
 CONTEXT_SWITCHES = MetricSpec(
-    "container.context_switches", "sum", "{switch}",
+    "container.context_switches", "sum", "{context_switch}",
     "Context switches of the container's tasks; involuntary = preempted while still runnable",
     attributes=("process.context_switch.type",))
 RUNQUEUE_LATENCY = MetricSpec(
