@@ -29,13 +29,15 @@ from prometheus_client.utils import floatToGoString
 
 from podmeter.metrics import PerResource
 
+# The collector's table (prometheus/otlptranslator, which its prometheus exporter uses), no more: a unit not in it is
+# used as written (`bit` stays `bit`), so that a metric gets the name the collector would give it.
 UNIT_WORDS = {
     # time
     "d": "days", "h": "hours", "min": "minutes", "s": "seconds", "ms": "milliseconds", "us": "microseconds",
     "ns": "nanoseconds",
     # bytes
     "By": "bytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "GiBy": "gibibytes", "TiBy": "tibibytes",
-    "KBy": "kilobytes", "MBy": "megabytes", "GBy": "gigabytes", "TBy": "terabytes", "bit": "bits",
+    "KBy": "kilobytes", "MBy": "megabytes", "GBy": "gigabytes", "TBy": "terabytes",
     # SI
     "m": "meters", "V": "volts", "A": "amperes", "J": "joules", "W": "watts", "g": "grams", "Cel": "celsius",
     "Hz": "hertz", "%": "percent",
@@ -45,11 +47,14 @@ PER_UNIT_WORDS = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "w
 _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]+")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]+")
 _ANNOTATION = re.compile(r"\{[^}]*\}")
+_UNDERSCORES = re.compile(r"__+")
+# lone surrogates: what Python's os functions make of bytes that are not UTF-8 (a cgroup or process name)
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def sanitize_name(name: str) -> str:
     out = _INVALID_NAME.sub("_", name)
-    out = re.sub(r"__+", "_", out)
+    out = _UNDERSCORES.sub("_", out)
     if not out:
         return "_"
     if out[0].isdigit():
@@ -131,7 +136,9 @@ def _metric_name(name: str, unit: str, kind: str, add_suffixes: bool, namespace:
             base += "_total"
     if namespace:
         base = f"{namespace}_{base}"
-    return base
+    # the spec's "consecutive `_` become one" holds for the whole name: a name ending in `_` followed by a suffix,
+    # or a namespace followed by a name that starts with `_` (`_2fast`), would otherwise join with `__`
+    return _UNDERSCORES.sub("_", base)
 
 
 def label_value(value: Any) -> str:
@@ -144,7 +151,10 @@ def label_value(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, Iterable):
-        return json.dumps([v if isinstance(v, str | int | float | bool) else str(v) for v in value])
+        # compact and UTF-8, as the collector renders an array attribute (pcommon's AsString), so the same tags
+        # make the same label value whichever of the two exposes them
+        return json.dumps([v if isinstance(v, str | int | float | bool) else str(v) for v in value],
+                          separators=(",", ":"), ensure_ascii=False)
     return str(value)
 
 
@@ -190,6 +200,10 @@ def escape_value(v: str) -> str:
     hit = _value_memo.get(v)
     if hit is None:
         hit = v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        if not hit.isascii():
+            # a lone surrogate cannot be encoded as UTF-8: the whole exposition would fail to render (the collector
+            # drops a series whose label value is not UTF-8); it becomes U+FFFD, as invalid bytes do when decoded
+            hit = _SURROGATES.sub("\ufffd", hit)
         if len(v) <= 256:  # long values are rare and would mostly fill the cache
             _remember(_value_memo, v, hit)
     return hit

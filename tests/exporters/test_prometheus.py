@@ -67,9 +67,20 @@ def exporter(kit, host):
     ("latency_seconds", "s", "histogram", "latency_seconds"),
     ("hw.power", "W", "gauge", "hw_power_watts"),
     ("2fast", "ms", "gauge", "_2fast_milliseconds"),
+    # consecutive `_` become one in the whole name, suffixes included (the spec; the collector splits on them)
+    ("queue.depth_", "s", "gauge", "queue_depth_seconds"),
+    ("queue.depth.", "{item}", "counter", "queue_depth_total"),
+    # a unit the collector's table lacks is used as written, as the collector does
+    ("link.speed", "bit", "gauge", "link_speed_bit"),
 ])
 def test_metric_names_follow_the_otel_prometheus_rules(name, unit, kind, expected):
     assert metric_name(name, unit, kind, add_suffixes=True) == expected
+
+
+def test_a_namespace_does_not_make_a_double_underscore():
+    # `2fast` alone is `_2fast` (a name cannot start with a digit); behind a namespace it needs no `_` of its own
+    assert metric_name("2fast", "ms", "gauge", add_suffixes=True, namespace="ns") == "ns_2fast_milliseconds"
+    assert metric_name("2fast", "ms", "gauge", add_suffixes=False, namespace="ns") == "ns_2fast"
 
 
 def test_names_kept_as_given_without_suffixes():
@@ -748,3 +759,38 @@ def test_a_rendered_family_parses_back_whatever_its_label_values_hold():
     rendered = _Family(Family("m", "gauge", "help"), len(samples),
                        _lines({k.encode(): v.encode() for k, v in samples.items()}))
     assert rendered.samples() == {k.encode(): v.encode() for k, v in samples.items()}
+
+
+def test_values_that_are_not_utf8_are_replaced_not_fatal(exporter, kit):
+    """Python's os functions decode bytes that are not UTF-8 (a cgroup directory, a process name) as lone
+    surrogates, which cannot be encoded: one such value made every export of that receiver's batches raise
+    UnicodeEncodeError, so its series froze and then expired. It becomes U+FFFD, as the bytes would when decoded
+    with replace."""
+    exp, port, _ = exporter()
+    b = MetricsBuilder("podmeter/receiver/x", kit.START_NS)
+    bad = "job-\udcff\udcfe"  # os.fsdecode(b"job-\xff\xfe")
+    b.add(kit.MEM, 7.0, {"name": bad}, resource={"k8s.pod.uid": "u", "process.executable.name": bad})
+    b.add(kit.MEM, 8.0, {"name": "ok"}, resource={"k8s.pod.uid": "u", "process.executable.name": bad})
+    exp.export(b.build())
+    _, text = scrape(port)
+    assert promtool_check_metrics(text)[0] == 0, text
+    (fam,) = [f for f in parse_text(text) if f.name == "container_memory_usage_bytes"]
+    assert {s.labels["name"]: s.value for s in fam.samples} == {"job-\ufffd\ufffd": 7.0, "ok": 8.0}
+    (info,) = [f for f in parse_text(text) if f.name == "target_info"]
+    assert info.samples[0].labels["process_executable_name"] == "job-\ufffd\ufffd"
+    _, om = scrape(port, accept=OM_ACCEPT)
+    assert {f.name for f in parse_openmetrics(om)} >= {"container_memory_usage_bytes", "target"}
+
+
+def test_array_attributes_are_compact_json_as_the_collector_renders_them(exporter, kit):
+    """An array attribute (container.image.tags) is one label value: JSON without spaces and with its UTF-8 kept,
+    as the collector writes it, so both expose the same value for the same tags."""
+    exp, port, _ = exporter()
+    b = MetricsBuilder("podmeter/receiver/x", kit.START_NS)
+    b.add(kit.MEM, 1.0, {"ports": [80, 443]},
+          resource={"k8s.pod.uid": "u", "container.image.tags": ["v1", "läst"]})
+    exp.export(b.build())
+    _, text = scrape(port)
+    families = {f.name: f for f in parse_text(text)}
+    assert families["container_memory_usage_bytes"].samples[0].labels["ports"] == "[80,443]"
+    assert families["target_info"].samples[0].labels["container_image_tags"] == '["v1","läst"]'
