@@ -15,6 +15,7 @@ A batch larger than the limit is split between resources, each encoded once (a r
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,26 @@ from opentelemetry.sdk.metrics.export import Gauge, Histogram, MetricsData, Sum
 from podmeter.metrics import PerResource
 
 MAX_CACHED = 4096  # point attribute sets and scopes kept encoded (they are few: cpu modes, devices, directions)
+# lone surrogates: what Python's os and pwd functions make of bytes that are not UTF-8 (a cgroup directory's name,
+# a user name); protobuf refuses to encode them, and the SDK's encoder then logs a traceback and drops the attribute
+# (a resource losing the attribute that tells it apart), at every export
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _encode_valid_attributes(attributes: Mapping[str, Any]) -> list:
+    """The SDK's `_encode_attributes`, with lone surrogates in keys and string values made U+FFFD first (as invalid
+    bytes become when decoded, and as the prometheus exporter renders them). Only called on cache misses."""
+    def fix(v):
+        if isinstance(v, str):
+            return v if v.isascii() else _SURROGATES.sub("\ufffd", v)
+        if isinstance(v, list | tuple):
+            return [fix(x) for x in v]
+        return v
+
+    if not all(k.isascii() and (v.isascii() if isinstance(v, str) else not isinstance(v, list | tuple))
+               for k, v in attributes.items()):
+        attributes = {fix(k): fix(v) for k, v in attributes.items()}
+    return _encode_attributes(attributes)
 
 
 class Encoder:
@@ -117,17 +138,17 @@ class Encoder:
             key = tuple(attributes.items())
             encoded = self._point_attributes.get(key)
         except TypeError:  # a sequence value: not hashable, not cached
-            return _encode_attributes(attributes)
+            return _encode_valid_attributes(attributes)
         if encoded is None:
             if len(self._point_attributes) >= MAX_CACHED:
                 self._point_attributes.clear()
-            encoded = self._point_attributes[key] = _encode_attributes(attributes)
+            encoded = self._point_attributes[key] = _encode_valid_attributes(attributes)
         return encoded
 
     def _resource(self, resource) -> PB2Resource:
         encoded = self._resources.get(resource)
         if encoded is None:
-            encoded = PB2Resource(attributes=_encode_attributes(resource.attributes))
+            encoded = PB2Resource(attributes=_encode_valid_attributes(resource.attributes))
             self._resources.put(resource, encoded)
         return encoded
 

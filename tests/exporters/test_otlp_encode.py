@@ -137,3 +137,24 @@ def test_resources_are_encoded_once_per_object_while_it_lives():
     del data, b, resource
     gc.collect()
     assert len(encoder._resources) == 0
+
+
+def test_attributes_that_are_not_utf8_are_replaced_not_dropped(caplog):
+    """A lone surrogate (what Python's os and pwd functions make of bytes that are not UTF-8: a cgroup directory's
+    name under ebpf's `non_pod_cgroups: keep`, a user name) cannot be encoded by protobuf: the SDK's encoder logged a
+    traceback and dropped the attribute, at every export, and the resource lost what tells it apart. It becomes
+    U+FFFD, as the prometheus exporter renders it; valid non-ASCII text is kept as it is."""
+    b = MetricsBuilder("podmeter/receiver/ebpf", 1)
+    b.add(COUNTER, 2.0, {"cpu.mode": "user", "tag\udcff": ["ok", "b\udcfead"], "name": "héllo"},
+          resource={"cgroup.path": "/system.slice/b\udcffd.service", "k8s.pod.uid": "uid-1"})
+    with caplog.at_level("DEBUG"):
+        ((body, points),) = Encoder().requests(b.build(), 4 << 20)
+    assert points == 1 and not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    req = ExportMetricsServiceRequest.FromString(body)
+    rm = req.resource_metrics[0]
+    assert {a.key: a.value.string_value for a in rm.resource.attributes} == {
+        "cgroup.path": "/system.slice/b\ufffdd.service", "k8s.pod.uid": "uid-1"}
+    point = rm.scope_metrics[0].metrics[0].sum.data_points[0]
+    attrs = {a.key: a.value for a in point.attributes}
+    assert attrs["name"].string_value == "héllo" and attrs["cpu.mode"].string_value == "user"
+    assert [v.string_value for v in attrs["tag\ufffd"].array_value.values] == ["ok", "b\ufffdad"]
