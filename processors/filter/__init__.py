@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from podmeter.component import Factory, Host, Processor, Stability
 from podmeter.config import ComponentConfig
 from podmeter.patterns import compile_pattern
+from processors._collector import refuse_keys
 
 _TERM_SET = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 _TERM_EQ = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s*(==|!=|=)\s*([A-Za-z0-9_.-]*)\s*$")
@@ -46,9 +47,26 @@ def parse_selector(text: str) -> Callable[[dict], bool]:
     return lambda labels: all(p(labels) for p in preds)
 
 
+def attribute_text(value) -> str:
+    """An attribute value as text to match: a boolean as YAML and the collector write it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 class ResourceAttribute(ComponentConfig):
     key: str = Field(min_length=1, description="Resource attribute key")
     value: str = Field(description="Value (a regular expression with match_type regexp)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collector_form(cls, value):
+        if not isinstance(value, dict):
+            return value
+        # the collector's README writes `Key:` and `Value:` (its config keys are matched regardless of case)
+        value = {k.lower() if k in ("Key", "Value") and k.lower() not in value else k: v for k, v in value.items()}
+        # `value: 0` or `value: true` in YAML: matched against the attribute's text
+        if isinstance(value.get("value"), bool | int | float):
+            value["value"] = attribute_text(value["value"])
+        return value
 
 
 class MatchProperties(ComponentConfig):
@@ -60,6 +78,14 @@ class MatchProperties(ComponentConfig):
                                               "\"app=trainer,tier in (gpu,cpu)\"")
     resource_attributes: list[ResourceAttribute] = Field(default_factory=list,
                                                          description="Resource attributes (all of them)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collector_keys(cls, value):
+        hints = dict(_MATCH_HINTS)
+        if isinstance(value, dict) and value.get("match_type") == "expr":
+            hints["match_type"] = _MATCH_HINTS["expressions"]
+        return refuse_keys(value, hints, cls.__name__)
 
     @model_validator(mode="after")
     def _compile(self) -> MatchProperties:
@@ -79,13 +105,62 @@ class MatchProperties(ComponentConfig):
         return not (self.metric_names or self.namespaces or self.pod_selector.strip() or self.resource_attributes)
 
 
+_INSTEAD = ("write it as metrics: include/exclude with metric_names (match_type strict or regexp), "
+            "resource_attributes, namespaces or pod_selector")
+# The collector's filter keys podmeter's has not, with what to write instead
+_MATCH_HINTS = {
+    "expressions": "match_type expr (expr-lang expressions) is not supported; " + _INSTEAD
+                   + "; to drop data points by an attribute value use metricstransform's delete_label_value",
+    "regexp": "the collector's regexp cache settings have no meaning here (podmeter compiles each pattern once); "
+              "remove them",
+}
+_OTTL = "OTTL conditions are not supported by podmeter's filter; " + _INSTEAD
+_METRICS_HINTS = {
+    "metric": _OTTL,
+    "datapoint": _OTTL + "; to drop data points by an attribute value use metricstransform's delete_label_value",
+    "resource": _OTTL,
+}
+_FILTER_HINTS = {
+    "error_mode": "applies to OTTL conditions, which podmeter's filter has not; remove it and " + _INSTEAD,
+    "metric_conditions": _OTTL,
+    **{signal: "podmeter carries metrics only: remove this section" for signal in ("logs", "spans", "traces",
+                                                                                   "profiles")},
+}
+
+
 class MetricsFilter(ComponentConfig):
     include: MatchProperties | None = Field(None, description="Keep only metrics matching all of these criteria")
     exclude: MatchProperties | None = Field(None, description="Drop metrics matching all of these criteria")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _collector_keys(cls, value):
+        return refuse_keys(value, _METRICS_HINTS, cls.__name__)
+
+    @model_validator(mode="after")
+    def _exclude_both(self) -> MetricsFilter:
+        # The collector drops a metric when its resource matches exclude's resource_attributes OR its name matches
+        # metric_names (two separate checks); podmeter's block needs all its criteria to match. Either reading,
+        # taken silently, drops what the other would keep.
+        if self.exclude is not None and self.exclude.metric_names and self.exclude.resource_attributes:
+            raise ValueError(
+                "exclude with both metric_names and resource_attributes is ambiguous: the collector drops every "
+                "metric of the matching resources and the named metrics of every resource, podmeter would drop "
+                "only the named metrics of the matching resources. For the collector's meaning use two filter "
+                "processors (one exclude with resource_attributes, one with metric_names); for the other, "
+                "select the resources with namespaces or pod_selector instead of resource_attributes")
+        return self
+
 
 class FilterConfig(ComponentConfig):
     metrics: MetricsFilter = Field(default_factory=MetricsFilter, description="Metric include/exclude rules")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collector_keys(cls, value):
+        # the metrics section's too: all of them at once, not one after another
+        return refuse_keys(value, {**_FILTER_HINTS, **{("metrics", k): h for k, h in _METRICS_HINTS.items()}},
+                           cls.__name__)
 
 
 class _Matcher:
@@ -110,7 +185,7 @@ class _Matcher:
     def resource_matches(self, attrs, pod: _PodView) -> bool:
         for key, test in self.attrs:
             value = attrs.get(key)
-            if value is None or not test(str(value)):
+            if value is None or not test(attribute_text(value)):
                 return False
         if self.namespaces is not None:
             ns = pod.namespace()

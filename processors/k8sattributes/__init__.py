@@ -24,7 +24,7 @@ from opentelemetry.sdk.resources import Resource as OtelResource
 from podmeter.attribution import ProcessAttributor, runtime_name
 from podmeter.component import ComponentUnavailable, Factory, Host, Processor, Stability
 
-from .config import K8sAttributesConfig
+from .config import K8sAttributesConfig, expand_tag
 from .informer import (
     EMPTY,
     Api,
@@ -74,7 +74,7 @@ class _Rule:
         for k, v in values.items():
             m = self.regex.fullmatch(k)
             if m:
-                out[m.expand(self.tag_name.replace("$", "\\")) if self.tag_name else prefix + k] = v
+                out[expand_tag(self.tag_name, m) if self.tag_name else prefix + k] = v
 
 
 class _Match:

@@ -44,6 +44,29 @@ class _Compiled:
         self.t = t
         self.pattern = re.compile(t.include) if t.match_type == "regexp" else None
         self.template = _go_template(t.new_name) if (t.new_name and self.pattern) else None
+        regexp = t.match_type == "regexp"
+        self.labels = [(k, re.compile(v).search if regexp else v.__eq__) for k, v in t.experimental_match_labels.items()]
+
+    def point_matches(self, p) -> bool:
+        """experimental_match_labels, as the collector: an absent attribute counts as "" (so {k: ""} selects
+        points without k), a regexp is searched in the value."""
+        for key, test in self.labels:
+            value = p.attributes.get(key)
+            if not test("" if value is None else str(value).lower() if isinstance(value, bool) else str(value)):
+                return False
+        return True
+
+    def select(self, metric: Metric) -> tuple[Metric | None, bool]:
+        """(the metric with only its points that experimental_match_labels selects, or None if none is; whether
+        that is all of them). A metric without points is selected whole, as in the collector."""
+        if not self.labels or not metric.data.data_points:
+            return metric, True
+        points = [p for p in metric.data.data_points if self.point_matches(p)]
+        if not points:
+            return None, False
+        if len(points) == len(metric.data.data_points):
+            return metric, True
+        return replace(metric, data=replace(metric.data, data_points=points)), False
 
     def match(self, name: str):
         if self.pattern is None:
@@ -90,17 +113,25 @@ class MetricsTransformProcessor(Processor):
         for metric in metrics:
             pending[metric.name] -= 1
             m = ct.match(metric.name)
-            if not m:
+            selected, whole = ct.select(metric) if m else (None, False)
+            if selected is None:
                 result.append(metric)
                 produced.add(metric.name)
                 continue
             try:
+                if t.action == "update" and not whole:
+                    # some points match experimental_match_labels, some not: as in the collector, the metric keeps
+                    # its name and only the operations that work point by point change the matching points
+                    changed = self._operate_points(ct, metric, resource)
+                    result.append(changed)
+                    produced.add(changed.name)
+                    continue
                 new_name = ct.rename(metric.name, m)
                 taken = pending[new_name] > 0 or new_name in produced
                 if (new_name == metric.name or taken) if t.action == "insert" else (new_name != metric.name and taken):
                     raise TransformError(f"renaming to {new_name} would give two metrics that name")
-                changed = self._operate(replace(metric, name=new_name), t.operations, resource,
-                                        _has_duplicates(metric))
+                changed = self._operate(replace(selected, name=new_name), t.operations, resource,
+                                        _has_duplicates(selected))
             except TransformError as exc:
                 self.telemetry.error("transform", f"{t.include} on {metric.name}: {exc}")
                 result.append(metric)
@@ -118,7 +149,12 @@ class MetricsTransformProcessor(Processor):
         matched, rest = [], []
         for metric in metrics:
             m = ct.match(metric.name)
-            (matched if m else rest).append((metric, m))
+            selected = ct.select(metric)[0] if m else None
+            # a matched metric goes whole into the combination, less its points experimental_match_labels leaves out
+            if selected is not None:
+                matched.append((selected, m))
+            else:
+                rest.append((metric, m))
         if not matched:
             return metrics
         if any(mm.name == t.new_name for mm, _ in rest):
@@ -141,11 +177,28 @@ class MetricsTransformProcessor(Processor):
             points.extend(replace(p, attributes={**p.attributes, **labels}) for p in metric.data.data_points)
         combined = replace(first, name=t.new_name, data=replace(first.data, data_points=points))
         try:
+            if t.aggregation_type:  # the collector's: points of the matched metrics with equal attributes merge
+                combined = _aggregate(combined, None, t.aggregation_type, only_if_duplicates=True)
             combined = self._operate(combined, t.operations, resource, any(_has_duplicates(mm) for mm, _ in matched))
         except TransformError as exc:
             self.telemetry.error("transform", f"combine {t.include}: {exc}; left as they are")
             return metrics
         return [m for m, _ in rest] + [combined]
+
+    def _operate_points(self, ct: _Compiled, metric: Metric, resource: dict) -> Metric:
+        """update of a metric only some of whose points match experimental_match_labels: the operations that act
+        point by point apply to those points; renaming and the operations on the whole metric (add_label,
+        delete_label_value, aggregations, delete_label) do not, as in the collector."""
+        points = metric.data.data_points
+        sub = replace(metric, data=replace(metric.data, data_points=[p for p in points if ct.point_matches(p)]))
+        for op in ct.t.operations:
+            if op.action in _POINTWISE:
+                sub = _OPS[op.action](sub, op, resource)
+        changed = replace(metric, data=replace(metric.data, data_points=[
+            *(p for p in points if not ct.point_matches(p)), *sub.data.data_points]))
+        if not _has_duplicates(metric) and _has_duplicates(changed):
+            raise TransformError("the result has several points with the same attributes (duplicate series)")
+        return changed
 
     def _operate(self, metric: Metric, operations: list[Operation], resource: dict, had_duplicates: bool) -> Metric:
         for op in operations:
@@ -332,6 +385,11 @@ def _check_type(metric: Metric, what: str) -> None:
     if not isinstance(metric.data, Sum | Gauge | Histogram):
         raise TransformError(f"{what} applies to sums, gauges and histograms, not a {type(metric.data).__name__}")
 
+
+# operations that change each point by itself (the collector applies these to the points experimental_match_labels
+# selects even when it leaves the rest of the metric alone)
+_POINTWISE = {"update_label", "experimental_scale_value", "toggle_scalar_data_type", "copy_label",
+              "copy_resource_attribute"}
 
 _OPS = {
     "add_label": _add_label,

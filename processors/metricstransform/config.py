@@ -9,8 +9,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from podmeter import __version__
 from podmeter.config import ComponentConfig
 from podmeter.patterns import compile_pattern
+from processors._collector import refuse_keys
 
 REQUIRED = {
     "add_label": ("new_label", "new_value"),
@@ -62,18 +64,44 @@ class Operation(ComponentConfig):
             raise ValueError(f"action {self.action} needs {', '.join(missing)}")
         if self.action == "update_label" and self.new_label is None and not self.value_actions:
             raise ValueError("action update_label needs new_label or value_actions")
+        # as in the collector: {{version}} in a new value is this agent's version
+        if self.new_value is not None:
+            self.new_value = self.new_value.replace("{{version}}", __version__)
+        for va in self.value_actions:
+            va.new_value = va.new_value.replace("{{version}}", __version__)
         return self
+
+
+# The collector's keys and actions podmeter has not, with what to write instead
+_TRANSFORM_HINTS = {
+    "metric_name": "the collector's deprecated form of include: write include: <name> (match_type: strict)",
+    "group_resource_labels": "action group is not supported: podmeter's receivers already give each pod, "
+                             "container and GPU its own resource; use the resource processor to add attributes",
+}
 
 
 class Transform(ComponentConfig):
     include: str = Field(description="Metric name (strict) or regular expression (regexp) to match")
     match_type: Literal["strict", "regexp"] = Field("strict", description="strict or regexp")
+    experimental_match_labels: dict[str, str] = Field(
+        default_factory=dict, description="Only data points whose attributes have these values (regexp: searched "
+                                          "in the value; an absent attribute counts as \"\"), as in the collector")
     action: Literal["update", "insert", "combine"] = Field(
         description="update: change the metric in place; insert: add a changed copy; combine: merge the matched "
                     "metrics into new_name, named regexp groups becoming attributes")
     new_name: str | None = Field(None, description="The new name; with regexp, $1 / ${1} / ${name} expand groups")
+    aggregation_type: Literal["sum", "mean", "max", "min"] | None = Field(
+        None, description="combine: how points left with equal attributes merge (else they are a collision)")
     submatch_case: Literal["lower", "upper", ""] = Field("", description="combine: case of the attribute values")
     operations: list[Operation] = Field(default_factory=list, description="Operations applied in order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collector_keys(cls, value):
+        hints = dict(_TRANSFORM_HINTS)
+        if isinstance(value, dict) and value.get("action") == "group":
+            hints["action"] = _TRANSFORM_HINTS["group_resource_labels"]
+        return refuse_keys(value, hints, cls.__name__)
 
     @field_validator("include")
     @classmethod
@@ -103,6 +131,13 @@ class Transform(ComponentConfig):
                 raise ValueError("action combine needs new_name")
         if self.action == "insert" and not self.new_name:
             raise ValueError("action insert needs new_name (the copy's name)")
+        if self.aggregation_type and self.action != "combine":
+            # the collector ignores it there; taken silently it would look as if it did something
+            raise ValueError(f"aggregation_type of a transform applies to action combine only; for {self.action}, "
+                             "give it to an aggregate_labels or aggregate_label_values operation")
+        if self.match_type == "regexp":
+            for label, pattern in self.experimental_match_labels.items():
+                compile_pattern(pattern, f"experimental_match_labels {label}")
         return self
 
 

@@ -1,8 +1,14 @@
-"""resource: insert, update, upsert or delete resource attributes (e.g. k8s.cluster.name), as the collector's
-resource processor does."""
+"""resource: insert, update, upsert, delete, hash, extract or convert resource attributes (e.g. k8s.cluster.name),
+as the collector's resource processor does (its attribute actions)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
+import struct
+from decimal import Decimal
 from typing import Literal
 
 from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics
@@ -11,28 +17,105 @@ from pydantic import Field, model_validator
 from podmeter.component import Factory, Processor, Stability
 from podmeter.config import ComponentConfig
 from podmeter.metrics import PerResource, with_resource
+from podmeter.patterns import compile_pattern
+from processors._collector import refuse_keys
 
 
 class AttributeAction(ComponentConfig):
-    key: str = Field(min_length=1, description="The resource attribute to act on")
-    action: Literal["insert", "update", "upsert", "delete"] = Field(
-        description="insert: add if absent; update: change if present; upsert: set either way; delete: remove")
+    key: str = Field("", description="The resource attribute to act on (delete and hash: or those matching pattern)")
+    action: Literal["insert", "update", "upsert", "delete", "hash", "extract", "convert"] = Field(
+        description="insert: add if absent; update: change if present; upsert: set either way; delete: remove; "
+                    "hash: replace by its SHA-256 (hex); extract: pattern's named groups become attributes; "
+                    "convert: to converted_type")
     value: str | int | float | bool | None = Field(None, description="The value to set")
     from_attribute: str = Field("", description="Set the value of this other resource attribute instead")
+    pattern: str = Field("", description="delete, hash: also the attributes whose key matches this regular "
+                                         "expression; extract: the expression, with named groups")
+    converted_type: Literal["int", "double", "string", ""] = Field("", description="convert: int, double or string")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collector_keys(cls, value):
+        return refuse_keys(value, {"from_context": "podmeter receives no requests, so there is no client context to "
+                                                   "take a value from; use value or from_attribute"}, cls.__name__)
 
     @model_validator(mode="after")
     def _check(self) -> AttributeAction:
+        # the collector's rules (attraction.NewAttrProc): each action takes only its own keys
+        what = f"action {self.action}" + (f" of {self.key!r}" if self.key else "")
         has_value, has_from = self.value is not None, bool(self.from_attribute)
-        if self.action == "delete":
-            if has_value or has_from:
-                raise ValueError(f"action delete of {self.key!r} takes no value or from_attribute")
-        elif has_value == has_from:
-            raise ValueError(f"action {self.action} of {self.key!r} needs exactly one of value or from_attribute")
+        if self.action in ("insert", "update", "upsert"):
+            if has_value == has_from:
+                raise ValueError(f"{what} needs exactly one of value or from_attribute")
+        elif has_value or has_from:
+            raise ValueError(f"{what} takes no value or from_attribute")
+        if self.pattern and self.action not in ("delete", "hash", "extract"):
+            raise ValueError(f"{what} takes no pattern (only delete, hash and extract do)")
+        if self.converted_type and self.action != "convert":
+            raise ValueError(f"{what} takes no converted_type (only convert does)")
+        if not self.key and not (self.pattern and self.action in ("delete", "hash")):
+            raise ValueError(f"action {self.action} needs key" + (" or pattern" if self.action in ("delete", "hash")
+                                                                   else ""))
+        if self.action == "extract":
+            if not self.pattern:
+                raise ValueError(f"{what} needs pattern, a regular expression with named groups")
+            compiled = compile_pattern(self.pattern, "pattern")
+            if not compiled.groupindex or len(compiled.groupindex) != compiled.groups:
+                raise ValueError(f"{what}: every group of pattern must be named, like (?P<name>...): each names "
+                                 "the attribute its match goes to")
+        elif self.pattern:
+            compile_pattern(self.pattern, "pattern")
+        if self.action == "convert" and not self.converted_type:
+            raise ValueError(f"{what} needs converted_type: int, double or string")
         return self
 
 
 class ResourceConfig(ComponentConfig):
     attributes: list[AttributeAction] = Field(default_factory=list, description="Actions, applied in order")
+
+
+def _sha256(value) -> str:
+    """The collector's hash: SHA-256 (hex) of a string's bytes, of a boolean as one byte, of a number's 8
+    little-endian bytes; "" for another value (a list), as the collector sets it."""
+    if isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, bool):
+        data = b"\x01" if value else b"\x00"
+    elif isinstance(value, int):
+        data = struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+    elif isinstance(value, float):
+        data = struct.pack("<d", value)
+    else:
+        return ""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _convert(value, to: str):
+    """The collector's convert: the value as `to`, or unchanged where it has no such form ("abc" as an int)."""
+    if to == "string":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float) and math.isfinite(value):
+            return format(Decimal(repr(value)), "f")  # Go's FormatFloat(v, 'f', -1): 1e+21 is 1000...0
+        if isinstance(value, list | tuple):
+            return json.dumps(list(value))  # as the collector's AsString
+        return value if isinstance(value, str) else str(value)
+    if isinstance(value, bool):
+        return int(value) if to == "int" else float(value)
+    if to == "int":
+        if isinstance(value, float):
+            return int(value) if math.isfinite(value) else value  # truncated toward zero, as Go's int64()
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value) and -2**63 <= int(value) < 2**63:
+            return int(value)  # Go's ParseInt: decimal digits within int64, else unchanged
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 class ResourceProcessor(Processor):
@@ -46,9 +129,26 @@ class ResourceProcessor(Processor):
 
     def apply(self, attrs: dict) -> dict:
         for a in self.actions:
+            if a.action in ("delete", "hash"):
+                keys = [a.key] if a.key in attrs else []
+                if a.pattern:
+                    keys += [k for k in attrs if k != a.key and re.search(a.pattern, k)]
+                for k in keys:
+                    if a.action == "delete":
+                        del attrs[k]
+                    else:
+                        attrs[k] = _sha256(attrs[k])
+                continue
             present = a.key in attrs
-            if a.action == "delete":
-                attrs.pop(a.key, None)
+            if a.action == "extract":
+                value = attrs.get(a.key)
+                m = re.search(a.pattern, value) if isinstance(value, str) else None  # strings only, as the collector
+                if m:
+                    attrs.update(m.groupdict(""))
+                continue
+            if a.action == "convert":
+                if present:
+                    attrs[a.key] = _convert(attrs[a.key], a.converted_type)
                 continue
             if a.from_attribute:
                 if a.from_attribute not in attrs:
@@ -79,5 +179,6 @@ factory = Factory(
     config_model=ResourceConfig,
     create=ResourceProcessor,
     stability=Stability.ALPHA,
-    description="Inserts, updates, upserts or deletes resource attributes (e.g. k8s.cluster.name)",
+    description="Inserts, updates, upserts, deletes, hashes, extracts or converts resource attributes "
+                "(e.g. k8s.cluster.name)",
 )

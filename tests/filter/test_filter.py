@@ -161,3 +161,139 @@ def test_last_matching_pod_gone_its_series_go_at_once():
 def test_invalid_config(bad, message):
     with pytest.raises(ValidationError, match=message):
         factory.config_model.model_validate({"metrics": bad})
+
+
+# -- configurations copied from the collector (processor/filterprocessor README and testdata) --------------------
+
+
+def validate_cli(tmp_path, processors: str) -> tuple[int, str]:
+    """`podmeter validate` on a minimal pipeline around a processors section: (exit status, stderr)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import yaml
+
+    names = list(yaml.safe_load(processors))
+    f = tmp_path / "c.yaml"
+    f.write_text("receivers: {cgroup: {}}\nprocessors:\n" + textwrap.indent(textwrap.dedent(processors), "  ")
+                 + "exporters: {debug: {}}\nservice: {pipelines: {metrics: {receivers: [cgroup], processors: ["
+                 + ", ".join(names) + "], exporters: [debug]}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", "--config", str(f)],
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stderr
+
+
+def test_collector_readme_resource_attributes_with_capitalised_keys(tmp_path):
+    """The collector's own README writes `Key:` / `Value:` (its keys match regardless of case); they were refused
+    as unknown keys with "Field required" for key and value."""
+    snippet = """
+filter/1:
+  metrics:
+    include:
+      match_type: regexp
+      metric_names:
+        - container\\.cpu\\..*
+      resource_attributes:
+        - Key: k8s.namespace.name
+          Value: m.*
+"""
+    rc, err = validate_cli(tmp_path, snippet)
+    assert rc == 0, err
+    import yaml
+
+    out = make(yaml.safe_load(snippet)["filter/1"]["metrics"], PODS).process(data())
+    assert kept(out) == {("u-train", "container.cpu.time")}
+
+
+def test_resource_attribute_values_that_yaml_reads_as_numbers_or_booleans():
+    """`value: 0` or `value: true` (the collector takes any YAML scalar) was refused as "not a valid string";
+    they match the attribute's text, a boolean as true/false."""
+    b = MetricsBuilder("podmeter/receiver/test", 1)
+    b.add(GPU, 1.0, resource={"hw.id": "GPU-0", "hw.gpu.index": 0, "mig": False})
+    b.add(GPU, 1.0, resource={"hw.id": "GPU-1", "hw.gpu.index": 1, "mig": True})
+    out = make({"include": {"resource_attributes": [{"key": "hw.gpu.index", "value": 0}]}}).process(b.build())
+    assert kept(out) == {("GPU-0", "hw.gpu.utilization")}
+    out = make({"exclude": {"resource_attributes": [{"key": "mig", "value": True}]}}).process(b.build())
+    assert kept(out) == {("GPU-0", "hw.gpu.utilization")}
+
+
+def test_exclude_with_names_and_resource_attributes_is_refused(tmp_path):
+    """The collector's README example: its exclude drops every metric of the matching resources and the named
+    metrics everywhere (two separate checks); podmeter's block dropped only the named metrics of the matching
+    resources. It was accepted and applied the other way."""
+    rc, err = validate_cli(tmp_path, """
+filter:
+  metrics:
+    exclude:
+      match_type: strict
+      metric_names:
+        - hello_world
+        - hello/world
+      resource_attributes:
+        - Key: container.name
+          Value: app_container_1
+""")
+    assert rc == 2 and "processors::filter::metrics: exclude with both metric_names and resource_attributes is " \
+                      "ambiguous" in err and "two filter processors" in err, err
+    # include has one meaning in both: the resource and the name must match
+    assert make({"include": {"metric_names": ["container.cpu.time"], "resource_attributes": [
+        {"key": "k8s.namespace.name", "value": "ml"}]}}).process(data()) is not None
+
+
+@pytest.mark.parametrize("snippet, messages", [
+    # testdata/config_ottl.yaml and the README's OTTL form
+    ("filter/ottl:\n  error_mode: ignore\n  metrics:\n    metric:\n      - 'name == \"k8s.pod.phase\"'\n"
+     "    datapoint:\n      - 'attributes[\"test\"] == \"pass\"'\n",
+     ["processors::filter/ottl::error_mode: applies to OTTL conditions",
+      "processors::filter/ottl::metrics::metric: OTTL conditions are not supported by podmeter's filter; write it "
+      "as metrics: include/exclude with metric_names",
+      "processors::filter/ottl::metrics::datapoint: OTTL conditions are not supported",
+      "delete_label_value"]),
+    # testdata/config_expr.yaml
+    ("filter/include:\n  metrics:\n    include:\n      match_type: expr\n      expressions:\n"
+     "        - Label(\"foo\") == \"bar\"\n",
+     ["processors::filter/include::metrics::include::expressions: match_type expr (expr-lang expressions) is not "
+      "supported"]),
+    # testdata/config_regexp.yaml
+    ("filter/unlimitedcache:\n  metrics:\n    include:\n      match_type: regexp\n      regexp:\n"
+     "        cacheenabled: true\n      metric_names: [prefix/.*]\n",
+     ["processors::filter/unlimitedcache::metrics::include::regexp: the collector's regexp cache settings have no "
+      "meaning here"]),
+    ("filter:\n  logs:\n    include:\n      match_type: strict\n",
+     ["processors::filter::logs: podmeter carries metrics only: remove this section"]),
+])
+def test_collector_features_podmeter_has_not_are_refused_with_a_hint(tmp_path, snippet, messages):
+    rc, err = validate_cli(tmp_path, snippet)
+    assert rc == 2, err
+    for message in messages:
+        assert message in err, err
+
+
+def test_collector_strict_and_regexp_testdata_behave_as_documented(tmp_path):
+    """testdata/config_strict.yaml: include then exclude (only hello/world passes), and an include with no names
+    passes everything (the collector builds no matcher for it)."""
+    snippet = """
+filter/includeexclude:
+  metrics:
+    include:
+      match_type: strict
+      metric_names: [container.cpu.time, container.memory.usage]
+    exclude:
+      match_type: strict
+      metric_names: [container.cpu.time]
+filter/empty:
+  metrics:
+    include:
+      match_type: strict
+"""
+    rc, err = validate_cli(tmp_path, snippet)
+    assert rc == 0, err
+    import yaml
+
+    cfg = yaml.safe_load(snippet)
+    assert kept(make(cfg["filter/includeexclude"]["metrics"]).process(data())) == {
+        ("u-train", "container.memory.usage"), ("u-web", "container.memory.usage")}
+    d = data()
+    assert make(cfg["filter/empty"]["metrics"]).process(d) is d

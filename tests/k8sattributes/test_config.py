@@ -46,3 +46,115 @@ def test_service_account_outside_a_pod(monkeypatch, make_processor):
 
     with pytest.raises(ComponentUnavailable, match="not running in a pod"):
         p.start(Host())
+
+
+# -- configurations copied from the collector and the OpenTelemetry Helm chart ------------------------------------
+
+HELM_PRESET = {  # the opentelemetry-collector chart's kubernetesAttributes preset, less its `from: connection` rule
+    "filter": {"node_from_env_var": "K8S_NODE_NAME"},
+    "passthrough": False,
+    "pod_association": [{"sources": [{"from": "resource_attribute", "name": "k8s.pod.ip"}]},
+                        {"sources": [{"from": "resource_attribute", "name": "k8s.pod.uid"}]}],
+    "extract": {
+        "metadata": ["k8s.namespace.name", "k8s.deployment.name", "k8s.statefulset.name", "k8s.daemonset.name",
+                     "k8s.cronjob.name", "k8s.job.name", "k8s.node.name", "k8s.pod.name", "k8s.pod.uid",
+                     "k8s.pod.start_time"],
+        # in the chart's YAML `tag_name: $$1`, which the file's $$ escape makes $1
+        "labels": [{"tag_name": "$1", "key_regex": "(.*)", "from": "pod"}],
+        "annotations": [{"tag_name": "$1", "key_regex": "(.*)", "from": "pod"}],
+    },
+}
+
+
+def test_helm_chart_preset_names_labels_as_the_collector(api, make_processor, monkeypatch):
+    """`passthrough: false` (the collector's default) was refused as an unknown key; `$1` of key_regex works."""
+    import uuid
+
+    from harness.apiserver import pod
+
+    from .conftest import NODE
+
+    monkeypatch.setenv("K8S_NODE_NAME", NODE)
+    u = str(uuid.uuid4())
+    api.create("pods", "ml", pod("p", NODE, uid=u, ip="10.1.2.3", labels={"app.kubernetes.io/name": "trainer"},
+                                 annotations={"note": "n"}))
+    p = make_processor(api, **{k: v for k, v in HELM_PRESET.items() if k != "filter"})
+    assert p.ready(10)
+    got = p.attributes_for({"k8s.pod.ip": "10.1.2.3"})
+    assert got["k8s.pod.uid"] == u and got["app.kubernetes.io/name"] == "trainer" and got["note"] == "n"
+
+
+@pytest.mark.parametrize("tag_name, key_regex, labels, expected", [
+    # Go's Regexp.Expand, as the collector: ${1} is group 1 (it was written literally as "\{1}")
+    ("k8s.pod.labels.${1}", r"app\.kubernetes\.io/(.*)", {"app.kubernetes.io/name": "a"},
+     {"k8s.pod.labels.name": "a"}),
+    # $0 is the whole key (it was a NUL character)
+    ("copy.$0", "team.*", {"team-x": "c"}, {"copy.team-x": "c"}),
+    ("$name.v", "(?P<name>[a-z]+)-.*", {"gpu-kind": "h100"}, {"gpu.v": "h100"}),
+    ("cost$$.${1}x", "cost/(.*)", {"cost/center": "42"}, {"cost$.centerx": "42"}),
+    ("opt.$1", "(a)?b", {"b": "v"}, {"opt.": "v"}),  # a group that did not take part is empty
+])
+def test_tag_name_expands_groups_as_go_does(tag_name, key_regex, labels, expected):
+    import re
+
+    from processors.k8sattributes import _Rule
+
+    cfg = factory.config_model.model_validate({"extract": {"labels": [{"tag_name": tag_name, "key_regex": key_regex}]}})
+    e = cfg.extract.labels[0]
+    out: dict = {}
+    _Rule(e.tag_name, e.key, re.compile(e.key_regex), "labels", "pod").apply(labels, out)
+    assert out == expected
+
+
+@pytest.mark.parametrize("bad, message", [
+    # each matching label would have raised re.error ("invalid group reference") while processing
+    ({"extract": {"labels": [{"tag_name": "x.$1", "key_regex": "nogroup"}]}},
+     r"tag_name refers to group 1, which key_regex does not have \(0 groups\)"),
+    ({"extract": {"labels": [{"tag_name": "x.$1a", "key_regex": "(a)"}]}}, r"write \$\{1\}a"),
+    ({"passthrough": True}, "passthrough: true .* is not supported"),
+    ({"filter": {"fields": [{"key": "k", "value": "v"}]}}, "field selectors are not supported"),
+    ({"exclude": {"pods": [{"name": "jaeger-agent"}]}}, "no list of pods left unenriched"),
+    ({"extract": {"otel_annotations": True}}, r"key_regex: resource\\\.opentelemetry"),
+    ({"extract": {"deployment_name_from_replicaset": True}}, "already names the Deployment"),
+    ({"extract": {"metadata": ["k8s.cluster.uid", "k8s.pod.nam"]}},
+     "k8s.cluster.uid: the collector's k8sattributes extracts this, podmeter's does not; remove it; unknown "
+     "metadata k8s.pod.nam"),
+    ({"watch_sync_period": "20s"}, "does not resync"),
+])
+def test_collector_features_podmeter_has_not_are_refused_with_a_hint(bad, message):
+    with pytest.raises(ValidationError, match=message):
+        factory.config_model.model_validate(bad)
+
+
+def test_collector_testdata_is_refused_at_each_key_path(tmp_path):
+    """testdata/config.yaml's k8s_attributes/2, through `podmeter validate`: exit 2, every collector key podmeter
+    has not named at its path with what to do, no traceback."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "c.yaml"
+    f.write_text("""
+receivers: {cgroup: {}}
+processors:
+  k8sattributes/2:
+    passthrough: false
+    auth_type: "kubeConfig"
+    filter:
+      namespace: ns2
+      node: ip-111.us-west-2.compute.internal
+      labels:
+        - {key: key1, value: value1}
+        - {key: key2, value: value2, op: not-equals}
+      fields:
+        - {key: key1, value: value1}
+    exclude:
+      pods:
+        - name: jaeger-agent
+exporters: {debug: {}}
+service: {pipelines: {metrics: {receivers: [cgroup], processors: [k8sattributes/2], exporters: [debug]}}}
+""")
+    proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", "--config", str(f)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "processors::k8sattributes/2::exclude: podmeter has no list of pods" in proc.stderr
+    assert "processors::k8sattributes/2::filter::fields: field selectors are not supported" in proc.stderr

@@ -327,3 +327,176 @@ def test_operations_that_would_make_duplicate_series_leave_the_metric_unchanged(
     proc, _ = make([{"include": "container.memory.usage", "action": "update", "operations": [
         {"action": "add_label", "new_label": "cpu", "new_value": "all"}]}])
     assert [a for _, a, _ in points(proc.process(data()), "container.memory.usage")] == [{"cpu": "all"}]
+
+
+# -- configurations copied from the collector (processor/metricstransformprocessor README and testdata) ----------
+
+
+def validate_cli(tmp_path, processors: str) -> tuple[int, str]:
+    """`podmeter validate` on a minimal pipeline around a processors section: (exit status, stderr)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import yaml
+
+    names = list(yaml.safe_load(processors))
+    f = tmp_path / "c.yaml"
+    f.write_text("receivers: {cgroup: {}}\nprocessors:\n" + textwrap.indent(textwrap.dedent(processors), "  ")
+                 + "exporters: {debug: {}}\nservice: {pipelines: {metrics: {receivers: [cgroup], processors: ["
+                 + ", ".join(names) + "], exporters: [debug]}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", "--config", str(f)],
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stderr
+
+
+def test_collector_combine_with_aggregation_type(tmp_path):
+    """The collector's README: "if action is combine, aggregation_type is required". It was an unknown key, so
+    every collector combine was refused; now the combined points with equal attributes merge by it."""
+    rc, err = validate_cli(tmp_path, r"""
+metricstransform:
+  transforms:
+    - include: ^container\.disk\.(?P<direction>.*)$
+      match_type: regexp
+      action: combine
+      new_name: container.disk.io
+      aggregation_type: sum
+      operations:
+        - {action: delete_label, label: device, aggregation_type: sum}
+""")
+    assert rc == 0, err
+    b = MetricsBuilder("podmeter/receiver/cgroup", 1)
+    for spec in (DISK_R, DISK_W):
+        b.add(spec, 100, {"device": "sda"}, resource=RES)
+        b.add(spec, 10, {"device": "sdb"}, resource=RES)
+    proc, _ = make([{"include": r"^container\.disk\.(?P<direction>.*)$", "match_type": "regexp",
+                     "action": "combine", "new_name": "io", "aggregation_type": "max"}])
+    # the points differ by direction and device: nothing to merge
+    assert sorted((a["direction"], a["device"], v) for _, a, v in points(proc.process(b.build()), "io")) == [
+        ("read", "sda", 100), ("read", "sdb", 10), ("write", "sda", 100), ("write", "sdb", 10)]
+
+
+def test_combine_aggregation_type_merges_points_left_equal():
+    """Two metrics with the same points and a group that matches neither name's difference: without
+    aggregation_type that is a collision (left unchanged); with it they merge, as the collector's combine does."""
+    b = MetricsBuilder("podmeter/receiver/cgroup", 1)
+    b.add(DISK_R, 100, {"device": "sda"}, resource=RES)
+    b.add(DISK_W, 40, {"device": "sda"}, resource=RES)
+    t = {"include": r"^container\.disk\.(?P<unused>nomatch)?(read|write)$", "match_type": "regexp",
+         "action": "combine", "new_name": "io"}
+    proc, _ = make([t])
+    assert {n for n, _, _ in points(proc.process(b.build()))} == {"container.disk.read", "container.disk.write"}
+    for how, value in (("sum", 140), ("max", 100), ("min", 40), ("mean", 70)):
+        proc, _ = make([{**t, "aggregation_type": how}])
+        assert points(proc.process(b.build())) == [("io", {"device": "sda"}, value)]
+
+
+def test_transform_aggregation_type_outside_combine_is_refused():
+    problems: list[str] = []
+    validate_component(factory, {"transforms": [{"include": "a", "action": "update", "aggregation_type": "sum"}]},
+                       "processors::metricstransform", problems)
+    assert problems == ["processors::metricstransform::transforms::0: aggregation_type of a transform applies to "
+                        "action combine only; for update, give it to an aggregate_labels or aggregate_label_values "
+                        "operation"]
+
+
+def test_experimental_match_labels_insert(tmp_path):
+    """The collector README's "Create a new metric from an existing metric with matching label values": the copy
+    has only the matching points. It was an unknown key, refused."""
+    rc, err = validate_cli(tmp_path, """
+metricstransform:
+  transforms:
+    - include: container.cpu.time
+      action: insert
+      new_name: container.cpu.user
+      match_type: strict
+      experimental_match_labels: {"cpu.mode": "user"}
+    - include: container.cpu.time
+      new_name: container.cpu.nonempty
+      action: insert
+      match_type: regexp
+      experimental_match_labels: {"cpu": "\\\\S"}
+""")
+    assert rc == 0, err
+    proc, _ = make([
+        {"include": "container.cpu.time", "action": "insert", "new_name": "cpu_user",
+         "experimental_match_labels": {"cpu.mode": "user"},
+         "operations": [{"action": "experimental_scale_value", "experimental_scale": 100}]},
+        {"include": "container.cpu.time", "action": "insert", "new_name": "cpu_1", "match_type": "regexp",
+         "experimental_match_labels": {"cpu": "^1$"}},
+        {"include": "container.cpu.time", "action": "insert", "new_name": "none",
+         "experimental_match_labels": {"cpu.mode": "steal"}},
+        # an absent attribute counts as "": {k: ""} selects the points without k
+        {"include": "container.memory.usage", "action": "insert", "new_name": "mem_copy",
+         "experimental_match_labels": {"gpu": ""}},
+    ])
+    out = proc.process(data())
+    assert sorted((a["cpu"], v) for _, a, v in points(out, "cpu_user")) == [("0", 400.0), ("1", 800.0)]
+    assert sorted(a["cpu.mode"] for _, a, _ in points(out, "cpu_1")) == ["iowait", "system", "user"]
+    assert points(out, "none") == []
+    assert len(points(out, "container.cpu.time")) == 6  # the original is whole
+    assert len(points(out, "mem_copy")) == 1
+
+
+def test_experimental_match_labels_update():
+    """update: when every point matches, the whole transform applies; when only some do, the metric keeps its
+    name and only the point-by-point operations change the matching points (the collector's transformMetric);
+    when none does, nothing changes."""
+    ops = [{"action": "update_label", "label": "cpu.mode", "value_actions": [{"value": "user", "new_value": "usr"}]},
+           {"action": "experimental_scale_value", "experimental_scale": 10},
+           {"action": "add_label", "new_label": "x", "new_value": "1"}]
+    proc, _ = make([{"include": "container.cpu.time", "action": "update", "new_name": "cpu",
+                     "experimental_match_labels": {"cpu.mode": "user"}, "operations": ops}])
+    got = sorted((n, a["cpu.mode"], a["cpu"], v, "x" in a) for n, a, v in points(proc.process(data()))
+                 if a.get("cpu.mode"))
+    assert got == [("container.cpu.time", "iowait", "0", 0.5, False), ("container.cpu.time", "iowait", "1", 1.0, False),
+                   ("container.cpu.time", "system", "0", 1.0, False), ("container.cpu.time", "system", "1", 2.0, False),
+                   ("container.cpu.time", "usr", "0", 40.0, False), ("container.cpu.time", "usr", "1", 80.0, False)]
+    proc, _ = make([{"include": "container.cpu.time", "action": "update", "new_name": "cpu", "match_type": "regexp",
+                     "experimental_match_labels": {"cpu.mode": "."}, "operations": ops}])
+    out = proc.process(data())
+    assert points(out, "container.cpu.time") == []
+    assert all(a["x"] == "1" for _, a, _ in points(out, "cpu")) and len(points(out, "cpu")) == 6
+    proc, _ = make([{"include": "container.cpu.time", "action": "update", "new_name": "cpu",
+                     "experimental_match_labels": {"cpu.mode": "steal"}, "operations": ops}])
+    d = data()
+    assert points(proc.process(d)) == points(d)
+
+
+def test_experimental_match_labels_bad_regexp_is_a_config_error():
+    problems: list[str] = []
+    validate_component(factory, {"transforms": [{"include": "a", "match_type": "regexp", "action": "update",
+                                                 "experimental_match_labels": {"k": "("}}]},
+                       "processors::metricstransform", problems)
+    assert len(problems) == 1 and "experimental_match_labels k '(' is not a valid regular expression" in problems[0]
+
+
+def test_version_placeholder_in_new_values():
+    """The collector README: "When adding or updating a label value, {{version}} will be replaced with this
+    collector's version number". It was set literally."""
+    from podmeter import __version__
+
+    proc, _ = make([{"include": "container.memory.usage", "action": "update", "operations": [
+        {"action": "add_label", "new_label": "version", "new_value": "podmeter {{version}}"}]},
+        {"include": "container.cpu.time", "action": "update", "operations": [
+            {"action": "update_label", "label": "cpu.mode",
+             "value_actions": [{"value": "user", "new_value": "user-{{version}}"}]}]}])
+    out = proc.process(data())
+    assert points(out, "container.memory.usage")[0][1]["version"] == f"podmeter {__version__}"
+    assert f"user-{__version__}" in {a["cpu.mode"] for _, a, _ in points(out, "container.cpu.time")}
+
+
+@pytest.mark.parametrize("snippet, message", [
+    # testdata/config_full.yaml of old collectors: the deprecated metric_name
+    ("metricstransform:\n  transforms:\n    - metric_name: old_name\n      action: update\n      new_name: new_name\n",
+     "processors::metricstransform::transforms::0::metric_name: the collector's deprecated form of include: "
+     "write include: <name>"),
+    # README "Group Metrics"
+    ("metricstransform:\n  transforms:\n    - include: ^k8s\\.pod\\.(.*)$$\n      match_type: regexp\n"
+     "      action: group\n      group_resource_labels: {\"resouce.type\": \"k8s.pod\", \"source\": \"kubelet\"}\n",
+     "processors::metricstransform::transforms::0::group_resource_labels: action group is not supported"),
+])
+def test_collector_features_podmeter_has_not_are_refused_with_a_hint(tmp_path, snippet, message):
+    rc, err = validate_cli(tmp_path, snippet)
+    assert rc == 2 and message in err, err

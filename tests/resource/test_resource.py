@@ -49,7 +49,7 @@ def test_actions():
     ({"key": "a", "action": "insert"}, "exactly one of value or from_attribute"),
     ({"key": "a", "value": "v", "from_attribute": "b", "action": "upsert"}, "exactly one"),
     ({"key": "a", "value": "v", "action": "delete"}, "takes no value"),
-    ({"key": "a", "value": "v", "action": "hash"}, "Input should be"),
+    ({"key": "a", "value": "v", "action": "hash"}, "takes no value"),
 ])
 def test_invalid_config(bad, message):
     with pytest.raises(ValidationError, match=message):
@@ -95,3 +95,92 @@ def test_same_resource_in_gives_same_resource_out():
     del kept, first, second
     gc.collect()
     assert len(p._made) == 0
+
+
+# -- configurations copied from the collector (processor/resourceprocessor README, attributesprocessor actions) ---
+
+
+def validate_cli(tmp_path, processors: str) -> tuple[int, str]:
+    """`podmeter validate` on a minimal pipeline around a processors section: (exit status, stderr)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import yaml
+
+    names = list(yaml.safe_load(processors))
+    f = tmp_path / "c.yaml"
+    f.write_text("receivers: {cgroup: {}}\nprocessors:\n" + textwrap.indent(textwrap.dedent(processors), "  ")
+                 + "exporters: {debug: {}}\nservice: {pipelines: {metrics: {receivers: [cgroup], processors: ["
+                 + ", ".join(names) + "], exporters: [debug]}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", "--config", str(f)],
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stderr
+
+
+HASH_EXTRACT_CONVERT = r"""
+resource:
+  attributes:
+    - key: user.email
+      action: hash
+    - key: http.url
+      pattern: ^(?P<http_protocol>.*):\/\/(?P<http_domain>[^/]*)\/(?P<http_path>.*)
+      action: extract
+    - key: gpu.count
+      action: convert
+      converted_type: int
+    - key: ratio
+      action: convert
+      converted_type: string
+    - pattern: ^k8s\.pod\.label\.
+      action: delete
+"""
+
+
+def test_hash_extract_convert_and_delete_by_pattern(tmp_path):
+    """The collector's attribute actions hash, extract and convert, and delete by key pattern: they were refused
+    ("Input should be 'insert', 'update', 'upsert' or 'delete'")."""
+    import hashlib
+
+    import yaml
+
+    rc, err = validate_cli(tmp_path, HASH_EXTRACT_CONVERT)
+    assert rc == 0, err
+    p = make(yaml.safe_load(HASH_EXTRACT_CONVERT)["resource"]["attributes"])
+    got = run(p, {"user.email": "a@b.c", "http.url": "https://example.com/a/b", "gpu.count": "8",
+                  "ratio": 1e21, "k8s.pod.label.app": "x", "k8s.pod.label.tier": "y", "k8s.pod.name": "p"})
+    assert got == {"user.email": hashlib.sha256(b"a@b.c").hexdigest(), "http.url": "https://example.com/a/b",
+                   "http_protocol": "https", "http_domain": "example.com", "http_path": "a/b", "gpu.count": 8,
+                   "ratio": "1000000000000000000000", "k8s.pod.name": "p"}
+
+
+def test_hash_and_convert_follow_the_collector_per_type():
+    import hashlib
+    import struct
+
+    p = make([{"key": k, "action": "hash"} for k in ("i", "b", "f")])
+    got = run(p, {"i": 5, "b": True, "f": 0.5})
+    assert got == {"i": hashlib.sha256(struct.pack("<q", 5)).hexdigest(), "b": hashlib.sha256(b"\x01").hexdigest(),
+                   "f": hashlib.sha256(struct.pack("<d", 0.5)).hexdigest()}
+    p = make([{"key": k, "action": "convert", "converted_type": t}
+              for k, t in (("a", "int"), ("b", "int"), ("c", "int"), ("d", "double"), ("e", "double"),
+                           ("f", "string"), ("g", "string"), ("h", "int"))])
+    got = run(p, {"a": -2.9, "b": "1.5", "c": True, "d": 3, "e": "x", "f": False, "g": 7, "h": "+42"})
+    assert got == {"a": -2, "b": "1.5", "c": 1, "d": 3.0, "e": "x", "f": "false", "g": "7", "h": 42}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"key": "a", "action": "extract", "pattern": "(?P<x>.)(.)"}, "every group of pattern must be named"),
+    ({"key": "a", "action": "extract"}, "needs pattern"),
+    ({"key": "a", "action": "convert"}, "needs converted_type"),
+    ({"key": "a", "action": "convert", "converted_type": "float"}, "Input should be"),
+    ({"key": "a", "value": "v", "action": "upsert", "pattern": "x"}, "takes no pattern"),
+    ({"key": "a", "action": "delete", "converted_type": "int"}, "takes no converted_type"),
+    ({"action": "delete"}, "needs key or pattern"),
+    ({"action": "hash", "pattern": "("}, "not a valid regular expression"),
+    ({"key": "a", "action": "insert", "from_context": "metadata.tenant"}, "no client context"),
+])
+def test_invalid_collector_actions(bad, message):
+    with pytest.raises(ValidationError, match=message):
+        factory.config_model.model_validate({"attributes": [bad]})
