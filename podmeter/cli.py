@@ -1,6 +1,7 @@
 """The `podmeter` command: run, validate, components, collect --once, inspect.
 
-Exit codes: 0 success; 1 runtime failure; 2 bad usage or bad configuration. Expected failures print one clear
+Exit codes: 0 success (a clean stop on SIGTERM, SIGINT or SIGHUP included); 1 runtime failure, or stopped by a
+second signal before shutdown completed; 2 bad usage or bad configuration. Expected failures print one clear
 message and never a traceback (PODMETER_DEBUG=1 shows one for bugs).
 """
 
@@ -18,6 +19,7 @@ import time
 from podmeter import __version__
 
 log = logging.getLogger("podmeter")
+FORCED_EXIT = 1  # a second SIGTERM/SIGINT/SIGHUP during shutdown: exit at once, not a clean stop
 
 
 class JsonFormatter(logging.Formatter):
@@ -86,6 +88,12 @@ def cmd_run(args) -> int:
     signals: list[int] = []
 
     def on_signal(signum, _frame) -> None:
+        if signals:
+            # a second signal while stopping (a second Ctrl-C, a supervisor that has waited enough): the operator
+            # wants it gone now, not after shutdown_timeout, which may be long or stuck behind a hung exporter
+            log.warning("received %s while stopping: exiting now, without waiting for the rest to flush",
+                        signal.Signals(signum).name)
+            os._exit(FORCED_EXIT)  # the log handler has flushed that line; nothing else is waited for
         signals.append(signum)
         stop.set()
 
@@ -93,7 +101,7 @@ def cmd_run(args) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
-        service = Service(config, strict=args.strict)
+        service = Service(config, strict=args.strict, stopping=stop)  # a signal during start cuts it short
         service.start()
     except StartError as exc:
         log.error("start-up failed: %s", exc)
@@ -203,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent")
     config_arg(p)
     p.add_argument("--strict", action="store_true", help="fail if any component cannot start on this host")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=["debug", "info", "warn", "warning", "error"])
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check configuration files and exit (2 on any problem)")
@@ -220,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                    help="longest wait for metadata (k8sattributes' first sync)")
     p.add_argument("--strict", action="store_true")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=["debug", "info", "warn", "warning", "error"])
     p.set_defaults(func=cmd_collect)
 
     # inspect parses its own arguments, --help included (podmeter.inspect); argparse only routes to it

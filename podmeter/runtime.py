@@ -5,9 +5,11 @@ through every pipeline that lists it (one processor chain per pipeline); each ex
 a bounded queue, so a slow, failing or hanging exporter never delays collection or the other exporters.
 
 Start: a receiver or processor that cannot run on this host (no GPU, no socket) is reported once and the rest
-runs. An exporter or extension that cannot start (a port in use, a missing certificate, an unusable queue
-directory) is a configuration error, as in the collector: `start()` raises StartError naming it and its cause,
-and `podmeter run` exits 1, rather than running on with nowhere to send data.
+runs; a receiver whose start has not returned within RECEIVER_START_TIMEOUT (a hung driver call) is a component
+error while the rest runs, and is collected once its start returns. An exporter or extension that cannot start
+(a port in use, a missing certificate, an unusable queue directory) is a configuration error, as in the
+collector: `start()` raises StartError naming it and its cause, and `podmeter run` exits 1, rather than running
+on with nowhere to send data.
 
 Shutdown, bounded by `service.shutdown_timeout`: scheduling stops; exporters drain and flush while receivers and
 processors release what they hold; a component whose shutdown has not returned by the deadline is abandoned
@@ -56,6 +58,12 @@ EXPORTER_QUEUE_BATCHES = 64  # isolation buffer per exporter; otlp exporters kee
 # holds about 40 MiB here, not 64 batches of a 250-pod node (190 MiB)
 EXPORTER_QUEUE_POINTS = 250_000
 SHUTDOWN_GRACE = 1.0  # seconds past the shutdown deadline for exporters to wrap up, and then for extensions
+# How long a receiver's start() is waited for before the rest starts without it. A receiver's start may call into a
+# driver (nvmlInit and device discovery on a GPU in a bad state can hang for minutes): waited for without end, it
+# kept every receiver after it from starting, and health at 503 "starting" naming nothing, so that the node had no
+# metrics at all, not even between liveness restarts. Past this the receiver is a component error (health names it)
+# and the others run; should its start return later, it is collected from then on (a slow CRI runtime at start).
+RECEIVER_START_TIMEOUT = 20.0
 MANDATORY: tuple[Kind, ...] = ("exporter", "extension")  # must start; receivers and processors may be unavailable
 
 
@@ -86,7 +94,7 @@ class Pipeline:
                 try:
                     data = proc.process(data)
                 except Exception as exc:
-                    _component_error(status, proc, f"process failed: {type(exc).__name__}: {exc}")
+                    _component_error(status, proc, f"process failed: {type(exc).__name__}: {exc}", type(exc).__name__)
                     return None, True
                 if status is not None and status.state == "error":  # it works again: health and logs say so
                     _component_recovered(status, proc)
@@ -105,10 +113,12 @@ class Pipeline:
         return not refused
 
 
-def _component_error(status: ComponentStatus | None, component: Any, message: str) -> None:
+def _component_error(status: ComponentStatus | None, component: Any, message: str, kind: str) -> None:
+    """Count and log (once per kind: a timeout, then an exception type) an error the runtime caught; the cause is
+    `internal:<kind>`, so that a collection that stops timing out and starts raising is logged again."""
     telemetry: ComponentTelemetry | None = getattr(component, "_podmeter_telemetry", None)
     if telemetry is not None:
-        telemetry.error("internal", message)
+        telemetry.error(f"internal:{kind}", message)
     else:
         log.warning("%s", message)
     if status is not None:
@@ -189,7 +199,7 @@ class ExporterWorker:
                 result = self.exporter.export(data, timeout_millis=self.export_timeout * 1000)
             except Exception as exc:
                 result, raised = MetricExportResult.FAILURE, True
-                _component_error(None, self.exporter, f"export raised {type(exc).__name__}: {exc}")
+                _component_error(None, self.exporter, f"export raised {type(exc).__name__}: {exc}", type(exc).__name__)
             ok = result == MetricExportResult.SUCCESS or result is None
             if raised or not self.reports_delivery:
                 (self.telemetry.exporter_sent if ok else self.telemetry.exporter_failed).labels(self.id).inc(points)
@@ -332,12 +342,14 @@ class ReceiverRunner:
                 if self.stop_event.is_set():  # shutting down: abandoned, not a timeout
                     return
                 self.telemetry.receiver_collections.labels(self.id, "timeout").inc()
-                _component_error(self.status, self.receiver, f"collection exceeded its timeout of {self.timeout:g}s")
+                _component_error(self.status, self.receiver, f"collection exceeded its timeout of {self.timeout:g}s",
+                                 "timeout")
                 return
             data = future.result(0)
         except Exception as exc:
             self.telemetry.receiver_collections.labels(self.id, "error").inc()
-            _component_error(self.status, self.receiver, f"collection failed: {type(exc).__name__}: {exc}")
+            _component_error(self.status, self.receiver, f"collection failed: {type(exc).__name__}: {exc}",
+                             type(exc).__name__)
             return
         finally:
             self.telemetry.receiver_duration.labels(self.id).observe(time.perf_counter() - started)
@@ -355,9 +367,14 @@ class ReceiverRunner:
 
 
 class Service:
-    def __init__(self, config: Config, telemetry: Telemetry | None = None, strict: bool = False) -> None:
+    def __init__(self, config: Config, telemetry: Telemetry | None = None, strict: bool = False,
+                 stopping: threading.Event | None = None) -> None:
         self.config = config
         self.strict = strict
+        # set by the caller on SIGTERM: a receiver start still running is no longer waited for
+        self.stopping = stopping or threading.Event()
+        self._late: dict[str, _PendingStart] = {}  # receivers whose start outlasted RECEIVER_START_TIMEOUT
+        self._runners_lock = threading.Lock()  # a late start adds its runner while shutdown may be stopping them
         self.telemetry = telemetry or Telemetry()
         self.host = Host()
         self.status: dict[str, ComponentStatus] = {}
@@ -459,7 +476,17 @@ class Service:
     def _start_component(self, key: str, component: Component) -> bool:
         status = self.status[key]
         try:
-            component.start(self.host)
+            if status.kind == "receiver":
+                _start_bounded(component, self.host, RECEIVER_START_TIMEOUT, self.stopping)
+            else:
+                component.start(self.host)
+        except _PendingStart as pending:
+            if self.strict:
+                raise StartError(f"{status.kind} {status.id} failed to start: {pending}") from None
+            status.state, status.message = "error", str(pending)
+            log.error("%s %s %s", status.kind, status.id, pending)
+            self._late[status.id] = pending
+            return False
         except ComponentUnavailable as exc:
             if status.kind in MANDATORY:  # e.g. a port in use or a missing certificate: not an optional absence
                 self._failed(status, f"failed to start: {exc}")
@@ -517,14 +544,42 @@ class Service:
         self._start_telemetry_server()
         self.start_components()
         for rid, receiver in self.receivers.items():
-            pipes = [self.pipelines[p] for p in self.status[f"receiver:{rid}"].pipelines]
-            runner = ReceiverRunner(rid, receiver, self.config.receivers[ComponentID.parse(rid)], pipes,
-                                    self.telemetry, self.status[f"receiver:{rid}"])
-            self.runners.append(runner)
-            runner.start()
+            self._run_receiver(rid, receiver)
+        for rid, pending in self._late.items():
+            threading.Thread(target=self._start_late, args=(rid, pending), name=f"late-start-{rid}",
+                             daemon=True).start()
         running = [k for k, s in self.status.items() if s.state == "ok"]
         log.info("podmeter started: %d pipelines, %d components running (%s)", len(self.pipelines), len(running),
                  ", ".join(running))
+
+    def _run_receiver(self, rid: str, receiver: Receiver) -> None:
+        pipes = [self.pipelines[p] for p in self.status[f"receiver:{rid}"].pipelines]
+        runner = ReceiverRunner(rid, receiver, self.config.receivers[ComponentID.parse(rid)], pipes,
+                                self.telemetry, self.status[f"receiver:{rid}"])
+        self.runners.append(runner)
+        runner.start()
+
+    def _start_late(self, rid: str, pending: _PendingStart) -> None:
+        """Wait for a receiver's start that outlasted RECEIVER_START_TIMEOUT; run it if it returns before shutdown."""
+        while not pending.done.wait(1.0):
+            if self.stopping.is_set():
+                return
+        status = self.status[f"receiver:{rid}"]
+        with self._runners_lock:
+            if self.stopping.is_set():
+                return
+            error = pending.outcome[0]
+            if isinstance(error, ComponentUnavailable):
+                self._unavailable(status, str(error))
+            elif error is not None:
+                status.state, status.message = "error", f"failed to start: {type(error).__name__}: {error}"
+                log.error("receiver %s %s", rid, status.message)
+            else:
+                status.state, status.message = "ok", ""
+                log.info("receiver %s started late (after more than %gs): collecting from now on", rid,
+                         RECEIVER_START_TIMEOUT)
+                self.receivers[rid] = pending.component
+                self._run_receiver(rid, pending.component)
 
     def _check_fatal(self) -> None:
         if not self._fatal:
@@ -572,6 +627,8 @@ class Service:
         and logged once. True if every exporter flushed everything in time."""
         timeout = self.config.service.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        with self._runners_lock:  # no receiver whose start returned late is added from here on
+            self.stopping.set()
         for runner in self.runners:
             runner.stop()
         for runner in self.runners:
@@ -668,6 +725,43 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD))
+
+
+class _PendingStart(Exception):
+    """A receiver's start still running past its timeout (on its own daemon thread, which does not hold up the
+    exit): `done` is set, and `outcome` holds what it raised or None, once it returns."""
+
+    def __init__(self, message: str, component: Component, done: threading.Event,
+                 outcome: list[BaseException | None]) -> None:
+        super().__init__(message)
+        self.component, self.done, self.outcome = component, done, outcome
+
+
+def _start_bounded(component: Component, host: Host, timeout: float, stopping: threading.Event) -> None:
+    """component.start(host) on a daemon thread, waited for up to `timeout` or until `stopping` is set: what it
+    raised is raised here; a start still running then raises _PendingStart."""
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            component.start(host)
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+        done.set()
+
+    threading.Thread(target=run, name="start", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+        if stopping.is_set():
+            raise _PendingStart("start abandoned: the agent is stopping", component, done, outcome)
+        if time.monotonic() >= deadline:
+            raise _PendingStart(f"start has not returned after {timeout:g}s (a hung driver or kernel call?); the "
+                                "others run meanwhile", component, done, outcome)
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def _run_bounded(tasks: list[tuple[str, Callable[[], Any]]], deadline: float) -> list[str]:

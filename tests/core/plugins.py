@@ -31,6 +31,7 @@ RECORDS: dict[str, list] = {}
 class CounterConfig(ScraperConfig):
     unavailable: str = ""
     fail_start: bool = False
+    hang_start: bool = False  # start() never returns, as nvmlInit on a GPU in a bad state
     fail_every: int = 0
     pods: int = Field(1, ge=0)
 
@@ -45,6 +46,8 @@ class CounterReceiver(Receiver):
             raise ComponentUnavailable(self.config.unavailable)
         if self.config.fail_start:
             raise RuntimeError("cannot start")
+        if self.config.hang_start:
+            threading.Event().wait()
 
     def collect(self):
         self.calls += 1

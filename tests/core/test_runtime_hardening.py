@@ -56,6 +56,45 @@ class WedgedReceiver(Receiver):
             pass
 
 
+class HungStartReceiver(Receiver):
+    """A receiver whose start() does not return until released, as nvmlInit on a GPU in a bad state. A test
+    subject."""
+
+    release = threading.Event()
+
+    def __init__(self, settings, config: ScraperConfig) -> None:
+        self.started = False
+
+    def start(self, host) -> None:
+        self.release.wait()
+        self.started = True
+
+    def collect(self):
+        assert self.started, "collected before its start returned"
+        b = MetricsBuilder("podmeter/receiver/hungstart", now_ns())
+        b.add(VALUE, 1, resource={"k8s.pod.uid": "uid-late"})
+        return b.build()
+
+
+class ScriptConfig(ScraperConfig):
+    script: list[str] = []  # per collection: an exception type to raise, or "ok"; then "ok" for good
+
+
+class ScriptedReceiver(Receiver):
+    """Raises what its script says, one entry per collection. A test subject."""
+
+    def __init__(self, settings, config: ScriptConfig) -> None:
+        self.script = list(config.script)
+
+    def collect(self):
+        step = self.script.pop(0) if self.script else "ok"
+        if step != "ok":
+            raise {"OSError": OSError, "ValueError": ValueError}[step](f"scripted {step}")
+        b = MetricsBuilder("podmeter/receiver/script", now_ns())
+        b.add(VALUE, 1, resource={"k8s.pod.uid": "uid-0"})
+        return b.build()
+
+
 @pytest.fixture(autouse=True)
 def plugins():
     from core import plugins
@@ -63,8 +102,11 @@ def plugins():
     plugins.register()
     plugins.RECORDS.clear()
     registry().register(Factory("receiver", "wedge", WedgeConfig, WedgedReceiver))
+    registry().register(Factory("receiver", "hungstart", ScraperConfig, HungStartReceiver))
+    registry().register(Factory("receiver", "script", ScriptConfig, ScriptedReceiver))
     yield plugins
-    registry().factories["receiver"].pop("wedge", None)  # test_docs checks every registered type has a README
+    for type_ in ("wedge", "hungstart", "script"):  # test_docs checks every registered type has a README
+        registry().factories["receiver"].pop(type_, None)
 
 
 def config(tmp_path, text: str):
@@ -271,6 +313,76 @@ def test_collection_timeout_and_shutdown_do_not_wait_for_each_other(tmp_path, pl
         receiver.release.set()
         service.shutdown(timeout=1)
 
+
+
+def test_a_receiver_whose_start_hangs_is_disabled_and_the_rest_runs(tmp_path, plugins, monkeypatch, caplog):
+    """A start() that did not return (a hung driver call) kept every receiver after it from starting, and health
+    at 503 "starting" naming nothing. Past RECEIVER_START_TIMEOUT it is a component error, logged once, and the
+    rest starts and runs; health names it and the cause. Should its start return later, it is collected."""
+    from podmeter import runtime
+
+    monkeypatch.setattr(runtime, "RECEIVER_START_TIMEOUT", 0.5)
+    health = free_port()
+    service = Service(config(tmp_path, f"""
+        receivers:
+          hungstart:
+          counter: {{collection_interval: 100ms, initial_delay: 0s}}
+        exporters:
+          record:
+        extensions: {{health_check: {{endpoint: "127.0.0.1:{health}"}}}}
+        service:
+          extensions: [health_check]
+          telemetry: {{metrics: {{level: none}}}}
+          pipelines:
+            metrics: {{receivers: [hungstart, counter], exporters: [record]}}
+        """))
+    try:
+        with caplog.at_level(logging.WARNING, logger="podmeter"):
+            starter = threading.Thread(target=service.start, daemon=True)  # hangs for good without the bound
+            starter.start()
+            starter.join(60)
+        assert not starter.is_alive(), "start() is stuck behind the receiver's start"
+        wait_for(lambda: plugins.RECORDS.get("default"), what="the other receiver's exports")
+        assert service.status["receiver:hungstart"].state == "error"
+        code, body = service.extensions["health_check"].report()
+        assert code == 503 and not body["starting"], body
+        assert "has not returned after 0.5s" in body["failing"]["hungstart"]
+        assert body["components"]["receiver:counter"] == "ok"
+        assert sum("hungstart" in r.getMessage() for r in caplog.records) == 1
+        HungStartReceiver.release.set()  # the start returns after all: collected from then on
+        wait_for(lambda: any(p[0] == "uid-late" for batch in plugins.RECORDS["default"] for p in batch),
+                 what="the late receiver's exports")
+        assert service.extensions["health_check"].report()[0] == 200
+    finally:
+        HungStartReceiver.release.set()
+        service.shutdown(timeout=1)
+
+
+def test_each_kind_of_collection_failure_is_logged_once_and_the_recovery_too(tmp_path, plugins, caplog):
+    """A receiver failing in one way, then another (a timeout, then an exception; or one exception type, then
+    another) logs each at WARNING once: the second is not hidden at DEBUG behind the first. Recovery is logged."""
+    service = Service(config(tmp_path, """
+        receivers:
+          script: {collection_interval: 50ms, initial_delay: 0s,
+                   script: [OSError, OSError, ValueError, ValueError, ok]}
+        exporters:
+          record:
+        service:
+          telemetry: {metrics: {level: none}}
+          pipelines:
+            metrics: {receivers: [script], exporters: [record]}
+        """))
+    with caplog.at_level(logging.INFO, logger="podmeter"):
+        service.start()
+        try:
+            wait_for(lambda: plugins.RECORDS.get("default"), what="a collection after the failures")
+        finally:
+            service.shutdown(timeout=1)
+    records = [r for r in caplog.records if r.name == "podmeter.receiver.script"]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "OSError: scripted OSError" in warnings[0] and "ValueError: scripted ValueError" in warnings[1]
+    assert sum("recovered" in r.getMessage() for r in records if r.levelno == logging.INFO) >= 1
 
 
 def test_only_exporters_have_exporter_series():
