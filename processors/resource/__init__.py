@@ -90,21 +90,44 @@ def _sha256(value) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _go_float(value: float) -> str:
+    """A double as pcommon's AsString writes it (float64AsString, encoding/json's form): the shortest digits that
+    read back the same, in plain notation (1, not 1.0), exponent form from 1e21 and below 1e-6 (1e+21, 1e-7)."""
+    if not math.isfinite(value):  # AsString returns json.Marshal's error text
+        return "json: unsupported value: " + ("NaN" if math.isnan(value) else "+Inf" if value > 0 else "-Inf")
+    d = Decimal(repr(value))
+    if value and not 1e-6 <= abs(value) < 1e21:
+        digits = "".join(map(str, d.as_tuple().digits)).rstrip("0") or "0"
+        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return ("-" if value < 0 else "") + f"{mantissa}e{d.adjusted():+d}"
+    return format(d.normalize(), "f")
+
+
+def _go_json(values) -> str:
+    """An array as pcommon's AsString writes it (Go's json.Marshal): compact, UTF-8 with <, > and & escaped,
+    doubles as _go_float."""
+    text = "[" + ",".join(_go_float(v) if isinstance(v, float) else json.dumps(v, ensure_ascii=False)
+                          for v in values) + "]"
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _convert(value, to: str):
     """The collector's convert: the value as `to`, or unchanged where it has no such form ("abc" as an int)."""
     if to == "string":
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, float) and math.isfinite(value):
-            return format(Decimal(repr(value)), "f")  # Go's FormatFloat(v, 'f', -1): 1e+21 is 1000...0
+        if isinstance(value, float):
+            return _go_float(value)
         if isinstance(value, list | tuple):
-            return json.dumps(list(value))  # as the collector's AsString
+            return _go_json(value)
         return value if isinstance(value, str) else str(value)
     if isinstance(value, bool):
         return int(value) if to == "int" else float(value)
     if to == "int":
         if isinstance(value, float):
-            return int(value) if math.isfinite(value) else value  # truncated toward zero, as Go's int64()
+            # truncated toward zero, as Go's int64(); beyond int64 Go's result is the platform's, and an int out of
+            # range would fail the OTLP encoding of the whole attribute: left as it is
+            return int(value) if math.isfinite(value) and -2**63 <= int(value) < 2**63 else value
         if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value) and -2**63 <= int(value) < 2**63:
             return int(value)  # Go's ParseInt: decimal digits within int64, else unchanged
         return value

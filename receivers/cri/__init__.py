@@ -400,8 +400,6 @@ class CriReceiver(Receiver):
                               "instead", self.runtime_name, self.runtime_version, describe(exc))
         if stats is None:
             stats = self._pod_stats_per_sandbox()  # says itself how it went
-            if stats is None:
-                return
         else:
             self.tel.recovered("pod_stats")
         for s in stats:
@@ -410,9 +408,9 @@ class CriReceiver(Receiver):
             except Exception as exc:  # one odd entry must not cost the others
                 self.tel.error("stats_entry", f"pod stats entry skipped: {type(exc).__name__}: {exc}")
 
-    def _pod_stats_per_sandbox(self) -> list | None:
+    def _pod_stats_per_sandbox(self) -> list:
         """PodSandboxStats of every sandbox the cache knows READY, within one request_timeout in all (what the
-        list call would have had); None when the runtime does not answer."""
+        list call would have had): those answered by then, the runtime's silence or slowness said."""
         deadline = time.monotonic() + self.config.request_timeout
         stats = []
         ids = self.cache.ready_sandbox_ids()
@@ -429,8 +427,11 @@ class CriReceiver(Receiver):
                 if code == grpc.StatusCode.NOT_FOUND or "not in ready state" in describe(exc):
                     continue  # stopped or removed since the last metadata refresh
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    self.tel.error("pod_stats", f"PodSandboxStats failed: {describe(exc)}")
-                    return None
+                    # the call in flight when the time runs out gets what is left of it and fails: the pods that
+                    # answered before are kept
+                    self.tel.error("pod_stats", f"PodSandboxStats failed: {describe(exc)}; {len(ids) - i} of "
+                                                f"{len(ids)} pods skipped in this collection")
+                    return stats
                 self.tel.error("stats_entry", f"pod stats of sandbox {sid[:13]} skipped: {describe(exc)}")
         self.tel.recovered("pod_stats")
         return stats

@@ -358,6 +358,14 @@ int BPF_PROG(retrans_btf, struct sock *sk, const struct sk_buff *skb)
 		return 0;
 	}
 	__u32 total = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	if (!*seen) {
+		/* The socket's first event since the programs were loaded (total_retrans already counts this event's
+		 * segments, so it is never 0 here). What it counted before is from before podmeter started: counted as a
+		 * delta, every long-lived connection's lifetime of retransmits landed in one collection at each restart. */
+		*seen = total;
+		count_retransmit(sk, skb);
+		return 0;
+	}
 	__u32 delta = total - *seen; /* u32 arithmetic: right across wrap-around */
 	*seen = total;
 	struct cg_counters *c = delta ? counters_of(sock_cgid(sk)) : 0;

@@ -625,3 +625,57 @@ def test_a_hung_runtime_costs_one_deadline_per_collection(make_receiver, tmp_pat
         assert "stats" in telemetry.failing()
     finally:
         server.stop(0)
+
+
+class SlowPodStatsRuntime(pbg.RuntimeServiceServicer):
+    """A test double of containerd 1.6 on a busy node (no real runtime answers this slowly on demand): the pod
+    stats list fails as a whole (a NOT_READY sandbox), and each PodSandboxStats takes a while."""
+
+    N = 8
+
+    def Version(self, request, context):
+        return pb.VersionResponse(version="0.1.0", runtime_name="containerd", runtime_version="1.6.20",
+                                  runtime_api_version="v1")
+
+    def ListPodSandbox(self, request, context):
+        return pb.ListPodSandboxResponse(items=[pb.PodSandbox(
+            id=f"s{i:063d}", metadata=pb.PodSandboxMetadata(name=f"p{i}", uid=f"u-{i}", namespace="n"),
+            created_at=1) for i in range(self.N)])
+
+    def ListContainers(self, request, context):
+        return pb.ListContainersResponse()
+
+    def ListPodSandboxStats(self, request, context):
+        context.abort(grpc.StatusCode.UNKNOWN, "failed to decode sandbox container metrics: sandbox is not in ready "
+                                               "state")
+
+    def PodSandboxStats(self, request, context):
+        time.sleep(0.3)
+        i = int(request.pod_sandbox_id[1:])
+        return pb.PodSandboxStatsResponse(stats=pb.PodSandboxStats(
+            attributes=pb.PodSandboxAttributes(id=request.pod_sandbox_id, metadata=pb.PodSandboxMetadata(
+                name=f"p{i}", uid=f"u-{i}", namespace="n")),
+            linux=pb.LinuxPodSandboxStats(cpu=pb.CpuUsage(timestamp=time.time_ns(),
+                                                          usage_core_nano_seconds=pb.UInt64Value(value=10**9)))))
+
+
+def test_pod_stats_per_sandbox_keep_what_came_before_the_deadline(make_receiver, tmp_path):
+    """Asking PodSandboxStats per sandbox shares one request_timeout; the call in flight when it runs out gets the
+    rest of it and fails DEADLINE_EXCEEDED. The pods answered before that are emitted (and the shortfall said),
+    not thrown away with it, which on a slow runtime lost every pod's stats at every collection."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pbg.add_RuntimeServiceServicer_to_server(SlowPodStatsRuntime(), server)
+    sock = tmp_path / "slow.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        receiver, _, telemetry = make_receiver(f"unix://{sock}", request_timeout="1s",
+                                               metrics={"k8s.pod.cpu.time": {"enabled": True}})
+        data = receiver.collect()
+        got = [p for p in points(data) if p[0] == "k8s.pod.cpu.time"]
+        assert 1 <= len(got) < SlowPodStatsRuntime.N, got  # the ones answered in time, not none, not all
+        assert "pod_stats" in telemetry.failing()
+    finally:
+        server.stop(0)

@@ -104,6 +104,34 @@ def test_retransmits_in_private_netns(receiver_factory, pod, workload, series):
     assert s[("container.tcp.io", (("network.io.direction", "transmit"),))] >= 2 << 20
 
 
+def test_retransmits_before_the_receiver_started_are_not_counted(receiver_factory, pod, series):
+    """A connection that retransmitted before the receiver started: its first retransmit event afterwards counts
+    that event's segments, not the socket's whole total_retrans since it was opened (which after every agent
+    restart put each long-lived connection's lifetime of retransmits into one collection)."""
+    unshare, tc, ip = require_binary("unshare"), require_binary("tc"), require_binary("ip")
+    workload = os.path.join(os.path.dirname(__file__), "workload.py")
+    script = (f"{ip} link set lo up && {ip} link set lo mtu 1500 && "
+              f"{tc} qdisc add dev lo root tbf rate 20mbit burst 16kb limit 30000 && "
+              f"exec {sys.executable} {workload} retransmit_twice {2 << 20}")
+    proc = pod.spawn([unshare, "-n", "sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())["first"]
+        r = receiver_factory(profile="standard")  # the maps (and the sockets' storage) start empty here
+        stdout, stderr = proc.communicate("go\n", timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    second = json.loads(stdout.strip().splitlines()[-1])["second"]
+    require(first > 0 and second > 0, "the shaped loopback caused no retransmission on this kernel")
+    got = series(r.collect(), pod)[("container.tcp.retransmits", ())]
+    assert r.hooks.attached["tcp_retransmit"] == "tp_btf"
+    assert got <= second, (got, first, second)
+    assert got >= second * 0.9, (got, first, second)
+
+
 def test_oom_kill_in_memory_limited_cgroup(receiver_factory, pod, workload, series):
     mem = [h for h in hierarchies() if h.endswith("/memory")] or ([v2_root()] if os.path.exists(
         f"{v2_root()}/cgroup.subtree_control") and "memory" in open(f"{v2_root()}/cgroup.controllers").read() else [])

@@ -7,6 +7,8 @@ line of stdout (getrusage, /proc, its own counts). Standard library only.
   workload.py contend SECONDS     two busy processes on one CPU; reports /proc/<pid>/schedstat run_delay
   workload.py tcp BYTES           one loopback TCP transfer, both ends in this process
   workload.py retransmit BYTES    TCP transfer through a rate-limited, tiny-queue loopback (run in a private netns)
+  workload.py retransmit_twice BYTES   the same, on one connection in two halves: after the first it prints its
+                                  RetransSegs and waits for a line on stdin before the second
   workload.py alloc MIB           allocate MIB MiB (killed by the OOM killer under a lower memory limit)
   workload.py majfault MIB        mmap a file whose page cache was dropped and touch every page
 """
@@ -144,6 +146,44 @@ def retransmit(nbytes: int) -> dict:
     return out
 
 
+def retransmit_twice(nbytes: int) -> dict:
+    """BYTES on one connection, twice, with a pause between (for the test to start a receiver): RetransSegs of
+    each half."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    got = [0]
+    cond = threading.Condition()
+
+    def serve():
+        conn, _ = srv.accept()
+        conn.settimeout(120)
+        while data := conn.recv(1 << 20):
+            with cond:
+                got[0] += len(data)
+                cond.notify_all()
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    client = socket.create_connection(srv.getsockname(), timeout=120)
+    out = {}
+    for half in ("first", "second"):
+        if half == "second":
+            sys.stdin.readline()
+        before, target = retrans_segs(), got[0] + nbytes
+        client.sendall(b"z" * nbytes)
+        with cond:
+            cond.wait_for(lambda target=target: got[0] >= target, timeout=120)
+        out[half] = retrans_segs() - before
+        if half == "first":
+            print(json.dumps(out), flush=True)
+    client.close()
+    t.join()
+    srv.close()
+    return out
+
+
 def alloc(mib: int) -> dict:
     bufs = [bytearray(1 << 20) for _ in range(mib)]
     return {"allocated_mib": len(bufs)}
@@ -177,7 +217,7 @@ def majfault(mib: int) -> dict:
 def main() -> None:
     mode, args = sys.argv[1], [int(float(a)) if a.isdigit() else float(a) for a in sys.argv[2:]]
     fn = {"syscalls": syscalls, "pingpong": pingpong, "contend": contend, "busy": busy, "tcp": tcp, "retransmit": retransmit,
-          "alloc": alloc, "majfault": majfault}[mode]
+          "retransmit_twice": retransmit_twice, "alloc": alloc, "majfault": majfault}[mode]
     out = fn(*args)
     out["pid"] = os.getpid()
     out.setdefault("rusage", rusage_all())

@@ -152,7 +152,7 @@ def test_hash_extract_convert_and_delete_by_pattern(tmp_path):
                   "ratio": 1e21, "k8s.pod.label.app": "x", "k8s.pod.label.tier": "y", "k8s.pod.name": "p"})
     assert got == {"user.email": hashlib.sha256(b"a@b.c").hexdigest(), "http.url": "https://example.com/a/b",
                    "http_protocol": "https", "http_domain": "example.com", "http_path": "a/b", "gpu.count": 8,
-                   "ratio": "1000000000000000000000", "k8s.pod.name": "p"}
+                   "ratio": "1e+21", "k8s.pod.name": "p"}
 
 
 def test_hash_and_convert_follow_the_collector_per_type():
@@ -168,6 +168,20 @@ def test_hash_and_convert_follow_the_collector_per_type():
                            ("f", "string"), ("g", "string"), ("h", "int"))])
     got = run(p, {"a": -2.9, "b": "1.5", "c": True, "d": 3, "e": "x", "f": False, "g": 7, "h": "+42"})
     assert got == {"a": -2, "b": "1.5", "c": 1, "d": 3.0, "e": "x", "f": "false", "g": "7", "h": 42}
+
+
+def test_convert_to_string_writes_values_as_the_collectors_as_string():
+    """convert to string is pcommon's Value.AsString: a double in encoding/json's form (1, not 1.0; 1e+21; 1e-7),
+    an array as compact UTF-8 JSON (["a","b"], with <, > and & escaped). A double beyond int64 converted to int
+    stays a double: a Python int out of range made the OTLP encoder log a traceback and drop the attribute."""
+    keys = ("one", "big", "small", "half", "tags", "nums", "inf")
+    p = make([{"key": k, "action": "convert", "converted_type": "string"} for k in keys]
+             + [{"key": "huge", "action": "convert", "converted_type": "int"}])
+    got = run(p, {"one": 1.0, "big": 1e21, "small": 1.5e-7, "half": -0.5, "tags": ["v1", "ünï", "a<b&c"],
+                  "nums": [1.0, 2, True], "inf": float("inf"), "huge": 1e19})
+    assert got == {"one": "1", "big": "1e+21", "small": "1.5e-7", "half": "-0.5",
+                   "tags": '["v1","ünï","a\\u003cb\\u0026c"]', "nums": "[1,2,true]",
+                   "inf": "json: unsupported value: +Inf", "huge": 1e19}
 
 
 @pytest.mark.parametrize("bad, message", [
