@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from harness.validate import validate_cli
 from pydantic import ValidationError
 
 from podmeter.component import ComponentID, CreateSettings, Host
@@ -164,25 +165,6 @@ def test_invalid_config(bad, message):
 
 
 # -- configurations copied from the collector (processor/filterprocessor README and testdata) --------------------
-
-
-def validate_cli(tmp_path, processors: str) -> tuple[int, str]:
-    """`podmeter validate` on a minimal pipeline around a processors section: (exit status, stderr)."""
-    import subprocess
-    import sys
-    import textwrap
-
-    import yaml
-
-    names = list(yaml.safe_load(processors))
-    f = tmp_path / "c.yaml"
-    f.write_text("receivers: {cgroup: {}}\nprocessors:\n" + textwrap.indent(textwrap.dedent(processors), "  ")
-                 + "exporters: {debug: {}}\nservice: {pipelines: {metrics: {receivers: [cgroup], processors: ["
-                 + ", ".join(names) + "], exporters: [debug]}}}\n")
-    proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", "--config", str(f)],
-                          capture_output=True, text=True, timeout=60)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, proc.stderr
 
 
 def test_collector_readme_resource_attributes_with_capitalised_keys(tmp_path):

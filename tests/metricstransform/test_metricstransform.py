@@ -8,6 +8,7 @@ import urllib.request
 from dataclasses import replace
 
 import pytest
+from harness.validate import validate_cli
 
 from podmeter.component import ComponentID, CreateSettings, Host
 from podmeter.config import validate_component
@@ -330,25 +331,6 @@ def test_operations_that_would_make_duplicate_series_leave_the_metric_unchanged(
 
 
 # -- configurations copied from the collector (processor/metricstransformprocessor README and testdata) ----------
-
-
-def validate_cli(tmp_path, processors: str) -> tuple[int, str]:
-    """`podmeter validate` on a minimal pipeline around a processors section: (exit status, stderr)."""
-    import subprocess
-    import sys
-    import textwrap
-
-    import yaml
-
-    names = list(yaml.safe_load(processors))
-    f = tmp_path / "c.yaml"
-    f.write_text("receivers: {cgroup: {}}\nprocessors:\n" + textwrap.indent(textwrap.dedent(processors), "  ")
-                 + "exporters: {debug: {}}\nservice: {pipelines: {metrics: {receivers: [cgroup], processors: ["
-                 + ", ".join(names) + "], exporters: [debug]}}}\n")
-    proc = subprocess.run([sys.executable, "-m", "podmeter.cli", "validate", "--config", str(f)],
-                          capture_output=True, text=True, timeout=60)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, proc.stderr
 
 
 def test_collector_combine_with_aggregation_type(tmp_path):
