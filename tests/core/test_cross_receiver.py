@@ -299,11 +299,12 @@ def test_one_target_info_per_container_so_promql_joins_work(agent):
 
     prometheus_binary()
     app = agent.pod.containers["app"]
-    # the user's join: metadata from target_info onto a cgroup metric
+    # the user's join, as the prometheus exporter's README gives it: metadata from target_info onto a cgroup
+    # metric, selecting containers' target_info (a node's pods each have one without container_id as well)
     with PrometheusServer([f"127.0.0.1:{agent.prom_port}"]) as prom:
         prom.wait_for(f'target_info{{container_id="{app}"}}')
         expr = (f'container_memory_working_set_bytes{{container_id="{app}"}} '
-                '* on (container_id) group_left (container_image_name) target_info')
+                '* on (container_id) group_left (container_image_name) target_info{container_id!="",process_pid=""}')
         try:
             rows = prom.query(expr)
         except Exception as exc:  # HTTP 422: many-to-many matching
