@@ -123,7 +123,13 @@ class K8sAttributesProcessor(Processor):
                                         e.from_))
         self.pod_rules = [r for r in self.rules if r.source == "pod"]
         self.ns_rules = [r for r in self.rules if r.source == "namespace"]
-        self.associations = [tuple(s.name for s in rule.sources) for rule in config.association()]
+        rules = config.association()
+        self.associations = [tuple(s.name for s in rule.sources) for rule in rules
+                             if all(s.from_ == "resource_attribute" for s in rule.sources)]
+        if len(self.associations) < len(rules):
+            settings.logger.info("pod_association: the rules with from: connection never match here: podmeter "
+                                 "collects on the node and receives nothing over connections (as for the "
+                                 "collector's own scrapers)")
         self.cache = PodCache(config.pod_delete_grace_period)
         self.namespaces: dict[str, MappingProxyType] = {}  # name -> extracted namespace attributes
         self.attributor = ProcessAttributor(config.proc_root)

@@ -151,8 +151,10 @@ class AssociationSource(ComponentConfig):
     @model_validator(mode="after")
     def _check(self) -> AssociationSource:
         if self.from_ == "connection":
-            raise ValueError("podmeter receives no network connections (it scrapes locally); "
-                             "use from: resource_attribute, e.g. name: k8s.pod.ip")
+            # the collector's rule for data pushed from a pod (its client's IP): it never matches what is collected
+            # on the node, in the collector as here; accepted so that a copied configuration (the Helm chart's
+            # preset ends with it) behaves as it does there, and said once at start
+            return self
         if self.name not in ASSOCIATION_NAMES:
             raise ValueError(f"unsupported association attribute {self.name!r}; valid: {', '.join(ASSOCIATION_NAMES)}")
         return self
