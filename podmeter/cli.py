@@ -132,9 +132,16 @@ def cmd_collect(args) -> int:
         return 1
     if args.format == "otlp-json":
         from google.protobuf.json_format import MessageToJson
-        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-        print(MessageToJson(encode_metrics(one_entry_per_resource(data))))
+        from exporters.otlp.encode import Encoder
+
+        # what the otlp exporters would send (their encoder: attributes that are not UTF-8 become U+FFFD instead of
+        # being dropped with a logged traceback), as one request
+        request = ExportMetricsServiceRequest()
+        for body, _points in Encoder().requests(one_entry_per_resource(data), sys.maxsize):
+            request.MergeFromString(body)
+        print(MessageToJson(request))
     else:
         print(render_table(data))
     return 0
@@ -148,6 +155,8 @@ def one_entry_per_resource(data):
 
     grouped: dict = {}
     for rm in data.resource_metrics:
+        if not any(sm.metrics for sm in rm.scope_metrics):
+            continue  # a receiver with nothing (yet): the exporters' marker, not data
         entry = grouped.get(rm.resource)
         if entry is None:
             grouped[rm.resource] = ResourceMetrics(resource=rm.resource, scope_metrics=list(rm.scope_metrics),

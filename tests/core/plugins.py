@@ -34,6 +34,7 @@ class CounterConfig(ScraperConfig):
     hang_start: bool = False  # start() never returns, as nvmlInit on a GPU in a bad state
     fail_every: int = 0
     pods: int = Field(1, ge=0)
+    namespace: str = "default"
 
 
 class CounterReceiver(Receiver):
@@ -56,7 +57,7 @@ class CounterReceiver(Receiver):
         b = MetricsBuilder(f"podmeter/receiver/{self.settings.id}", self.start_ns)
         for i in range(self.config.pods):
             b.add(VALUE, self.calls, resource={"k8s.pod.uid": f"uid-{i}", "k8s.pod.name": f"pod-{i}",
-                                               "k8s.namespace.name": "default"})
+                                               "k8s.namespace.name": self.config.namespace})
         return b.build()
 
 

@@ -234,6 +234,33 @@ def test_cli_collect_once_formats(tmp_path):
     assert "POD default/pod-0 uid=uid-0" in table.stdout and "test.value = 1" in table.stdout
 
 
+def test_cli_collect_once_otlp_json_is_what_the_exporters_send(tmp_path):
+    """`collect --format otlp-json` prints the request the otlp exporters would send: a receiver with nothing yet
+    adds no empty entry, and a value that is not UTF-8 (a lone surrogate, as os functions make of such bytes) is
+    U+FFFD, where the SDK's encoder logged a traceback and dropped the attribute."""
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent("""
+        receivers:
+          counter:
+            initial_delay: 0s
+            namespace: "ns-\\udcff"
+          counter/empty:
+            initial_delay: 0s
+            pods: 0
+        exporters:
+          debug:
+        service:
+          telemetry: {metrics: {level: none}}
+          pipelines:
+            metrics: {receivers: [counter, counter/empty], exporters: [debug]}
+        """))
+    out = _cli("collect", "--once", "--config", str(path), "--format", "otlp-json")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    (entry,) = json.loads(out.stdout)["resourceMetrics"]
+    attrs = {a["key"]: a["value"]["stringValue"] for a in entry["resource"]["attributes"]}
+    assert attrs["k8s.namespace.name"] == "ns-\ufffd" and attrs["k8s.pod.name"] == "pod-0"
+
+
 def test_cli_components_and_version():
     out = subprocess.run([sys.executable, "-m", "podmeter.cli", "components"], capture_output=True, text=True)
     assert out.returncode == 0

@@ -69,9 +69,7 @@ service:
         cid = pod.containers["app"]
         series = []
         for rm in json.loads(res.stdout)["resourceMetrics"]:
-            # a receiver with nothing yet (cri before containerd has measured the new container's writable layer)
-            # sends an empty scope under an empty resource
-            attrs = {a["key"]: next(iter(a["value"].values())) for a in rm["resource"].get("attributes", [])}
+            attrs = {a["key"]: next(iter(a["value"].values())) for a in rm["resource"]["attributes"]}
             if attrs.get("container.id") == cid:
                 series.append(attrs)
         assert series
