@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_arg(p, required=False):
         p.add_argument("--config", action="append", metavar="FILE", required=required,
-                       help="configuration file; repeat to merge several in order (default: the shipped pipelines.yaml)")
+                       help="configuration file, or file:PATH, env:VAR, yaml:KEY::PATH: VALUE as for the collector; "
+                            "repeat to merge several in order (default: the shipped pipelines.yaml)")
 
     p = sub.add_parser("run", help="run the agent")
     config_arg(p)

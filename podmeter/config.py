@@ -319,6 +319,39 @@ def read_yaml(path: str) -> Any:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{path}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}); "
                            "save the file as UTF-8"]) from None
+    return _document(text, path)
+
+
+def read_source(source: str, env: Mapping[str, str]) -> Any:
+    """One `--config` value, as the collector takes them: a file path, `file:PATH`, `env:VAR` (the YAML held by an
+    environment variable) or `yaml:...` (inline YAML whose keys may be `::` paths: `yaml:exporters::debug::
+    verbosity: detailed`)."""
+    scheme, sep, rest = source.partition(":")
+    if not sep or scheme not in ("file", "env", "yaml"):
+        return read_yaml(source)
+    if scheme == "file":
+        return read_yaml(rest)
+    if scheme == "env":
+        if rest not in env:
+            raise ConfigError([f"{source}: the environment variable {rest} is not set"])
+        return _document(env[rest], source)
+    return _nest_key_paths(_document(rest, source))
+
+
+def _nest_key_paths(doc: dict) -> dict:
+    """`a::b::c: v` as {a: {b: {c: v}}} (the collector's confmap key delimiter), merged with the keys around it."""
+    out: dict = {}
+    for key, value in doc.items():
+        value = _nest_key_paths(value) if isinstance(value, dict) else value
+        parts = key.split("::") if isinstance(key, str) else [key]
+        for part in reversed(parts[1:]):
+            value = {part: value}
+        out = merge_maps(out, {parts[0]: value})
+    return out
+
+
+def _document(text: str, path: str) -> dict:
+    """A configuration document's text as a mapping, or a ConfigError naming where it came from."""
     if not text.strip():
         raise ConfigError([f"{path}: the file is empty; expected receivers, exporters and service::pipelines"])
     try:
@@ -636,7 +669,7 @@ def load(paths: list[str], env: Mapping[str, str] | None = None, strict_refs: bo
     problems: list[str] = []
     for path in paths:
         try:
-            raw = merge_maps(raw, read_yaml(path))
+            raw = merge_maps(raw, read_source(path, env))
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:

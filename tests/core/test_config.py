@@ -162,6 +162,25 @@ def test_merge_in_order(tmp_path):
     assert config.service.pipelines["metrics"].receivers == ["counter"]  # untouched keys kept
 
 
+def test_config_uris_as_the_collector_takes_them(tmp_path):
+    """`--config file:PATH`, `env:VAR` and `yaml:...` (keys as `::` paths), as the collector's confmap providers
+    take them in a DaemonSet's args; they were read as file names ("file:/conf/c.yaml: cannot read")."""
+    base = write(tmp_path, GOOD, "a.yaml")
+    env = {"PODMETER_CONFIG": "receivers:\n  counter:\n    pods: 3\n"}
+    config = load([f"file:{base}", "env:PODMETER_CONFIG", "yaml:receivers::counter::collection_interval: 5s",
+                   "yaml:exporters::debug::verbosity: detailed"], env=env)
+    rcv = next(iter(config.receivers.values()))
+    assert (rcv.collection_interval, rcv.pods) == (5.0, 3)
+    assert next(iter(config.exporters.values())).verbosity == "detailed"
+    assert config.service.pipelines["metrics"].processors == ["tag"]  # the rest of the file kept
+    with pytest.raises(ConfigError) as info:
+        load([base, "env:NOT_SET_ANYWHERE"], env={})
+    assert info.value.problems == ["env:NOT_SET_ANYWHERE: the environment variable NOT_SET_ANYWHERE is not set"]
+    out = cli("validate", "--config", f"file:{base}", "--config", "yaml:exporters::debug::verbosity: [")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "yaml:exporters::debug::verbosity: [: YAML syntax error" in out.stderr, out.stderr
+
+
 def test_merge_maps_replaces_lists():
     assert merge_maps({"a": {"b": [1], "c": 1}}, {"a": {"b": [2]}}) == {"a": {"b": [2], "c": 1}}
 
