@@ -55,6 +55,10 @@ class HealthCheck(Extension):
     def report(self) -> tuple[int, dict]:
         if self.service is None:
             return 200, {"status": "Server available"}
+        stopping = getattr(self.service, "stopping", None)
+        if stopping is not None and stopping.is_set():
+            # as the collector's: not ready once shutdown has begun (a signal received, exporters flushing)
+            return 503, {"status": "Server not available", "stopping": True}
         statuses = self.service.statuses()
         failing = {s.id: s.message for s in statuses.values() if s.state == "error"}
         # served from the moment this extension starts, before the components after it: not ready until they are

@@ -348,7 +348,8 @@ def test_health_ok_when_only_unavailable_components(tmp_path):
 
 def test_health_is_not_ready_while_components_are_starting(tmp_path, plugins):
     """The health endpoint is served from the moment its extension starts, before exporters and receivers:
-    until they have started it answers 503 naming them, as the collector's health_check does."""
+    until they have started it answers 503 naming them, as the collector's health_check does; and again from the
+    moment shutdown begins (it answered 200 until the agent was gone)."""
     health = free_port()
     service = Service(config(tmp_path, f"""
         receivers:
@@ -368,5 +369,10 @@ def test_health_is_not_ready_while_components_are_starting(tmp_path, plugins):
     try:
         code, body = ext.report()
         assert code == 200, body
+        service.stopping.set()  # what SIGTERM does: from then on not ready, as the collector's health_check
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{health}/", timeout=5)
+        assert err.value.code == 503 and json.loads(err.value.read()) == {"status": "Server not available",
+                                                                          "stopping": True}
     finally:
         service.shutdown(timeout=2)
