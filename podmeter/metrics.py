@@ -7,6 +7,7 @@ adds points through a `MetricsBuilder`, which groups them by resource and return
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -272,6 +273,16 @@ else:  # pragma: no cover - another SDK's shape
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers for processors and exporters: SDK point types are frozen dataclasses, so transforms rebuild.
+
+
+# Lone surrogates: what Python's os and pwd functions make of bytes that are not UTF-8 (a cgroup directory's name,
+# a user name). Neither exposition can encode them (the text cannot be written as UTF-8; protobuf refuses it).
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def utf8_safe(text: str) -> str:
+    """`text` with lone surrogates as U+FFFD, as invalid bytes become when decoded; ASCII text as it is, at once."""
+    return text if text.isascii() else _SURROGATES.sub("\ufffd", text)
 
 
 class PerResource:

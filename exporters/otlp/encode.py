@@ -15,7 +15,6 @@ A batch larger than the limit is split between resources, each encoded once (a r
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,21 +25,18 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb2
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PB2Resource
 from opentelemetry.sdk.metrics.export import Gauge, Histogram, MetricsData, Sum
 
-from podmeter.metrics import PerResource
+from podmeter.metrics import PerResource, utf8_safe
 
 MAX_CACHED = 4096  # point attribute sets and scopes kept encoded (they are few: cpu modes, devices, directions)
-# lone surrogates: what Python's os and pwd functions make of bytes that are not UTF-8 (a cgroup directory's name,
-# a user name); protobuf refuses to encode them, and the SDK's encoder then logs a traceback and drops the attribute
-# (a resource losing the attribute that tells it apart), at every export
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _encode_valid_attributes(attributes: Mapping[str, Any]) -> list:
-    """The SDK's `_encode_attributes`, with lone surrogates in keys and string values made U+FFFD first (as invalid
-    bytes become when decoded, and as the prometheus exporter renders them). Only called on cache misses."""
+    """The SDK's `_encode_attributes`, with keys and string values made `utf8_safe` first: protobuf refuses lone
+    surrogates, and the SDK's encoder then logs a traceback and drops the attribute (a resource losing what tells
+    it apart), at every export. Only called on cache misses."""
     def fix(v):
         if isinstance(v, str):
-            return v if v.isascii() else _SURROGATES.sub("\ufffd", v)
+            return utf8_safe(v)
         if isinstance(v, list | tuple):
             return [fix(x) for x in v]
         return v

@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from prometheus_client.utils import floatToGoString
 
-from podmeter.metrics import PerResource
+from podmeter.metrics import PerResource, utf8_safe
 
 # The collector's table (prometheus/otlptranslator, which its prometheus exporter uses), no more: a unit not in it is
 # used as written (`bit` stays `bit`), so that a metric gets the name the collector would give it.
@@ -48,8 +48,6 @@ _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]+")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]+")
 _ANNOTATION = re.compile(r"\{[^}]*\}")
 _UNDERSCORES = re.compile(r"__+")
-# lone surrogates: what Python's os functions make of bytes that are not UTF-8 (a cgroup or process name)
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def sanitize_name(name: str) -> str:
@@ -200,10 +198,9 @@ def escape_value(v: str) -> str:
     hit = _value_memo.get(v)
     if hit is None:
         hit = v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-        if not hit.isascii():
-            # a lone surrogate cannot be encoded as UTF-8: the whole exposition would fail to render (the collector
-            # drops a series whose label value is not UTF-8); it becomes U+FFFD, as invalid bytes do when decoded
-            hit = _SURROGATES.sub("\ufffd", hit)
+        # a lone surrogate cannot be encoded as UTF-8: the whole exposition would fail to render (the collector
+        # drops a series whose label value is not UTF-8)
+        hit = utf8_safe(hit)
         if len(v) <= 256:  # long values are rare and would mostly fill the cache
             _remember(_value_memo, v, hit)
     return hit
