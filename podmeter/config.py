@@ -329,6 +329,8 @@ def read_source(source: str, env: Mapping[str, str]) -> Any:
     scheme, sep, rest = source.partition(":")
     if not sep or scheme not in ("file", "env", "yaml"):
         return read_yaml(source)
+    if not rest.strip():
+        raise ConfigError([f"{source}: nothing after {scheme}: (expected {_SOURCE_FORMS[scheme]})"])
     if scheme == "file":
         return read_yaml(rest)
     if scheme == "env":
@@ -336,6 +338,9 @@ def read_source(source: str, env: Mapping[str, str]) -> Any:
             raise ConfigError([f"{source}: the environment variable {rest} is not set"])
         return _document(env[rest], source)
     return _nest_key_paths(_document(rest, source))
+
+
+_SOURCE_FORMS = {"file": "file:/path/to/config.yaml", "env": "env:VARIABLE", "yaml": "yaml:key::path: value"}
 
 
 def _nest_key_paths(doc: dict) -> dict:

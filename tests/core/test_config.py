@@ -176,6 +176,10 @@ def test_config_uris_as_the_collector_takes_them(tmp_path):
     with pytest.raises(ConfigError) as info:
         load([base, "env:NOT_SET_ANYWHERE"], env={})
     assert info.value.problems == ["env:NOT_SET_ANYWHERE: the environment variable NOT_SET_ANYWHERE is not set"]
+    with pytest.raises(ConfigError) as info:
+        load(["file:", "env:"], env={})
+    assert info.value.problems == ["file:: nothing after file: (expected file:/path/to/config.yaml)",
+                                   "env:: nothing after env: (expected env:VARIABLE)"]
     out = cli("validate", "--config", f"file:{base}", "--config", "yaml:exporters::debug::verbosity: [")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "yaml:exporters::debug::verbosity: [: YAML syntax error" in out.stderr, out.stderr
