@@ -45,13 +45,14 @@ def setup_logging(level: str = "info", encoding: str = "console") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def _load(paths: list[str] | None):
+def _load(paths: list[str] | None, sets: list[str] | None = None):
     from podmeter.config import ConfigError, default_config_path, load
 
+    paths = paths or [default_config_path()]
     try:
-        return load(paths or [default_config_path()])
+        return load(paths + (sets or []))
     except ConfigError as exc:
-        files = ", ".join(paths or [default_config_path()])
+        files = ", ".join(paths) + (", --set" if sets else "")
         print(f"podmeter: invalid configuration ({files}):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
@@ -59,7 +60,7 @@ def _load(paths: list[str] | None):
 
 
 def cmd_validate(args) -> int:
-    _load(args.config)
+    _load(args.config, args.sets)
     print("configuration is valid", file=sys.stderr)
     return 0
 
@@ -81,7 +82,7 @@ def cmd_run(args) -> int:
     from podmeter.runtime import Service, StartError, tune_gc, tune_malloc
 
     tune_malloc()  # before the components allocate
-    config = _load(args.config)
+    config = _load(args.config, args.sets)
     logs = config.service.telemetry.logs
     setup_logging(args.log_level or logs.level, logs.encoding)
     stop = threading.Event()
@@ -122,7 +123,7 @@ def cmd_collect(args) -> int:
     if not args.once:
         print("podmeter collect: only --once is supported (use `podmeter run` to run continuously)", file=sys.stderr)
         return 2
-    config = _load(args.config)
+    config = _load(args.config, args.sets)
     setup_logging(args.log_level or "warning", "console")
     try:
         service = Service(config, strict=args.strict)
@@ -208,6 +209,19 @@ def cmd_inspect(args) -> int:
     return inspect_cmd.main(args.rest)
 
 
+class _SetAction(argparse.Action):
+    """`--set=a.b.c=VALUE` as the collector's flag reads it: inline YAML `a::b::c: VALUE` merged after every
+    --config (so it wins), the key split on dots and the value read as YAML."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set {value!r}: expected KEY.PATH=VALUE, e.g. --set=exporters.debug.verbosity=detailed")
+        # a new list each time: argparse would share (and grow) a mutable default between parses
+        sets = [*(getattr(namespace, self.dest) or []), f"yaml:{key.strip().replace('.', '::')}: {rest.strip()}"]
+        setattr(namespace, self.dest, sets)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="podmeter", description="Per-pod metrics agent for Kubernetes nodes.")
     parser.add_argument("--version", action="version", version=f"podmeter {__version__}")
@@ -217,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", action="append", metavar="FILE", required=required,
                        help="configuration file, or file:PATH, env:VAR, yaml:KEY::PATH: VALUE as for the collector; "
                             "repeat to merge several in order (default: the shipped pipelines.yaml)")
+        p.add_argument("--set", action=_SetAction, dest="sets", metavar="KEY.PATH=VALUE",
+                       help="set one config value over the files, as the collector's --set: "
+                            "--set=receivers.cgroup.collection_interval=5s (repeatable)")
 
     p = sub.add_parser("run", help="run the agent")
     config_arg(p)

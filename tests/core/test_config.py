@@ -185,6 +185,28 @@ def test_config_uris_as_the_collector_takes_them(tmp_path):
     assert "yaml:exporters::debug::verbosity: [: YAML syntax error" in out.stderr, out.stderr
 
 
+def test_set_flag_as_the_collector_reads_it(tmp_path):
+    """`--set=a.b.c=VALUE` (the collector's flag, common in DaemonSet args) wins over every --config; it was an
+    unrecognized argument."""
+    base = write(tmp_path, GOOD, "a.yaml")
+    out = cli("validate", "--config", base, "--set=exporters.debug.verbosity=detailed",
+              "--set", "receivers.counter.collection_interval = 5s")
+    assert out.returncode == 0, out.stderr
+    out = cli("validate", "--config", base, "--set=receivers.counter.collection_interval=banana")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "receivers::counter::collection_interval: invalid duration 'banana'" in out.stderr, out.stderr
+    assert "--set" in out.stderr.splitlines()[0]
+    out = cli("validate", "--config", base, "--set=verbosity")
+    assert out.returncode == 2 and "expected KEY.PATH=VALUE" in out.stderr, out.stderr
+    from podmeter.cli import build_parser
+
+    args = build_parser().parse_args(["validate", "--set=exporters.debug.verbosity=detailed", "--set=a.b=1"])
+    assert args.sets == ["yaml:exporters::debug::verbosity: detailed", "yaml:a::b: 1"]
+    assert build_parser().parse_args(["validate"]).sets is None  # nothing shared between parses
+    config = load([base, *args.sets[:1]])
+    assert next(iter(config.exporters.values())).verbosity == "detailed"
+
+
 def test_merge_maps_replaces_lists():
     assert merge_maps({"a": {"b": [1], "c": 1}}, {"a": {"b": [2]}}) == {"a": {"b": [2], "c": 1}}
 
