@@ -10,8 +10,9 @@ class NvmlConfig(ScraperConfig):
         "", description="Absolute path of libnvidia-ml.so.1 for drivers installed off the standard library path "
                         "(e.g. /run/nvidia/driver/usr/lib64/libnvidia-ml.so.1); empty: the dynamic loader finds it")
     proc_root: str = Field(
-        "/proc", description="Where the host's /proc is visible; NVML reports host PIDs, so run with hostPID: true "
-                             "or mount the host /proc and point this at it")
+        "/proc", description="Where the host's /proc is visible. Per-process metrics need hostPID: true with current "
+                             "drivers (they list only the processes of the caller's PID namespace); with older "
+                             "drivers, which report host PIDs to every caller, mounting the host /proc here also works")
     per_process: bool = Field(True, description="Collect per-process GPU memory and utilization, attributed to pods")
     discovery_interval: Duration = Field(
         60.0, gt=0, description="How often to re-enumerate GPUs and MIG devices (their static info is cached)")

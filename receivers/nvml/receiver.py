@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 NO_ID = 0xFFFFFFFF
 UNIDENTIFIED = "nvidia-index-"  # hw.id of a GPU whose UUID was never read: nvidia-index-<NVML index>
 # pynvml error codes (the module is imported lazily, so the agent starts on hosts without it)
-UNINITIALIZED, NOT_SUPPORTED, NOT_FOUND, DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND = 1, 3, 6, 9, 12
+UNINITIALIZED, NOT_SUPPORTED, NOT_FOUND, INSUFFICIENT_SIZE, DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND = 1, 3, 6, 7, 9, 12
 FUNCTION_NOT_FOUND, GPU_IS_LOST, LIB_RM_VERSION_MISMATCH, ARGUMENT_VERSION_MISMATCH = 13, 15, 18, 25
 REINIT_CODES = (UNINITIALIZED, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH)
 SKIP_CODES = (NOT_SUPPORTED, FUNCTION_NOT_FOUND)
@@ -217,8 +217,18 @@ class NvmlReceiver(Receiver):
         except N.NVMLError as exc:
             raise _Reinit(f"nvmlInit: {self._name(exc)}", getattr(exc, "value", None)) from None
         self.ready = self.initialised = True
+        try:
+            self._discover()
+        except _Reinit:
+            # nvmlInit worked but the driver is not up yet (or went again): not ready, so the next collection
+            # initialises again, rather than collecting nothing from an empty device list until the next discovery
+            self.ready = False
+            try:
+                N.nvmlShutdown()  # balance this nvmlInit: the next one starts afresh
+            except N.NVMLError:
+                pass
+            raise
         self.telemetry.recovered("nvmlInit")
-        self._discover()
 
     def _reinit(self, why: str) -> bool:
         """After a driver reload: drop the old session, start a new one. False if NVML is still unavailable."""
@@ -279,7 +289,7 @@ class NvmlReceiver(Receiver):
             dev = Device(i, None, {"hw.type": "gpu", "hw.vendor": "NVIDIA", "hw.driver_version": self.driver_version,
                                    "hw.gpu.index": i})
             try:
-                self._discover_gpu(dev)
+                self._discover_gpu(dev, old)
             except (_Lost, _Unreadable) as exc:
                 dev.handle, dev.migs = None, []  # nothing is asked of it until the next discovery
                 unread.append((dev, exc))
@@ -290,9 +300,10 @@ class NvmlReceiver(Receiver):
                     prev = old.get(d.uuid)
                     if prev is not None:
                         # same driver session: keep the process-utilization cursor, and what is known unsupported
-                        # (counted once, not again at every discovery)
+                        # (counted once, not again at every discovery; the GPU's own is carried by _discover_gpu)
                         d.last_seen = d.last_seen or prev.last_seen
-                        d.unsupported |= prev.unsupported
+                        if d.is_mig:
+                            d.unsupported |= prev.unsupported
             devices.append(dev)
         if unread:
             self._identify_unread(devices, unread)
@@ -334,9 +345,9 @@ class NvmlReceiver(Receiver):
                            f"GPU {dev.index} ({dev.key}) cannot be enumerated ({call}: {err}); reported failed, "
                            "nothing is asked of it until the next discovery")
 
-    def _discover_gpu(self, dev: Device) -> None:
+    def _discover_gpu(self, dev: Device, old: dict[str, Device]) -> None:
         """Read GPU dev.index's identity and static facts into dev. Raises _Lost / _Unreadable (dev keeps what was
-        read); other errors leave that fact out."""
+        read); other errors leave that fact out. `old`: this session's devices by UUID."""
         N, i = self.nvml, dev.index
         call = "nvmlDeviceGetHandleByIndex"
         try:
@@ -353,6 +364,10 @@ class NvmlReceiver(Receiver):
             raise _Unreadable(call, exc) from None
         dev.handle = handle
         dev.failing = self._failing(dev.key)
+        prev = old.get(dev.key)
+        if prev is not None:
+            # same driver session: what it does not support (discovery's calls too) is not asked, nor counted, again
+            dev.unsupported = set(prev.unsupported)
         minor = self._static(dev, "nvmlDeviceGetMinorNumber", N.nvmlDeviceGetMinorNumber, handle)
         dev.resource["hw.name"] = f"nvidia{minor if minor is not None else i}"  # its /dev/nvidiaN, as dcgm's `device`
         pci = self._static(dev, "nvmlDeviceGetPciInfo", N.nvmlDeviceGetPciInfo, handle)
@@ -363,6 +378,10 @@ class NvmlReceiver(Receiver):
             dev.resource["hw.serial_number"] = _text(serial)
         mode = self._static(dev, "nvmlDeviceGetMigMode", N.nvmlDeviceGetMigMode, handle, optional=True)
         dev.mig_mode = bool(mode and mode[0])
+        if prev is not None and prev.mig_mode != dev.mig_mode:
+            # MIG toggled since: the GPU answered NOT_SUPPORTED to what its mode lacked (device and process
+            # utilization), which says nothing about the new mode
+            dev.unsupported.clear()
         if dev.mig_mode:
             dev.migs = self._discover_migs(dev)
         if self.config.interconnect:
@@ -410,7 +429,10 @@ class NvmlReceiver(Receiver):
         return migs
 
     def _static(self, dev: Device, name: str, fn, *args, optional: bool = False):
-        """A discovery-time call: errors are counted (an optional fact's absence is not an error)."""
+        """A discovery-time call: errors are counted (an optional fact's absence is not an error); NOT_SUPPORTED is
+        counted once and not asked again (as value calls)."""
+        if name in dev.unsupported:
+            return None
         try:
             v = fn(*args)
         except self.nvml.NVMLError as exc:
@@ -418,6 +440,8 @@ class NvmlReceiver(Receiver):
                 raise _Reinit(f"{name}: {self._name(exc)}") from None
             if exc.value == GPU_IS_LOST:
                 raise _Lost(name) from None
+            if exc.value in SKIP_CODES:
+                dev.unsupported.add(name)
             if not (optional and exc.value in SKIP_CODES):
                 self._count(dev, name, exc)
             return None
@@ -730,15 +754,26 @@ class NvmlReceiver(Receiver):
         """Per-PID utilization averaged over the samples newer than this device's last-seen timestamp.
 
         A lastSeen of 0 returns the driver's whole buffer, a lagging average: the first call asks for one
-        collection interval back, later calls for what is newer than the newest sample seen."""
+        collection interval back, later calls for what is newer than the newest sample seen (sample timestamps are
+        wall-clock microseconds)."""
         N = self.nvml
         name = "nvmlDeviceGetProcessUtilization"
         if name in dev.unsupported:
             return None
-        if not dev.last_seen:
-            dev.last_seen = int((time.time() - self.config.collection_interval) * 1_000_000)
+        now = time.time()
+        if not dev.last_seen or dev.last_seen > (now + 1) * 1_000_000:
+            # first call; or the cursor is in the future because the clock stepped back (NTP's first sync at boot,
+            # a VM resumed): samples newer than it would not come until the clock caught up
+            dev.last_seen = int((now - self.config.collection_interval) * 1_000_000)
         try:
-            raw = N.nvmlDeviceGetProcessUtilization(dev.handle, dev.last_seen)
+            try:
+                raw = N.nvmlDeviceGetProcessUtilization(dev.handle, dev.last_seen)
+            except N.NVMLError as exc:
+                if exc.value != INSUFFICIENT_SIZE:
+                    raise
+                # a sample arrived between pynvml's size query and its read (it does not oversize this buffer):
+                # a race, not an error of the GPU; once more
+                raw = N.nvmlDeviceGetProcessUtilization(dev.handle, dev.last_seen)
         except N.NVMLError as exc:
             if exc.value == NOT_FOUND:
                 if name in dev.failing:
@@ -933,8 +968,12 @@ class NvmlReceiver(Receiver):
                if me is not None and len(me.nspid) > 1 else
                f"{root} is this container's own /proc: other pods' processes are not visible; mount the host "
                "/proc and set proc_root, or run with hostPID: true")
-        self.logger.info("podmeter runs in its own PID namespace (hostPID off): %s; PIDs NVML reports in "
-                         "podmeter's namespace are translated to host PIDs through NSpid", how)
+        # a warning: drivers whose resource manager translates PIDs into the caller's namespace (the open kernel
+        # modules' gpuGetProcWithObject) leave out every process outside it, so other pods' are not listed at all
+        self.logger.warning("podmeter runs in its own PID namespace (hostPID off): per-process GPU metrics need "
+                            "hostPID: true with current drivers, which list only the processes of the caller's PID "
+                            "namespace; %s; PIDs NVML reports in podmeter's namespace are translated to host PIDs "
+                            "through NSpid", how)
 
     def _translate(self, pid: int) -> int | None:
         """A PID in podmeter's own namespace -> host PID, from NSpid of the processes sharing that namespace."""

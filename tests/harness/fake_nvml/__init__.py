@@ -36,7 +36,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 # NVML return codes tests inject most
-NOT_SUPPORTED, NO_PERMISSION, NOT_FOUND, DRIVER_NOT_LOADED, GPU_IS_LOST, UNKNOWN = 3, 4, 6, 9, 15, 999
+NOT_SUPPORTED, NO_PERMISSION, NOT_FOUND, INSUFFICIENT_SIZE, DRIVER_NOT_LOADED, GPU_IS_LOST, UNKNOWN = 3, 4, 6, 7, 9, 15, 999
 
 # Clock event (throttle) reason bits
 THROTTLE_GPU_IDLE, THROTTLE_SW_POWER_CAP, THROTTLE_HW_SLOWDOWN, THROTTLE_SW_THERMAL = 0x1, 0x4, 0x8, 0x20
@@ -130,6 +130,7 @@ class Fail:
     fn: str                    # NVML symbol name, "*" for every call on the device (and its handle), or "nvmlInit"
     code: int
     gpu: int = -1              # -1: every device
+    times: int = -1            # only the next N matching calls fail (a race between two calls); -1: every one
 
 
 @dataclass
@@ -151,7 +152,7 @@ class Scenario:
         for p in self.processes:
             lines.append("proc\t" + _kv(p, rename={"gpu": "dev"}))
         for x in self.fail:
-            lines.append(f"fail\tfn={x.fn}\tcode={x.code}\tdev={x.gpu}")
+            lines.append(f"fail\tfn={x.fn}\tcode={x.code}\tdev={x.gpu}\ttimes={x.times}")
         return "\n".join(lines) + "\n"
 
     def write(self, path: str) -> str:

@@ -12,7 +12,8 @@
  *   device  uuid=GPU-..  name=..  mem_total=..  mem_used=..  util_gpu=..  temp=..  power_mw=..  mig=0|1  lost=0|1 ...
  *   mig     dev=0  gi=1  ci=0  uuid=MIG-..  profile=1g.10gb  mem_total=..  mem_used=..
  *   proc    dev=0  pid=..  used_mem=..  type=compute|graphics|mps  sm=..  mem=..  enc=..  dec=..  ts=-1  util=1  gi=..
- *   fail    fn=nvmlDeviceGetTemperature|*  code=3  dev=-1   ("*" and lost=1 also refuse nvmlDeviceGetHandleByIndex)
+ *   fail    fn=nvmlDeviceGetTemperature|*  code=3  dev=-1  times=-1   ("*" and lost=1 also refuse
+ *           nvmlDeviceGetHandleByIndex; times: only the next N matching calls fail, -1 every one)
  *
  * Driver reload: a change of `generation` invalidates every open NVML session (calls return UNINITIALIZED until
  * nvmlInit is called again), as a driver unload/reload does to a long-running agent. `loaded=0` makes nvmlInit
@@ -70,7 +71,7 @@ enum { COMPUTE = 0, GRAPHICS = 1, MPS = 2 };
 static struct {
     char driver[80]; long generation; int loaded, ndev, nmig, nproc, nfail;
     ent_t dev[MAXDEV], mig[MAXMIG]; proc_t_ proc[MAXPROC];
-    struct { char fn[96]; int code, dev; } fail[MAXFAIL];
+    struct { char fn[96]; int code, dev, times; } fail[MAXFAIL];
 } S;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int refcount = 0;
@@ -160,6 +161,7 @@ static void reload(void) {
         } else if (!strncmp(line, "fail\t", 5) && S.nfail < MAXFAIL) {
             copyval(S.fail[S.nfail].fn, sizeof S.fail[0].fn, field(line, "fn"));
             S.fail[S.nfail].dev = snum(line, "dev", -1);
+            S.fail[S.nfail].times = snum(line, "times", -1);
             S.fail[S.nfail++].code = num(line, "code", UNKNOWN);
         }
     }
@@ -177,6 +179,13 @@ static void reload(void) {
 
 static int gpu_index(ent_t *e) { return e->is_mig ? e->parent : e->index; }
 
+/* Does injected failure i still fire? A `times` budget is spent one matching call at a time; caller holds mu. */
+static int armed(int i) {
+    if (S.fail[i].times == 0) return 0;
+    if (S.fail[i].times > 0) S.fail[i].times--;
+    return 1;
+}
+
 /* Common prologue: lock, reload, check the session, injected failures, handle validity, lost GPUs. */
 static nvmlReturn_t enter(const char *fn, void *handle, ent_t **e) {
     pthread_mutex_lock(&mu);
@@ -191,7 +200,8 @@ static nvmlReturn_t enter(const char *fn, void *handle, ent_t **e) {
         dev = gpu_index(*e);
     }
     for (int i = 0; i < S.nfail; i++)
-        if ((!strcmp(S.fail[i].fn, fn) || (e && !strcmp(S.fail[i].fn, "*"))) && (S.fail[i].dev < 0 || S.fail[i].dev == dev))
+        if ((!strcmp(S.fail[i].fn, fn) || (e && !strcmp(S.fail[i].fn, "*"))) && (S.fail[i].dev < 0 || S.fail[i].dev == dev)
+            && armed(i))
             return S.fail[i].code;
     if (e && (*e)->lost) return GPU_IS_LOST;
     return OK;
@@ -209,7 +219,7 @@ static nvmlReturn_t copystr(char *dst, unsigned int len, const char *src) {
 /* ---- session ---- */
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     (void)flags; pthread_mutex_lock(&mu); count_call("nvmlInit"); reload();
-    for (int i = 0; i < S.nfail; i++) if (!strcmp(S.fail[i].fn, "nvmlInit")) RET(S.fail[i].code);
+    for (int i = 0; i < S.nfail; i++) if (!strcmp(S.fail[i].fn, "nvmlInit") && armed(i)) RET(S.fail[i].code);
     if (!S.loaded) RET(DRIVER_NOT_LOADED);
     if (init_generation != S.generation) { refcount = 0; init_generation = S.generation; memset(last_seen, 0, sizeof last_seen); }
     refcount++; RET(OK);
@@ -250,7 +260,8 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int i, void **h) {
     ENTER(NULL, NULL);
     if (!h || i >= (unsigned)S.ndev) RET(INVALID_ARGUMENT);
     for (int k = 0; k < S.nfail; k++)
-        if ((!strcmp(S.fail[k].fn, __func__) || !strcmp(S.fail[k].fn, "*")) && (S.fail[k].dev < 0 || S.fail[k].dev == (int)i))
+        if ((!strcmp(S.fail[k].fn, __func__) || !strcmp(S.fail[k].fn, "*")) && (S.fail[k].dev < 0 || S.fail[k].dev == (int)i)
+            && armed(k))
             RET(S.fail[k].code);
     if (S.dev[i].lost) RET(GPU_IS_LOST);
     *h = &S.dev[i]; RET(OK);
