@@ -17,6 +17,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from opentelemetry.sdk.metrics.export import MetricExportResult, MetricsData
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as TEXT_CONTENT_TYPE
@@ -258,8 +259,14 @@ class PrometheusExporter(Exporter):
         now = time.monotonic()
         if now < self._next_expiry:
             return
-        with self._lock:
+        # never wait for an export here: this runs in the accept loop, which would take no scrape meanwhile; an
+        # export in progress drops the expired scopes itself
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             self._render_locked(now)
+        finally:
+            self._lock.release()
 
     def _render_locked(self, now: float, duplicates: int = 0) -> None:
         horizon = now - self.config.metric_expiration
@@ -398,6 +405,8 @@ def _make_handler(exporter: PrometheusExporter):
 
         def _serve(self) -> int:
             path = self.path.split("?", 1)[0]
+            if not path.startswith("/"):  # absolute-form, as through a proxy: RFC 9112 3.2.2 has servers take it
+                path = urlsplit(self.path).path
             if expected is not None:
                 # the scheme is case-insensitive (RFC 9110 11.1): some clients send "basic"
                 scheme, _, credentials = (self.headers.get("Authorization") or "").strip().partition(" ")
@@ -420,6 +429,9 @@ def _make_handler(exporter: PrometheusExporter):
         def _reply(self, code: int, body: bytes | tuple[bytes, ...], ctype: str, headers: dict | None = None) -> int:
             chunks = (body,) if isinstance(body, bytes) else body
             self.send_response(code)
+            if self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers:
+                # a request body is never read: on a kept-alive connection it would be parsed as the next request
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(sum(map(len, chunks))))
             for k, v in (headers or {}).items():
@@ -441,9 +453,10 @@ def _weights(header: str) -> dict[str, float]:
             continue
         q = 1.0
         for f in fields[1:]:
-            if f.startswith("q="):
+            name, _, value = f.partition("=")
+            if name.strip().lower() == "q":  # parameter names are case-insensitive (RFC 9110 5.6.6): `Q=0.1` too
                 try:
-                    q = float(f[2:])
+                    q = float(value)
                 except ValueError:
                     q = 0.0
         token = fields[0].lower()

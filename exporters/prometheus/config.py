@@ -52,6 +52,9 @@ class ServerTLSConfig(ComponentConfig):
             raise ValueError("cert_file and key_file must be given together")
         if self.client_ca_file and not self.cert_file:
             raise ValueError("client_ca_file needs cert_file and key_file (mutual TLS is served over HTTPS)")
+        if not self.cert_file:
+            # `tls` given without a certificate (a template's empty values) served plain HTTP, silently
+            raise ValueError("needs cert_file and key_file (leave tls out to serve plain HTTP)")
         return self
 
 
