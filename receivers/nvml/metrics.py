@@ -45,13 +45,17 @@ ALLOCATION = S("hw.gpu.allocation", "gauge", "1",
 PROCESS_MEMORY = S("process.gpu.memory.usage", "updowncounter", "By",
                    "GPU memory used by the process on this GPU or MIG device (compute, graphics and MPS clients)")
 PROCESS_UTILIZATION = S("process.gpu.utilization", "gauge", "1",
-                        "Fraction of the GPU the process used since the previous collection, by task: sm, memory, "
-                        "encoder, decoder (not available on MIG devices: left out, never zero)",
+                        "Fraction of the GPU the process used since the previous collection, by task: general "
+                        "(kernels running: NVML's SM utilization), encoder, decoder (not available on MIG devices: "
+                        "left out, never zero)",
                         attributes=("hw.gpu.task",))
+PROCESS_MEM_CTRL_UTILIZATION = S("process.gpu.memory.controller.utilization", "gauge", "1",
+                                 "Fraction of time device memory was read or written for the process since the "
+                                 "previous collection (not available on MIG devices: left out, never zero)")
 
 METRICS = (GPU_UTILIZATION, MEM_CTRL_UTILIZATION, MEM_UTILIZATION, MEM_USAGE, MEM_LIMIT, MEM_FREE, MEM_RESERVED,
            TEMPERATURE, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, STATUS, ALLOCATION,
-           PROCESS_MEMORY, PROCESS_UTILIZATION)
+           PROCESS_MEMORY, PROCESS_UTILIZATION, PROCESS_MEM_CTRL_UTILIZATION)
 
 RESOURCE_ATTRIBUTES = (
     "hw.id", "hw.type", "hw.name", "hw.model", "hw.vendor", "hw.driver_version", "hw.serial_number", "hw.parent",

@@ -746,9 +746,13 @@ class NvmlReceiver(Receiver):
             if samples is None:
                 continue  # not supported (MIG) or failed: left out, never reported as zero
             sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
-            for task, v in (("sm", sm), ("memory", mem), ("encoder", enc), ("decoder", dec)):
+            # NVML's SM utilization is the device's `general` task (hw.gpu.utilization's value for the same measure);
+            # the memory controller's share is not a task: its own metric, as on the device
+            for task, v in (("general", sm), ("encoder", enc), ("decoder", dec)):
                 if v is not None:
                     add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task})
+            if mem is not None:
+                add(M.PROCESS_MEM_CTRL_UTILIZATION, mem / 100)
 
     def _samples(self, dev: Device) -> dict[int, tuple[float | None, ...]] | None:
         """Per-PID utilization averaged over the samples newer than this device's last-seen timestamp.

@@ -72,8 +72,8 @@ ENUMS = {
     "system.paging.fault.type": {"major", "minor"},
     "process.context_switch.type": {"voluntary", "involuntary"},
     "hw.state": {"degraded", "failed", "needs_cleaning", "ok", "predicted_failure"},
-    # semconv's decoder, encoder, general; per-process sm and memory are ours (receivers/nvml/README.md)
-    "hw.gpu.task": {"decoder", "encoder", "general", "sm", "memory"},
+    # semconv's decoder, encoder, general (per-process too: NVML's SM utilization is `general`)
+    "hw.gpu.task": {"decoder", "encoder", "general"},
     "error.type": {"corrected", "uncorrected"},
 }
 

@@ -95,7 +95,9 @@ def test_garbage_utilization_samples_are_left_out(fake, make_receiver):
                         processes=[Process(pid=pid, used_mem=GiB, sm=2147483632, mem=30, enc=101)]))
     md = make_receiver().collect()
     u = {a["hw.gpu.task"]: v for res, a, v in points(md, "process.gpu.utilization") if res["process.pid"] == pid}
-    assert u == {"memory": pytest.approx(0.30), "decoder": 0}
+    assert u == {"decoder": 0}
+    mem_ctrl = [v for res, _a, v in points(md, "process.gpu.memory.controller.utilization") if res["process.pid"] == pid]
+    assert mem_ctrl == [pytest.approx(0.30)]
     assert all(0 <= v <= 1 for _, _, v in points(md, "process.gpu.utilization"))
 
 

@@ -148,9 +148,13 @@ def test_processes_attributed_to_pods_on_a_shared_gpu(fake, make_receiver, pods)
             per_pod[res.get("k8s.pod.uid", "")] = per_pod.get(res.get("k8s.pod.uid", ""), 0) + v
         assert per_pod == {pod_a.uid: 15 * GiB, pod_b.uid: 20 * GiB, "": GiB}
         u = {(res["process.pid"], a["hw.gpu.task"]): v for res, a, v in points(md, "process.gpu.utilization")}
-        assert u[(a1.pid, "sm")] == pytest.approx(0.40) and u[(a1.pid, "memory")] == pytest.approx(0.20)
+        # NVML's SM utilization is semconv's `general` task; the memory controller's share is its own metric
+        assert u[(a1.pid, "general")] == pytest.approx(0.40) and (a1.pid, "sm") not in u
+        assert {task for _pid, task in u} == {"general", "encoder", "decoder"}
+        mem_ctrl = {res["process.pid"]: v for res, _a, v in points(md, "process.gpu.memory.controller.utilization")}
+        assert mem_ctrl[a1.pid] == pytest.approx(0.20)
         assert u[(b1.pid, "encoder")] == pytest.approx(0.12)
-        assert u[(outside.pid, "sm")] == 0  # listed by NVML with no sample since the last call: idle
+        assert u[(outside.pid, "general")] == 0  # listed by NVML with no sample since the last call: idle
     finally:
         outside.kill()
         outside.wait()
@@ -165,7 +169,7 @@ def test_process_utilization_uses_a_last_seen_timestamp(fake, make_receiver, pod
     md = r.collect()
     first = last_seen(fake.lib, 0)
     assert first != 0 and abs(first / 1e6 - (time.time() - 10)) < 60  # one interval back, not 0
-    u = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "sm"}
+    u = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "general"}
     assert u == {p1.pid: 0, p2.pid: pytest.approx(0.20)}  # the old sample is not averaged in
     r.collect()
     second = last_seen(fake.lib, 0)
@@ -174,7 +178,7 @@ def test_process_utilization_uses_a_last_seen_timestamp(fake, make_receiver, pod
     fake.write(Scenario(gpus=[GPU(uuid=UUID0)], processes=[
         Process(pid=p1.pid, used_mem=GiB, sm=55), Process(pid=p2.pid, used_mem=GiB, util=0)]))
     md = r.collect()
-    u = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "sm"}
+    u = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "general"}
     assert u == {p1.pid: pytest.approx(0.55), p2.pid: 0}
     assert last_seen(fake.lib, 0) >= second
 

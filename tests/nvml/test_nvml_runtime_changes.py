@@ -58,7 +58,7 @@ def test_mig_mode_toggled_at_runtime_does_not_lose_utilization(fake, make_receiv
     md = r.collect()
     assert value(md, "hw.gpu.utilization", hw__id=UUID0, hw__gpu__task="general") == pytest.approx(0.60)
     assert value(md, "process.gpu.utilization", hw__id=UUID0, process__pid=pid,
-                 hw__gpu__task="sm") == pytest.approx(0.40)
+                 hw__gpu__task="general") == pytest.approx(0.40)
     assert errors(r, "nvmlDeviceGetUtilizationRates: NOT_SUPPORTED") == 1  # said once, when it happened
 
 
@@ -101,7 +101,7 @@ def test_memory_not_available_and_a_pid_in_both_lists(fake, make_receiver):
         Process(pid=p2, used_mem=na, sm=10)]))
     md = make_receiver().collect()
     assert [(res["process.pid"], v) for res, _, v in points(md, "process.gpu.memory.usage")] == [(p1, 3 * GiB)]
-    sm = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "sm"}
+    sm = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "general"}
     assert sm == {p1: pytest.approx(0.30), p2: pytest.approx(0.10)}
 
 
@@ -114,7 +114,7 @@ def test_process_samples_growing_between_the_size_query_and_the_read(fake, make_
                         fail=[Fail("nvmlDeviceGetProcessUtilization", INSUFFICIENT_SIZE, times=1)]))
     r = make_receiver()
     md = r.collect()
-    assert value(md, "process.gpu.utilization", process__pid=pid, hw__gpu__task="sm") == pytest.approx(0.40)
+    assert value(md, "process.gpu.utilization", process__pid=pid, hw__gpu__task="general") == pytest.approx(0.40)
     assert errors(r, f"nvmlDeviceGetProcessUtilization: INSUFFICIENT_SIZE {UUID0}") == 0
 
 
@@ -129,5 +129,5 @@ def test_process_utilization_survives_the_clock_stepping_back(fake, make_receive
     r.collect()
     fake.write(Scenario(gpus=[GPU(uuid=UUID0)], processes=[Process(pid=pid, used_mem=GiB, sm=55)]))  # stamped now
     md = r.collect()
-    assert value(md, "process.gpu.utilization", process__pid=pid, hw__gpu__task="sm") == pytest.approx(0.55)
+    assert value(md, "process.gpu.utilization", process__pid=pid, hw__gpu__task="general") == pytest.approx(0.55)
     assert last_seen(fake.lib, 0) < ahead
