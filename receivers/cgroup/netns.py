@@ -134,12 +134,29 @@ class PodNetwork:
             return b""
 
     def _first_pid(self, cgroup_path: str) -> int | None:
-        path = f"{self.walk_root}{cgroup_path}/cgroup.procs"
-        errors: list = []
-        data = read_small(path, errors)
-        if errors and errors[0][1].errno != errno.EINVAL:  # EINVAL: a threaded cgroup's cgroup.procs
-            self.errors.append(errors[0])
+        data = self._procs(f"{self.walk_root}{cgroup_path}")
+        if data == b"":
+            # no process in the container's cgroup itself: crun with the systemd driver on cgroup v2 (a runtime
+            # CRI-O is often run with) puts them in a sub-cgroup of its scope (`crio-<id>.scope/container`), as
+            # cgroup v2 allows processes only where there are no child cgroups: look one level down
+            try:
+                with os.scandir(f"{self.walk_root}{cgroup_path}") as it:
+                    subs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                subs = []
+            for sub in subs:
+                data = self._procs(sub)
+                if data:
+                    break
         if not data:
             return None
         first = data.split(b"\n", 1)[0]
         return int(first) if first.isdigit() else None
+
+    def _procs(self, cgroup_dir: str) -> bytes | None:
+        """A cgroup's cgroup.procs; None when it cannot be read."""
+        errors: list = []
+        data = read_small(f"{cgroup_dir}/cgroup.procs", errors)
+        if errors and errors[0][1].errno != errno.EINVAL:  # EINVAL: a threaded cgroup's cgroup.procs
+            self.errors.append(errors[0])
+        return data

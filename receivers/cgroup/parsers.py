@@ -138,8 +138,14 @@ def parse_io_stat(data: bytes | None) -> dict[str, dict[bytes, int]]:
             try:
                 stats[key] = int(value)
             except ValueError:
-                _malformed(line)
+                # IO controllers' extra fields need not be numbers (io.latency's `depth=max` with
+                # blk_cgroup.blkcg_debug_stats, io.cost's `cost.vrate=100.00`): only the counters read here count
+                if key in _IO_STAT_KEYS:
+                    _malformed(line)
     return out
+
+
+_IO_STAT_KEYS = frozenset((b"rbytes", b"wbytes", b"rios", b"wios", b"dbytes", b"dios"))
 
 
 def parse_blkio(data: bytes | None) -> dict[str, dict[bytes, int]]:

@@ -64,6 +64,7 @@ class CgroupReceiver(Receiver):
         # the pipeline's caches (enrichment, the prometheus exporter's labels) then find again by identity
         self._resources: dict[tuple, tuple[CgroupRef, Resource]] = {}
         self._dev_names: dict[str, str] = {}
+        self._psi_disabled_logged = False
         self._summed: dict[str, _SummedPod] = {}  # pod uid -> its containers' counts, for pods without a cgroup
         self._oom_v1: dict[str, _OomKillsV1] = {}  # pod uid -> its containers' OOM kills, on cgroup v1 memory
         root = config.cgroup_root
@@ -194,6 +195,11 @@ class CgroupReceiver(Receiver):
         if len(self._starts) > len(seen):
             self._starts = {k: v for k, v in self._starts.items() if k in seen}
         self._last_ns = collect_ns
+        if reader.psi_disabled and not self._psi_disabled_logged:
+            self._psi_disabled_logged = True
+            self.logger.warning("the kernel has pressure stall information (PSI) switched off (its pressure files "
+                                "answer 'operation not supported'): no pressure.stall_time; boot it with psi=1 "
+                                "to have them")
         if reader.errors:
             path, exc = reader.errors[0]
             self.telemetry.error("read", f"{len(reader.errors)} cgroup files unreadable, first {path}: "

@@ -242,6 +242,8 @@ class Reader:
         self._limits: dict[str, tuple[int | None, int | None, bool | None]] = {}
         self._collections = 0
         self._refresh_limits = True
+        self.psi_disabled = False  # the kernel answers EOPNOTSUPP to pressure files: PSI is off (see _psi_errors)
+        self._one_pass: str | None = None  # the cgroup being read in one pass over its kept fds
 
     # -- kept fds -----------------------------------------------------------------------------------------------
 
@@ -367,7 +369,11 @@ class Reader:
             except OSError:
                 contents = None  # removed (ENODEV) or worse: read by path below, which sorts it out
             if contents is not None and BUFSIZE not in map(len, contents):
-                return self._read(rel, dict(zip(paths, contents, strict=True)).get, reads)
+                self._one_pass = rel
+                try:
+                    return self._read(rel, dict(zip(paths, contents, strict=True)).get, reads)
+                finally:
+                    self._one_pass = None
             del self._whole[rel]
         return self._read_by_path(rel, reads)
 
@@ -474,15 +480,18 @@ class Reader:
                 else:
                     pids_limit = limits[1]
                 s.pids_limit = pids_limit
-        if w.pressure and lay.psi is not None:
+        if w.pressure and lay.psi is not None and not self.psi_disabled:
             base = lay.psi + rel
             psi = s.psi
+            n_errors = len(self.errors)
             for res, path in (("cpu", "/cpu.pressure"), ("memory", "/memory.pressure"), ("io", "/io.pressure")):
                 data = text(base + path)
                 if data is not None:
                     s.found = True  # a receiver reading only pressure (or IO) reports it all the same
                 for kind, total_us in p.parse_psi(data).items():
                     psi[_PSI_KEYS[res, kind]] = total_us / 1e6
+            if len(self.errors) != n_errors:
+                self._psi_errors(n_errors)
         if limits is None:
             if s.found:
                 self._limits[rel] = (mem_limit, pids_limit, cpu_limited)
@@ -491,6 +500,16 @@ class Reader:
         elif w.listed:
             s.found = True  # only limits are read, and they are those read before: the cgroup is there, as listed
         return s
+
+    def _psi_errors(self, since: int) -> None:
+        """PSI switched off at boot (`psi=0`, or a kernel built with CONFIG_PSI_DEFAULT_DISABLED booted without
+        `psi=1`, as CentOS Stream 9's): the pressure files are there, but every read of them answers
+        EOPNOTSUPP, on every cgroup, until a reboot. That is no read error: pressure is not read again (runc, and
+        so cAdvisor, report no pressure there either)."""
+        unsupported = [e for e in self.errors[since:] if e[1].errno == errno.EOPNOTSUPP]
+        if unsupported:
+            self.errors[since:] = [e for e in self.errors[since:] if e[1].errno != errno.EOPNOTSUPP]
+            self.psi_disabled = True
 
     def _cpu_quota_set(self, base: str, v2: bool) -> bool | None:
         """Whether the cgroup has a CPU limit: v2 cpu.max other than `max ...`, v1 cpu.cfs_quota_us other than -1;
@@ -574,22 +593,51 @@ class Reader:
                 s.io[dev] = {"read_bytes": v.get(b"rbytes", 0), "write_bytes": v.get(b"wbytes", 0),
                              "read_ops": v.get(b"rios", 0), "write_ops": v.get(b"wios", 0)}
             return
-        # the _recursive files include sub-cgroups; older kernels only have the plain ones
-        for suffix in ("_recursive", ""):
-            by_bytes = text(f"{base}/blkio.throttle.io_service_bytes{suffix}")
-            if by_bytes is not None:
-                s.found = True
-                ops = p.parse_blkio(text(f"{base}/blkio.throttle.io_serviced{suffix}"))
-                for dev, v in p.parse_blkio(by_bytes).items():
+        # cgroup v1 counts IO in the files of the IO scheduler in use (BFQ, or CFQ before kernel 5.0), for the
+        # devices that use it, and in blk-throttle's, which since kernel 6.10 count only on devices where a throttle
+        # rule was ever set (before, on every device): a device is taken from the first file that lists it, the
+        # scheduler's first, as runc (so cAdvisor) does. The _recursive files include sub-cgroups; older kernels
+        # have only the plain throttle ones.
+        found = False
+        for by_bytes, by_ops in _V1_IO_FILES:
+            if self._blkio(s.io, text(base + by_bytes), text, base + by_ops):
+                found = True
+        if self._blkio(s.io, text(base + "/blkio.throttle.io_service_bytes_recursive"), text,
+                       base + "/blkio.throttle.io_serviced_recursive") or \
+                self._blkio(s.io, text(base + "/blkio.throttle.io_service_bytes"), text,
+                            base + "/blkio.throttle.io_serviced"):
+            found = True
+        if found:
+            s.found = True
+
+    def _blkio(self, io: dict, by_bytes: bytes | None, text, ops_path: str) -> bool:
+        """The devices of one v1 `io_service_bytes` file (and its `io_serviced` twin) that `io` has not yet; False
+        when the file could not be read. A file that lists no device (`Total 0`) costs no second read."""
+        if by_bytes is None:
+            return False
+        devices = p.parse_blkio(by_bytes)
+        if devices:
+            ops = text(ops_path)
+            if ops is None and self._one_pass is not None:
+                # the cgroup had no IO there when last read by path, so this file was not read (nor kept) then:
+                # read it now, and by path next time, which keeps it
+                ops = read_small(ops_path, self.errors)
+                self._whole.pop(self._one_pass, None)
+            ops = p.parse_blkio(ops)
+            for dev, v in devices.items():
+                if dev not in io:
                     o = ops.get(dev, {})
-                    s.io[dev] = {"read_bytes": v.get(b"read", 0), "write_bytes": v.get(b"write", 0),
-                                 "read_ops": o.get(b"read", 0), "write_ops": o.get(b"write", 0)}
-                return
+                    io[dev] = {"read_bytes": v.get(b"read", 0), "write_bytes": v.get(b"write", 0),
+                               "read_ops": o.get(b"read", 0), "write_ops": o.get(b"write", 0)}
+        return True
 
 
 _pread = os.pread
 # the memory.stat keys read (of 40 to 60)
 _V2_MEMORY_KEYS = (b"anon", b"file", b"kernel_stack", b"pagetables", b"inactive_file", b"pgmajfault", b"pgfault")
+# cgroup v1 IO schedulers' counters (bytes, operations), read before blk-throttle's
+_V1_IO_FILES = (("/blkio.bfq.io_service_bytes_recursive", "/blkio.bfq.io_serviced_recursive"),
+                ("/blkio.io_service_bytes_recursive", "/blkio.io_serviced_recursive"))
 _V1_MEMORY_KEYS = (b"total_rss", b"total_cache", b"total_swap", b"total_inactive_file", b"total_pgmajfault",
                    b"total_pgfault")
 # the (resource, kind) keys of Stats.psi, made once rather than per cgroup

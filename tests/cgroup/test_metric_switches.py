@@ -336,14 +336,16 @@ def test_a_cgroup_with_only_limits_read_is_found_and_goes_when_removed(tmp_path)
 
 # -- the default configuration ------------------------------------------------------------------------------------
 
+# the IO schedulers' (BFQ, CFQ) files are looked for first, and again with the limits: the fixtures have none
+V1_SCHEDULER_IO = ["blkio/blkio.bfq.io_service_bytes_recursive", "blkio/blkio.io_service_bytes_recursive"]
 V1_FILES = ["cpuacct/cpuacct.usage_all", "cpu/cpu.cfs_quota_us", "cpu/cpu.stat", "memory/memory.usage_in_bytes",
             "memory/memory.stat", "memory/memory.limit_in_bytes", "memory/memory.oom_control",
-            "blkio/blkio.throttle.io_service_bytes_recursive", "blkio/blkio.throttle.io_serviced_recursive",
-            "pids/pids.current", "pids/pids.max"]
+            *V1_SCHEDULER_IO, "blkio/blkio.throttle.io_service_bytes_recursive",
+            "blkio/blkio.throttle.io_serviced_recursive", "pids/pids.current", "pids/pids.max"]
 V2_FILES = ["cpu.stat", "cpu.max", "memory.current", "memory.stat", "memory.max", "memory.swap.current",
             "memory.events", "io.stat", "pids.current", "pids.max", "cpu.pressure", "memory.pressure", "io.pressure"]
 PSI_HYBRID = ["unified/cpu.pressure", "unified/memory.pressure", "unified/io.pressure"]
-V1_LIMITS = ["cpu/cpu.cfs_quota_us", "memory/memory.limit_in_bytes", "pids/pids.max"]
+V1_LIMITS = ["cpu/cpu.cfs_quota_us", "memory/memory.limit_in_bytes", *V1_SCHEDULER_IO, "pids/pids.max"]
 V2_LIMITS = ["cpu.max", "memory.max", "pids.max"]
 # what the receiver read of each cgroup, in this order, before metric switches skipped files (the same for pods and
 # containers with the default configuration): on the first collection, and on a later one that reads limits

@@ -159,3 +159,22 @@ def test_a_sandbox_made_again_starts_new_network_series(tmp_path):
            if m.name == "k8s.pod.cpu.time" for pt in m.data.data_points]
     assert mem and all(pt.start_time_unix_nano == receiver.start_ns for pt in mem)
     receiver.shutdown()
+
+
+def test_processes_in_a_sub_cgroup_of_the_container_are_found(tmp_path):
+    """crun with the systemd driver on cgroup v2 runs a container's processes in `<scope>/container`: the scope's
+    own cgroup.procs is empty (cgroup v2 has no processes beside child cgroups), and the pod's network is read
+    through a process one level down."""
+    layout = next(lay for lay in all_layouts() if lay.name == "v2-systemd-crio")
+    root = build(str(tmp_path), layout)
+    proc = str(tmp_path / "proc")
+    _process(proc, 1, HOST_NETNS)
+    _process(proc, 321, "net:[4026532009]", rx=4242)
+    pod = layout.pods[0]
+    for cdir, _cid, _rt in pod.containers:
+        _in_pod(f"{root}{cdir}/cgroup.procs")
+        os.makedirs(f"{root}{cdir}/container")
+        _in_pod(f"{root}{cdir}/container/cgroup.procs", *([321] if cdir == pod.containers[1][0] else []))
+    receiver = make_receiver(cgroup_root=root, proc_root=proc)
+    assert value(receiver.collect(), "k8s.pod.network.io", {"k8s.pod.uid": pod.uid}, RX) == 4242
+    assert receiver.telemetry.failing() == {}

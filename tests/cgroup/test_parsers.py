@@ -74,3 +74,21 @@ def test_psi_kernel_lines_parse_to_both_totals(some, full, cpu_root):
     if not cpu_root:
         data += f"full avg10=0.00 avg60=0.00 avg300=0.00 total={full}\n".encode()
     assert p.parse_psi(data) == ({"some": some} if cpu_root else {"some": some, "full": full})
+
+
+def test_io_stat_fields_of_other_io_controllers_are_not_malformed():
+    """io.stat lines carry the fields of every IO controller on the device, and not all are numbers: io.latency's
+    `depth=max` (with blk_cgroup.blkcg_debug_stats), io.cost's `cost.vrate=100.00` (first-level cgroups). The
+    counters are read and nothing is reported malformed; a counter that is not a number still is."""
+    sink: list[bytes] = []
+    p.report_malformed_to(sink)
+    try:
+        line = (b"259:0 rbytes=1 wbytes=2 rios=3 wios=4 dbytes=5 dios=6 use_delay=0 delay_nsec=0"
+                b" depth=max avg_lat=150 win=100 cost.vrate=100.00 cost.usage=7\n")
+        got = p.parse_io_stat(line)["259:0"]
+        assert (got[b"rbytes"], got[b"wbytes"], got[b"rios"], got[b"wios"]) == (1, 2, 3, 4)
+        assert sink == []
+        p.parse_io_stat(b"8:0 rbytes=x wbytes=2 rios=3 wios=4\n")
+        assert len(sink) == 1
+    finally:
+        p.report_malformed_to(None)
