@@ -112,6 +112,43 @@ class _RawWatch(watch.Watch):
         return None
 
 
+def _status_body(exc: BaseException) -> dict:
+    try:
+        body = json.loads(exc.body) if isinstance(exc, ApiException) and exc.body else {}
+    except (ValueError, TypeError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def too_large_resource_version(exc: BaseException) -> bool:
+    """The API server's "Too large resource version" (504 Timeout, cause ResourceVersionTooLarge; servers before
+    1.18.6 say it only in the message), as client-go's reflector recognises it."""
+    if not isinstance(exc, ApiException) or exc.status != 504:
+        return False
+    body = _status_body(exc)
+    causes = (body.get("details") or {}).get("causes") or []
+    return (any(isinstance(c, dict) and c.get("reason") == "ResourceVersionTooLarge" for c in causes)
+            or "Too large resource version" in str(body.get("message") or ""))
+
+
+def retry_after(exc: BaseException) -> float:
+    """Seconds an error response asks the client to wait (its Retry-After header, else the Status's
+    details.retryAfterSeconds); 0 when it does not say."""
+    if not isinstance(exc, ApiException):
+        return 0.0
+    value = None
+    try:
+        value = (exc.headers or {}).get("Retry-After")
+    except (AttributeError, TypeError):
+        pass
+    if value is None:
+        value = (_status_body(exc).get("details") or {}).get("retryAfterSeconds")
+    try:
+        return max(0.0, float(value)) if value is not None else 0.0
+    except (TypeError, ValueError):  # an HTTP date: not sent by the API server
+        return 0.0
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         reason = exc.reason or ""
@@ -215,11 +252,14 @@ class Reflector:
     def _failed(self, exc: Exception, delay: float) -> float:
         status = exc.status if isinstance(exc, ApiException) else None
         reason = {403: "forbidden", 401: "unauthorized", 410: "expired"}.get(status, "error")
-        if status == 410:
-            if self.rv is None:  # the list's resourceVersion is too old for the server: read from etcd once
-                self._list_rv = ""
+        if status == 410 or too_large_resource_version(exc):
+            # 410: compacted away. 504 "Too large resource version": this API server's watch cache has not reached
+            # it (it came from another replica; the cache moves only with that resource's changes, so in a quiet
+            # cluster maybe never). Either way a list refused for its version reads from etcd once, as client-go
+            # does (kubernetes#91073); a watch refused so lists again.
+            self._list_rv = "" if self.rv is None else self.rv
             self.rv = None
-            self.restarts.labels(self.resource.name, reason).inc()
+            self.restarts.labels(self.resource.name, "expired").inc()
             return delay
         if status == 403:
             self.forbidden = True
@@ -239,7 +279,11 @@ class Reflector:
                                  f"{'list' if self.rv is None else 'watch'} {self.verb_resource} failed: "
                                  f"{describe(exc)}; serving cached metadata, retrying with backoff")
         self.restarts.labels(self.resource.name, reason).inc()
-        self._stop.wait(delay * random.uniform(0.5, 1.0))
+        wait = delay * random.uniform(0.5, 1.0)
+        # a 429 (API Priority and Fairness) or 5xx that says when to come back is not asked again sooner, as
+        # client-go's REST client waits; still bounded by reconnect.max_interval
+        wait = max(wait, min(retry_after(exc), self.backoff_max))
+        self._stop.wait(wait)
         return min(delay * 2, self.backoff_max)
 
     def _list(self) -> None:
@@ -500,7 +544,9 @@ class PodCache:
         """A full list: pods absent from it were deleted while we were not watching."""
         seen = {r.uid for r in records}
         now = time.monotonic()
-        for uid in [u for u in self._pods if u not in seen]:
+        with self._lock:  # a processing thread's sweep may remove pods meanwhile
+            absent = [u for u in self._pods if u not in seen]
+        for uid in absent:
             self.delete(uid, now)
         for rec in records:
             self.upsert(rec)

@@ -4,9 +4,12 @@ No kube-apiserver can be installed here (HARNESS.md), so the k8sattributes tests
 against this: JSON objects with a global resourceVersion, field selectors (`spec.nodeName`, metadata.name/namespace)
 and label selectors (equality, set-based, exists), chunked newline-delimited watch streams with ADDED/MODIFIED/
 DELETED (including selector transitions), BOOKMARK events, `ERROR 410 Expired` when a watch resumes from a
-compacted resourceVersion, Status error bodies, and optional bearer-token auth and TLS.
+compacted resourceVersion, `504 Too large resource version` for a list asking for a resourceVersion the server has
+not reached (a real one first waits up to 3s for its watch cache to catch up), Status error bodies, and optional
+bearer-token auth and TLS.
 
-Fault injection for the tests: `forbid()` (403), `fail()` (500 or any code), `delay()` (slow responses),
+Fault injection for the tests: `forbid()` (403), `fail()` (500 or any code, optionally with Retry-After),
+`delay()` (slow responses),
 `drop_watches()` (connections cut mid-stream), `outage()` (every request's connection closed unanswered).
 `requests` records what the client asked (method, path, query, token) so tests can assert on it.
 
@@ -52,13 +55,21 @@ def _now() -> str:
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(self, code: int, reason: str, message: str, details: dict | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
+        self.code, self.reason, self.message, self.details = code, reason, message, details
+        self.retry_after = retry_after  # seconds: the Retry-After header and details.retryAfterSeconds
 
     def status(self) -> dict:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "code": self.code}
+        out = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": self.message, "reason": self.reason, "code": self.code}
+        details = dict(self.details or {})
+        if self.retry_after is not None:
+            details["retryAfterSeconds"] = self.retry_after
+        if details:
+            out["details"] = details
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,6 +221,7 @@ class Fault:
     code: int = 500
     seconds: float = 0.0
     times: int | None = None
+    retry_after: int | None = None  # with "status": the Retry-After header (seconds), as 429s and 503s carry
 
     def matches(self, resource: str | None, verb: str) -> bool:
         return (self.resource in (None, resource)) and (self.verb in (None, verb)) and self.times != 0
@@ -223,6 +235,7 @@ class Request:
     resource: str | None
     verb: str
     token: str | None = None
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -232,11 +245,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, code: int, obj: dict) -> None:
+    def _send(self, code: int, obj: dict, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -290,7 +305,11 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ApiError(403, "Forbidden",
                                    f'{resource} is forbidden: User "system:serviceaccount:podmeter:podmeter" cannot '
                                    f'{verb} resource "{resource}" in API group "{RESOURCES[resource][0].rpartition("/")[0] if resource else ""}" at the cluster scope')
-                raise ApiError(fault.code, "InternalError", "Internal error occurred: injected failure")
+                if fault.code == 429:
+                    raise ApiError(429, "TooManyRequests", "Too many requests, please try again later.",
+                                   retry_after=fault.retry_after)
+                raise ApiError(fault.code, "InternalError", "Internal error occurred: injected failure",
+                               retry_after=fault.retry_after)
             if api.token is not None and token not in api.valid_tokens():
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             if resource is None:
@@ -304,6 +323,12 @@ class _Handler(BaseHTTPRequestHandler):
                 fsel, lsel = field_selector(resource, q.get("fieldSelector")), label_selector(q.get("labelSelector"))
                 if watching:
                     return self._stream(resource, ns, fsel, lsel, q)
+                asked = q.get("resourceVersion") or "0"
+                if asked != "0" and int(asked) > store.rv:
+                    # (a real server waits up to 3s for its watch cache to reach it first)
+                    raise ApiError(504, "Timeout", f"Too large resource version: {asked}, current: {store.rv}",
+                                   {"causes": [{"reason": "ResourceVersionTooLarge",
+                                                "message": "Too large resource version"}]}, retry_after=1)
                 items, rv = store.list(resource, ns, fsel, lsel)
                 return self._send(200, {"kind": kind + "List", "apiVersion": gv, "metadata": {"resourceVersion": rv},
                                         "items": items})
@@ -319,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, store.update(resource, ns, name, lambda old: merge_patch(old, body)))
             return self._send(200, store.delete(resource, ns, name))
         except ApiError as e:
-            self._send(e.code, e.status())
+            self._send(e.code, e.status(), {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None)
 
     def _stream(self, resource, ns, fsel, lsel, q) -> None:
         api = self.api
@@ -490,8 +515,8 @@ class ApiServer:
         return self._add_fault(Fault("status", resource, verb, code=403))
 
     def fail(self, resource: str | None = None, verb: str | None = None, code: int = 500,
-             times: int | None = None) -> Fault:
-        return self._add_fault(Fault("status", resource, verb, code=code, times=times))
+             times: int | None = None, retry_after: int | None = None) -> Fault:
+        return self._add_fault(Fault("status", resource, verb, code=code, times=times, retry_after=retry_after))
 
     def delay(self, seconds: float, resource: str | None = None, verb: str | None = None,
               times: int | None = None) -> Fault:

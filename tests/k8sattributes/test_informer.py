@@ -628,3 +628,72 @@ def test_qos_class_and_runtime_added_to_every_receivers_resources(api, make_proc
     kept = resources(p.process(batch({"k8s.pod.uid": u, "container.id": cid, "k8s.pod.qos_class": "Burstable",
                                       "container.runtime.name": "crio"})))[0]
     assert (kept["k8s.pod.qos_class"], kept["container.runtime.name"]) == ("Burstable", "crio")
+
+
+def test_relist_refused_as_too_large_reads_from_etcd(api, make_processor):
+    """After a 410 the relist asks for the last resourceVersion seen, from the API server's watch cache. An API server
+    whose cache has not reached it (another replica's bookmark carried it; the cache only moves with changes of that
+    resource) answers 504 "Too large resource version" until it does, possibly for good in a quiet cluster: as
+    client-go (kubernetes#91073, #92537) the relist then reads from etcd instead of retrying the same version."""
+    api.create("pods", "ml", pod("p", NODE, uid=uid()))
+    p = make_processor(api)
+    assert p.ready(10)
+    wait_for(lambda: api.open_watches() == 1, what="the watch to be open")
+    outage = api.outage()
+    wait_for(lambda: "api_pods" in p.telemetry.failing(), what="the outage to be noticed")  # no event in flight
+    # the last resourceVersion seen came from a replica further ahead than the one the agent reaches next
+    ahead = str(api.store.rv + 1000)
+    p.pods_reflector.rv = ahead
+    api.fail("pods", "watch", code=410, times=1)
+    api.create("pods", "ml", pod("while-away", NODE, uid=(u := uid())))
+    api.clear(outage)
+    wait_for(lambda: p.cache.get(u), timeout=15, what="the relist after the too-large resourceVersion")
+    relists = [r.query.get("resourceVersion") for r in api.asked("pods", "list")[1:]]
+    assert relists == [ahead, None]  # the last version seen, then a consistent read
+    assert "api_pods" not in p.telemetry.failing()
+
+
+def test_retry_after_of_a_429_is_honoured(api, make_processor):
+    """API Priority and Fairness (and max-inflight) answer 429 with Retry-After: the next try waits at least that
+    long, as client-go's REST client does, instead of the usual (here 50 ms) backoff; bounded by
+    reconnect.max_interval."""
+    api.create("pods", "ml", pod("p", NODE, uid=(u := uid())))
+    api.fail("pods", "list", code=429, times=1, retry_after=1)
+    p = make_processor(api, reconnect={"initial_interval": "50ms", "max_interval": "5s"})
+    assert p.ready(15) and p.cache.get(u) is not None
+    first, second = api.asked("pods", "list")[:2]
+    assert second.at - first.at >= 1.0  # a lower bound only: the server asked for it
+    assert p.m_restarts._metric.labels("k8sattributes", "pods", "error")._value.get() == 1
+
+
+def test_relist_while_a_processing_thread_sweeps():
+    """A relist (informer thread) looks for the pods it no longer lists while process() (a pipeline thread) may be
+    sweeping deleted pods whose grace period ended. The thread switch is forced here at the one point it matters (a
+    stand-in for the scheduler; the real race is rare): the relist must neither fail nor lose the live pod."""
+    import threading
+
+    from processors.k8sattributes.informer import EMPTY, PodCache, PodRecord
+
+    def rec(u: str) -> PodRecord:
+        return PodRecord(u, u, "ml", "", EMPTY, EMPTY, EMPTY, EMPTY)
+
+    cache = PodCache(grace=0.0)
+    cache.upsert(rec("gone"))
+    cache.upsert(rec("live"))
+    cache.delete("gone")
+    sweeper = threading.Thread(target=cache.sweep, kwargs={"now": float("inf")})
+    started: list = []
+
+    class Pods(dict):
+        def __iter__(self):
+            for i, key in enumerate(dict.__iter__(self)):
+                if i == 0 and not started:  # the other thread runs now, for as long as it can
+                    started.append(True)
+                    sweeper.start()
+                    sweeper.join(0.3)
+                yield key
+
+    cache._pods = Pods(cache._pods)
+    cache.replace([rec("live")])
+    sweeper.join()
+    assert cache.uids() == ["live"] and cache.get("live").deleted_at is None
