@@ -417,7 +417,7 @@ def _make_handler(exporter: PrometheusExporter):
             if path not in ("/metrics", "/metrics/"):
                 return self._reply(404, b"not found; metrics are on /metrics\n", "text/plain; charset=utf-8")
             accept = self.headers.get("Accept") or ""
-            use_om = _wants_openmetrics(accept)
+            use_om = exporter.config.enable_open_metrics and _wants_openmetrics(accept)
             gz = _wants_gzip(self.headers.get("Accept-Encoding") or "")
             body = exporter.body(OPENMETRICS if use_om else TEXT, gz)
             # caches between Prometheus and the agent must key the reply on both negotiated headers

@@ -80,6 +80,11 @@ class PrometheusConfig(ComponentConfig):
     target_info: TargetInfoConfig = Field(default_factory=TargetInfoConfig, description="The target_info series")
     tls: ServerTLSConfig | None = Field(None, description="Serve HTTPS (cert_file, key_file, client_ca_file)")
     basic_auth: BasicAuthConfig | None = Field(None, description="Require HTTP basic authentication")
+    enable_open_metrics: bool = Field(
+        True, description="Serve OpenMetrics to scrapers that ask for it; false serves the text format only (the "
+                          "collector's key; its default is false)")
+    send_timestamps: bool = Field(False, description="The collector's key; only false (no sample timestamps, as "
+                                                     "its default) is supported")
 
     @field_validator("namespace")
     @classmethod
@@ -98,6 +103,16 @@ class PrometheusConfig(ComponentConfig):
         for k in v:
             if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) or k.startswith("__"):
                 raise ValueError(f"const label name {k!r} is not a valid Prometheus label name")
+        return v
+
+    @field_validator("send_timestamps")
+    @classmethod
+    def _timestamps(cls, v: bool) -> bool:
+        if v:
+            # Prometheus stamps each sample with the scrape's time; a sample timestamp would be the collection's,
+            # up to an interval old, which makes staleness and rate() windows lag
+            raise ValueError("sample timestamps are not supported: leave send_timestamps out (or false); "
+                             "Prometheus stamps samples with the scrape's time")
         return v
 
     @model_validator(mode="after")

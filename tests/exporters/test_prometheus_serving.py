@@ -125,3 +125,29 @@ def test_scrapes_are_accepted_while_an_export_holds_the_exporters_lock(served):
     # once the export is done, the expiry it skipped runs (nothing is stale here: the series stay)
     exp.expire()
     assert exp._next_expiry > 0.0 and exp.rendering().series > 0
+
+
+def test_collector_keys_enable_open_metrics_and_send_timestamps(kit, host):
+    """`enable_open_metrics` and `send_timestamps: false`, in most copied collector configs, were refused as
+    unknown keys (the agent would not start); `enable_open_metrics: false` serves the text format only, as the
+    collector's does, and `send_timestamps: true` is refused at its key path."""
+    from podmeter.config import validate_component
+
+    ok: list[str] = []
+    validate_component(factory, {"enable_open_metrics": True, "send_timestamps": False}, "exporters::prometheus", ok)
+    assert ok == []
+    refused: list[str] = []
+    validate_component(factory, {"send_timestamps": True}, "exporters::prometheus", refused)
+    assert len(refused) == 1 and refused[0].startswith("exporters::prometheus::send_timestamps: "), refused
+    port = free_port()
+    exp, _telemetry = kit.make(factory, {"endpoint": f"127.0.0.1:{port}", "enable_open_metrics": False})
+    exp.start(host)
+    try:
+        exp.export(kit.batch([1, 2]))
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"Accept": "application/openmetrics-text;version=1.0.0"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers["Content-Type"] == TEXT_CONTENT_TYPE
+            assert b"# EOF" not in r.read()
+    finally:
+        exp.shutdown()
