@@ -140,6 +140,8 @@ class MetricsTransformProcessor(Processor):
             if t.action == "insert":
                 result.append(metric)
                 produced.add(metric.name)
+            if _emptied(selected, changed):
+                continue  # every point deleted: the metric goes (the collector's), not on as one without points
             result.append(changed)
             produced.add(changed.name)
         return result
@@ -162,14 +164,19 @@ class MetricsTransformProcessor(Processor):
                                  "left as they are")
             return metrics
         first = matched[0][0]
-        kinds = {(type(mm.data), getattr(mm.data, "is_monotonic", None), mm.unit) for mm, _ in matched}
+        # as the collector's canBeCombined: a cumulative and a delta sum (or histogram) merged would give points
+        # that mean different things under one temporality
+        kinds = {(type(mm.data), getattr(mm.data, "is_monotonic", None),
+                  getattr(mm.data, "aggregation_temporality", None), mm.unit) for mm, _ in matched}
         if len(kinds) > 1:
-            self.telemetry.error("transform", f"combine {t.include}: the matched metrics differ in type or unit "
-                                 f"({', '.join(mm.name for mm, _ in matched)}); left as they are")
+            self.telemetry.error("transform", f"combine {t.include}: the matched metrics differ in type, temporality "
+                                 f"or unit ({', '.join(mm.name for mm, _ in matched)}); left as they are")
             return metrics
         points = []
         for metric, m in matched:
-            labels = {k: v for k, v in m.groupdict().items() if v is not None}
+            # as the collector: a group that matched nothing sets nothing (an empty value would overwrite the one
+            # the points have, and is no label value for Prometheus)
+            labels = {k: v for k, v in m.groupdict().items() if v}
             if t.submatch_case == "lower":
                 labels = {k: v.lower() for k, v in labels.items()}
             elif t.submatch_case == "upper":
@@ -183,7 +190,8 @@ class MetricsTransformProcessor(Processor):
         except TransformError as exc:
             self.telemetry.error("transform", f"combine {t.include}: {exc}; left as they are")
             return metrics
-        return [m for m, _ in rest] + [combined]
+        emptied = bool(points) and not combined.data.data_points  # every point deleted: dropped, as in _apply
+        return [m for m, _ in rest] + ([] if emptied else [combined])
 
     def _operate_points(self, ct: _Compiled, metric: Metric, resource: dict) -> Metric:
         """update of a metric only some of whose points match experimental_match_labels: the operations that act
@@ -209,6 +217,12 @@ class MetricsTransformProcessor(Processor):
         if not had_duplicates and _has_duplicates(metric):
             raise TransformError("the result has several points with the same attributes (duplicate series)")
         return metric
+
+
+def _emptied(before: Metric, after: Metric) -> bool:
+    """The operations deleted every point (delete_label_value): as in the collector, such a metric is dropped, not
+    sent on as a metric with no points (OTLP would carry it so; a metric that had none to begin with stays)."""
+    return bool(before.data.data_points) and not after.data.data_points
 
 
 def _has_duplicates(metric: Metric) -> bool:
@@ -300,7 +314,9 @@ def _scale(metric, op, resource):
 
 def _toggle(metric, op, resource):
     if not isinstance(metric.data, Sum | Gauge):
-        raise TransformError("toggle_scalar_data_type applies to sums and gauges, not histograms")
+        # a histogram has no scalar type to toggle: nothing to do, as in the collector, and no reason to leave the
+        # rest of the transform (a regexp rename of a family of metrics, say) undone for it
+        return metric
 
     def fn(p):
         if isinstance(p.value, int):
