@@ -61,6 +61,7 @@ RESOURCE_ATTRIBUTES = (
     "hw.id", "hw.type", "hw.name", "hw.model", "hw.vendor", "hw.driver_version", "hw.serial_number", "hw.parent",
     "hw.gpu.index", "hw.gpu.pci_bus_id", "hw.gpu.mig.gpu_instance_id", "hw.gpu.mig.compute_instance_id",
     "hw.gpu.mig.profile",
-    "process.pid", "process.executable.name", "process.command", "process.owner", "process.creation.time",
+    "process.pid", "process.executable.name", "process.executable.path", "process.command", "process.owner",
+    "process.creation.time",
     "k8s.pod.uid", "container.id", "container.runtime.name", "k8s.pod.qos_class",
 )

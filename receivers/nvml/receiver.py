@@ -53,6 +53,37 @@ THROTTLE_REASONS = (
 CLOCKS = ((0, "graphics"), (1, "sm"), (2, "memory"))  # NVML_CLOCK_GRAPHICS, _SM, _MEM
 
 
+MAX_OWNERS = 1024  # uid -> user name entries kept
+
+
+def _exe_path(link: str) -> str | None:
+    """The executable's path from /proc/<pid>/exe (in the process's mount namespace); None when it cannot be read.
+
+    Reading the link needs ptrace-read access to the process (PTRACE_MODE_READ_FSCREDS): CAP_SYS_PTRACE, or the
+    same uid, dumpable, and no capability the reader lacks."""
+    try:
+        target = os.readlink(link.encode())
+    except OSError:
+        return None
+    # the binary was replaced since it started (a package upgrade): the kernel appends " (deleted)"
+    if target.endswith(b" (deleted)"):
+        target = target[:-len(b" (deleted)")]
+    return target.decode("utf-8", "replace") or None
+
+
+def _real_uid(root: str, pid: int) -> int:
+    """The process's real uid (`Uid:` in status), as psutil's and gopsutil's username() use.
+
+    Not the owner of /proc/<pid>: that is the effective uid (a setuid program shows its owner, not who ran it), and
+    on old kernels root for any non-dumpable process."""
+    with open(f"{root}/{pid}/status", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if fields[:1] == ["Uid:"] and len(fields) > 1 and fields[1].isdigit():
+                return int(fields[1])
+    return os.stat(f"{root}/{pid}").st_uid  # no Uid line (not a procfs): its owner is the best left
+
+
 class _Reinit(Exception):
     """NVML lost its session (driver reload): re-initialise and rediscover."""
 
@@ -900,17 +931,24 @@ class NvmlReceiver(Receiver):
             proc.close()
 
     def _proc_details(self, pid: int, start_ticks: int) -> dict:
+        """process.* attributes, read once per process (PID and start time)."""
         root = self.attributor.proc_root
         out: dict = {}
+        exe = _exe_path(f"{root}/{pid}/exe")
+        if exe:
+            out["process.executable.path"] = exe
+            out["process.executable.name"] = os.path.basename(exe)
         try:
-            with open(f"{root}/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                out["process.executable.name"] = f.read().strip()
+            if not exe:
+                # exe cannot be read without ptrace-read access (see the README): comm, which the process may have
+                # renamed (PyTorch's pt_main_thread), is the best name left
+                with open(f"{root}/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                    out["process.executable.name"] = f.read().strip()
             with open(f"{root}/{pid}/cmdline", "rb") as f:
                 argv0 = f.read(4096).split(b"\0", 1)[0]
             if argv0:
                 out["process.command"] = argv0.decode("utf-8", "replace")
-            uid = os.stat(f"{root}/{pid}").st_uid
-            out["process.owner"] = self._owner(uid)
+            out["process.owner"] = self._owner(_real_uid(root, pid))
         except OSError:
             pass  # exited between calls: what we have is enough
         btime = self._boot_time()
@@ -927,6 +965,8 @@ class NvmlReceiver(Receiver):
                 name = pwd.getpwuid(uid).pw_name
             except KeyError:
                 name = str(uid)  # a container user unknown to this image's /etc/passwd
+            if len(self._owners) >= MAX_OWNERS:  # random uids (OpenShift's per-namespace ranges) come and go
+                del self._owners[next(iter(self._owners))]
             self._owners[uid] = name
         return name
 
