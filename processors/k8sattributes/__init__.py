@@ -34,6 +34,7 @@ from .informer import (
     PodRecord,
     Reflector,
     Resource,
+    _replace,
     build_api_client,
     client,
     controller_of,
@@ -143,6 +144,8 @@ class K8sAttributesProcessor(Processor):
         self._cri_providers: list = []
         self._cri_at = float("-inf")
         self._sweep_lock = threading.Lock()
+        # making a pod's record and storing it, on the informer thread, against the owner retries' updates of records
+        self._records_lock = threading.Lock()
         # Enrichment results per resource, valid for one (pod cache, namespaces, CRI providers) generation: a
         # resource seen before costs a dict lookup. Keyed by its attributes, and by the Resource object itself once
         # the same object comes back (receivers that keep theirs across collections; the entry holds it, so its id
@@ -180,7 +183,9 @@ class K8sAttributesProcessor(Processor):
             raise ComponentUnavailable(f"no Kubernetes API access: {exc}") from None
         cfg = self.config
         api = Api(self.api_client)
-        self.owners = OwnerResolver(api, cfg.owner_lookup_ttl, self.telemetry, cfg.request_timeout)
+        self.owners = OwnerResolver(api, cfg.owner_lookup_ttl, self.telemetry, cfg.request_timeout,
+                                    backoff=(cfg.reconnect.initial_interval, cfg.reconnect.max_interval),
+                                    on_resolved=self._owners_resolved, in_use=self._owners_in_use)
         kwargs: dict[str, Any] = {}
         node = cfg.filter.node
         env_var = cfg.filter.node_from_env_var
@@ -228,6 +233,8 @@ class K8sAttributesProcessor(Processor):
         for r in (self.pods_reflector, self.ns_reflector):
             if r is not None:
                 r.stop()
+        if self.owners is not None:
+            self.owners.stop()
         if self.api_client is not None:
             try:
                 self.api_client.close()
@@ -241,19 +248,50 @@ class K8sAttributesProcessor(Processor):
     # -- informer callbacks (informer threads) -------------------------------------------------------------------
 
     def _pods_replaced(self, items: list[dict]) -> None:
-        records = [r for r in (self._record(o) for o in items) if r is not None]
-        self.cache.replace(records)
+        with self._records_lock:
+            records = [r for r in (self._record(o) for o in items) if r is not None]
+            self.cache.replace(records)
 
     def _pod_event(self, etype: str, obj: dict) -> None:
         self._maybe_sweep()  # before the event: a pod deleted now stays at least until the next event or batch
-        if etype == "DELETED":
-            uid = (obj.get("metadata") or {}).get("uid")
-            if uid:
-                self.cache.delete(uid)
-        else:
-            rec = self._record(obj)
-            if rec is not None:
-                self.cache.upsert(rec)
+        with self._records_lock:
+            if etype == "DELETED":
+                uid = (obj.get("metadata") or {}).get("uid")
+                if uid:
+                    self.cache.delete(uid)
+            else:
+                rec = self._record(obj)
+                if rec is not None:
+                    self.cache.upsert(rec)
+
+    # -- owner retries (the owner lookups' retry thread) -------------------------------------------------------
+
+    def _owners_in_use(self) -> set:
+        """(kind, namespace, name) of the owners live pods have: a failed lookup no pod needs is not retried."""
+        with self._records_lock:  # (not while a list's records are being made: its pods are not in the cache yet)
+            out = set()
+            for uid in self.cache.uids():
+                rec = self.cache.get(uid)
+                if rec is not None and rec.owner and rec.deleted_at is None:
+                    out.add((rec.owner[0], rec.namespace, rec.owner[1]))
+            return out
+
+    def _owners_resolved(self, keys: list[tuple[str, str, str]]) -> None:
+        """Owners whose lookup failed were read at last: give their pods the workload names they lacked."""
+        keys_set = set(keys)
+        # under the lock, a pod event's record was either stored before this (and is updated here) or is made after
+        # the owner was cached (and has it)
+        with self._records_lock:
+            for uid in self.cache.uids():
+                rec = self.cache.get(uid)
+                if rec is None or rec.deleted_at is not None or not rec.owner or \
+                        (rec.owner[0], rec.namespace, rec.owner[1]) not in keys_set:
+                    continue
+                attrs = {k: v for k, v in rec.attrs.items() if k not in rec.workload_keys}
+                workload = {k: v for k, v in self._workload(rec.owner, rec.namespace, rec.labels).items()
+                            if k in self.pod_keys and k not in attrs}  # (a rule's tag_name still wins)
+                attrs.update(workload)
+                self.cache.upsert(_replace(rec, attrs=MappingProxyType(attrs), workload_keys=frozenset(workload)))
 
     def _namespaces_replaced(self, items: list[dict]) -> None:
         fresh = {}
@@ -305,10 +343,16 @@ class K8sAttributesProcessor(Processor):
             attrs["k8s.pod.qos_class"] = status["qosClass"]
         if ip:
             attrs["k8s.pod.ip"] = ip
-        attrs.update(self._workload(md, ns, labels))
+        owner = controller_of({"metadata": md})
+        workload = self._workload(owner, ns, labels) if owner is not None else {}
+        attrs.update(workload)
         attrs = {k: v for k, v in attrs.items() if k in self.pod_keys}
+        ruled: dict[str, Any] = {}
         for rule in self.pod_rules:
-            rule.apply(labels if rule.kind == "labels" else annotations, attrs)
+            rule.apply(labels if rule.kind == "labels" else annotations, ruled)
+        attrs.update(ruled)
+        # which attributes came from the owners, so a late owner lookup can redo them (rules win, as here)
+        workload_keys = frozenset(k for k in workload if k in attrs and k not in ruled)
         images = {}
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []) + \
                  (spec.get("ephemeralContainers") or []):
@@ -327,13 +371,12 @@ class K8sAttributesProcessor(Processor):
                     cids[normalise_container_id(last)] = cs["name"]
         return PodRecord(uid, name, ns, index_ip, MappingProxyType(dict(labels)), MappingProxyType(attrs),
                          MappingProxyType(images), MappingProxyType(cids), started=status.get("startTime") or "",
-                         mirror_uid=str(annotations.get("kubernetes.io/config.mirror") or ""), runtime=runtime)
+                         mirror_uid=str(annotations.get("kubernetes.io/config.mirror") or ""), runtime=runtime,
+                         owner=owner, workload_keys=workload_keys)
 
-    def _workload(self, md: dict, ns: str, labels: dict) -> dict:
+    def _workload(self, owner: tuple[str, str], ns: str, labels) -> dict:
+        """The workload attributes of a pod whose controller is `owner` (kind, name)."""
         out: dict[str, str] = {}
-        owner = controller_of({"metadata": md})
-        if owner is None:
-            return out
         kind, name = owner
         if kind == "ReplicaSet":
             out["k8s.replicaset.name"] = name
@@ -341,6 +384,8 @@ class K8sAttributesProcessor(Processor):
             if parent is not None and parent[0] == "Deployment":
                 out["k8s.deployment.name"] = parent[1]
             elif parent is None:
+                # the ReplicaSet could not be read (no permission, the API server failing: then it is retried);
+                # one read and found without a Deployment (orphaned) has none, as in the collector
                 dep = deployment_from_hash(name, labels)
                 if dep:
                     out["k8s.deployment.name"] = dep

@@ -207,7 +207,7 @@ class FilterConfig(ComponentConfig):
 
 
 class ReconnectConfig(ComponentConfig):
-    initial_interval: Duration = Field(1.0, gt=0, description="First wait before retrying a failed list or watch")
+    initial_interval: Duration = Field(1.0, gt=0, description="First wait before retrying a failed list, watch or owner lookup")
     max_interval: Duration = Field(30.0, gt=0, description="Longest wait between retries (doubling with jitter)")
 
 

@@ -320,6 +320,10 @@ class Reflector:
             for event in stream:
                 if self._stop.is_set():
                     return count
+                if not isinstance(event, dict):
+                    # a blank line (proxies send them as keep-alives) or one that is not JSON: the library yields
+                    # None for it. Not an event, and not a reason to drop a working watch
+                    continue
                 count += 1
                 etype, obj = event.get("type"), event.get("raw_object") or event.get("object") or {}
                 if etype == "ERROR":
@@ -350,22 +354,38 @@ class Reflector:
 class OwnerResolver:
     """(kind, namespace, name) of a ReplicaSet or Job -> its controller (kind, name), by cached GETs.
 
-    Bounded (LRU) and expiring; failures are cached briefly so a broken API is not asked per pod."""
+    Bounded (LRU) and expiring. A lookup that failed for a reason that passes (5xx, 429, a timeout, a refused or
+    cut connection, 401 before the token is re-read) is retried in the background with backoff, and
+    `on_resolved(keys)` is told what it found, so a pod does not lack its workload name until its next event
+    (which for a long training Job can be days away). While a key waits for its retry, lookups of it are answered
+    "unknown" without asking the API server. A 404 (the owner is gone) and a 403 (no permission: reported, and
+    asked again at most every FAILURE_TTL when pods come) are not retried."""
 
     FAILURE_TTL = 30.0
+    RETRIES_PER_PASS = 16  # GETs one retry pass makes at most; a pass also ends at the first failure
 
     def __init__(self, api: Api | None, ttl: float, telemetry, request_timeout: float,
-                 max_entries: int = 4096) -> None:
+                 max_entries: int = 4096, backoff: tuple[float, float] = (1.0, 30.0),
+                 on_resolved: Callable[[list[tuple[str, str, str]]], None] | None = None,
+                 in_use: Callable[[], set] | None = None) -> None:
         self.api = api
         self.ttl = ttl
         self.telemetry = telemetry
         self.request_timeout = request_timeout
         self.max_entries = max_entries
+        self.backoff_initial, self.backoff_max = backoff
+        self.on_resolved = on_resolved  # called on the retry thread with the keys whose owner was found
+        self.in_use = in_use  # the (kind, namespace, name) live pods still need: others are not retried
         self._cache: OrderedDict[tuple[str, str, str], tuple[float, tuple[str, str] | None]] = OrderedDict()
+        self._retry: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # keys waiting for a retry, oldest first
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.gets = 0
 
     def owner(self, kind: str, namespace: str, name: str) -> tuple[str, str] | None:
+        """The controller; NO_OWNER when the object has none; None when unknown (not readable now)."""
         key = (kind, namespace, name)
         now = time.monotonic()
         with self._lock:
@@ -373,39 +393,130 @@ class OwnerResolver:
             if hit is not None and hit[0] > now:
                 self._cache.move_to_end(key)
                 return hit[1]
+            # while the API server fails, what it said last (expired, but better than nothing for a relist then)
+            stale = hit[1] if hit is not None else None
+            if key in self._retry:
+                return stale  # the retry thread asks, with backoff: not once per pod event
         if self.api is None:
             return None
+        outcome, result, _ = self._get(key)
+        if outcome == "retry":
+            self._schedule_retry(key)
+            return stale
+        return result
+
+    def _get(self, key: tuple[str, str, str]) -> tuple[str, tuple[str, str] | None, float]:
+        """One GET: ("found", controller or NO_OWNER), ("final", None) for a 404 or 403, ("retry", None) for a
+        failure that passes, with the seconds its response asked to wait (Retry-After). Caches what it learnt."""
+        kind, namespace, name = key
         ttl = self.ttl
         resource = "replicasets.apps" if kind == "ReplicaSet" else "jobs.batch"
+        outcome, wait = "found", 0.0
         try:
             self.gets += 1
             fn = self.api.read_replica_set if kind == "ReplicaSet" else self.api.read_job
             resp = fn(name, namespace, _preload_content=False, _request_timeout=(5, self.request_timeout))
-            obj = json.loads(resp.data)
-            result = controller_of(obj)
+            result = controller_of(json.loads(resp.data)) or NO_OWNER
             self.telemetry.recovered(f"owner_{kind}")
         except ApiException as exc:
-            result, ttl = None, self.FAILURE_TTL
+            result, ttl, outcome = None, self.FAILURE_TTL, "final"
             if exc.status == 404:
-                pass  # the owner is gone (or not created yet): nothing to add
+                pass  # the owner is gone: nothing to add
             elif exc.status == 403:
                 self.telemetry.error(f"owner_{kind}", f"the API server forbids get on {resource} ({describe(exc)}); "
                                                       f"grant get on {resource} for workload names. Deployment names "
                                                       "fall back to the pod-template-hash label")
             else:
-                self.telemetry.error(f"owner_{kind}", f"get {resource} {namespace}/{name} failed: {describe(exc)}")
-        except Exception as exc:
-            result, ttl = None, self.FAILURE_TTL
-            self.telemetry.error(f"owner_{kind}", f"get {kind} {namespace}/{name} failed: {describe(exc)}")
+                outcome, wait = "retry", retry_after(exc)
+                self.telemetry.error(f"owner_{kind}", f"get {resource} {namespace}/{name} failed: {describe(exc)}; "
+                                                      "retrying in the background")
+        except Exception as exc:  # timeouts, refused or cut connections, a body that is not JSON
+            result, outcome = None, "retry"
+            self.telemetry.error(f"owner_{kind}", f"get {kind} {namespace}/{name} failed: {describe(exc)}; "
+                                                  "retrying in the background")
+        if outcome != "retry":
+            with self._lock:
+                self._cache[key] = (time.monotonic() + ttl, result)
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+        return outcome, result, wait
+
+    def _schedule_retry(self, key: tuple[str, str, str]) -> None:
         with self._lock:
-            self._cache[key] = (now + ttl, result)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        return result
+            if self._stop.is_set():
+                return
+            self._retry[key] = None
+            while len(self._retry) > self.max_entries:  # the oldest then waits for its pods' next event, as before
+                self._retry.popitem(last=False)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._retry_loop, name="k8sattributes-owners", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _retry_loop(self) -> None:
+        delay = self.backoff_initial
+        while not self._stop.is_set():
+            with self._lock:
+                idle = not self._retry
+                if idle:
+                    self._wake.clear()
+            if idle:
+                self._wake.wait()
+                continue
+            self._stop.wait(delay * random.uniform(0.5, 1.0))
+            if self._stop.is_set():
+                return
+            failed, wait = self.retry_pass()
+            if failed:
+                # the API server still fails: back off, no sooner than its Retry-After (within max_interval)
+                delay = max(min(delay * 2, self.backoff_max), min(wait, self.backoff_max))
+            else:
+                delay = self.backoff_initial
+
+    def retry_pass(self) -> tuple[bool, float]:
+        """Retry up to RETRIES_PER_PASS waiting lookups, oldest first; stop at the first that fails again (the
+        others wait for the backoff). Returns whether one failed, and its response's Retry-After."""
+        wanted = self.in_use() if self.in_use is not None else None
+        found: list[tuple[str, str, str]] = []
+        failed, wait = False, 0.0
+        for _ in range(self.RETRIES_PER_PASS):
+            with self._lock:
+                if not self._retry:
+                    break
+                key = next(iter(self._retry))
+                if wanted is not None and key not in wanted:
+                    del self._retry[key]  # no live pod needs it any more
+                    continue
+            outcome, _, wait = self._get(key)
+            with self._lock:
+                if outcome == "retry":
+                    self._retry.move_to_end(key)  # the next pass starts with the others
+                else:
+                    self._retry.pop(key, None)
+            if outcome == "retry":
+                failed = True
+                break
+            if outcome == "found":
+                found.append(key)
+        if found and self.on_resolved is not None:
+            self.on_resolved(found)
+        return failed, wait
+
+    def pending(self) -> int:
+        return len(self._retry)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+NO_OWNER: tuple[str, str] = ("", "")  # an owner lookup's answer for an object that has no owner (orphaned)
 
 
 def controller_of(obj: dict) -> tuple[str, str] | None:
@@ -464,6 +575,8 @@ class PodRecord:
     started: str = ""  # status.startTime (RFC 3339, UTC: compares as text): which pod an IP belongs to now
     mirror_uid: str = ""  # a static pod's uid on the node (its cgroup, CRI sandbox): kubernetes.io/config.mirror
     runtime: str = ""  # container.runtime.name, from the scheme of its containers' ids (containerd://...)
+    owner: tuple[str, str] | None = None  # its controller (kind, name): owner lookups retried later update it
+    workload_keys: frozenset = frozenset()  # the attrs that came from its owners (not overridden by a rule)
 
 
 class PodCache:

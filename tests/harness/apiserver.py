@@ -10,7 +10,8 @@ bearer-token auth and TLS.
 
 Fault injection for the tests: `forbid()` (403), `fail()` (500 or any code, optionally with Retry-After),
 `delay()` (slow responses),
-`drop_watches()` (connections cut mid-stream), `outage()` (every request's connection closed unanswered).
+`drop_watches()` (connections cut mid-stream), `outage()` (every request's connection closed unanswered),
+`blank_line()` (an empty line in every open watch stream, as proxies send for keep-alive).
 `requests` records what the client asked (method, path, query, token) so tests can assert on it.
 
     api = ApiServer().start()
@@ -360,7 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
             for event in api._events(resource, ns, fsel, lsel, q.get("resourceVersion"),
                                      float(q.get("timeoutSeconds", 1800)),
                                      q.get("allowWatchBookmarks") in ("true", "1"), me):
-                data = json.dumps(event).encode() + b"\n"
+                data = b"\n" if event is None else json.dumps(event).encode() + b"\n"  # None: a blank line
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
             if not me.cut:
@@ -404,6 +405,7 @@ class _Server(ThreadingHTTPServer):
 class _Watch:
     conn: socket.socket
     cut: bool = False
+    blanks: int = 0  # blank lines to send
 
     def kill(self) -> None:
         self.cut = True
@@ -542,6 +544,16 @@ class ApiServer:
             self.store.cond.notify_all()
         return len(watches)
 
+    def blank_line(self) -> int:
+        """Send an empty line on every open watch stream (between events, as a keep-alive); returns how many."""
+        with self._lock:
+            watches = list(self._watches)
+        with self.store.cond:
+            for w in watches:
+                w.blanks += 1
+            self.store.cond.notify_all()
+        return len(watches)
+
     def _add_fault(self, fault: Fault) -> Fault:
         with self._lock:
             self._faults.append(fault)
@@ -595,15 +607,18 @@ class ApiServer:
             yield {"type": "ADDED", "object": o}
         while not me.cut and not self._stopping:
             with store.cond:
-                store.cond.wait_for(lambda last=last: me.cut or self._stopping
+                store.cond.wait_for(lambda last=last: me.cut or self._stopping or me.blanks
                                     or (store.events and store.events[-1][0] > last),
                                     timeout=max(0.0, min(0.2, deadline - time.monotonic())))
                 pending = [e for e in store.events if e[0] > last and e[1] == resource]
                 if store.events:
                     last = max(last, store.events[-1][0])
                 current = store.rv
+                blanks, me.blanks = me.blanks, 0
             if me.cut or self._stopping:
                 return
+            for _ in range(blanks):
+                yield None
             for _, _, etype, new, old in pending:
                 was = match(old) if etype != "ADDED" else False
                 now = match(new) if etype != "DELETED" else False

@@ -1,0 +1,181 @@
+"""Owner lookups (ReplicaSet -> Deployment, Job -> CronJob) that fail for a passing reason are retried in the
+background, and a blank line in a watch stream is not an error. The real `kubernetes` client against the API
+stand-in, as in test_informer.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from harness import wait_for
+from harness.apiserver import owned, pod
+
+from podmeter.metrics import MetricsBuilder, MetricSpec
+
+from .conftest import NODE
+
+SPEC = MetricSpec("container.cpu.time", "sum", "s", "test")
+# the retry thread waits at least 30s: the test drives the retry passes itself
+MANUAL_RETRIES = {"reconnect": {"initial_interval": "60s", "max_interval": "60s"}}
+
+
+def uid() -> str:
+    return str(uuid.uuid4())
+
+
+def enriched(p, u: str) -> dict:
+    b = MetricsBuilder("podmeter/receiver/test", 1)
+    b.add(SPEC, 1.0, resource={"k8s.pod.uid": u})
+    return dict(p.process(b.build()).resource_metrics[0].resource.attributes)
+
+
+def test_cronjob_name_appears_once_the_api_server_answers_again(api, make_processor):
+    # an API server restart: the Job's GET fails; the pod has no event for days after (a long training Job)
+    api.create("cronjobs", "ml", owned("CronJob", "nightly"))
+    api.create("jobs", "ml", owned("Job", "nightly-29012345", owner=("CronJob", "nightly")))
+    api.create("pods", "ml", pod("nightly-29012345-x1y2z", NODE, uid=(u := uid()), owner=("Job", "nightly-29012345")))
+    failing = api.fail("jobs", "get", code=503)
+    p = make_processor(api)
+    assert p.ready(10)
+    got = enriched(p, u)
+    assert got["k8s.job.name"] == "nightly-29012345" and "k8s.cronjob.name" not in got
+    wait_for(lambda: len(api.asked("jobs", "get")) >= 2, timeout=15, what="a retry while the API server fails")
+    assert "owner_Job" in p.telemetry.failing()
+    api.clear(failing)
+    # no pod event: the retry brings the name, and the processing path sees it (its cache was dropped)
+    wait_for(lambda: enriched(p, u).get("k8s.cronjob.name") == "nightly", timeout=15, what="the CronJob name")
+    assert "owner_Job" not in p.telemetry.failing()
+    assert p.owners.pending() == 0
+    assert len(api.asked("pods", "list")) == 1  # not by relisting
+
+
+def test_retries_are_bounded_and_not_repeated_per_pod(api, make_processor, caplog):
+    api.create("cronjobs", "ml", owned("CronJob", "nightly"))
+    for job in ("nightly-1", "nightly-2"):
+        api.create("jobs", "ml", owned("Job", job, owner=("CronJob", "nightly")))
+    uids = {name: uid() for name in ("a", "b", "c")}
+    api.create("pods", "ml", pod("a", NODE, uid=uids["a"], owner=("Job", "nightly-1")))
+    api.create("pods", "ml", pod("b", NODE, uid=uids["b"], owner=("Job", "nightly-1")))
+    api.create("pods", "ml", pod("c", NODE, uid=uids["c"], owner=("Job", "nightly-2")))
+    failing = api.fail("jobs", "get", code=500)
+    p = make_processor(api, **MANUAL_RETRIES)
+    assert p.ready(10)
+    assert len(api.asked("jobs", "get")) == 2  # one per Job, not per pod
+    assert p.owners.pending() == 2
+    # a new pod of a Job waiting for its retry asks nothing: the retry does
+    api.create("pods", "ml", pod("d", NODE, uid=(d := uid()), owner=("Job", "nightly-1")))
+    wait_for(lambda: p.cache.get(d), what="the new pod")
+    assert len(api.asked("jobs", "get")) == 2
+    # a retry pass against a server still failing stops at its first GET
+    assert p.owners.retry_pass()[0] is True
+    assert len(api.asked("jobs", "get")) == 3
+    api.clear(failing)
+    assert p.owners.retry_pass()[0] is False
+    assert len(api.asked("jobs", "get")) == 5 and p.owners.pending() == 0
+    for name in ("a", "b", "c"):
+        assert p.attributes_for({"k8s.pod.uid": uids[name]})["k8s.cronjob.name"] == "nightly"
+    assert p.attributes_for({"k8s.pod.uid": d})["k8s.cronjob.name"] == "nightly"
+    # a 404 is final: the Job is gone
+    api.create("pods", "ml", pod("orphan", NODE, uid=(orphan := uid()), owner=("Job", "deleted-job")))
+    wait_for(lambda: p.cache.get(orphan), what="the pod of a deleted Job")
+    assert len(api.asked("jobs", "get")) == 6 and p.owners.pending() == 0
+    assert "k8s.cronjob.name" not in p.attributes_for({"k8s.pod.uid": orphan})
+    assert p.owners.retry_pass() == (False, 0.0) and len(api.asked("jobs", "get")) == 6  # nothing left to do
+
+
+def test_a_failed_lookup_no_live_pod_needs_is_dropped(api, make_processor):
+    api.create("jobs", "ml", owned("Job", "once-1", owner=("CronJob", "once")))
+    api.create("pods", "ml", pod("p", NODE, uid=(u := uid()), owner=("Job", "once-1")))
+    api.fail("jobs", "get", code=500)
+    p = make_processor(api, **MANUAL_RETRIES)
+    assert p.ready(10)
+    assert p.owners.pending() == 1
+    api.delete("pods", "ml", "p")
+    wait_for(lambda: p.cache.get(u).deleted_at is not None, what="the deletion")
+    before = len(api.asked("jobs", "get"))
+    assert p.owners.retry_pass()[0] is False
+    assert len(api.asked("jobs", "get")) == before and p.owners.pending() == 0
+
+
+def test_forbidden_owner_is_reported_once_and_not_retried(api, make_processor, caplog):
+    api.create("jobs", "ml", owned("Job", "a-1", owner=("CronJob", "a")))
+    api.create("jobs", "ml", owned("Job", "b-1", owner=("CronJob", "b")))
+    api.create("pods", "ml", pod("a", NODE, uid=uid(), owner=("Job", "a-1")))
+    api.create("pods", "ml", pod("b", NODE, uid=uid(), owner=("Job", "b-1")))
+    api.forbid("jobs", "get")
+    with caplog.at_level(logging.WARNING):
+        p = make_processor(api, **MANUAL_RETRIES)
+        assert p.ready(10)
+    assert p.owners.pending() == 0
+    assert len([r for r in caplog.records if "forbids get on jobs.batch" in r.getMessage()]) == 1
+
+
+def test_orphaned_replicaset_gives_no_deployment_name(api, make_processor):
+    # `kubectl delete deployment web --cascade=orphan`: the ReplicaSet stays, without ownerReferences. As in the
+    # collector, its pods get no k8s.deployment.name (not one derived from the pod-template-hash label)
+    api.create("replicasets", "ml", owned("ReplicaSet", "web-7f9c4d5b8"))
+    api.create("pods", "ml", pod("web-7f9c4d5b8-kx2lp", NODE, uid=(u := uid()), labels={"pod-template-hash": "7f9c4d5b8"},
+                                 owner=("ReplicaSet", "web-7f9c4d5b8")))
+    p = make_processor(api)
+    assert p.ready(10)
+    got = p.attributes_for({"k8s.pod.uid": u})
+    assert got["k8s.replicaset.name"] == "web-7f9c4d5b8" and "k8s.deployment.name" not in got
+
+
+def test_retried_replicaset_lookup_replaces_the_template_hash_guess(api, make_processor):
+    api.create("replicasets", "ml", owned("ReplicaSet", "web-7f9c4d5b8"))  # orphaned
+    api.create("deployments", "ml", owned("Deployment", "api"))
+    api.create("replicasets", "ml", owned("ReplicaSet", "api-5d8f7c", owner=("Deployment", "api")))
+    api.create("pods", "ml", pod("web-7f9c4d5b8-kx2lp", NODE, uid=(web := uid()),
+                                 labels={"pod-template-hash": "7f9c4d5b8", "app": "web"},
+                                 owner=("ReplicaSet", "web-7f9c4d5b8")))
+    api.create("pods", "ml", pod("api-5d8f7c-abcde", NODE, uid=(other := uid()), labels={"app": "api"},
+                                 owner=("ReplicaSet", "api-5d8f7c")))
+    failing = api.fail("replicasets", "get", code=503)
+    p = make_processor(api, extract={"labels": [{"key": "app"}]}, **MANUAL_RETRIES)
+    assert p.ready(10)
+    # while the ReplicaSets cannot be read: the pod-template-hash guess, where there is a hash
+    assert p.attributes_for({"k8s.pod.uid": web})["k8s.deployment.name"] == "web"
+    assert "k8s.deployment.name" not in p.attributes_for({"k8s.pod.uid": other})
+    api.clear(failing)
+    assert p.owners.retry_pass()[0] is False
+    got_web, got_other = p.attributes_for({"k8s.pod.uid": web}), p.attributes_for({"k8s.pod.uid": other})
+    assert "k8s.deployment.name" not in got_web and got_web["k8s.pod.label.app"] == "web"
+    assert got_other["k8s.deployment.name"] == "api" and got_other["k8s.pod.label.app"] == "api"
+
+
+def test_blank_line_in_a_watch_stream_is_ignored(api, make_processor, caplog):
+    p = make_processor(api, watch_timeout="30s")
+    assert p.ready(10)
+    wait_for(lambda: api.open_watches() == 1, what="the watch to be open")
+    watches = len(api.asked("pods", "watch"))
+    with caplog.at_level(logging.WARNING):
+        assert api.blank_line() == 1
+        api.create("pods", "ml", pod("after-blank", NODE, uid=(u := uid())))
+        wait_for(lambda: p.cache.get(u), timeout=15, what="the event after the blank line")
+    assert len(api.asked("pods", "watch")) == watches  # the same watch brought it
+    assert p.m_restarts._metric.labels("k8sattributes", "pods", "error")._value.get() == 0
+    assert "api_pods" not in p.telemetry.failing()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_relist_while_owner_lookups_fail_keeps_the_names_read_before(api, make_processor):
+    # an API server restart after owner_lookup_ttl: the relist remakes every record while GETs still fail
+    api.create("cronjobs", "ml", owned("CronJob", "nightly"))
+    api.create("jobs", "ml", owned("Job", "nightly-1", owner=("CronJob", "nightly")))
+    api.create("pods", "ml", pod("p", NODE, uid=(u := uid()), owner=("Job", "nightly-1")))
+    p = make_processor(api, owner_lookup_ttl="50ms")
+    assert p.ready(10)
+    assert p.attributes_for({"k8s.pod.uid": u})["k8s.cronjob.name"] == "nightly"
+    gets = len(api.asked("jobs", "get"))
+    time.sleep(0.2)  # the cached answer expires
+    outage = api.outage()
+    api.create("pods", "ml", pod("while-away", NODE, uid=(away := uid())))
+    api.compact()  # resuming the watch gets 410: relist
+    api.fail("jobs", "get", code=503)
+    api.clear(outage)
+    wait_for(lambda: p.cache.get(away), timeout=15, what="the relist")
+    assert len(api.asked("jobs", "get")) > gets  # the cached answer had expired: asked again, and failed
+    assert p.owners.pending() == 1
+    assert p.attributes_for({"k8s.pod.uid": u})["k8s.cronjob.name"] == "nightly"
