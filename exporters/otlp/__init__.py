@@ -19,6 +19,8 @@ import re
 import threading
 import time
 
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.sdk.metrics.export import AggregationTemporality, MetricExporter, MetricExportResult, MetricsData
 
 from podmeter.component import ComponentUnavailable, Exporter, Factory, Stability
@@ -216,7 +218,13 @@ class OTLPExporter(Exporter):
             item, data = got
             keep = False
             try:
-                if data and self._send_with_retry(data, item.points) == "stopped":
+                if item.recovered and not item.error and not _whole_request(data, item.points):
+                    item.error = f"{self.queue.path(item)} is empty or not a whole OTLP request (cut short by a crash?)"
+                if item.error:  # a stored batch that cannot be read back, or a corrupt file left by a crash
+                    self._failed.inc(item.points)
+                    self.telemetry.send_failed(item.points)
+                    self.telemetry.error("storage_read", f"dropping {item.points} points: {item.error}")
+                elif data and self._send_with_retry(data, item.points) == "stopped":
                     # shutting down mid-retry: a persistent queue keeps the batch for the next start
                     keep = bool(self.queue.directory)
                     if not keep:
@@ -227,7 +235,12 @@ class OTLPExporter(Exporter):
                 self._failed.inc(item.points)
                 self.telemetry.send_failed(item.points)
             finally:
-                self.queue.done(item, keep=keep)
+                try:
+                    self.queue.done(item, keep=keep)
+                except OSError as exc:  # e.g. the filesystem went read-only: this consumer must keep sending
+                    self.telemetry.error("storage_remove", f"cannot remove a finished batch's file: "
+                                         f"{exc.strerror or exc} ({exc.filename}); it is read again at the next "
+                                         "start")
 
     def _send_with_retry(self, data: bytes, points: int, deadline: float | None = None) -> bool | str:
         """Send until delivered (True), given up (False) or the exporter stops (\"stopped\").
@@ -271,8 +284,8 @@ class OTLPExporter(Exporter):
             kind = outcome.kind or "error"
             if outcome.too_large:
                 # The gateway's limit is below ours (max_request_bytes): a proxy's body limit, a smaller
-                # max_recv_msg_size_mib. The collector drops such a batch, and every later one; halves by resource
-                # are sent instead, each split again if it is still too large.
+                # max_recv_msg_size_mib. The collector drops such a batch, and every later one; halves (by resource
+                # or within a resource) are sent instead, each split again if it is still too large.
                 halves = split_request(data)
                 if halves is not None:
                     if not self._split_logged:  # a warning, not an error: nothing is lost
@@ -281,6 +294,10 @@ class OTLPExporter(Exporter):
                                             "that large in smaller parts", self._where(), len(data), outcome.message)
                     results = [self._send_with_retry(part, n, deadline) for part, n in halves]
                     return "stopped" if "stopped" in results else all(r is True for r in results)
+            if outcome.retryable and self._stop.is_set():
+                # the attempt failed because shutdown closed the connection under it (gRPC CANCELLED "Channel
+                # closed"): not a backend failure to log or count as a retry
+                return "stopped"
             if not outcome.retryable or not retry.enabled:
                 self._give_up(points, kind, f"dropping {points} points: {outcome.message}"
                               + ("" if outcome.retryable else " (not retryable)"))
@@ -314,6 +331,19 @@ class OTLPExporter(Exporter):
 class OTLPHttpExporter(OTLPExporter):
     sender_class = HttpSender
     type_name = "otlphttp"
+
+
+def _whole_request(data: bytes, points: int) -> bool:
+    """Whether a file left by an earlier run holds a whole request. Without fsync a power cut (or a full disk)
+    can leave it empty or cut short; sent, the backend refuses it as malformed (gRPC INTERNAL, HTTP 400) and the
+    log blames it, not the file."""
+    if not data:
+        return not points
+    try:
+        ExportMetricsServiceRequest.FromString(data)
+    except DecodeError:
+        return False
+    return True
 
 
 def _safe(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
@@ -59,6 +60,7 @@ class QueueConfig(ComponentConfig):
         return v
 
 
+_BAD_HOST = re.compile(r"[\s/?#@]")  # whitespace, or URL syntax in a host name
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 
@@ -83,6 +85,12 @@ class _OTLPBase(ComponentConfig):
                 raise ValueError(f"header name {k!r} is not a valid HTTP header / gRPC metadata key")
             if "\n" in str(value) or "\r" in str(value):
                 raise ValueError(f"header {k!r}: the value must be one line")
+            # gRPC metadata values are printable ASCII (grpcio fails every call with INTERNAL "Invalid metadata",
+            # as if the backend had refused it) and HTTP header values go out as Latin-1 (requests raises on
+            # anything else): either way every batch would be dropped at send time
+            if not all(" " <= c <= "~" or c == "\t" for c in str(value)):
+                raise ValueError(f"header {k!r}: the value must be printable ASCII (percent- or base64-encode "
+                                 "anything else)")
         return v
 
 
@@ -97,7 +105,7 @@ class OTLPGrpcConfig(_OTLPBase):
         if "://" in v and not v.startswith(("http://", "https://")):
             raise ValueError("the scheme must be http:// or https://, or none (host:port)")
         host, sep, port = rest.rstrip("/").rpartition(":")
-        if not sep or not host or not port.isdigit():
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or _BAD_HOST.search(host):
             raise ValueError(f"invalid endpoint {v!r}: expected host:port, like otel-gateway:4317")
         return v
 
@@ -114,10 +122,29 @@ class OTLPHttpConfig(_OTLPBase):
     metrics_endpoint: str = Field("", description="Full URL for metrics, used as is instead of endpoint + /v1/metrics")
     # the collector's otlphttp default: its HTTP client's deadline covers connecting, sending and reading the reply
     timeout: Duration = Field(30.0, gt=0, description="Deadline of one send attempt")
+    encoding: Literal["proto", "json"] = Field("proto", description="Body encoding: proto (application/x-protobuf) "
+                                                                 "or json (OTLP/JSON, application/json)")
 
     @field_validator("endpoint", "metrics_endpoint")
     @classmethod
     def _url(cls, v: str) -> str:
         if v and not v.startswith(("http://", "https://")):
             raise ValueError(f"invalid URL {v!r}: must start with http:// or https://")
+        if v:
+            # checked here: a URL the HTTP client cannot parse failed every send, retried as if the backend
+            # were away
+            url = urllib.parse.urlsplit(v)
+            try:
+                url.port  # noqa: B018 - raises on a port that is not a number in range
+            except ValueError:
+                raise ValueError(f"invalid URL {v!r}: the port must be a number from 1 to 65535") from None
+            if not url.hostname or _BAD_HOST.search(url.hostname) or url.port == 0:
+                raise ValueError(f"invalid URL {v!r}: expected http(s)://host[:port][/path], like "
+                                 "https://otlp.example.com:4318")
         return v
+
+    @model_validator(mode="after")
+    def _some_url(self):
+        if not self.endpoint and not self.metrics_endpoint:  # e.g. ${env:OTLP_ENDPOINT} unset
+            raise ValueError("either endpoint or metrics_endpoint must be given")
+        return self

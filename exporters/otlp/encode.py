@@ -9,7 +9,8 @@ down (`add()`), and attribute lists are encoded once per distinct set (a resourc
 receivers keep theirs across collections): 46 ms for the same batch. The SDK's own code still encodes what is rare
 in podmeter's batches (histograms, exemplars, attribute values).
 
-A batch larger than the limit is split between resources, each encoded once (a resource is never split).
+A batch larger than the limit is split between resources, each encoded once. A request that a gateway refuses
+as too large is split again (`split_request`): between resources, or within a resource when it is alone.
 """
 
 from __future__ import annotations
@@ -158,17 +159,59 @@ class Encoder:
 
 
 def split_request(data: bytes) -> list[tuple[bytes, int]] | None:
-    """An encoded request as two requests of half its resources each, with their points; None for one resource."""
+    """An encoded request as two requests, with their points: half its resources each, or for a single resource
+    half its metrics (half the points of a single metric); None for a single point."""
     request = ExportMetricsServiceRequest.FromString(data)
     resources = request.resource_metrics
-    if len(resources) < 2:
+    if len(resources) >= 2:
+        parts = [resources[:len(resources) // 2], resources[len(resources) // 2:]]
+    elif resources:
+        halves = _split_resource(resources[0])
+        if halves is None:
+            return None
+        parts = [[half] for half in halves]
+    else:
         return None
     out = []
-    for part in (resources[:len(resources) // 2], resources[len(resources) // 2:]):
+    for part in parts:
         half = ExportMetricsServiceRequest(resource_metrics=part)
         points = sum(len(getattr(m, m.WhichOneof("data")).data_points) if m.WhichOneof("data") else 0
                      for rm in part for sm in rm.scope_metrics for m in sm.metrics)
         out.append((half.SerializeToString(), points))
+    return out
+
+
+def _split_resource(rm: pb2.ResourceMetrics) -> list[pb2.ResourceMetrics] | None:
+    """One resource's metrics in two halves, each with the resource and its scopes: a gateway with a small
+    request limit (a proxy's body limit) refuses a resource with many series as a whole."""
+    metrics = [(i, m) for i, sm in enumerate(rm.scope_metrics) for m in sm.metrics]
+    if len(metrics) == 1:  # one metric: its points in halves
+        i, metric = metrics[0]
+        kind = metric.WhichOneof("data")
+        points = getattr(metric, kind).data_points if kind else []
+        if len(points) < 2:
+            return None
+        out = []
+        for chosen in (points[:len(points) // 2], points[len(points) // 2:]):
+            half = pb2.ResourceMetrics()
+            half.CopyFrom(rm)
+            kept = getattr(half.scope_metrics[i].metrics[0], kind).data_points
+            del kept[:]
+            kept.extend(chosen)
+            out.append(half)
+        return out
+    if len(metrics) < 2:
+        return None
+    out = []
+    for group in (metrics[:len(metrics) // 2], metrics[len(metrics) // 2:]):
+        half = pb2.ResourceMetrics(resource=rm.resource, schema_url=rm.schema_url)
+        scopes: dict[int, pb2.ScopeMetrics] = {}
+        for i, metric in group:
+            if i not in scopes:
+                sm = rm.scope_metrics[i]
+                scopes[i] = half.scope_metrics.add(scope=sm.scope, schema_url=sm.schema_url)
+            scopes[i].metrics.add().CopyFrom(metric)
+        out.append(half)
     return out
 
 

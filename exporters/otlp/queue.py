@@ -33,6 +33,8 @@ class Item:
     points: int
     data: bytes | None = None  # None for a persistent item until it is read
     size: int = 0  # encoded bytes
+    recovered: bool = False  # a file left by an earlier process (read back at start)
+    error: str = ""  # why its stored bytes cannot be read: set by get()
 
 
 class QueueLocked(Exception):
@@ -69,7 +71,7 @@ class SendingQueue:
                         size = os.stat(os.path.join(directory, name)).st_size
                     except FileNotFoundError:
                         continue
-                    found.append(Item(int(m.group(1)), int(m.group(2)), size=size))
+                    found.append(Item(int(m.group(1)), int(m.group(2)), size=size, recovered=True))
                 elif name.endswith(".tmp"):  # a write interrupted by a kill: never complete, never queued
                     os.unlink(os.path.join(directory, name))
             found.sort(key=lambda i: i.seq)
@@ -91,7 +93,7 @@ class SendingQueue:
         finally:
             os.close(fd)
 
-    def _path(self, item: Item) -> str:
+    def path(self, item: Item) -> str:
         return os.path.join(self.directory, f"{item.seq:020d}-{item.points}.otlp")
 
     def __len__(self) -> int:
@@ -113,13 +115,22 @@ class SendingQueue:
             item = Item(self._seq, points, data, len(data))
             self._seq += 1
             if self.directory:
-                path = self._path(item)
-                with open(path + ".tmp", "wb") as f:
-                    f.write(data)
-                    if self.fsync:
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(path + ".tmp", path)
+                path = self.path(item)
+                try:
+                    with open(path + ".tmp", "wb") as f:
+                        f.write(data)
+                        if self.fsync:
+                            f.flush()
+                            os.fsync(f.fileno())
+                    os.replace(path + ".tmp", path)
+                except OSError:
+                    # a full disk: the partial file would hold its blocks (and an inode per export) until the
+                    # next start
+                    try:
+                        os.unlink(path + ".tmp")
+                    except OSError:
+                        pass
+                    raise
                 if self.fsync:
                     self._sync_directory()  # the rename itself is durable only once the directory is
                 item.data = None  # the file holds it; memory stays bounded by what is in flight
@@ -147,25 +158,34 @@ class SendingQueue:
             self._in_flight += 1
         data = item.data
         if data is None:
-            try:
-                with open(self._path(item), "rb") as f:
-                    data = f.read()
-            except OSError:
-                data = b""  # removed behind our back: nothing to send
+            data = self._read(item)
         return item, data
 
+    def _read(self, item: Item) -> bytes:
+        """A stored batch's bytes; b"" with `item.error` saying why when they cannot be read."""
+        path = self.path(item)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            item.error = f"cannot read {path}: {exc.strerror or exc}"
+            return b""
+
     def done(self, item: Item, keep: bool = False) -> None:
-        """The batch was delivered or given up (removed), or must stay for the next run (keep)."""
-        if not keep:
-            self._remove(item)
-        with self._cond:
-            self._in_flight -= 1
-            self._cond.notify_all()
+        """The batch was delivered or given up (removed), or must stay for the next run (keep). An OSError
+        removing the file (a read-only filesystem) is raised once the batch no longer counts as in flight."""
+        try:
+            if not keep:
+                self._remove(item)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
 
     def _remove(self, item: Item) -> None:
         if self.directory:
             try:
-                os.unlink(self._path(item))
+                os.unlink(self.path(item))
             except FileNotFoundError:
                 pass
 

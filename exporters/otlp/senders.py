@@ -10,7 +10,11 @@ MetricsService method, HTTP as the spec's POST of application/x-protobuf.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import email.utils
 import gzip
+import json
 import os
 import ssl
 import threading
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 import requests
+from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
 from podmeter import __version__
@@ -186,7 +191,9 @@ def _grpc_retry_after(err) -> float | None:
 class HttpSender:
     def __init__(self, config) -> None:
         self.url = config.metrics_endpoint or config.endpoint.rstrip("/") + "/v1/metrics"
-        self.headers = {"Content-Type": "application/x-protobuf", "User-Agent": USER_AGENT, **config.headers}
+        self.json = config.encoding == "json"
+        content_type = "application/json" if self.json else "application/x-protobuf"
+        self.headers = {"Content-Type": content_type, "User-Agent": USER_AGENT, **config.headers}
         # one Session (connection pool) per consumer thread: requests does not promise Session is thread-safe
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
@@ -201,9 +208,9 @@ class HttpSender:
 
     def send(self, data: bytes) -> Outcome:
         headers = {}
-        body = data
+        body = _to_json(data) if self.json else data
         if self.gzip:
-            body = gzip.compress(data, 5)
+            body = gzip.compress(body, 5)
             headers["Content-Encoding"] = "gzip"
         session = getattr(self._local, "session", None)
         if session is None:
@@ -221,15 +228,15 @@ class HttpSender:
         except (OSError, ValueError) as exc:  # e.g. a TLS file removed since start: permanent until fixed
             return Outcome(False, False, f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
         if 200 <= resp.status_code < 300:
-            if resp.content and "protobuf" in resp.headers.get("Content-Type", ""):
+            ctype = resp.headers.get("Content-Type", "")
+            if resp.content and ("protobuf" in ctype or "json" in ctype):
                 try:
-                    return _partial(metrics_service_pb2.ExportMetricsServiceResponse.FromString(resp.content))
+                    return _partial(_parse(resp.content, "json" in ctype,
+                                           metrics_service_pb2.ExportMetricsServiceResponse()))
                 except Exception:
                     return Outcome(True)
             return Outcome(True)
-        retry_after = None
-        if resp.headers.get("Retry-After", "").strip().isdigit():
-            retry_after = float(resp.headers["Retry-After"])
+        retry_after = _retry_after(resp.headers.get("Retry-After", ""))
         text = _error_text(resp)
         return Outcome(False, resp.status_code in RETRYABLE_HTTP, f"HTTP {resp.status_code} {resp.reason}: {text}",
                        retry_after, kind=f"HTTP {resp.status_code}", too_large=resp.status_code == 413)
@@ -241,19 +248,61 @@ class HttpSender:
             self._sessions.clear()
 
 
+def _retry_after(value: str) -> float | None:
+    """Seconds a Retry-After header asks to wait: delay-seconds, or an HTTP-date (RFC 9110; the collector's
+    otlphttp exporter reads both). A date already past means now; anything else is no request."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT; "-0000" parses as naive
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+
+
 def _error_text(resp) -> str:
     """What a failed response says. An OTLP/HTTP server answers 4xx/5xx with a protobuf google.rpc.Status (the
     collector's receiver does): its message, not the raw bytes, goes to the log."""
     if not resp.content:
         return ""
-    if "protobuf" in resp.headers.get("Content-Type", ""):
+    ctype = resp.headers.get("Content-Type", "")
+    if "protobuf" in ctype or "json" in ctype:  # as the request was encoded: the collector answers in kind
         try:
             from google.rpc.status_pb2 import Status
 
-            return Status.FromString(resp.content).message[:200]
+            return _parse(resp.content, "json" in ctype, Status()).message[:200]
         except Exception:
-            return f"({len(resp.content)} bytes of undecodable protobuf)"
+            if "protobuf" in ctype:
+                return f"({len(resp.content)} bytes of undecodable protobuf)"
     return resp.text[:200].strip()
+
+
+def _parse(content: bytes, is_json: bool, message):
+    if is_json:
+        return json_format.Parse(content, message, ignore_unknown_fields=True)
+    message.ParseFromString(content)
+    return message
+
+
+def _to_json(data: bytes) -> bytes:
+    """An encoded request as OTLP/JSON: the proto3 JSON mapping (lowerCamelCase keys, 64-bit integers as decimal
+    strings) with the OTLP spec's two changes: enums as integers, trace and span ids as hex, not base64. The
+    queue holds protobuf (one format on disk, whatever the encoding), so this runs per attempt, on a consumer."""
+    request = metrics_service_pb2.ExportMetricsServiceRequest.FromString(data)
+    tree = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for rm in tree.get("resourceMetrics", ()):
+        for sm in rm.get("scopeMetrics", ()):
+            for metric in sm.get("metrics", ()):
+                for kind in ("sum", "gauge", "histogram", "exponentialHistogram", "summary"):
+                    for point in metric.get(kind, {}).get("dataPoints", ()):
+                        for exemplar in point.get("exemplars", ()):
+                            for key in ("traceId", "spanId"):
+                                if key in exemplar:
+                                    exemplar[key] = base64.b64decode(exemplar[key]).hex()
+    return json.dumps(tree, separators=(",", ":")).encode()
 
 
 def _short(exc: Exception) -> str:

@@ -1,0 +1,199 @@
+"""otlphttp's `encoding` (the collector's key: proto, the default, or json); endpoints and header values no send can use.
+
+A copied collector config saying `encoding: proto` was refused as an unknown key, and `encoding: json` could not be
+had. The receiver here is the standard library's HTTP server decoding with protobuf's own JSON parser
+(`json_format.Parse`): no OTLP/JSON receiver that follows the spec runs here (rotel accepts application/json but
+drops every 64-bit integer sent as the spec's decimal string), so the spec's rules are checked on the raw JSON."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from google.protobuf import json_format
+from harness import free_port, wait_for
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms_pb2
+from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Metric,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from exporters.otlp import grpc_factory, http_factory
+from exporters.otlp.config import OTLPHttpConfig
+
+FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}
+
+
+class JsonSink:
+    """OTLP/HTTP with JSON bodies: records (raw JSON tree, parsed request, headers); answers from `script`
+    ((status, JSON body) pairs), then 200 with an empty response."""
+
+    def __init__(self, script=()) -> None:
+        self.script = list(script)
+        self.got: list = []
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                status, reply = sink.script.pop(0) if sink.script else (200, {})
+                if status == 200:
+                    request = json_format.Parse(body, ms_pb2.ExportMetricsServiceRequest())
+                    sink.got.append((json.loads(body), request, dict(self.headers)))
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def make_exporter(kit, host):
+    made = []
+
+    def make(**config):
+        exp, telemetry = kit.make(http_factory, {"retry_on_failure": FAST, "sending_queue": {"num_consumers": 1},
+                                                 **config})
+        exp.start(host)
+        made.append(exp)
+        return exp, telemetry
+
+    yield make
+    for exp in made:
+        exp.shutdown(timeout_millis=2000)
+
+
+def counter(kit, telemetry, what: str, **labels) -> float:
+    return kit.sample(telemetry, f"podmeter_otlphttp_exporter_{what}_total", component="otlphttp", **labels)
+
+
+def test_encoding_is_the_collectors_key_with_its_default():
+    assert OTLPHttpConfig().encoding == "proto"
+    assert OTLPHttpConfig(encoding="proto").encoding == "proto"
+    assert OTLPHttpConfig(encoding="json").encoding == "json"
+    with pytest.raises(ValueError, match="encoding"):
+        OTLPHttpConfig(encoding="yaml")
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_json_encoding_follows_the_otlp_spec(compression, make_exporter, kit):
+    """OTLP/JSON: lowerCamelCase keys, enums as integers, 64-bit integers as decimal strings, application/json;
+    a JSON partial success counts its rejected points."""
+    partial = {"partialSuccess": {"rejectedDataPoints": "2", "errorMessage": "2 points refused"}}
+    sink = JsonSink([(200, partial)])
+    try:
+        exp, telemetry = make_exporter(endpoint=sink.endpoint, encoding="json", compression=compression)
+        exp.export(kit.batch([0, 1], step=1))
+        wait_for(lambda: counter(kit, telemetry, "sent_metric_points") == 8, what="the batch")
+    finally:
+        sink.stop()
+    assert counter(kit, telemetry, "dropped_metric_points", cause="rejected") == 2
+    ((tree, request, headers),) = sink.got
+    assert headers["Content-Type"] == "application/json"
+    metrics = {m["name"]: m for m in tree["resourceMetrics"][0]["scopeMetrics"][0]["metrics"]}
+    cpu = metrics[kit.CPU.name]["sum"]
+    assert cpu["aggregationTemporality"] == 2 and cpu["isMonotonic"] is True
+    assert isinstance(cpu["dataPoints"][0]["timeUnixNano"], str)
+    assert metrics[kit.MEM.name]["sum"]["dataPoints"][0]["asInt"] == "1048576"
+    assert metrics[kit.LAT.name]["histogram"]["dataPoints"][0]["bucketCounts"] == ["1", "2", "3"]
+    pods = {a.value.string_value for rm in request.resource_metrics for a in rm.resource.attributes
+            if a.key == "k8s.pod.uid"}
+    assert pods == {"uid-0", "uid-1"}
+
+
+def test_json_exemplar_ids_are_hex(make_exporter):
+    """The spec's one departure from the proto3 JSON mapping that podmeter could meet: trace and span ids are hex
+    strings, not base64."""
+    point = NumberDataPoint(attributes={}, start_time_unix_nano=1, time_unix_nano=2, value=3, exemplars=[
+        Exemplar({}, 4.5, 5, span_id=0x00F067AA0BA902B7, trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736)])
+    data = MetricsData([ResourceMetrics(Resource({"r": "1"}), [ScopeMetrics(InstrumentationScope("s", "1"), [
+        Metric("with.exemplar", "d", "1", Sum([point], AggregationTemporality.CUMULATIVE, True))], "")], "")])
+    sink = JsonSink()
+    try:
+        exp, _ = make_exporter(endpoint=sink.endpoint, encoding="json")
+        exp.export(data)
+        wait_for(lambda: sink.got, what="the batch")
+    finally:
+        sink.stop()
+    tree = sink.got[0][0]
+    exemplar = tree["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][0]["sum"]["dataPoints"][0]["exemplars"][0]
+    assert exemplar["traceId"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert exemplar["spanId"] == "00f067aa0ba902b7"
+
+
+def test_json_error_status_is_decoded_for_the_log(make_exporter, kit, caplog):
+    sink = JsonSink([(400, {"code": 3, "message": "unknown metric type"})])
+    try:
+        exp, telemetry = make_exporter(endpoint=sink.endpoint, encoding="json")
+        exp.export(kit.batch([0], step=1))
+        wait_for(lambda: counter(kit, telemetry, "send_failed_metric_points") == 5, what="the batch to be dropped")
+    finally:
+        sink.stop()
+    assert "HTTP 400 Bad Request: unknown metric type (not retryable)" in exp.telemetry.failing()[
+        "send_failed:HTTP 400"]
+
+
+@pytest.mark.parametrize("factory", [grpc_factory, http_factory], ids=["otlp", "otlphttp"])
+def test_a_header_value_that_cannot_be_sent_is_refused_naming_the_key(factory):
+    """A non-ASCII header value was accepted, then every batch was dropped at send time: gRPC as INTERNAL
+    "Invalid metadata" (as if the backend had refused it), HTTP as a UnicodeEncodeError."""
+    from podmeter.config import validate_component
+
+    problems: list[str] = []
+    validate_component(factory, {"headers": {"X-Team": "Zürich €"}}, f"exporters::{factory.type}", problems)
+    assert problems == [f"exporters::{factory.type}::headers: header 'X-Team': the value must be printable ASCII "
+                        "(percent- or base64-encode anything else)"]
+    ok: list[str] = []
+    validate_component(factory, {"headers": {"Authorization": "Bearer a.b-c_d~e/f+g="}}, f"exporters::{factory.type}",
+                       ok)
+    assert ok == []
+
+
+@pytest.mark.parametrize("factory,endpoint", [
+    (http_factory, "http://"), (http_factory, "https://:4318"), (http_factory, "http://gw:43x8"),
+    (http_factory, "http://gw:99999"), (http_factory, "http://otel gateway:4318"), (http_factory, ""),
+    (grpc_factory, "gw:99999"), (grpc_factory, "otel gateway:4317"),
+])
+def test_an_endpoint_that_cannot_be_reached_by_any_send_is_refused(factory, endpoint):
+    """These were accepted; then every batch failed in the HTTP client (InvalidURL, retried as if the backend were
+    away, for max_elapsed_time) or in the gRPC channel (UNAVAILABLE, forever). An empty endpoint is what an unset
+    ${env:...} leaves."""
+    from podmeter.config import validate_component
+
+    problems: list[str] = []
+    validate_component(factory, {"endpoint": endpoint}, f"exporters::{factory.type}", problems)
+    assert len(problems) == 1 and "endpoint" in problems[0], problems
+    ok: list[str] = []
+    for good in (["http://gw:4318/otlp", "https://[::1]:4318", "https://otlp.example.com"]
+                 if factory is http_factory else ["gw:4317", "[::1]:4317", "https://gw:4317"]):
+        validate_component(factory, {"endpoint": good}, f"exporters::{factory.type}", ok)
+    assert ok == []

@@ -1,0 +1,106 @@
+"""A gateway refusing a request as too large when the request holds a single resource: a real grpcio server with
+a small `grpc.max_receive_message_length` (as a collector with a small `max_recv_msg_size_mib`), and an HTTP
+server answering 413 over a body limit, as a proxy does."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+from harness import free_port, wait_for
+from harness.otlp import OTLPSink, flatten
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
+
+from exporters.otlp import grpc_factory, http_factory
+from podmeter.metrics import MetricsBuilder, MetricSpec
+
+FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}
+LIMIT = 6_000
+THREADS = MetricSpec("process.thread.cpu.time", "sum", "s", "CPU time by thread", attributes=("thread.id",))
+
+
+class _LimitedHttp:
+    """OTLP/HTTP (protobuf) refusing bodies over `LIMIT` bytes with 413."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status = 413 if len(body) > LIMIT else 200
+                if status == 200:
+                    sink.requests.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def one_resource_batch(threads: int, metrics: int = 2):
+    """One resource (a pod) with `metrics` metrics of `threads` points each: larger than LIMIT encoded."""
+    b = MetricsBuilder("podmeter/receiver/test", 1_700_000_000_000_000_000)
+    resource = {"k8s.pod.uid": "uid-big", "k8s.pod.name": "big"}
+    for m in range(metrics):
+        spec = MetricSpec(f"{THREADS.name}.{m}", "sum", "s", THREADS.description, attributes=("thread.id",))
+        for t in range(threads):
+            b.add(spec, float(t), {"thread.id": t}, resource=resource)
+    return b.build()
+
+
+@pytest.mark.parametrize("metrics", [2, 1])
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_a_single_resource_too_large_for_the_gateway_is_split_within(proto, metrics, kit, host):
+    """Requests were split between resources only: a request of one resource over the gateway's limit was
+    dropped, every time. It is split by metric, and a single metric by point, until the gateway takes it."""
+    if proto == "grpc":
+        sink = OTLPSink()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                             options=[("grpc.max_receive_message_length", LIMIT)])
+        ms_grpc.add_MetricsServiceServicer_to_server(sink, server)
+        server.add_insecure_port(f"127.0.0.1:{sink.grpc_port}")
+        server.start()
+        stop, endpoint, requests = (lambda: server.stop(0).wait()), sink.grpc_endpoint, sink.requests
+    else:
+        http = _LimitedHttp()
+        stop, endpoint, requests = http.stop, http.endpoint, http.requests
+    threads = 400 // metrics
+    data = one_resource_batch(threads, metrics)
+    try:
+        factory = grpc_factory if proto == "grpc" else http_factory
+        cid = "otlp" if proto == "grpc" else "otlphttp"
+        exp, telemetry = kit.make(factory, {"endpoint": endpoint, "compression": "none", "retry_on_failure": FAST,
+                                            "sending_queue": {"num_consumers": 1}})
+        exp.start(host)
+        try:
+            exp.export(data)
+            wait_for(lambda: kit.sample(telemetry, f"podmeter_{cid}_exporter_sent_metric_points_total",
+                                        component=cid) == 400, what="every point")
+        finally:
+            exp.shutdown(timeout_millis=2000)
+    finally:
+        stop()
+    assert kit.sample(telemetry, f"podmeter_{cid}_exporter_send_failed_metric_points_total", component=cid) == 0
+    assert len(requests) > 2 and all(r.ByteSize() <= LIMIT for r in requests)
+    got = sorted((p.name, p.attributes["thread.id"], p.value, p.resource["k8s.pod.uid"]) for p in flatten(requests))
+    assert got == sorted((f"{THREADS.name}.{m}", t, float(t), "uid-big") for m in range(metrics)
+                         for t in range(threads))

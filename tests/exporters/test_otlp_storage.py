@@ -1,0 +1,215 @@
+"""otlp / otlphttp against the real OTLP sink: what a persistent queue finds on disk at start (files cut short by
+a crash, files it cannot read or remove, a full disk), throttling by an HTTP-date Retry-After, a send cut by the shutdown."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from harness import free_port, require, require_root, wait_for
+from harness.otlp import OTLPSink
+from opentelemetry.sdk.metrics.export import MetricExportResult
+
+from exporters.otlp import grpc_factory, http_factory
+from exporters.otlp.encode import Encoder
+
+FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}
+
+
+@pytest.fixture
+def make_exporter(kit, host):
+    made = []
+
+    def make(factory, **config):
+        exp, telemetry = kit.make(factory, {"retry_on_failure": FAST, **config})
+        exp.start(host)
+        made.append(exp)
+        return exp, telemetry
+
+    yield make
+    for exp in made:
+        exp.shutdown(timeout_millis=2000)
+
+
+def counter(kit, telemetry, cid: str, what: str) -> float:
+    return kit.sample(telemetry, f"podmeter_{cid}_exporter_{what}_total", component=cid)
+
+
+def stored(qdir, seq: int, points: int, data: bytes) -> None:
+    (qdir / f"{seq:020d}-{points}.otlp").write_bytes(data)
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_corrupt_files_left_by_a_crash_are_counted_not_sent(proto, make_exporter, kit, tmp_path, caplog):
+    """Without fsync a power cut leaves a queued file empty or cut short. An empty one was dropped without being
+    counted or logged; one cut short was sent, and the backend refused it as malformed (gRPC INTERNAL, or a
+    receiver that cannot parse it), so the log blamed the backend. Each is now counted as send_failed and logged
+    once as a storage problem; the whole batches beside them are delivered."""
+    cid = "otlp" if proto == "grpc" else "otlphttp"
+    qdir = tmp_path / "queue" / f"exporter_{cid}"
+    qdir.mkdir(parents=True)
+    ((whole, n),) = Encoder().requests(kit.batch([0], step=1), 3 << 20)
+    assert n == 5
+    stored(qdir, 1, 5, b"")  # the file was created, its data never reached the disk
+    stored(qdir, 2, 5, whole[: len(whole) // 2])  # cut short
+    stored(qdir, 3, 5, b"\x00" * 512)  # blocks allocated, never written
+    stored(qdir, 4, 5, whole)
+    sink = OTLPSink().start()
+    try:
+        factory = grpc_factory if proto == "grpc" else http_factory
+        endpoint = sink.grpc_endpoint if proto == "grpc" else sink.http_endpoint
+        with caplog.at_level(logging.WARNING):
+            exp, telemetry = make_exporter(factory, endpoint=endpoint,
+                                           sending_queue={"num_consumers": 1, "storage": str(tmp_path / "queue")})
+            assert exp.force_flush(20_000)
+    finally:
+        sink.stop()
+    assert counter(kit, telemetry, cid, "sent_metric_points") == 5
+    assert counter(kit, telemetry, cid, "send_failed_metric_points") == 15
+    assert len(sink.requests) == 1 and sink.refused == 0
+    assert {p.value for p in sink.points() if p.name == kit.CPU.name} == {1.0}
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("storage_read" in line for line in lines) == 1, lines
+    assert not any("send_failed" in line for line in lines), lines  # the backend is not blamed
+    assert list(qdir.glob("*.otlp")) == []
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_a_file_that_cannot_be_removed_does_not_stop_the_sender(proto, make_exporter, kit, tmp_path, caplog):
+    """An OSError removing a finished batch's file (here a directory where a batch file should be; a filesystem
+    gone read-only does the same) escaped the consumer thread with a traceback and ended it: with one consumer
+    nothing was ever sent again, and the queue filled. It is logged once and the consumer goes on."""
+    cid = "otlp" if proto == "grpc" else "otlphttp"
+    qdir = tmp_path / "queue" / f"exporter_{cid}"
+    qdir.mkdir(parents=True)
+    (qdir / f"{0:020d}-5.otlp").mkdir()
+    sink = OTLPSink().start()
+    try:
+        factory = grpc_factory if proto == "grpc" else http_factory
+        endpoint = sink.grpc_endpoint if proto == "grpc" else sink.http_endpoint
+        with caplog.at_level(logging.WARNING):
+            exp, telemetry = make_exporter(factory, endpoint=endpoint,
+                                           sending_queue={"num_consumers": 1, "storage": str(tmp_path / "queue")})
+            wait_for(lambda: counter(kit, telemetry, cid, "send_failed_metric_points") == 5,
+                     what="the unreadable batch to be counted")
+            exp.export(kit.batch([0], step=2))
+            wait_for(lambda: counter(kit, telemetry, cid, "sent_metric_points") == 5, what="the next batch")
+    finally:
+        sink.stop()
+    assert all(t.is_alive() for t in exp._threads)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("storage_remove" in line and "Is a directory" in line for line in lines) == 1, lines
+
+
+def test_retry_after_as_an_http_date_is_honoured(make_exporter, kit):
+    """Retry-After may be an HTTP-date (RFC 9110), which the collector's otlphttp exporter reads. Only
+    delay-seconds were read: a 429 asking to come back in an hour was retried 50 ms later. Asking for longer
+    than max_elapsed_time (20 s here) the batch is given up at once, as with delay-seconds."""
+    later = formatdate(time.time() + 3600, usegmt=True)
+    answers = []  # the status of each attempt: 429 with the date first, then 200
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            answers.append(429 if not answers else 200)
+            self.send_response(answers[-1])
+            if answers[-1] == 429:
+                self.send_header("Retry-After", later)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        exp, telemetry = make_exporter(http_factory, endpoint=f"http://127.0.0.1:{port}",
+                                       sending_queue={"num_consumers": 1})
+        exp.export(kit.batch([0], step=1))
+        wait_for(lambda: counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 5,
+                 what="the batch to be given up")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers == [429]  # no second attempt
+    assert counter(kit, telemetry, "otlphttp", "sent_metric_points") == 0
+
+
+class _HeldSink(OTLPSink):
+    """The real gRPC sink, holding every request until `release` is set: a backend slower than the shutdown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.arrived = threading.Event()
+
+    def Export(self, request, context):  # noqa: N802 - the generated servicer's name
+        self.arrived.set()
+        self.release.wait(30)
+        return super().Export(request, context)
+
+
+def test_a_send_cut_by_the_shutdown_deadline_is_not_a_backend_failure(kit, host, caplog):
+    """At the shutdown deadline the channel is closed under a send still waiting for a slow backend. The failed
+    attempt (CANCELLED "Channel closed!") was taken for a backend failure: logged as `send:CANCELLED ... retrying
+    with backoff` and counted as a retry, at every such shutdown. It is counted once, as abandoned at shutdown."""
+    sink = _HeldSink().start()
+    try:
+        exp, telemetry = kit.make(grpc_factory, {"endpoint": sink.grpc_endpoint, "timeout": "30s",
+                                                 "retry_on_failure": FAST, "sending_queue": {"num_consumers": 1}})
+        exp.start(host)
+        with caplog.at_level(logging.WARNING):
+            exp.export(kit.batch([0], step=1))
+            assert sink.arrived.wait(20)
+            exp.shutdown(timeout_millis=200)
+            wait_for(lambda: counter(kit, telemetry, "otlp", "send_failed_metric_points") == 5,
+                     what="the batch to be counted as abandoned")
+    finally:
+        sink.release.set()
+        sink.stop()
+    assert counter(kit, telemetry, "otlp", "retries") == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any(line.startswith("send:") for line in lines), lines
+    assert sum(line.startswith("shutdown:") for line in lines) == 1, lines
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB tmpfs: a persistent queue's disk that fills up."""
+    require_root()
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    require(done.returncode == 0, f"needs to mount a tmpfs: {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_leaves_no_partial_files(small_disk, kit, host, caplog):
+    """A batch that does not fit on the full disk is counted and logged once; its partial `.tmp` file was left
+    behind, one per export while the disk stayed full, holding blocks and inodes until the next start."""
+    exp, telemetry = kit.make(grpc_factory, {"endpoint": "http://127.0.0.1:1", "retry_on_failure": FAST,
+                                             "sending_queue": {"num_consumers": 1, "storage": str(small_disk)}})
+    exp.start(host)
+    try:
+        with caplog.at_level(logging.WARNING):
+            results = [exp.export(kit.batch(range(40), step=i)) for i in range(12)]
+    finally:
+        exp.shutdown(timeout_millis=100)
+    failed = results.count(MetricExportResult.FAILURE)
+    assert failed >= 2  # the disk filled up
+    assert kit.sample(telemetry, "podmeter_otlp_exporter_dropped_metric_points_total", component="otlp",
+                      cause="storage") == failed * 200
+    assert list((small_disk / "exporter_otlp").glob("*.tmp")) == []
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("storage:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0], lines
