@@ -155,13 +155,14 @@ class OTLPExporter(Exporter):
     def _send_now(self, chunks: list[tuple[bytes, int]], deadline: float) -> MetricExportResult:
         with self._active_cond:
             self._active += 1
+        unsent: list[tuple[bytes, int]] = []
         try:
-            results = [self._send_with_retry(data, n, deadline=deadline) for data, n in chunks]
+            results = [self._send_with_retry(data, n, deadline=deadline, unsent=unsent) for data, n in chunks]
         finally:
             with self._active_cond:
                 self._active -= 1
                 self._active_cond.notify_all()
-        stopped = sum(n for (_, n), r in zip(chunks, results, strict=True) if r == "stopped")
+        stopped = sum(n for _, n in unsent)  # of a split chunk, only the parts not yet delivered or given up
         if stopped:
             self._abandoned(stopped, "the exporter shut down while sending them")
         return MetricExportResult.SUCCESS if all(r is True for r in results) else MetricExportResult.FAILURE
@@ -217,6 +218,7 @@ class OTLPExporter(Exporter):
                 continue
             item, data = got
             keep = False
+            unsent: list[tuple[bytes, int]] = []
             try:
                 if item.recovered and not item.error and not _whole_request(data, item.points):
                     item.error = f"{self.queue.path(item)} is empty or not a whole OTLP request (cut short by a crash?)"
@@ -224,11 +226,16 @@ class OTLPExporter(Exporter):
                     self._failed.inc(item.points)
                     self.telemetry.send_failed(item.points)
                     self.telemetry.error("storage_read", f"dropping {item.points} points: {item.error}")
-                elif data and self._send_with_retry(data, item.points) == "stopped":
+                elif data and self._send_with_retry(data, item.points, unsent=unsent) == "stopped":
                     # shutting down mid-retry: a persistent queue keeps the batch for the next start
                     keep = bool(self.queue.directory)
-                    if not keep:
-                        self._abandoned(item.points, "the exporter shut down while sending them")
+                    if keep and unsent != [(data, item.points)]:
+                        # a request split for a gateway's limit, part of it already delivered or given up: only
+                        # the rest is kept (requests concatenated are one request), not sent or counted twice
+                        keep = False
+                        self._store_unsent(unsent)
+                    elif not keep:
+                        self._abandoned(sum(n for _, n in unsent), "the exporter shut down while sending them")
                 self.telemetry.recovered("internal")
             except Exception as exc:  # a bug here must not kill the consumer
                 self.telemetry.error("internal", f"sending failed: {type(exc).__name__}: {exc}")
@@ -242,8 +249,23 @@ class OTLPExporter(Exporter):
                                          f"{exc.strerror or exc} ({exc.filename}); it is read again at the next "
                                          "start")
 
-    def _send_with_retry(self, data: bytes, points: int, deadline: float | None = None) -> bool | str:
-        """Send until delivered (True), given up (False) or the exporter stops (\"stopped\").
+    def _store_unsent(self, unsent: list[tuple[bytes, int]]) -> None:
+        points = sum(n for _, n in unsent)
+        try:
+            dropped = self.queue.put(b"".join(data for data, _ in unsent), points)
+        except OSError as exc:
+            self._abandoned(points, f"the exporter shut down while sending them and they cannot be stored: {exc}")
+            return
+        if dropped:  # the queue is emptied at shutdown: only if a put came in between
+            n = sum(i.points for i in dropped)
+            self._dropped.labels("queue_full").inc(n)
+            self.telemetry.enqueue_failed(n)
+
+    def _send_with_retry(self, data: bytes, points: int, deadline: float | None = None,
+                         unsent: list[tuple[bytes, int]] | None = None) -> bool | str:
+        """Send until delivered (True), given up (False) or the exporter stops (\"stopped\"). When stopped, what
+        was not delivered nor given up is added to `unsent` (a part of `data` when it was split), as the caller
+        must not count the points of delivered parts again.
 
         Failures are logged once per class (`send:UNAVAILABLE`, `send_failed:HTTP 400`): `send` while retrying,
         `send_failed` when points are given up; a delivery clears them, so the next outage is logged again."""
@@ -252,12 +274,12 @@ class OTLPExporter(Exporter):
         interval = retry.initial_interval
         while True:
             if self._stop.is_set():
-                return "stopped"
+                return _stopped(data, points, unsent)
             try:
                 outcome: Outcome = self.sender.send(data)
             except Exception:
                 if self._stop.is_set():  # the channel was closed under this attempt at the shutdown deadline
-                    return "stopped"
+                    return _stopped(data, points, unsent)
                 raise
             if outcome.ok:
                 # a server counting more rejected points than were sent must not make a counter go negative (a
@@ -292,12 +314,12 @@ class OTLPExporter(Exporter):
                         self._split_logged = True
                         self.logger.warning("%s refused a request of %d bytes as too large (%s); sending requests "
                                             "that large in smaller parts", self._where(), len(data), outcome.message)
-                    results = [self._send_with_retry(part, n, deadline) for part, n in halves]
+                    results = [self._send_with_retry(part, n, deadline, unsent) for part, n in halves]
                     return "stopped" if "stopped" in results else all(r is True for r in results)
             if outcome.retryable and self._stop.is_set():
                 # the attempt failed because shutdown closed the connection under it (gRPC CANCELLED "Channel
                 # closed"): not a backend failure to log or count as a retry
-                return "stopped"
+                return _stopped(data, points, unsent)
             if not outcome.retryable or not retry.enabled:
                 self._give_up(points, kind, f"dropping {points} points: {outcome.message}"
                               + ("" if outcome.retryable else " (not retryable)"))
@@ -315,8 +337,9 @@ class OTLPExporter(Exporter):
             self._retries.inc()
             self.telemetry.error(f"send:{kind}", f"sending to {self._where()} failed: {outcome.message}; "
                                  "retrying with backoff")
-            if self._stop.wait(wait):
-                return "stopped"
+            # a Retry-After far in the future (with max_elapsed_time 0) is over what a wait can take
+            if self._stop.wait(min(wait, threading.TIMEOUT_MAX)):
+                return _stopped(data, points, unsent)
             interval = min(interval * retry.multiplier, retry.max_interval)
 
     def _give_up(self, points: int, kind: str, message: str) -> None:
@@ -331,6 +354,12 @@ class OTLPExporter(Exporter):
 class OTLPHttpExporter(OTLPExporter):
     sender_class = HttpSender
     type_name = "otlphttp"
+
+
+def _stopped(data: bytes, points: int, unsent: list[tuple[bytes, int]] | None) -> str:
+    if unsent is not None:
+        unsent.append((data, points))
+    return "stopped"
 
 
 def _whole_request(data: bytes, points: int) -> bool:

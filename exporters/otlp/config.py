@@ -61,6 +61,7 @@ class QueueConfig(ComponentConfig):
 
 
 _BAD_HOST = re.compile(r"[\s/?#@]")  # whitespace, or URL syntax in a host name
+_DNS_TARGET = re.compile(r"^dns://[^/]*/([^/]+)$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 
@@ -96,14 +97,22 @@ class _OTLPBase(ComponentConfig):
 
 class OTLPGrpcConfig(_OTLPBase):
     endpoint: str = Field("localhost:4317", description="host:port of the OTLP gRPC receiver "
-                                                       "(http:// means plaintext, https:// TLS)")
+                                                       "(http:// means plaintext, https:// TLS; dns:///host:port "
+                                                       "as the collector takes it)")
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
         rest = v.split("://", 1)[1] if "://" in v else v
-        if "://" in v and not v.startswith(("http://", "https://")):
-            raise ValueError("the scheme must be http:// or https://, or none (host:port)")
+        if v.startswith("dns:"):
+            # gRPC's name syntax, which the collector's otlp exporter accepts: dns:///host:port (an authority,
+            # dns://server/host:port, is ignored: the system's resolver is used)
+            m = _DNS_TARGET.match(v)
+            if not m:
+                raise ValueError(f"invalid endpoint {v!r}: expected dns:///host:port")
+            rest = m.group(1)
+        elif "://" in v and not v.startswith(("http://", "https://")):
+            raise ValueError("the scheme must be http://, https:// or dns:///, or none (host:port)")
         host, sep, port = rest.rstrip("/").rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or _BAD_HOST.search(host):
             raise ValueError(f"invalid endpoint {v!r}: expected host:port, like otel-gateway:4317")

@@ -111,6 +111,8 @@ class GrpcSender:
         elif endpoint.startswith("https://"):
             insecure = False
         self.target = endpoint.split("://", 1)[-1].rstrip("/")
+        if endpoint.startswith("dns:"):  # dns:///host:port, or dns://server/host:port (see config.py)
+            self.target = "dns:///" + self.target.split("/", 1)[1]
         options = [
             # retry_on_failure is the one retry policy: no transparent gRPC retries under it
             ("grpc.enable_retries", 0),
@@ -253,7 +255,8 @@ def _retry_after(value: str) -> float | None:
     otlphttp exporter reads both). A date already past means now; anything else is no request."""
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        # isdigit() is also true of "²" and other Latin-1 digits a header can carry, which float() refuses
+        return float(value) if value.isascii() else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

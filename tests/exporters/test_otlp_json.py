@@ -197,3 +197,34 @@ def test_an_endpoint_that_cannot_be_reached_by_any_send_is_refused(factory, endp
                  if factory is http_factory else ["gw:4317", "[::1]:4317", "https://gw:4317"]):
         validate_component(factory, {"endpoint": good}, f"exporters::{factory.type}", ok)
     assert ok == []
+
+
+def test_a_grpc_dns_target_is_taken_as_the_collector_takes_it(kit, host):
+    """`dns:///gateway:4317` (gRPC's name syntax, which the collector's otlp exporter accepts and its docs point
+    to) was refused: "the scheme must be http:// or https://"."""
+    from harness.otlp import OTLPSink
+
+    from podmeter.config import validate_component
+
+    ok: list[str] = []
+    for good in ("dns:///otel-gateway.monitoring.svc:4317", "dns://10.0.0.10/gw:4317", "dns:///[::1]:4317"):
+        validate_component(grpc_factory, {"endpoint": good}, "exporters::otlp", ok)
+    assert ok == []
+    bad: list[str] = []
+    validate_component(grpc_factory, {"endpoint": "dns:///gw"}, "exporters::otlp", bad)
+    assert len(bad) == 1 and "endpoint" in bad[0], bad
+    sink = OTLPSink().start()
+    try:
+        exp, telemetry = kit.make(grpc_factory, {"endpoint": f"dns:///127.0.0.1:{sink.grpc_port}",
+                                                 "tls": {"insecure": True}, "retry_on_failure": FAST,
+                                                 "sending_queue": {"num_consumers": 1}})
+        exp.start(host)
+        try:
+            exp.export(kit.batch([0], step=1))
+            wait_for(lambda: kit.sample(telemetry, "podmeter_otlp_exporter_sent_metric_points_total",
+                                        component="otlp") == 5, what="the batch")
+        finally:
+            exp.shutdown(timeout_millis=2000)
+    finally:
+        sink.stop()
+    assert len(sink.requests) == 1

@@ -104,3 +104,88 @@ def test_a_single_resource_too_large_for_the_gateway_is_split_within(proto, metr
     got = sorted((p.name, p.attributes["thread.id"], p.value, p.resource["k8s.pod.uid"]) for p in flatten(requests))
     assert got == sorted((f"{THREADS.name}.{m}", t, float(t), "uid-big") for m in range(metrics)
                          for t in range(threads))
+
+
+class _SplitThenAway:
+    """OTLP/HTTP (protobuf): 413 to the first request, 200 to the second, then 503 to every other: a request
+    split for a gateway's limit whose first half is delivered while the gateway goes away for the second."""
+
+    def __init__(self) -> None:
+        self.answers: list[int] = []
+        self.accepted: list = []
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status = (413, 200)[len(sink.answers)] if len(sink.answers) < 2 else 503
+                if status == 200:
+                    sink.accepted.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
+                sink.answers.append(status)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("queue", ["memory", "none"])
+def test_a_split_request_cut_by_the_shutdown_counts_each_point_once(queue, kit, host):
+    """The shutdown came while the second half of a split request was being retried: the whole request was counted
+    as abandoned (send_failed), its delivered half included, so those points were counted sent and failed."""
+    sink = _SplitThenAway()
+    sending_queue = {"num_consumers": 1} if queue == "memory" else {"enabled": False}
+    exp, telemetry = kit.make(http_factory, {"endpoint": sink.endpoint, "compression": "none",
+                                             "retry_on_failure": FAST, "sending_queue": sending_queue})
+    exp.start(host)
+    try:
+        if queue == "memory":
+            exp.export(kit.batch([0, 1], step=1))
+        else:  # export() sends on the caller's thread (the runtime's worker)
+            threading.Thread(target=exp.export, args=(kit.batch([0, 1], step=1),), kwargs={"timeout_millis": 60_000},
+                             daemon=True).start()
+        wait_for(lambda: sink.answers.count(503) >= 2, what="the second half to be retried")
+    finally:
+        exp.shutdown(timeout_millis=300)
+        sink.stop()
+    sent = kit.sample(telemetry, "podmeter_otlphttp_exporter_sent_metric_points_total", component="otlphttp")
+    failed = kit.sample(telemetry, "podmeter_otlphttp_exporter_send_failed_metric_points_total", component="otlphttp")
+    assert (sent, failed) == (5, 5)
+
+
+def test_a_split_request_cut_by_the_shutdown_keeps_only_its_undelivered_part(kit, host, tmp_path):
+    """With a persistent queue, the whole split request stayed on disk, so its half already delivered was sent
+    again at the next start. Only the undelivered half stays."""
+    sink = _SplitThenAway()
+    exp, telemetry = kit.make(http_factory, {"endpoint": sink.endpoint, "compression": "none",
+                                             "retry_on_failure": FAST,
+                                             "sending_queue": {"num_consumers": 1, "storage": str(tmp_path)}})
+    exp.start(host)
+    try:
+        exp.export(kit.batch([0, 1], step=1))
+        wait_for(lambda: sink.answers.count(503) >= 2, what="the second half to be retried")
+    finally:
+        exp.shutdown(timeout_millis=300)
+        sink.stop()
+    ((delivered,),) = [r.resource_metrics for r in sink.accepted]
+    files = list((tmp_path / "exporter_otlphttp").glob("*.otlp"))
+    assert len(files) == 1 and files[0].name.endswith("-5.otlp"), files
+    left = ms_pb2.ExportMetricsServiceRequest.FromString(files[0].read_bytes())
+    assert [rm.resource for rm in left.resource_metrics] != [delivered.resource]
+    assert len(left.resource_metrics) == 1
+    assert kit.sample(telemetry, "podmeter_otlphttp_exporter_sent_metric_points_total", component="otlphttp") == 5
+    assert kit.sample(telemetry, "podmeter_otlphttp_exporter_send_failed_metric_points_total",
+                      component="otlphttp") == 0

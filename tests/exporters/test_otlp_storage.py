@@ -213,3 +213,67 @@ def test_a_full_disk_leaves_no_partial_files(small_disk, kit, host, caplog):
     assert list((small_disk / "exporter_otlp").glob("*.tmp")) == []
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("storage:")]
     assert len(lines) == 1 and "No space left on device" in lines[0], lines
+
+
+def _retry_after_server(value: str):
+    """HTTP answering 503 with `Retry-After: value` to the first request, 200 to the others; (server, answers)."""
+    answers: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            answers.append(503 if not answers else 200)
+            self.send_response(answers[-1])
+            if answers[-1] == 503:
+                self.send_header("Retry-After", value)  # sent as Latin-1, as http.server encodes headers
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, answers
+
+
+def test_a_retry_after_of_non_ascii_digits_is_no_request(make_exporter, kit):
+    """"²" is a digit to str.isdigit() but not to float(): the ValueError escaped the sender and the batch was
+    dropped as an internal error instead of being retried."""
+    server, answers = _retry_after_server("²")
+    try:
+        exp, telemetry = make_exporter(http_factory, endpoint=f"http://127.0.0.1:{server.server_port}",
+                                       sending_queue={"num_consumers": 1})
+        exp.export(kit.batch([0], step=1))
+        wait_for(lambda: counter(kit, telemetry, "otlphttp", "sent_metric_points")
+                 + counter(kit, telemetry, "otlphttp", "send_failed_metric_points") >= 5, what="the batch")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert counter(kit, telemetry, "otlphttp", "sent_metric_points") == 5
+    assert answers == [503, 200]
+
+
+def test_a_retry_after_beyond_what_a_wait_can_take_is_waited(make_exporter, kit):
+    """With max_elapsed_time 0 (retry forever) a Retry-After of 10^11 s (or an HTTP-date in year 9999) made the
+    retry wait raise OverflowError: the batch was dropped as an internal error. It is waited for, until the
+    shutdown keeps it."""
+    server, answers = _retry_after_server("99999999999")
+    try:
+        exp, telemetry = make_exporter(http_factory, endpoint=f"http://127.0.0.1:{server.server_port}",
+                                       retry_on_failure={**FAST, "max_elapsed_time": 0},
+                                       sending_queue={"num_consumers": 1})
+        exp.export(kit.batch([0], step=1))
+        wait_for(lambda: counter(kit, telemetry, "otlphttp", "retries") == 1, what="the retry")
+        # the shutdown first waits for the queue to drain: the OverflowError, if any, comes before its stop
+        exp.shutdown(timeout_millis=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert kit.sample(telemetry, "podmeter_component_errors_total", component="otlphttp", cause="internal") == 0
+    assert counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 5  # abandoned at the shutdown
+    assert "shutdown" in exp.telemetry.failing()
+    assert answers == [503]
