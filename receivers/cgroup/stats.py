@@ -382,6 +382,9 @@ class Reader:
         fds = self._fds.get(rel)
         if fds is None and self.max_open > 0:
             fds = self._fds[rel] = {}
+        # this reading may close kept fds (a failed read): the one-pass tuple is made again below only when every
+        # file is kept, never left naming fds closed here (their numbers are soon another file's)
+        self._whole.pop(rel, None)
         self._cur, self._vanished, self._partial, self._renewed = fds, False, False, False
         n_errors = len(self.errors)
         try:
