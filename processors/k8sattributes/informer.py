@@ -377,7 +377,10 @@ class OwnerResolver:
         self.on_resolved = on_resolved  # called on the retry thread with the keys whose owner was found
         self.in_use = in_use  # the (kind, namespace, name) live pods still need: others are not retried
         self._cache: OrderedDict[tuple[str, str, str], tuple[float, tuple[str, str] | None]] = OrderedDict()
-        self._retry: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # keys waiting for a retry, oldest first
+        # keys waiting for a retry, oldest first -> when each was scheduled (a sequence number, see retry_pass)
+        self._retry: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        self._scheduled = 0
+        self._not_before = 0.0  # monotonic: no retry sooner (a response's Retry-After, within max_interval)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -428,6 +431,9 @@ class OwnerResolver:
                                                       "fall back to the pod-template-hash label")
             else:
                 outcome, wait = "retry", retry_after(exc)
+                if wait > 0:  # whichever thread asked: the retries wait for it
+                    with self._lock:
+                        self._not_before = max(self._not_before, time.monotonic() + min(wait, self.backoff_max))
                 self.telemetry.error(f"owner_{kind}", f"get {resource} {namespace}/{name} failed: {describe(exc)}; "
                                                       "retrying in the background")
         except Exception as exc:  # timeouts, refused or cut connections, a body that is not JSON
@@ -446,7 +452,8 @@ class OwnerResolver:
         with self._lock:
             if self._stop.is_set():
                 return
-            self._retry[key] = None
+            self._scheduled += 1
+            self._retry[key] = self._scheduled
             while len(self._retry) > self.max_entries:  # the oldest then waits for its pods' next event, as before
                 self._retry.popitem(last=False)
             if self._thread is None:
@@ -464,34 +471,40 @@ class OwnerResolver:
             if idle:
                 self._wake.wait()
                 continue
-            self._stop.wait(delay * random.uniform(0.5, 1.0))
+            # no sooner than a Retry-After (already bounded by max_interval): jitter must not undercut it
+            self._stop.wait(max(delay * random.uniform(0.5, 1.0), self._not_before - time.monotonic()))
             if self._stop.is_set():
                 return
-            failed, wait = self.retry_pass()
-            if failed:
-                # the API server still fails: back off, no sooner than its Retry-After (within max_interval)
-                delay = max(min(delay * 2, self.backoff_max), min(wait, self.backoff_max))
-            else:
-                delay = self.backoff_initial
+            failed, _ = self.retry_pass()
+            # the API server still fails: back off
+            delay = min(delay * 2, self.backoff_max) if failed else self.backoff_initial
 
     def retry_pass(self) -> tuple[bool, float]:
         """Retry up to RETRIES_PER_PASS waiting lookups, oldest first; stop at the first that fails again (the
         others wait for the backoff). Returns whether one failed, and its response's Retry-After."""
+        with self._lock:
+            # keys scheduled after this may belong to pods in_use() does not see yet (their lookup failed while the
+            # pass ran): not dropped by this pass. Scheduling happens under the processor's records lock, with the
+            # pod stored in the same hold, so a key scheduled before in_use() takes that lock has its pod counted
+            known = self._scheduled
         wanted = self.in_use() if self.in_use is not None else None
         found: list[tuple[str, str, str]] = []
         failed, wait = False, 0.0
         for _ in range(self.RETRIES_PER_PASS):
+            if self._stop.is_set():
+                break  # shut down while a GET was in flight: ask nothing more
             with self._lock:
                 if not self._retry:
                     break
-                key = next(iter(self._retry))
-                if wanted is not None and key not in wanted:
+                key, scheduled = next(iter(self._retry.items()))
+                if wanted is not None and key not in wanted and scheduled <= known:
                     del self._retry[key]  # no live pod needs it any more
                     continue
             outcome, _, wait = self._get(key)
             with self._lock:
                 if outcome == "retry":
-                    self._retry.move_to_end(key)  # the next pass starts with the others
+                    if key in self._retry:  # (dropped meanwhile when the list overflowed)
+                        self._retry.move_to_end(key)  # the next pass starts with the others
                 else:
                     self._retry.pop(key, None)
             if outcome == "retry":

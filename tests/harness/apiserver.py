@@ -11,7 +11,8 @@ bearer-token auth and TLS.
 Fault injection for the tests: `forbid()` (403), `fail()` (500 or any code, optionally with Retry-After),
 `delay()` (slow responses),
 `drop_watches()` (connections cut mid-stream), `outage()` (every request's connection closed unanswered),
-`blank_line()` (an empty line in every open watch stream, as proxies send for keep-alive).
+`blank_line()` (an empty line in every open watch stream, as proxies send for keep-alive), `hold()` (a request
+kept unanswered until the test releases it: forces one interleaving of client threads without sleeps).
 `requests` records what the client asked (method, path, query, token) so tests can assert on it.
 
     api = ApiServer().start()
@@ -216,13 +217,18 @@ class Store:
 class Fault:
     """Applies to requests whose resource and verb match (None matches any); `times` None means until cleared."""
 
-    action: str  # "status" | "delay" | "drop"
+    action: str  # "status" | "delay" | "drop" | "hold"
     resource: str | None = None
     verb: str | None = None  # list | watch | get | create | update | patch | delete
     code: int = 500
     seconds: float = 0.0
     times: int | None = None
     retry_after: int | None = None  # with "status": the Retry-After header (seconds), as 429s and 503s carry
+    gate: threading.Event = field(default_factory=threading.Event)  # with "hold": set by release()
+    held: int = 0  # with "hold": requests it has held so far
+
+    def release(self) -> None:
+        self.gate.set()
 
     def matches(self, resource: str | None, verb: str) -> bool:
         return (self.resource in (None, resource)) and (self.verb in (None, verb)) and self.times != 0
@@ -299,6 +305,11 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.action == "delay":
                 time.sleep(fault.seconds)
                 fault = None
+            if fault is not None and fault.action == "hold":
+                fault.held += 1
+                fault.gate.wait(30)  # (bounded: a test that forgets to release does not hang the server)
+                # then answered as usual, or with the hold's status code when one was given
+                fault = Fault("status", code=fault.code, retry_after=fault.retry_after) if fault.code else None
             if fault is not None and fault.action == "drop":
                 return self._cut()
             if fault is not None and fault.action == "status":
@@ -523,6 +534,11 @@ class ApiServer:
     def delay(self, seconds: float, resource: str | None = None, verb: str | None = None,
               times: int | None = None) -> Fault:
         return self._add_fault(Fault("delay", resource, verb, seconds=seconds, times=times))
+
+    def hold(self, resource: str | None = None, verb: str | None = None, times: int | None = 1,
+             code: int = 0) -> Fault:
+        """Keep matching requests unanswered until `release()`; then answer them normally, or with `code`."""
+        return self._add_fault(Fault("hold", resource, verb, code=code, times=times))
 
     def outage(self) -> Fault:
         """Every request's connection is closed unanswered, and running watches are cut, until `clear()`."""

@@ -179,3 +179,111 @@ def test_relist_while_owner_lookups_fail_keeps_the_names_read_before(api, make_p
     assert len(api.asked("jobs", "get")) > gets  # the cached answer had expired: asked again, and failed
     assert p.owners.pending() == 1
     assert p.attributes_for({"k8s.pod.uid": u})["k8s.cronjob.name"] == "nightly"
+
+
+# The interleavings below are forced with the stand-in's hold() (a GET kept unanswered until released), not sleeps.
+HELD = {**MANUAL_RETRIES, "request_timeout": "30s"}  # a held GET must not time out on a slow machine
+
+
+def _retry_pass_in_thread(p):
+    import threading
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(p.owners.retry_pass()), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_lookup_that_fails_during_a_retry_pass_is_not_dropped_by_it(api, make_processor):
+    # a retry pass takes the owners live pods need, then GETs; a pod arriving meanwhile whose own lookup fails is
+    # not among them, but needs its retry all the same
+    api.create("cronjobs", "ml", owned("CronJob", "nightly"))
+    for job in ("nightly-1", "nightly-2"):
+        api.create("jobs", "ml", owned("Job", job, owner=("CronJob", "nightly")))
+    api.create("pods", "ml", pod("a", NODE, uid=(a := uid()), owner=("Job", "nightly-1")))
+    api.fail("jobs", "get", code=500, times=1)
+    p = make_processor(api, **HELD)
+    assert p.ready(10) and p.owners.pending() == 1
+    hold = api.hold("jobs", "get")
+    t, out = _retry_pass_in_thread(p)
+    wait_for(lambda: hold.held == 1, what="the retry pass's GET")
+    api.fail("jobs", "get", code=500, times=1)
+    api.create("pods", "ml", pod("b", NODE, uid=(b := uid()), owner=("Job", "nightly-2")))
+    wait_for(lambda: p.cache.get(b) and p.owners.pending() == 2, what="the new pod's failed lookup")
+    hold.release()
+    t.join(30)
+    assert out == [(False, 0.0)] and p.owners.pending() == 0
+    assert p.attributes_for({"k8s.pod.uid": a})["k8s.cronjob.name"] == "nightly"
+    assert p.attributes_for({"k8s.pod.uid": b})["k8s.cronjob.name"] == "nightly"
+
+
+def test_a_retry_pass_asks_nothing_more_after_shutdown(api, make_processor):
+    api.create("cronjobs", "ml", owned("CronJob", "nightly"))
+    for job in ("nightly-1", "nightly-2"):
+        api.create("jobs", "ml", owned("Job", job, owner=("CronJob", "nightly")))
+        api.create("pods", "ml", pod(job + "-x", NODE, uid=uid(), owner=("Job", job)))
+    api.fail("jobs", "get", code=500, times=2)
+    p = make_processor(api, **HELD)
+    assert p.ready(10) and p.owners.pending() == 2
+    hold = api.hold("jobs", "get")
+    t, out = _retry_pass_in_thread(p)
+    wait_for(lambda: hold.held == 1, what="the retry pass's GET")
+    p.shutdown()  # while the pass waits for its GET
+    hold.release()
+    t.join(30)
+    assert out and len(api.asked("jobs", "get")) == 3  # the GET in flight, not the other Job's
+
+
+def test_retry_list_overflowing_during_a_retry_pass(api, tmp_path):
+    # the retry list is bounded: a lookup failing while it is full drops the oldest, which may be the one the
+    # retry thread is asking for just then. The thread must go on (it is the only one retrying)
+    import threading
+
+    from podmeter.telemetry import null_component_telemetry
+    from processors.k8sattributes.informer import OwnerResolver, build_api_client
+    from processors.k8sattributes.kube import Api
+
+    for job in ("j-1", "j-2"):
+        api.create("jobs", "ml", owned("Job", job, owner=("CronJob", "c")))
+    client = build_api_client("kubeConfig", api.write_kubeconfig(tmp_path))
+    r = OwnerResolver(Api(client), 60.0, null_component_telemetry("k8sattributes"), 30.0, max_entries=1,
+                      backoff=(60.0, 60.0))
+    try:
+        api.fail("jobs", "get", code=500, times=1)
+        assert r.owner("Job", "ml", "j-1") is None and r.pending() == 1
+        hold = api.hold("jobs", "get", code=503)  # held, then failing again
+        out: list = []
+
+        def run() -> None:
+            try:
+                out.append(r.retry_pass())
+            except Exception as exc:  # noqa: BLE001 - the failure this test is about
+                out.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        wait_for(lambda: hold.held == 1, what="the retry pass's GET")
+        api.fail("jobs", "get", code=500, times=1)
+        assert r.owner("Job", "ml", "j-2") is None  # j-1, being retried, is dropped for it
+        hold.release()
+        t.join(30)
+        assert out == [(True, 0.0)] and r.pending() == 1
+    finally:
+        r.stop()
+        client.close()
+
+
+def test_owner_retries_wait_for_retry_after(api, make_processor):
+    # a 429 (API Priority and Fairness) says when to come back: the retries do not ask sooner, however short the
+    # backoff (a lower bound only)
+    api.create("cronjobs", "ml", owned("CronJob", "nightly"))
+    api.create("jobs", "ml", owned("Job", "nightly-1", owner=("CronJob", "nightly")))
+    api.create("pods", "ml", pod("p", NODE, uid=(u := uid()), owner=("Job", "nightly-1")))
+    api.fail("jobs", "get", code=429, times=2, retry_after=1)
+    p = make_processor(api, reconnect={"initial_interval": "50ms", "max_interval": "5s"})
+    assert p.ready(10)
+    wait_for(lambda: p.attributes_for({"k8s.pod.uid": u}).get("k8s.cronjob.name") == "nightly", timeout=20,
+             what="the CronJob name")
+    first, second, third = api.asked("jobs", "get")[:3]
+    assert second.at - first.at >= 1.0  # the informer's lookup was answered 429
+    assert third.at - second.at >= 1.0  # the retry thread's
