@@ -15,6 +15,7 @@ MEM = MetricSpec("container.memory.usage", "updowncounter", "By", "Memory in use
 UTIL = MetricSpec("hw.gpu.utilization", "gauge", "1", "GPU utilization", attributes=("hw.gpu.task",))
 LAT = MetricSpec("k8s.pod.run_queue.latency", "histogram", "s", "Run queue latency")
 START_NS = 1_700_000_000_000_000_000
+FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}  # retries a test can wait for
 
 
 def pod_resource(i: int) -> dict:
@@ -54,6 +55,23 @@ def sample(telemetry: Telemetry, name: str, **labels) -> float:
 @pytest.fixture
 def host():
     return Host()
+
+
+@pytest.fixture
+def make_exporter(host):
+    """make_exporter(factory, **config) -> (started exporter, telemetry): fast retries, one consumer unless
+    `config` says otherwise; each is shut down after the test."""
+    made = []
+
+    def start(factory, **config):
+        exp, telemetry = make(factory, {"retry_on_failure": FAST, "sending_queue": {"num_consumers": 1}, **config})
+        exp.start(host)
+        made.append(exp)
+        return exp, telemetry
+
+    yield start
+    for exp in made:
+        exp.shutdown(timeout_millis=2000)
 
 
 @pytest.fixture

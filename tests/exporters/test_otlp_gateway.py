@@ -8,22 +8,19 @@ google.rpc.Status body, partial successes."""
 from __future__ import annotations
 
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
 from google.protobuf.any_pb2 import Any
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
-from harness import free_port, wait_for
+from harness import wait_for
 from harness.otlp import OTLPSink
+from harness.otlp_http import HttpEndpoint
 from harness.tls import make_certs
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms_pb2
 
 from exporters.otlp import grpc_factory, http_factory
-
-FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}
 
 
 class _GrpcStatus(grpc.Status):
@@ -57,22 +54,6 @@ class ScriptedGrpcSink(OTLPSink):
             context.abort_with_status(_GrpcStatus(code, status.message,
                                                   (("grpc-status-details-bin", status.SerializeToString()),)))
         return super().Export(request, context)
-
-
-@pytest.fixture
-def make_exporter(kit, host):
-    made = []
-
-    def make(factory, **config):
-        exp, telemetry = kit.make(factory, {"retry_on_failure": FAST, "sending_queue": {"num_consumers": 1},
-                                            **config})
-        exp.start(host)
-        made.append(exp)
-        return exp, telemetry
-
-    yield make
-    for exp in made:
-        exp.shutdown(timeout_millis=2000)
 
 
 def counter(kit, telemetry, cid: str, what: str) -> float:
@@ -134,48 +115,22 @@ def test_partial_success_counts_rejected_points_and_logs_warnings_once(make_expo
     assert not any("internal" in t for t in text)
 
 
-class ScriptedHttpSink:
+class ScriptedHttpSink(HttpEndpoint):
     """An OTLP/HTTP receiver answering its first requests from `script` (status, headers, body); then 200."""
 
     def __init__(self, script, max_body: int = 0) -> None:
         self.script = list(script)
         self.max_body = max_body  # larger bodies are answered 413, as a proxy's body limit does
         self.requests: list = []
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        sink = self
+        super().__init__(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, headers, reply = sink.script.pop(0) if sink.script else (200, {}, b"")
-                if sink.max_body and len(body) > sink.max_body:
-                    status, headers, reply = 413, {}, b"request entity too large"
-                if status == 200:
-                    import gzip
-
-                    if self.headers.get("Content-Encoding") == "gzip":
-                        body = gzip.decompress(body)
-                    sink.requests.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _answer(self, body: bytes, headers):
+        status, reply_headers, reply = self.script.pop(0) if self.script else (200, {}, b"")
+        if self.max_body and int(headers.get("Content-Length", 0)) > self.max_body:  # the body as sent
+            status, reply_headers, reply = 413, {}, b"request entity too large"
+        if status == 200:
+            self.requests.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
+        return status, reply_headers, reply
 
 
 def test_http_error_body_is_decoded_as_a_google_rpc_status(make_exporter, kit, caplog):
@@ -314,17 +269,8 @@ def test_a_gateway_with_a_smaller_request_limit_gets_smaller_requests(proto, mak
     answering 413) got every batch dropped, forever; the batch is sent in parts under its limit instead."""
     limit = 6_000
     if proto == "grpc":
-        from concurrent import futures
-
-        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
-
-        sink = OTLPSink()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                             options=[("grpc.max_receive_message_length", limit)])
-        ms_grpc.add_MetricsServiceServicer_to_server(sink, server)
-        server.add_insecure_port(f"127.0.0.1:{sink.grpc_port}")
-        server.start()
-        stop, endpoint, requests = (lambda: server.stop(0).wait()), sink.grpc_endpoint, sink.requests
+        sink = OTLPSink(max_receive_message_length=limit).start()
+        stop, endpoint, requests = sink.stop, sink.grpc_endpoint, sink.requests
     else:
         sink = ScriptedHttpSink([], max_body=limit)
         stop, endpoint, requests = sink.stop, sink.endpoint, sink.requests

@@ -7,14 +7,12 @@ drops every 64-bit integer sent as the spec's decimal string), so the spec's rul
 
 from __future__ import annotations
 
-import gzip
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from google.protobuf import json_format
-from harness import free_port, wait_for
+from harness import wait_for
+from harness.otlp_http import HttpEndpoint
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms_pb2
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.metrics.export import (
@@ -35,61 +33,21 @@ from exporters.otlp.config import OTLPHttpConfig
 FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}
 
 
-class JsonSink:
+class JsonSink(HttpEndpoint):
     """OTLP/HTTP with JSON bodies: records (raw JSON tree, parsed request, headers); answers from `script`
     ((status, JSON body) pairs), then 200 with an empty response."""
 
     def __init__(self, script=()) -> None:
         self.script = list(script)
         self.got: list = []
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        sink = self
+        super().__init__(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                status, reply = sink.script.pop(0) if sink.script else (200, {})
-                if status == 200:
-                    request = json_format.Parse(body, ms_pb2.ExportMetricsServiceRequest())
-                    sink.got.append((json.loads(body), request, dict(self.headers)))
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def make_exporter(kit, host):
-    made = []
-
-    def make(**config):
-        exp, telemetry = kit.make(http_factory, {"retry_on_failure": FAST, "sending_queue": {"num_consumers": 1},
-                                                 **config})
-        exp.start(host)
-        made.append(exp)
-        return exp, telemetry
-
-    yield make
-    for exp in made:
-        exp.shutdown(timeout_millis=2000)
+    def _answer(self, body: bytes, headers):
+        status, reply = self.script.pop(0) if self.script else (200, {})
+        if status == 200:
+            request = json_format.Parse(body, ms_pb2.ExportMetricsServiceRequest())
+            self.got.append((json.loads(body), request, dict(headers)))
+        return status, {"Content-Type": "application/json"}, json.dumps(reply).encode()
 
 
 def counter(kit, telemetry, what: str, **labels) -> float:
@@ -111,7 +69,7 @@ def test_json_encoding_follows_the_otlp_spec(compression, make_exporter, kit):
     partial = {"partialSuccess": {"rejectedDataPoints": "2", "errorMessage": "2 points refused"}}
     sink = JsonSink([(200, partial)])
     try:
-        exp, telemetry = make_exporter(endpoint=sink.endpoint, encoding="json", compression=compression)
+        exp, telemetry = make_exporter(http_factory, endpoint=sink.endpoint, encoding="json", compression=compression)
         exp.export(kit.batch([0, 1], step=1))
         wait_for(lambda: counter(kit, telemetry, "sent_metric_points") == 8, what="the batch")
     finally:
@@ -139,7 +97,7 @@ def test_json_exemplar_ids_are_hex(make_exporter):
         Metric("with.exemplar", "d", "1", Sum([point], AggregationTemporality.CUMULATIVE, True))], "")], "")])
     sink = JsonSink()
     try:
-        exp, _ = make_exporter(endpoint=sink.endpoint, encoding="json")
+        exp, _ = make_exporter(http_factory, endpoint=sink.endpoint, encoding="json")
         exp.export(data)
         wait_for(lambda: sink.got, what="the batch")
     finally:
@@ -153,7 +111,7 @@ def test_json_exemplar_ids_are_hex(make_exporter):
 def test_json_error_status_is_decoded_for_the_log(make_exporter, kit, caplog):
     sink = JsonSink([(400, {"code": 3, "message": "unknown metric type"})])
     try:
-        exp, telemetry = make_exporter(endpoint=sink.endpoint, encoding="json")
+        exp, telemetry = make_exporter(http_factory, endpoint=sink.endpoint, encoding="json")
         exp.export(kit.batch([0], step=1))
         wait_for(lambda: counter(kit, telemetry, "send_failed_metric_points") == 5, what="the batch to be dropped")
     finally:

@@ -5,15 +5,12 @@ server answering 413 over a body limit, as a proxy does."""
 from __future__ import annotations
 
 import threading
-from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import grpc
 import pytest
-from harness import free_port, wait_for
+from harness import wait_for
 from harness.otlp import OTLPSink, flatten
+from harness.otlp_http import HttpEndpoint
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms_pb2
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
 
 from exporters.otlp import grpc_factory, http_factory
 from podmeter.metrics import MetricsBuilder, MetricSpec
@@ -23,37 +20,18 @@ LIMIT = 6_000
 THREADS = MetricSpec("process.thread.cpu.time", "sum", "s", "CPU time by thread", attributes=("thread.id",))
 
 
-class _LimitedHttp:
+class _LimitedHttp(HttpEndpoint):
     """OTLP/HTTP (protobuf) refusing bodies over `LIMIT` bytes with 413."""
 
     def __init__(self) -> None:
         self.requests: list = []
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        sink = self
+        super().__init__(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = 413 if len(body) > LIMIT else 200
-                if status == 200:
-                    sink.requests.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _answer(self, body: bytes, headers):
+        if len(body) > LIMIT:
+            return 413, {}, b""
+        self.requests.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
+        return 200, {}, b""
 
 
 def one_resource_batch(threads: int, metrics: int = 2):
@@ -73,13 +51,8 @@ def test_a_single_resource_too_large_for_the_gateway_is_split_within(proto, metr
     """Requests were split between resources only: a request of one resource over the gateway's limit was
     dropped, every time. It is split by metric, and a single metric by point, until the gateway takes it."""
     if proto == "grpc":
-        sink = OTLPSink()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                             options=[("grpc.max_receive_message_length", LIMIT)])
-        ms_grpc.add_MetricsServiceServicer_to_server(sink, server)
-        server.add_insecure_port(f"127.0.0.1:{sink.grpc_port}")
-        server.start()
-        stop, endpoint, requests = (lambda: server.stop(0).wait()), sink.grpc_endpoint, sink.requests
+        sink = OTLPSink(max_receive_message_length=LIMIT).start()
+        stop, endpoint, requests = sink.stop, sink.grpc_endpoint, sink.requests
     else:
         http = _LimitedHttp()
         stop, endpoint, requests = http.stop, http.endpoint, http.requests
@@ -106,40 +79,21 @@ def test_a_single_resource_too_large_for_the_gateway_is_split_within(proto, metr
                          for t in range(threads))
 
 
-class _SplitThenAway:
+class _SplitThenAway(HttpEndpoint):
     """OTLP/HTTP (protobuf): 413 to the first request, 200 to the second, then 503 to every other: a request
     split for a gateway's limit whose first half is delivered while the gateway goes away for the second."""
 
     def __init__(self) -> None:
         self.answers: list[int] = []
         self.accepted: list = []
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        sink = self
+        super().__init__(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = (413, 200)[len(sink.answers)] if len(sink.answers) < 2 else 503
-                if status == 200:
-                    sink.accepted.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
-                sink.answers.append(status)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _answer(self, body: bytes, headers):
+        status = (413, 200)[len(self.answers)] if len(self.answers) < 2 else 503
+        if status == 200:
+            self.accepted.append(ms_pb2.ExportMetricsServiceRequest.FromString(body))
+        self.answers.append(status)
+        return status, {}, b""
 
 
 @pytest.mark.parametrize("queue", ["memory", "none"])

@@ -8,32 +8,17 @@ import subprocess
 import threading
 import time
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from harness import free_port, require, require_root, wait_for
+from harness import require, require_root, wait_for
 from harness.otlp import OTLPSink
+from harness.otlp_http import HttpEndpoint
 from opentelemetry.sdk.metrics.export import MetricExportResult
 
 from exporters.otlp import grpc_factory, http_factory
 from exporters.otlp.encode import Encoder
 
 FAST = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "20s"}
-
-
-@pytest.fixture
-def make_exporter(kit, host):
-    made = []
-
-    def make(factory, **config):
-        exp, telemetry = kit.make(factory, {"retry_on_failure": FAST, **config})
-        exp.start(host)
-        made.append(exp)
-        return exp, telemetry
-
-    yield make
-    for exp in made:
-        exp.shutdown(timeout_millis=2000)
 
 
 def counter(kit, telemetry, cid: str, what: str) -> float:
@@ -110,36 +95,14 @@ def test_retry_after_as_an_http_date_is_honoured(make_exporter, kit):
     """Retry-After may be an HTTP-date (RFC 9110), which the collector's otlphttp exporter reads. Only
     delay-seconds were read: a 429 asking to come back in an hour was retried 50 ms later. Asking for longer
     than max_elapsed_time (20 s here) the batch is given up at once, as with delay-seconds."""
-    later = formatdate(time.time() + 3600, usegmt=True)
-    answers = []  # the status of each attempt: 429 with the date first, then 200
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            answers.append(429 if not answers else 200)
-            self.send_response(answers[-1])
-            if answers[-1] == 429:
-                self.send_header("Retry-After", later)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server, answers = _retry_after_server(formatdate(time.time() + 3600, usegmt=True), status=429)
     try:
-        exp, telemetry = make_exporter(http_factory, endpoint=f"http://127.0.0.1:{port}",
-                                       sending_queue={"num_consumers": 1})
+        exp, telemetry = make_exporter(http_factory, endpoint=server.endpoint, sending_queue={"num_consumers": 1})
         exp.export(kit.batch([0], step=1))
         wait_for(lambda: counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 5,
                  what="the batch to be given up")
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
     assert answers == [429]  # no second attempt
     assert counter(kit, telemetry, "otlphttp", "sent_metric_points") == 0
 
@@ -215,29 +178,19 @@ def test_a_full_disk_leaves_no_partial_files(small_disk, kit, host, caplog):
     assert len(lines) == 1 and "No space left on device" in lines[0], lines
 
 
-def _retry_after_server(value: str):
-    """HTTP answering 503 with `Retry-After: value` to the first request, 200 to the others; (server, answers)."""
+def _retry_after_server(value: str, status: int = 503):
+    """HTTP answering `status` with `Retry-After: value` to the first request, 200 to the others; (server, answers)
+    with the status of each attempt in `answers`."""
     answers: list[int] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(body: bytes, headers):
+        if answers:
+            answers.append(200)
+            return 200, {}, b""
+        answers.append(status)
+        return status, {"Retry-After": value}, b""  # sent as Latin-1, as http.server encodes headers
 
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            answers.append(503 if not answers else 200)
-            self.send_response(answers[-1])
-            if answers[-1] == 503:
-                self.send_header("Retry-After", value)  # sent as Latin-1, as http.server encodes headers
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server, answers
+    return HttpEndpoint(answer), answers
 
 
 def test_a_retry_after_of_non_ascii_digits_is_no_request(make_exporter, kit):
@@ -245,14 +198,13 @@ def test_a_retry_after_of_non_ascii_digits_is_no_request(make_exporter, kit):
     dropped as an internal error instead of being retried."""
     server, answers = _retry_after_server("²")
     try:
-        exp, telemetry = make_exporter(http_factory, endpoint=f"http://127.0.0.1:{server.server_port}",
+        exp, telemetry = make_exporter(http_factory, endpoint=server.endpoint,
                                        sending_queue={"num_consumers": 1})
         exp.export(kit.batch([0], step=1))
         wait_for(lambda: counter(kit, telemetry, "otlphttp", "sent_metric_points")
                  + counter(kit, telemetry, "otlphttp", "send_failed_metric_points") >= 5, what="the batch")
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
     assert counter(kit, telemetry, "otlphttp", "sent_metric_points") == 5
     assert answers == [503, 200]
 
@@ -263,7 +215,7 @@ def test_a_retry_after_beyond_what_a_wait_can_take_is_waited(make_exporter, kit)
     shutdown keeps it."""
     server, answers = _retry_after_server("99999999999")
     try:
-        exp, telemetry = make_exporter(http_factory, endpoint=f"http://127.0.0.1:{server.server_port}",
+        exp, telemetry = make_exporter(http_factory, endpoint=server.endpoint,
                                        retry_on_failure={**FAST, "max_elapsed_time": 0},
                                        sending_queue={"num_consumers": 1})
         exp.export(kit.batch([0], step=1))
@@ -271,8 +223,7 @@ def test_a_retry_after_beyond_what_a_wait_can_take_is_waited(make_exporter, kit)
         # the shutdown first waits for the queue to drain: the OverflowError, if any, comes before its stop
         exp.shutdown(timeout_millis=300)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
     assert kit.sample(telemetry, "podmeter_component_errors_total", component="otlphttp", cause="internal") == 0
     assert counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 5  # abandoned at the shutdown
     assert "shutdown" in exp.telemetry.failing()

@@ -12,6 +12,8 @@ HTTP/protobuf endpoint), and rotel (PyPI `rotel`, a Rust OpenTelemetry collector
     sink.headers                                 # metadata / HTTP headers of every accepted request
 
     sink = OTLPSink(certs=make_certs(tmp), client_auth=True).start()   # TLS (mutual with client_auth)
+    sink = OTLPSink(max_receive_message_length=6000)  # gRPC refuses larger requests, as a collector with a
+                                                      # small max_recv_msg_size_mib does (RESOURCE_EXHAUSTED)
 
     with RotelAgent(forward_to=sink.grpc_endpoint) as rotel:          # rotel receives, forwards to the sink
         push to rotel.grpc_endpoint ("http://127.0.0.1:PORT") or rotel.http_endpoint ("http://127.0.0.1:PORT")
@@ -89,9 +91,10 @@ def flatten(requests) -> list[Point]:
 
 
 class OTLPSink(ms_grpc.MetricsServiceServicer):
-    def __init__(self, certs=None, client_auth: bool = False) -> None:
+    def __init__(self, certs=None, client_auth: bool = False, max_receive_message_length: int = 0) -> None:
         self.certs = certs
         self.client_auth = client_auth
+        self.max_receive_message_length = max_receive_message_length  # 0: grpcio's default (4 MiB)
         self.grpc_port = free_port()
         self.http_port = free_port()
         scheme = "https" if certs else "http"
@@ -147,7 +150,9 @@ class OTLPSink(ms_grpc.MetricsServiceServicer):
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> OTLPSink:
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        options = ([("grpc.max_receive_message_length", self.max_receive_message_length)]
+                   if self.max_receive_message_length else [])
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
         ms_grpc.add_MetricsServiceServicer_to_server(self, self._grpc)
         addr = f"127.0.0.1:{self.grpc_port}"
         if self.certs:
