@@ -105,9 +105,13 @@ def parse_cgroup(line_or_path: str) -> CgroupRef:
     if not isinstance(line_or_path, str):
         return NOT_A_POD
     path = cgroup_path_of(line_or_path)
-    if "kubepods" not in path:
-        return NOT_A_POD
     parts = [p for p in path.split("/") if p]
+    # read from a cgroup namespace of its own (a pod's, the default on cgroup v2, so podmeter's), another cgroup's
+    # path is relative to that namespace's root: `/../../pod<uid>/<id>`. The levels that said `kubepods` (and,
+    # with the cgroupfs driver, the QoS) are hidden above the `..`s, so a pod there is taken as kubelet's.
+    relative = bool(parts) and parts[0] == ".."
+    if "kubepods" not in path and not relative:
+        return NOT_A_POD
     for i, part in enumerate(parts):
         # containerd with the systemd driver outside systemd puts pod slice and container in one segment:
         # `kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`
@@ -116,9 +120,12 @@ def parse_cgroup(line_or_path: str) -> CgroupRef:
         if uid is None:
             continue
         # a `pod<uid>` outside a kubepods tree is not kubelet's
-        if "kubepods" not in head and not any("kubepods" in p for p in parts[:i]):
+        in_kubepods = "kubepods" in head or any("kubepods" in p for p in parts[:i])
+        if not in_kubepods and not relative:
             continue
         qos = _qos_from(parts[:i] + [head])
+        if qos == "Guaranteed" and not in_kubepods:
+            qos = None  # kubepods and any QoS level are hidden above the `..`s: Guaranteed is not known
         container = None
         if sep:
             container = container_of(tail)

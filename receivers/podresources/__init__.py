@@ -210,6 +210,8 @@ class PodResourcesReceiver(Receiver):
                                   "k8s.node.device.allocatable is off (asked again every %gs)", _describe(exc),
                                   ALLOCATABLE_RETRY)
                 self._allocatable_retry_at = time.monotonic() + ALLOCATABLE_RETRY
+                # a kubelet restarted without it (downgraded, gate turned off): what it last said no longer holds
+                return {}
             else:
                 self.tel.error("allocatable", f"GetAllocatableResources failed: {_describe(exc)}")
             return None

@@ -16,7 +16,9 @@ class PodResourcesConfig(ScraperConfig):
         "", description="The kubelet's --root-dir where a distribution moves it (e.g. /var/snap/microk8s/common/"
                         "var/lib/kubelet); the socket is <root>/pod-resources/kubelet.sock")
     resource_names: list[str] = Field(
-        default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/mig-*"],
+        # nvidia.com/gpu.shared: the NVIDIA device plugin's name for time-sliced or MPS-shared GPUs under
+        # `renameByDefault: true` (shared MIG devices are nvidia.com/mig-<profile>.shared)
+        default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/gpu.shared", "nvidia.com/mig-*"],
         description="Device plugin resource names to track (shell-style patterns, e.g. amd.com/gpu, "
                     "gpu.intel.com/*)")
     refresh_interval: Duration = Field(

@@ -53,6 +53,13 @@ CASES = [
     # the pod's own cgroup, no container
     (f"0::/kubepods/burstable/pod{UID}", UID, None, None, "Burstable"),
     (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SD}.slice", UID, None, None, "Burstable"),
+    # read from a cgroup namespace of its own (podmeter's pod's, the default on cgroup v2): paths relative to its
+    # root, with kubepods (and, for cgroupfs, the QoS level) hidden above the `..`s
+    (f"0::/../../pod{UID}/{CID}", UID, CID, None, None),
+    (f"0::/../../../besteffort/pod{UID}/{CID}", UID, CID, None, "BestEffort"),
+    (f"0::/../../../../kubepods/pod{UID}/{CID}", UID, CID, None, "Guaranteed"),
+    (f"0::/../../../kubepods-pod{SD}.slice/cri-containerd-{CID}.scope", UID, CID, "containerd", "Guaranteed"),
+    (f"0::/../../kubepods-burstable-pod{SD}.slice/cri-containerd-{CID}.scope", UID, CID, "containerd", "Burstable"),
     # bare paths, uppercase uids, a removed cgroup
     (f"/kubepods/burstable/pod{UID.upper()}/{CID}", UID, CID, None, "Burstable"),
     (f"0::/kubepods/burstable/pod{UID}/{CID} (deleted)", UID, CID, None, "Burstable"),
@@ -65,7 +72,7 @@ NOT_PODS = [
     "0::/kubepods", "0::/kubepods/burstable", "0::/kubepods.slice/kubepods-besteffort.slice",
     f"0::/system.slice/docker-{CID}.scope",  # a plain Docker container, not a pod
     f"0::/machine.slice/pod{UID}/{CID}",  # pod-shaped but not kubelet's
-    "garbage", ":::", "0::", "12:memory:", f"pod{UID}",
+    "garbage", ":::", "0::", "12:memory:", f"pod{UID}", "0::/../..", f"0::/../../docker-{CID}.scope",
 ]
 
 
@@ -107,7 +114,7 @@ SEGMENTS = st.sampled_from([
 def test_random_text_never_raises(text):
     ref = parse_cgroup(text)
     assert isinstance(ref, CgroupRef)
-    assert ref.pod_uid is None or ref.qos_class in ("Guaranteed", "Burstable", "BestEffort")
+    assert ref.pod_uid is None or ref.qos_class in ("Guaranteed", "Burstable", "BestEffort", None)
 
 
 @settings(max_examples=1000, deadline=None)
@@ -116,9 +123,11 @@ def test_plausible_paths_never_raise_and_are_consistent(segments, prefix):
     path = "/" + "/".join(segments)
     ref = parse_cgroup(prefix + path)
     assert isinstance(ref, CgroupRef)
+    relative = [p for p in path.split("/") if p][:1] == [".."]  # kubepods may be hidden above a cgroup namespace
     if ref.pod_uid is not None:
         assert ref.pod_uid in (UID, STATIC)
-        assert "kubepods" in path
+        assert "kubepods" in path or relative
+        assert ref.qos_class is not None or relative
     if ref.container_id is not None:
         assert ref.pod_uid is not None and ref.container_id == CID
     if ref.pod_uid is None:

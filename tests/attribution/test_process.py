@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 from harness import require_root
-from harness.cgroups import PodCgroup, hierarchies
+from harness.cgroups import PodCgroup, hierarchies, v2_root
 
 from podmeter.attribution import ProcessAttributor, read_process, read_start_time
 
 CID = "8a797c5477284c0ebabd61b1f221c63609ba76952a1b41759201d8231b7ab340"
 UID = "0f1c2d3e-4a5b-4c6d-8e9f-0123456789ab"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def fake_proc(root, pid: int, start: int, cgroup: str, comm: str = "python3", nspid: str = "") -> None:
@@ -72,6 +75,32 @@ def test_hybrid_v1_only_membership_is_found():
         assert info.ref.pod_uid == cg.uid and info.ref.container_id == cg.container_id
     finally:
         cg.destroy()
+
+
+def test_process_seen_from_a_cgroup_namespace_of_its_own():
+    """podmeter in a pod on cgroup v2 has a cgroup namespace of its own: the kernel shows other pods' processes
+    relative to its root (`0::/../../pod<uid>/<id>`, no `kubepods` in sight); they are still attributed."""
+    require_root()
+    if v2_root() is None:
+        pytest.fail("no cgroup2 hierarchy mounted")
+    with PodCgroup() as target, PodCgroup() as agent:
+        proc = target.spawn(["sleep", "60"])
+
+        def enter() -> None:  # the agent's container cgroup (every hierarchy), then a cgroup namespace rooted there
+            for d in agent.dirs():
+                with open(f"{d}/cgroup.procs", "w") as f:
+                    f.write("0")
+
+        script = ("import json, sys; from podmeter.attribution import read_process; "
+                  f"i = read_process('/proc', {proc.pid}); "
+                  "print(json.dumps([list(i.cgroup_lines), i.ref.pod_uid, i.ref.container_id]))")
+        out = subprocess.run(["unshare", "--cgroup", sys.executable, "-c", script], preexec_fn=enter,
+                             capture_output=True, text=True, check=True, cwd=ROOT)
+        lines, uid, cid = json.loads(out.stdout)
+        # the kernel's relative form, in every hierarchy: `kubepods` is nowhere in sight
+        assert f"0::/../../pod{target.uid}/{target.container_id}" in lines
+        assert not [line for line in lines if "kubepods" in line], lines
+        assert (uid, cid) == (target.uid, target.container_id)
 
 
 def test_pid_reuse_gives_the_new_process(tmp_path):

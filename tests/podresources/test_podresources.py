@@ -365,3 +365,31 @@ def test_topology_and_dynamic_resources_decode(server, make_receiver):
     receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}")
     assert set(provider.assignments()) == {GPU0}
     assert telemetry.failing() == {}
+
+
+def test_renamed_shared_gpus_are_tracked_by_default(server, make_receiver):
+    """The NVIDIA device plugin with `renameByDefault: true` advertises time-sliced (or MPS-shared) GPUs as
+    nvidia.com/gpu.shared: the default resource_names track them like nvidia.com/gpu."""
+    shared = [pod("a", "x", {"c": [("nvidia.com/gpu.shared", [f"{GPU2}::0"])]}),
+              pod("b", "x", {"c": [("nvidia.com/gpu.shared", [f"{GPU2}::1"])]})]
+    server.start(Kubelet(shared, [("nvidia.com/gpu.shared", [f"{GPU2}::{i}" for i in range(4)])]))
+    receiver, provider, _ = make_receiver(endpoint=f"unix://{server.path}")
+    assert sorted(e["k8s.pod.name"] for e in provider.assignments()[GPU2]) == ["a", "b"]
+    pts = points(receiver.collect())
+    assert [p[3] for p in pts if p[0] == "k8s.node.device.allocatable"] == [1]
+
+
+def test_allocatable_stops_when_a_restarted_kubelet_no_longer_serves_it(server, make_receiver):
+    """A kubelet restarted with GetAllocatableResources off (downgraded, gate turned off): its last answer is not
+    reported on forever, nor used to report 0 allocated for resources the node may no longer have."""
+    kubelet = Kubelet(NODE, ALLOCATABLE)
+    server.start(kubelet)
+    receiver, _, telemetry = make_receiver(endpoint=f"unix://{server.path}")
+    assert "k8s.node.device.allocatable" in {p[0] for p in points(receiver.collect())}
+    kubelet.allocatable_gate = False
+    kubelet.pods = []
+    receiver._refresh()
+    pts = points(receiver.collect())
+    assert "k8s.node.device.allocatable" not in {p[0] for p in pts}
+    assert not [p for p in pts if p[0] == "k8s.node.device.allocated"]
+    assert telemetry.failing() == {}
