@@ -88,7 +88,8 @@ class CriReceiver(Receiver):
         self._connected = False
         self._statuses: dict[str, StatusInfo] = {}
         self._status_retry: dict[str, float] = {}  # container id -> when to ask its status again (monotonic)
-        self._seen_cpu: set[str] = set()  # ids whose first (zero) usage_nano_cores sample has passed
+        # ids whose first (zero) usage_nano_cores sample has passed -> their CPU time then (ns; None if not given)
+        self._seen_cpu: dict[str, int | None] = {}
         self._stats_unimplemented = False
         # ListPodSandboxStats failed as a whole (containerd 1.6 does while any sandbox is NOT_READY): ask
         # PodSandboxStats per READY sandbox until the next handshake (a restarted runtime may be a fixed one)
@@ -211,7 +212,10 @@ class CriReceiver(Receiver):
         except Exception as exc:
             self._refreshes.labels(trigger, "error").inc()
             self.tel.error("list", f"listing pods and containers at {self.config.endpoint} failed: {describe(exc)}")
-            self._connected = False  # handshake again: the runtime may have restarted or been replaced
+            # handshake again when the runtime may have restarted or been replaced. Not on a list too big for the
+            # receive limit (or too slow): the runtime is there, and stats do not wait on the metadata lists.
+            if code_of(exc) not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._connected = False
             return False
         self.tel.recovered("list")
         self.tel.recovered("connect")
@@ -289,7 +293,7 @@ class CriReceiver(Receiver):
         b = MetricsBuilder(f"podmeter/receiver/{self.settings.id}", self.start_ns)
         if not self._connected:
             return b.build()  # the refresher says why (once); an empty batch keeps health neutral
-        seen: set[str] = set()
+        seen: dict[str, int | None] = {}
         answering = True
         if self._container_stats and not self._stats_unimplemented:
             answering = self._collect_containers(b, seen)
@@ -300,7 +304,7 @@ class CriReceiver(Receiver):
         self._seen_cpu = seen
         return b.build()
 
-    def _collect_containers(self, b: MetricsBuilder, seen: set[str]) -> bool:
+    def _collect_containers(self, b: MetricsBuilder, seen: dict) -> bool:
         """Container stats into b; False when the runtime did not answer (unreachable, or past the deadline)."""
         try:
             stats = self.client.list_container_stats()
@@ -338,13 +342,16 @@ class CriReceiver(Receiver):
             attrs["container.runtime.name"] = self.runtime_name
         return attrs
 
-    def _container_points(self, b: MetricsBuilder, s, seen: set[str]) -> None:
+    def _container_points(self, b: MetricsBuilder, s, seen: dict) -> None:
         cid = s.attributes.id
         if not cid:  # an entry naming no container: nothing to attribute it to
             raise ValueError("no container id")
         res = self._container_resource(s.attributes)
         info = self.cache.container_info(cid)
-        start = info.created_at if info and info.created_at > 0 else None
+        # Cumulative points start at the container's creation. A container created since the last refresh is
+        # not cached yet: its cumulative points wait for the refresh its lookup asked for, rather than go out
+        # once with another start time (a start time that changes tells a backend the counter was reset).
+        start = None if info is None else info.created_at
         sp = self.specs
         if s.HasField("cpu"):
             self._cpu(b, s.cpu, cid, res, start, seen, sp["container.cpu.time"], sp["container.cpu.usage"])
@@ -362,15 +369,20 @@ class CriReceiver(Receiver):
                 b.add(sp["container.filesystem.inodes.usage"], wl.inodes_used.value, resource=res, time_ns=ts)
 
     def _cpu(self, b, cpu, key, res, start, seen, time_spec, usage_spec) -> None:
+        """`start`: creation time of the container (pod) in ns, 0 if the runtime does not say; None when it is
+        not known yet, and then the cumulative point is left out."""
         ts = cpu.timestamp or None
-        if cpu.HasField("usage_core_nano_seconds"):
-            b.add(time_spec, cpu.usage_core_nano_seconds.value / 1e9, resource=res, start_time_ns=start, time_ns=ts)
+        total = cpu.usage_core_nano_seconds.value if cpu.HasField("usage_core_nano_seconds") else None
+        if total is not None and start is not None:
+            b.add(time_spec, total / 1e9, resource=res, start_time_ns=start or None, time_ns=ts)
         if cpu.HasField("usage_nano_cores"):
             cores = cpu.usage_nano_cores.value
-            # 0 on the runtime's first sample of a container means "not computed yet", not idle
-            if cores > 0 or key in self._seen_cpu:
+            # 0 on the runtime's first sample of a container means "not computed yet", not idle. The runtime
+            # also starts afresh after it restarts, which this receiver does not always see (a quick restart
+            # between two calls): a 0 while the CPU time grew since our last sample is that, not idleness.
+            if cores > 0 or (key in self._seen_cpu and (total is None or self._seen_cpu[key] in (None, total))):
                 b.add(usage_spec, cores / 1e9, resource=res, time_ns=ts)
-        seen.add(key)
+        seen[key] = total
 
     @staticmethod
     def _memory(b, mem, res, ws_spec, usage_spec, rss_spec) -> None:
@@ -379,7 +391,7 @@ class CriReceiver(Receiver):
             if mem.HasField(field):
                 b.add(spec, getattr(mem, field).value, resource=res, time_ns=ts)
 
-    def _collect_pods(self, b: MetricsBuilder, seen: set[str]) -> None:
+    def _collect_pods(self, b: MetricsBuilder, seen: dict) -> None:
         stats = None
         if not self._pod_stats_each:
             try:
@@ -436,7 +448,7 @@ class CriReceiver(Receiver):
         self.tel.recovered("pod_stats")
         return stats
 
-    def _pod_points(self, b: MetricsBuilder, s, seen: set[str]) -> None:
+    def _pod_points(self, b: MetricsBuilder, s, seen: dict) -> None:
         sp = self.specs
         md = s.attributes.metadata
         uid = s.attributes.labels.get(POD_UID) or md.uid
@@ -445,14 +457,22 @@ class CriReceiver(Receiver):
         res = self.cache.pod(uid) or {"k8s.pod.uid": uid, "k8s.pod.name": md.name,
                                       "k8s.namespace.name": md.namespace}
         lin = s.linux
-        start = self.cache.pod_created_ns(uid)
+        # the start of the pod's cumulative points is its sandbox's creation: this entry's sandbox (a pod's new
+        # sandbox has a new network namespace, whose counters start at 0), None while it is not cached yet
+        sandbox = self.cache.sandbox_info(s.attributes.id)
+        start = None if sandbox is None else sandbox.created_at
+        # CRI-O lists the stats of every sandbox, a pod's stopped ones too: one pod, two sets of points under one
+        # identity. As kubelet does, only the pod's current sandbox (READY, else newest) counts.
+        current = self.cache.pod_sandbox_id(uid)
+        if current is not None and current != s.attributes.id:
+            return
         if lin.HasField("cpu"):
             self._cpu(b, lin.cpu, "pod:" + s.attributes.id, res, start, seen, sp["k8s.pod.cpu.time"],
                       sp["k8s.pod.cpu.usage"])
         if lin.HasField("memory"):
             self._memory(b, lin.memory, res, sp["k8s.pod.memory.working_set"], sp["k8s.pod.memory.usage"],
                          sp["k8s.pod.memory.rss"])
-        if lin.HasField("network"):
+        if lin.HasField("network") and start is not None:
             ifaces = ([lin.network.default_interface] if lin.network.HasField("default_interface") else [])
             ifaces += list(lin.network.interfaces)
             ts = lin.network.timestamp or None

@@ -137,6 +137,18 @@ class ContainerMetadata:
     def container_info(self, container_id: str) -> ContainerInfo | None:
         return self._snap.containers.get(normalise_id(container_id))
 
+    def sandbox_info(self, sandbox_id: str) -> ContainerInfo | None:
+        """The sandbox's pod-level info; None if unknown (which asks for a refresh, as container() does)."""
+        info = self._snap.sandboxes.get(sandbox_id)
+        if info is None:
+            self._miss(sandbox_id)
+        return info
+
+    def pod_sandbox_id(self, pod_uid: str) -> str | None:
+        """The pod's current sandbox: the READY one, else the newest."""
+        info = self._snap.pods.get(pod_uid)
+        return info.sandbox_id if info else None
+
     def pod_created_ns(self, pod_uid: str) -> int | None:
         snap = self._snap
         pod = snap.pods.get(pod_uid)
@@ -255,7 +267,9 @@ def build_snapshot(sandboxes: list, containers: list, statuses: dict[str, Status
             snap.by_container_name.setdefault((uid, cname), c.id)  # running containers come first
         snap.containers[c.id] = ContainerInfo(
             id=c.id, sandbox_id=c.pod_sandbox_id, name=cname, pod_uid=uid, state=c.state, created_at=c.created_at,
-            attempt=c.metadata.attempt, pid=status.pid if status else None, attributes=MappingProxyType(attrs))
+            # the PID of a container that has exited is dead, and the kernel may have given it to another process
+            attempt=c.metadata.attempt, pid=status.pid if status and c.state == 1 else None,
+            attributes=MappingProxyType(attrs))
     return snap, dropped
 
 

@@ -143,11 +143,12 @@ def test_new_container_on_demand_and_removed_container_evicted(ctrd, make_receiv
         assert meta.container(cid) is None  # unknown now; asks the refresher
         attrs = wait_for(lambda: meta.container(cid), timeout=10, what="on-demand refresh to find the container")
         assert attrs["k8s.pod.name"] == "late"
-        # stats of a container created after the last refresh still carry its pod (from the stats labels)
+        # stats of a container created after the last refresh still carry its pod (from the stats labels); its
+        # cumulative points wait for the refresh (test_cumulative_points_start_at_creation_not_at_first_sight)
         extra = ctrd.add_container(pod, "extra", ["/bin/sleep", "3600"])
         data = receiver.collect()
-        assert value_of(data, "container.cpu.time", **{"container.id": extra, "k8s.pod.name": "late",
-                                                       "k8s.container.name": "extra"}) is not None
+        assert value_of(data, "container.memory.working_set", **{"container.id": extra, "k8s.pod.name": "late",
+                                                                 "k8s.container.name": "extra"}) is not None
     finally:
         ctrd.remove_pod(pod)
     # removed: the next refresh evicts it (an unknown id triggers one; the removed one is simply gone)
@@ -389,7 +390,7 @@ def test_state_stays_bounded_under_churn(ctrd, make_receiver):
     receiver._refresh("periodic")
     receiver.collect()
     assert len(meta) == 0 and meta.pod(pod.uid) is None
-    assert receiver._statuses == {} and receiver._seen_cpu == set()
+    assert receiver._statuses == {} and receiver._seen_cpu == {}
     for i in range(10000):  # a flood of unknown ids: the negative cache and pending set stay capped
         meta.container(f"{i:064x}")
     receiver._refresh("on_demand")
@@ -677,5 +678,151 @@ def test_pod_stats_per_sandbox_keep_what_came_before_the_deadline(make_receiver,
         got = [p for p in points(data) if p[0] == "k8s.pod.cpu.time"]
         assert 1 <= len(got) < SlowPodStatsRuntime.N, got  # the ones answered in time, not none, not all
         assert "pod_stats" in telemetry.failing()
+    finally:
+        server.stop(0)
+
+
+def start_times(data, name: str, **resource) -> list[int]:
+    return [p.start_time_unix_nano for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            if m.name == name and all(rm.resource.attributes.get(k) == v for k, v in resource.items())
+            for p in m.data.data_points]
+
+
+def test_cumulative_points_start_at_creation_not_at_first_sight(ctrd, make_receiver):
+    """A container (pod) created since the last metadata refresh is not cached yet. Its CPU time used to go out
+    once with the receiver's start as start time, then with its creation time once cached: a start time that
+    changes tells a backend the counter was reset. Its cumulative points now wait for the refresh."""
+    receiver, meta, _ = make_receiver(ctrd.endpoint, metadata_refresh_interval="1h",
+                                      on_demand_refresh_min_interval="1h", **ALL)
+    pod = ctrd.run_pod("fresh-start", "default", {"c": ["/bin/sleep", "3600"]})
+    cid = pod.containers["c"]
+    try:
+        data = receiver.collect()
+        assert value_of(data, "container.memory.working_set", **{"container.id": cid}) is not None
+        assert start_times(data, "container.cpu.time", **{"container.id": cid}) == []
+        assert start_times(data, "k8s.pod.cpu.time", **{"k8s.pod.uid": pod.uid}) == []
+        receiver._refresh("on_demand")
+        data = receiver.collect()
+        created = ctrd.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid), timeout=10).status.created_at
+        assert start_times(data, "container.cpu.time", **{"container.id": cid}) == [created]
+        sandbox_created = ctrd.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id),
+                                                   timeout=10).status.created_at
+        assert start_times(data, "k8s.pod.cpu.time", **{"k8s.pod.uid": pod.uid}) == [sandbox_created]
+    finally:
+        ctrd.remove_pod(pod)
+
+
+def test_no_false_idle_cpu_after_a_quick_runtime_restart(ctrd, make_receiver):
+    """The runtime computes usage_nano_cores from its previous sample, which a restart loses: its first answer
+    after it is 0. A restart between two collections goes unnoticed by the receiver (no call fails), so that 0
+    was emitted as "idle" for a container busy all along."""
+    pod = ctrd.run_pod("busy", "default", {"c": ["/bin/sh", "-c", "while :; do :; done"]})
+    cid = pod.containers["c"]
+    try:
+        receiver, _, _ = make_receiver(ctrd.endpoint, metadata_refresh_interval="1h",
+                                       metrics={"container.cpu.time": {"enabled": True},
+                                                "container.cpu.usage": {"enabled": True}})
+        receiver.collect()
+        time.sleep(0.2)
+        assert (value_of(receiver.collect(), "container.cpu.usage", **{"container.id": cid}) or 0) > 0
+        ctrd.restart()
+
+        def answered():
+            data = receiver.collect()
+            return data if value_of(data, "container.cpu.time", **{"container.id": cid}) else None
+
+        data = wait_for(answered, timeout=30, interval=0.2, what="stats after containerd restarted")
+        assert value_of(data, "container.cpu.usage", **{"container.id": cid}) != 0
+        time.sleep(0.2)
+        assert (value_of(receiver.collect(), "container.cpu.usage", **{"container.id": cid}) or 0) > 0
+    finally:
+        ctrd.remove_pod(pod)
+
+
+class AllSandboxStatsRuntime(OldRuntime):
+    """A test double of CRI-O (not installable here), whose ListPodSandboxStats answers for every sandbox, a pod's
+    stopped one included; containerd answers for READY ones only (1.7) or fails the list (1.6)."""
+
+    OLD, NEW = "o" * 64, "n" * 64
+
+    def ListPodSandbox(self, request, context):
+        meta = pb.PodSandboxMetadata(name="p", uid="u-1", namespace="n")
+        return pb.ListPodSandboxResponse(items=[pb.PodSandbox(id=self.OLD, metadata=meta, state=1, created_at=100),
+                                                pb.PodSandbox(id=self.NEW, metadata=meta, state=0, created_at=200)])
+
+    def ListContainers(self, request, context):
+        return pb.ListContainersResponse()
+
+    def ListPodSandboxStats(self, request, context):
+        meta = pb.PodSandboxMetadata(name="p", uid="u-1", namespace="n")
+        return pb.ListPodSandboxStatsResponse(stats=[pb.PodSandboxStats(
+            attributes=pb.PodSandboxAttributes(id=sid, metadata=meta),
+            linux=pb.LinuxPodSandboxStats(memory=pb.MemoryUsage(timestamp=time.time_ns(),
+                                                                working_set_bytes=pb.UInt64Value(value=value))))
+            for sid, value in ((self.OLD, 0), (self.NEW, 5 << 20))])
+
+
+def test_a_pods_stopped_sandbox_listed_in_pod_stats_makes_no_second_series(make_receiver, tmp_path):
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pbg.add_RuntimeServiceServicer_to_server(AllSandboxStatsRuntime(), server)
+    sock = tmp_path / "all.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        receiver, _, _ = make_receiver(f"unix://{sock}", metrics={"k8s.pod.memory.working_set": {"enabled": True}})
+        got = [p[3] for p in points(receiver.collect()) if p[0] == "k8s.pod.memory.working_set"]
+        assert got == [5 << 20]  # the running sandbox's, not also the stopped one's 0 under the same pod
+    finally:
+        server.stop(0)
+
+
+def test_an_exited_container_has_no_pid(ctrd, make_receiver):
+    """A container's host PID dies with it and may be reused by any process: container_pid() of an exited
+    container (kubelet keeps them listed until garbage collection) is None, not the PID it once had."""
+    pod = ctrd.run_pod("exits", "default", {"c": ["/bin/sleep", "3600"]})
+    cid = pod.containers["c"]
+    try:
+        receiver, meta, _ = make_receiver(ctrd.endpoint, metadata_refresh_interval="1h")
+        assert meta.container_pid(cid) == ctrd.container_pid(cid)
+        ctrd.stop_pod(pod)  # its containers are killed and stay listed as EXITED
+        receiver._refresh("periodic")
+        assert meta.container_info(cid).state == pb.CONTAINER_EXITED
+        assert meta.container_pid(cid) is None
+    finally:
+        ctrd.remove_pod(pod)
+
+
+class HugeListRuntime(OldRuntime):
+    """A test double of a node whose container list is over the receiver's 64 MiB limit (a real containerd cannot
+    hold that many containers here); its stats still fit."""
+
+    def ListContainers(self, request, context):
+        big = {"blob": "x" * (1 << 20)}
+        return pb.ListContainersResponse(containers=[pb.Container(
+            id=f"c{i:063d}", pod_sandbox_id="s" * 64, metadata=pb.ContainerMetadata(name="main"), state=1,
+            annotations=big) for i in range(70)])
+
+    def ListContainerStats(self, request, context):
+        return pb.ListContainerStatsResponse(stats=[pb.ContainerStats(
+            attributes=pb.ContainerAttributes(id="c" * 64, labels={"io.kubernetes.pod.uid": "u-1"}),
+            memory=pb.MemoryUsage(timestamp=1, working_set_bytes=pb.UInt64Value(value=4096)))])
+
+
+def test_a_container_list_over_the_receive_limit_does_not_stop_stats(make_receiver, tmp_path):
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", -1)])
+    pbg.add_RuntimeServiceServicer_to_server(HugeListRuntime(), server)
+    sock = tmp_path / "huge.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        receiver, _, telemetry = make_receiver(f"unix://{sock}", metadata_refresh_interval="1h",
+                                               metrics={"container.memory.working_set": {"enabled": True}})
+        assert "list" in telemetry.failing()  # RESOURCE_EXHAUSTED: counted and said
+        data = receiver.collect()
+        assert value_of(data, "container.memory.working_set", **{"container.id": "c" * 64}) == 4096
     finally:
         server.stop(0)
