@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 
-from .config import DEFAULT_SYSCALLS, EbpfConfig
+from .config import EbpfConfig, default_syscalls
 from .programs import COUNTERS_WORDS, DEFAULT_OBJECT, Programs
 
 C_SOURCE = r"""
@@ -98,7 +98,7 @@ def _measure(exe: str, syscalls: int, switches: int, cpu: int) -> dict[str, floa
 
 
 def _programs(profile: str) -> Programs:
-    cfg = EbpfConfig.model_validate({"profile": profile, "tracked_syscalls": DEFAULT_SYSCALLS + ["getpid"]})
+    cfg = EbpfConfig.model_validate({"profile": profile, "tracked_syscalls": default_syscalls() + ["getpid"]})
     progs = Programs(DEFAULT_OBJECT, cfg.features(), max_cgroups=cfg.max_cgroups,
                      syscall_entries=cfg.max_cgroups * 4, tracked=list(cfg.syscall_numbers()),
                      attach_order=list(cfg.attach_order))

@@ -25,6 +25,18 @@ ATTACH_KINDS = ("fentry", "tp_btf", "raw_tp")
 
 DEFAULT_SYSCALLS = ["read", "write", "openat", "close", "connect", "accept4", "sendto", "recvfrom", "futex",
                     "epoll_wait", "fsync", "mmap"]
+# A default an architecture lacks -> the syscall its libc makes instead: the asm-generic table (arm64) has no
+# epoll_wait, glibc's epoll_wait() calls epoll_pwait there.
+DEFAULT_ALIASES = {"epoll_wait": "epoll_pwait"}
+
+
+def default_syscalls(machine: str | None = None) -> list[str]:
+    """DEFAULT_SYSCALLS in this machine's table (the defaults must validate on every supported architecture)."""
+    table = TABLES.get(machine or os.uname().machine)
+    if table is None:
+        return list(DEFAULT_SYSCALLS)
+    names = (n if n in table else DEFAULT_ALIASES.get(n, n) for n in DEFAULT_SYSCALLS)
+    return [n for n in names if n in table]
 
 
 class MetricToggle(ComponentConfig):
@@ -55,8 +67,9 @@ class EbpfConfig(ScraperConfig):
         True, description="false turns off run-queue and syscall latency whatever the profile says (the costly "
                           "part: a timestamp per wakeup and per tracked syscall)")
     tracked_syscalls: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_SYSCALLS),
-        description="Syscalls counted (and, with syscall_latency, timed) by name; [] turns the breakdown off")
+        default_factory=lambda: default_syscalls(),
+        description="Syscalls counted (and, with syscall_latency, timed) by name; [] turns the breakdown off. "
+                    "arm64 has no epoll_wait: its default has epoll_pwait (what libc's epoll_wait calls there)")
     max_cgroups: int = Field(10240, ge=16, le=1 << 20,
                              description="Entries of the per-cgroup LRU map (least recently used cgroups are evicted)")
     max_syscall_entries: int = Field(

@@ -325,10 +325,12 @@ class EbpfReceiver(Receiver):
             add(s[m.CONTEXT_SWITCHES.name], w[IDX["switches_voluntary"]], {"process.context_switch.type": "voluntary"})
             add(s[m.CONTEXT_SWITCHES.name], w[IDX["switches_involuntary"]],
                 {"process.context_switch.type": "involuntary"})
+        # The count is the buckets' sum, not the kernel's count word: the map is read while the programs add to
+        # it (count, sum and slot are three separate atomic adds), so the two can differ by an event in flight, and
+        # a point whose count is not the sum of its buckets is invalid (Prometheus: _count != le="+Inf").
         if "runqueue_latency" in f and w[IDX["runq_count"]]:
             b.add_histogram(s[m.RUNQUEUE_LATENCY.name], fold(w[N_COUNTERS:]), BOUNDS_S,
-                            w[IDX["runq_sum_ns"]] / 1e9, w[IDX["runq_count"]], resource=resource,
-                            start_time_ns=start)
+                            w[IDX["runq_sum_ns"]] / 1e9, resource=resource, start_time_ns=start)
         if "syscalls" in f:
             add(s[m.SYSCALLS.name], w[IDX["syscalls"]])
             add(s[m.SYSCALL_ERRORS.name], w[IDX["syscall_errors"]])
@@ -354,7 +356,8 @@ class EbpfReceiver(Receiver):
             add(s[m.SYSCALL_CALLS.name], w[0], {"syscall.name": name})
             add(s[m.SYSCALL_FAILURES.name], w[1], {"syscall.name": name})
             if latency and w[2]:
-                b.add_histogram(s[m.SYSCALL_DURATION.name], fold(w[4:]), BOUNDS_S, w[3] / 1e9, w[2],
+                # count = the buckets' sum, as for run-queue latency (see _emit)
+                b.add_histogram(s[m.SYSCALL_DURATION.name], fold(w[4:]), BOUNDS_S, w[3] / 1e9,
                                 attributes={"syscall.name": name}, resource=resource, start_time_ns=start)
 
     def _diagnostics(self, progs: Programs, counters: dict, sc: dict) -> None:

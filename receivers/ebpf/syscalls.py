@@ -81,7 +81,7 @@ ARM64 = {
     "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55, "openat": 56, "close": 57, "vhangup": 58,
     "pipe2": 59, "quotactl": 60, "getdents64": 61, "lseek": 62, "read": 63, "write": 64, "readv": 65, "writev": 66,
     "pread64": 67, "pwrite64": 68, "preadv": 69, "pwritev": 70, "sendfile": 71, "pselect6": 72, "ppoll": 73,
-    "signalfd4": 74, "vmsplice": 75, "splice": 76, "tee": 77, "readlinkat": 78, "fstatat": 79, "fstat": 80,
+    "signalfd4": 74, "vmsplice": 75, "splice": 76, "tee": 77, "readlinkat": 78, "newfstatat": 79, "fstatat": 79, "fstat": 80,
     "sync": 81, "fsync": 82, "fdatasync": 83, "sync_file_range2": 84, "sync_file_range": 84, "timerfd_create": 85,
     "timerfd_settime": 86, "timerfd_gettime": 87, "utimensat": 88, "acct": 89, "capget": 90, "capset": 91,
     "personality": 92, "exit": 93, "exit_group": 94, "waitid": 95, "set_tid_address": 96, "unshare": 97, "futex": 98,

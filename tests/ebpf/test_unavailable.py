@@ -9,6 +9,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from harness import require, require_binary, require_root
@@ -18,6 +19,7 @@ from podmeter.component import ComponentID, ComponentUnavailable, CreateSettings
 from podmeter.telemetry import null_component_telemetry
 from receivers.ebpf import factory
 from receivers.ebpf.cgroups import find_cgroup2
+from receivers.ebpf.syscalls import TABLES
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -185,3 +187,23 @@ def test_start_shutdown_cycles_leak_no_fds(built_object):
         r.shutdown()
         assert r.collect().resource_metrics[0].scope_metrics[0].metrics == []  # nothing after shutdown
     assert _fds() == before
+
+
+@pytest.mark.parametrize("machine", sorted(TABLES))
+def test_default_config_validates_on_every_architecture(monkeypatch, machine):
+    # No arm64 machine here: os.uname is replaced so the validator checks against that architecture's table, as
+    # it would on a Grace or Graviton node. arm64 (asm-generic) has no epoll_wait: the default named it anyway (a
+    # default is not validated), so arm64 nodes silently tracked no epoll wait at all.
+    import receivers.ebpf.config as cfg
+
+    real = os.uname()
+    monkeypatch.setattr(cfg.os, "uname", lambda: SimpleNamespace(**{
+        f: getattr(real, f) for f in ("sysname", "nodename", "release", "version")}, machine=machine))
+    c = factory.config_model.model_validate({})
+    assert c.tracked_syscalls and all(TABLES[machine][n] < 512 for n in c.tracked_syscalls)
+    assert len(c.syscall_numbers()) == len(c.tracked_syscalls)
+    # the same choice of calls on every architecture: epoll_wait() is the epoll_pwait syscall on arm64
+    assert len(c.tracked_syscalls) == len(cfg.DEFAULT_SYSCALLS)
+    assert ("epoll_pwait" in c.tracked_syscalls) == ("epoll_wait" not in TABLES[machine])
+    # arm64's fstatat is named newfstatat by the kernel (__NR_newfstatat)
+    assert factory.config_model.model_validate({"tracked_syscalls": ["newfstatat"]}).syscall_numbers()
