@@ -79,6 +79,9 @@ def _bind(path: str) -> ctypes.CDLL:
         ("bpf_map_delete_batch", INT, [INT, P, U32P, P]),
         ("bpf_map_get_next_key", INT, [INT, P, P]), ("bpf_map_lookup_elem", INT, [INT, P, P]),
         ("bpf_map_update_elem", INT, [INT, P, P, ctypes.c_uint64]), ("bpf_map_delete_elem", INT, [INT, P]),
+        ("btf__load_vmlinux_btf", P, []), ("btf__parse", P, [C, P]), ("btf__free", None, [P]),
+        ("btf__find_by_name_kind", INT, [P, C, U32]), ("btf__type_by_id", P, [P, U32]),
+        ("btf__resolve_type", INT, [P, U32]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -244,6 +247,65 @@ class Map:
 
     def count(self) -> int:
         return self.items()[2]
+
+
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_TYPEDEF, BTF_KIND_FUNC_PROTO = 1, 2, 8, 13
+
+
+class BTF:
+    """Type information: the running kernel's (`BTF.vmlinux()`) or a file's (`BTF(path)`: raw BTF or an ELF object
+    built with -g). Used to check hook prototypes before choosing programs."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self._lib = lib()
+        take_log()
+        self.btf = self._lib.btf__load_vmlinux_btf() if path is None else self._lib.btf__parse(path.encode(), None)
+        if not self.btf:
+            raise _fail(f"read BTF of {path or 'the running kernel'}")
+
+    @classmethod
+    def vmlinux(cls) -> BTF:
+        return cls(None)
+
+    def find(self, name: str, kind: int) -> int | None:
+        tid = self._lib.btf__find_by_name_kind(self.btf, name.encode(), kind)
+        return tid if tid > 0 else None
+
+    def _words(self, tid: int, n: int) -> list[int]:
+        ptr = self._lib.btf__type_by_id(self.btf, tid)
+        if not ptr:
+            raise _fail(f"BTF type {tid}")
+        return list((ctypes.c_uint32 * n).from_address(ptr))
+
+    def kind(self, tid: int) -> int:
+        # struct btf_type { u32 name_off; u32 info; u32 size_or_type; }: kind is info bits 24-28
+        return self._words(tid, 3)[1] >> 24 & 0x1F
+
+    def target(self, tid: int) -> int:
+        """The type a PTR / TYPEDEF / modifier refers to, or a FUNC_PROTO's return type."""
+        return self._words(tid, 3)[2]
+
+    def resolve(self, tid: int) -> int | None:
+        """`tid` with typedefs and const/volatile stripped; None for void."""
+        rid = self._lib.btf__resolve_type(self.btf, tid)
+        return rid if rid > 0 else None
+
+    def params(self, proto: int) -> list[int]:
+        """A FUNC_PROTO's parameter types (struct btf_param { u32 name_off; u32 type; } follow the btf_type)."""
+        vlen = self._words(proto, 3)[1] & 0xFFFF
+        words = self._words(proto, 3 + 2 * vlen)
+        return words[4::2]
+
+    def close(self) -> None:
+        if self.btf:
+            self._lib.btf__free(self.btf)
+            self.btf = None
+
+    def __enter__(self) -> BTF:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class BPFObject:

@@ -1,5 +1,6 @@
 """Loader and reader for podmeter.bpf.o: which programs to load for the enabled features, the attach fallback
-chain (fentry -> tp_btf -> raw_tp), and decoding the maps (layouts in podmeter.h)."""
+chain (fentry -> tp_btf -> raw_tp, adjusted by the kernel's BTF: see order_variants and oom_hook_problem), and
+decoding the maps (layouts in podmeter.h)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,44 @@ HOOKS: dict[str, tuple[Variant, ...]] = {
 }
 
 
+OOM_FALLBACK = ("per-container OOM kills still come from the cgroup receiver (container.memory.oom.kills, from "
+                "memory.events oom_kill / memory.oom_control)")
+
+
+def oom_hook_problem(btf: lb.BTF) -> str | None:
+    """Why the mark_victim programs cannot attribute OOM kills on the kernel `btf` describes, None when they can.
+    They read the victim's cgroup from arg 0 as a task_struct *: kernels before 6.8 (Ubuntu 22.04/24.04, Debian 12,
+    RHEL 9) pass the victim's pid there instead, and every kill would land on cgroup id 0. Checked from the
+    tracepoint's prototype, btf_trace_mark_victim = void (*)(void *ctx, <arg 0>, ...)."""
+    tid = btf.find("btf_trace_mark_victim", lb.BTF_KIND_TYPEDEF)
+    if tid is None:
+        return f"the kernel's BTF has no oom/mark_victim tracepoint; {OOM_FALLBACK}"
+    proto = btf.resolve(tid)
+    if proto is not None and btf.kind(proto) == lb.BTF_KIND_PTR:
+        proto = btf.resolve(btf.target(proto))
+    params = btf.params(proto) if proto is not None and btf.kind(proto) == lb.BTF_KIND_FUNC_PROTO else []
+    arg0 = btf.resolve(params[1]) if len(params) > 1 else None
+    if arg0 is None or btf.kind(arg0) != lb.BTF_KIND_PTR:
+        return ("oom/mark_victim passes the victim's pid, not its task, on this kernel (before 6.8): OOM kills cannot "
+                f"be attributed to cgroups, the hook is not attached; {OOM_FALLBACK}")
+    return None
+
+
+def has_sock_length_tracepoints(btf: lb.BTF) -> bool:
+    """sock:sock_send_length / sock_recv_length exist (kernel 6.3+)."""
+    return all(btf.find(f"btf_trace_sock_{d}_length", lb.BTF_KIND_TYPEDEF) is not None for d in ("send", "recv"))
+
+
+def order_variants(hook: str, variants: list[Variant], sock_length_tracepoints: bool) -> list[Variant]:
+    """`variants` (attach_order applied) with kernel-dependent preferences: where the sock_*_length tracepoints
+    exist, TCP bytes use them before fentry, since fentry/tcp_cleanup_rbuf overcounts receives (it runs several
+    times per MSG_WAITALL / SO_RCVLOWAT receive, with the running total, and for MSG_PEEK); fentry stays the
+    fallback for older kernels."""
+    if hook == "tcp_bytes" and sock_length_tracepoints:
+        return sorted(variants, key=lambda v: v.kind == "fentry")  # stable: the rest keep attach_order's order
+    return variants
+
+
 def hooks_for(features: set[str]) -> list[str]:
     hooks = ["cgroup_rmdir"]  # cleanup of removed cgroups, whatever is measured
     if features & {"context_switches", "runqueue_latency"}:
@@ -90,8 +129,10 @@ class Programs:
     """Open, configure, load and attach podmeter.bpf.o; read its maps."""
 
     def __init__(self, path: str, features: set[str], *, max_cgroups: int, syscall_entries: int,
-                 tracked: list[int], attach_order: list[str], max_attempts: int = 12) -> None:
+                 tracked: list[int], attach_order: list[str], max_attempts: int = 12,
+                 btf_path: str | None = None) -> None:
         self.path = path
+        self.btf_path = btf_path  # whose BTF decides hook prototypes: None for the running kernel's
         self.features = set(features)
         self.max_cgroups = max_cgroups
         self.syscall_entries = syscall_entries
@@ -104,11 +145,21 @@ class Programs:
         self.diag: lb.Map | None = None
         self.result = LoadResult()
 
-    def _variants(self, hook: str) -> list[Variant]:
+    def _variants(self, hook: str, sock_length_tracepoints: bool = False) -> list[Variant]:
         order = {k: i for i, k in enumerate(self.attach_order)}
         # perf_event has no alternative and is not an ordering choice
-        return sorted((v for v in HOOKS[hook] if v.kind == "perf_event" or v.kind in order),
-                      key=lambda v: order.get(v.kind, -1))
+        vs = sorted((v for v in HOOKS[hook] if v.kind == "perf_event" or v.kind in order),
+                    key=lambda v: order.get(v.kind, -1))
+        return order_variants(hook, vs, sock_length_tracepoints)
+
+    def _kernel_checks(self) -> tuple[str | None, bool]:
+        """(why the OOM hook cannot run or None, whether the sock_*_length tracepoints exist), from kernel BTF."""
+        try:
+            with lb.BTF(self.btf_path) as btf:
+                return oom_hook_problem(btf), has_sock_length_tracepoints(btf)
+        except lb.BPFError as exc:
+            # without readable BTF the OOM prototype cannot be checked: do not risk counting every kill as cgroup 0
+            return f"cannot check the mark_victim prototype ({exc.strerror}); {OOM_FALLBACK}", False
 
     def _open(self, chosen: dict[str, Variant]) -> lb.BPFObject:
         obj = lb.BPFObject(self.path)
@@ -144,9 +195,14 @@ class Programs:
         and the object reloaded; hooks with no variant left are reported unavailable. Raises BPFError when the
         object cannot load for a reason not tied to one program."""
         res = self.result = LoadResult()
-        pending = {h: self._variants(h) for h in hooks_for(self.features)}
+        hooks = hooks_for(self.features)
+        oom_problem, sock_tps = self._kernel_checks() if {"oom", "tcp_bytes"} & set(hooks) else (None, False)
+        pending = {h: self._variants(h, sock_tps) for h in hooks}
         for hook, vs in list(pending.items()):
-            if not vs:
+            if hook == "oom" and oom_problem:
+                res.unavailable[hook] = oom_problem
+                del pending[hook]
+            elif not vs:
                 res.unavailable[hook] = f"no variant allowed by attach_order {self.attach_order}"
                 del pending[hook]
         for _ in range(self.max_attempts):
