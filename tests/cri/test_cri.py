@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from concurrent import futures
 
 import grpc
 import pytest
@@ -19,6 +21,21 @@ from receivers.cri.metadata import parse_image
 pytestmark = pytest.mark.root
 ALL = {"metrics": {m.name: {"enabled": True} for m in METRICS}}  # CPU and memory are off by default
 
+
+
+@contextlib.contextmanager
+def stand_in_runtime(servicer: pbg.RuntimeServiceServicer, tmp_path):
+    """A CRI v1 runtime stand-in (behaviour real containerd cannot be made to show on demand) on a unix socket;
+    yields its endpoint. Replies of any size are sent, as containerd's are."""
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_send_message_length", -1)])
+    pbg.add_RuntimeServiceServicer_to_server(servicer, server)
+    sock = tmp_path / f"{type(servicer).__name__}.sock"
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        yield f"unix://{sock}"
+    finally:
+        server.stop(0)
 
 
 def value_of(data, name: str, **resource):
@@ -225,15 +242,8 @@ class OldRuntime(pbg.RuntimeServiceServicer):
 
 
 def test_unimplemented_rpcs_degrade(make_receiver, tmp_path):
-    from concurrent import futures
-
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    pbg.add_RuntimeServiceServicer_to_server(OldRuntime(), server)
-    sock = tmp_path / "old.sock"
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
-        receiver, meta, telemetry = make_receiver(f"unix://{sock}")
+    with stand_in_runtime(OldRuntime(), tmp_path) as endpoint:
+        receiver, meta, telemetry = make_receiver(endpoint)
         attrs = meta.container("c" * 64)
         assert attrs["k8s.container.name"] == "main" and attrs["k8s.pod.name"] == "p"
         assert attrs["container.image.name"] == "registry.local:5000/team/app"
@@ -242,8 +252,6 @@ def test_unimplemented_rpcs_degrade(make_receiver, tmp_path):
         assert count_points(receiver.collect()) == 0  # no stats RPC: empty, no exception
         assert count_points(receiver.collect()) == 0
         assert "stats" not in telemetry.failing()
-    finally:
-        server.stop(0)
 
 
 class SlowStatusRuntime(pbg.RuntimeServiceServicer):
@@ -284,16 +292,9 @@ def test_a_runtime_slow_to_answer_container_status_holds_no_refresh_for_long(mak
     refresh, and a container whose call failed is not asked again at every refresh. Before, start-up waited one
     request_timeout per container. A stats entry with no container id is skipped, not a `container.id=""`
     series."""
-    from concurrent import futures
-
     runtime = SlowStatusRuntime()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pbg.add_RuntimeServiceServicer_to_server(runtime, server)
-    sock = tmp_path / "slow.sock"
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
-        receiver, meta, telemetry = make_receiver(f"unix://{sock}", request_timeout="200ms",
+    with stand_in_runtime(runtime, tmp_path) as endpoint:
+        receiver, meta, telemetry = make_receiver(endpoint, request_timeout="200ms",
                                                   metrics={"container.cpu.time": {"enabled": True}})
         asked = list(runtime.status_calls)
         assert 1 <= len(asked) < 10, asked  # start-up gave up after the refresh's deadline
@@ -306,8 +307,6 @@ def test_a_runtime_slow_to_answer_container_status_holds_no_refresh_for_long(mak
         ids = {res.get("container.id") for _n, res, _a, _v in points(data)}
         assert "" not in ids and f"c{0:063d}" in ids
         assert "stats_entry" in telemetry.failing()
-    finally:
-        server.stop(0)
 
 
 def test_config_errors_are_clear():
@@ -516,7 +515,6 @@ def test_a_container_removed_before_its_status_is_no_error(ctrd, make_receiver, 
 def test_a_v1alpha2_only_runtime_gets_a_clear_error(make_receiver, tmp_path, caplog):
     """containerd < 1.6 / CRI-O < 1.20 serve only runtime.v1alpha2 (a test double: none is installable here):
     Version on runtime.v1 is UNIMPLEMENTED. One clear warning naming CRI v1, nothing emitted, no traceback."""
-    from concurrent import futures
 
     def version(request, context):
         return pb.VersionResponse(version="0.1.0", runtime_name="containerd", runtime_version="1.5.18",
@@ -568,25 +566,16 @@ class DenseRuntime(pbg.RuntimeServiceServicer):
 
 
 def test_replies_over_4_mib(make_receiver, tmp_path):
-    from concurrent import futures
-
-    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", -1)])
-    pbg.add_RuntimeServiceServicer_to_server(DenseRuntime(), server)
-    sock = tmp_path / "dense.sock"
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"unix://{sock}") as channel:  # gRPC's default limit fails: the test exercises it
+    with stand_in_runtime(DenseRuntime(), tmp_path) as endpoint:
+        with grpc.insecure_channel(endpoint) as channel:  # gRPC's default limit fails: the test exercises it
             with pytest.raises(grpc.RpcError) as err:
                 pbg.RuntimeServiceStub(channel).ListContainers(pb.ListContainersRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        receiver, meta, telemetry = make_receiver(f"unix://{sock}", request_timeout="20s",
+        receiver, meta, telemetry = make_receiver(endpoint, request_timeout="20s",
                                                   metrics={"container.cpu.time": {"enabled": True}})
         assert len(meta) == DenseRuntime.N
         assert count_points(receiver.collect()) == DenseRuntime.N
         assert not {"list", "stats", "connect"} & set(telemetry.failing())
-    finally:
-        server.stop(0)
 
 
 class HungStatsRuntime(OldRuntime):
@@ -611,21 +600,12 @@ def test_a_hung_runtime_costs_one_deadline_per_collection(make_receiver, tmp_pat
     """Once ListContainerStats has run past its deadline the runtime is not asked ListPodSandboxStats in the same
     collection: a collection stays within one request_timeout instead of two (the default request_timeout, 5 s,
     is half the default collection_interval)."""
-    from concurrent import futures
-
     runtime = HungStatsRuntime()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pbg.add_RuntimeServiceServicer_to_server(runtime, server)
-    sock = tmp_path / "hung.sock"
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
-        receiver, _, telemetry = make_receiver(f"unix://{sock}", request_timeout="200ms", **ALL)
+    with stand_in_runtime(runtime, tmp_path) as endpoint:
+        receiver, _, telemetry = make_receiver(endpoint, request_timeout="200ms", **ALL)
         assert count_points(receiver.collect()) == 0
         assert runtime.calls == ["ListContainerStats"]
         assert "stats" in telemetry.failing()
-    finally:
-        server.stop(0)
 
 
 class SlowPodStatsRuntime(pbg.RuntimeServiceServicer):
@@ -664,22 +644,13 @@ def test_pod_stats_per_sandbox_keep_what_came_before_the_deadline(make_receiver,
     """Asking PodSandboxStats per sandbox shares one request_timeout; the call in flight when it runs out gets the
     rest of it and fails DEADLINE_EXCEEDED. The pods answered before that are emitted (and the shortfall said),
     not thrown away with it, which on a slow runtime lost every pod's stats at every collection."""
-    from concurrent import futures
-
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pbg.add_RuntimeServiceServicer_to_server(SlowPodStatsRuntime(), server)
-    sock = tmp_path / "slow.sock"
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
-        receiver, _, telemetry = make_receiver(f"unix://{sock}", request_timeout="1s",
+    with stand_in_runtime(SlowPodStatsRuntime(), tmp_path) as endpoint:
+        receiver, _, telemetry = make_receiver(endpoint, request_timeout="1s",
                                                metrics={"k8s.pod.cpu.time": {"enabled": True}})
         data = receiver.collect()
         got = [p for p in points(data) if p[0] == "k8s.pod.cpu.time"]
         assert 1 <= len(got) < SlowPodStatsRuntime.N, got  # the ones answered in time, not none, not all
         assert "pod_stats" in telemetry.failing()
-    finally:
-        server.stop(0)
 
 
 def start_times(data, name: str, **resource) -> list[int]:
@@ -763,19 +734,10 @@ class AllSandboxStatsRuntime(OldRuntime):
 
 
 def test_a_pods_stopped_sandbox_listed_in_pod_stats_makes_no_second_series(make_receiver, tmp_path):
-    from concurrent import futures
-
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    pbg.add_RuntimeServiceServicer_to_server(AllSandboxStatsRuntime(), server)
-    sock = tmp_path / "all.sock"
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
-        receiver, _, _ = make_receiver(f"unix://{sock}", metrics={"k8s.pod.memory.working_set": {"enabled": True}})
+    with stand_in_runtime(AllSandboxStatsRuntime(), tmp_path) as endpoint:
+        receiver, _, _ = make_receiver(endpoint, metrics={"k8s.pod.memory.working_set": {"enabled": True}})
         got = [p[3] for p in points(receiver.collect()) if p[0] == "k8s.pod.memory.working_set"]
         assert got == [5 << 20]  # the running sandbox's, not also the stopped one's 0 under the same pod
-    finally:
-        server.stop(0)
 
 
 def test_an_exited_container_has_no_pid(ctrd, make_receiver):
@@ -811,18 +773,9 @@ class HugeListRuntime(OldRuntime):
 
 
 def test_a_container_list_over_the_receive_limit_does_not_stop_stats(make_receiver, tmp_path):
-    from concurrent import futures
-
-    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", -1)])
-    pbg.add_RuntimeServiceServicer_to_server(HugeListRuntime(), server)
-    sock = tmp_path / "huge.sock"
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
-        receiver, _, telemetry = make_receiver(f"unix://{sock}", metadata_refresh_interval="1h",
+    with stand_in_runtime(HugeListRuntime(), tmp_path) as endpoint:
+        receiver, _, telemetry = make_receiver(endpoint, metadata_refresh_interval="1h",
                                                metrics={"container.memory.working_set": {"enabled": True}})
         assert "list" in telemetry.failing()  # RESOURCE_EXHAUSTED: counted and said
         data = receiver.collect()
         assert value_of(data, "container.memory.working_set", **{"container.id": "c" * 64}) == 4096
-    finally:
-        server.stop(0)
