@@ -149,6 +149,14 @@ class ContainerMetadata:
         info = self._snap.pods.get(pod_uid)
         return info.sandbox_id if info else None
 
+    def pod_ready(self, pod_uid: str) -> bool | None:
+        """Whether the pod has a READY sandbox: False when every sandbox of it the runtime lists is stopped
+        (its pod ended, or the sandbox is being recreated); None when the cache knows no sandbox of it."""
+        snap = self._snap  # one snapshot: the pod's current sandbox is its READY one, if it has one
+        pod = snap.pods.get(pod_uid)
+        sandbox = snap.sandboxes.get(pod.sandbox_id) if pod else None
+        return None if sandbox is None else sandbox.state == 0
+
     def pod_created_ns(self, pod_uid: str) -> int | None:
         snap = self._snap
         pod = snap.pods.get(pod_uid)

@@ -76,6 +76,10 @@ class PodResourcesReceiver(Receiver):
         self._channel: grpc.Channel | None = None
         self._stub: pbg.PodResourcesListerStub | None = None
         self._host = None
+        self._terminated = self.tel.gauge(
+            "podmeter_podresources_terminated_pods",
+            "Pods the kubelet still lists with devices although the runtime reports their sandbox stopped (left out)")
+        self._terminated_seen: set[tuple[str, str, str]] = set()  # (namespace, name, uid) left out at the last refresh
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -155,13 +159,21 @@ class PodResourcesReceiver(Receiver):
             self.tel.error("list", f"PodResources List at {self.config.endpoint} failed: {_describe(exc)}")
             return False
         self.tel.recovered("list")
-        uids, container_ids = self._cri_lookup()
+        uids, container_ids, ended = self._cri_lookup()
         # (container, device, resource) -> allocation units: time-sliced replicas of one GPU given to one
         # container add up instead of making duplicate series
         allocations: dict[tuple, int] = {}
         mapping: dict[str, list[dict]] = {}
+        terminated: set[tuple[str, str, str]] = set()
         for pod in listed.pod_resources:
             if not pod.name:  # nothing to attribute its devices to
+                continue
+            pod_uid = uids(pod.namespace, pod.name)
+            # kubelets before the fix of kubernetes#119423/#132028 keep listing an ended pod's devices (a completed
+            # Job, an evicted pod) until the pod object is deleted, and the device plugin hands them to new pods
+            if pod_uid and ended(pod_uid):
+                if any(self._wanted(d.resource_name) and d.device_ids for c in pod.containers for d in c.devices):
+                    terminated.add((pod.namespace, pod.name, pod_uid))
                 continue
             for container in pod.containers:
                 for devices in container.devices:
@@ -169,7 +181,7 @@ class PodResourcesReceiver(Receiver):
                         continue
                     res = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace,
                            "k8s.container.name": container.name}
-                    uid = uids(pod.namespace, pod.name)
+                    uid = pod_uid
                     if uid:
                         res["k8s.pod.uid"] = uid
                     # the container's id as every other receiver's container series carry it (promoted to a label
@@ -188,6 +200,11 @@ class PodResourcesReceiver(Receiver):
                             entry["k8s.device.id"] = device_id  # the plugin's replica id
                         mapping.setdefault(key, []).append(entry)
         allocatable = self._fetch_allocatable()
+        self._terminated.set(len(terminated))
+        for ns, name, uid in sorted(terminated - self._terminated_seen):
+            self.log.debug("pod %s/%s (uid %s) has ended (its sandbox is stopped) but the kubelet still lists its "
+                           "devices: left out", ns, name, uid)
+        self._terminated_seen = terminated
         self._allocations = allocations
         if allocatable is not None:
             self._allocatable = allocatable
@@ -227,7 +244,7 @@ class PodResourcesReceiver(Receiver):
 
     def _cri_lookup(self):
         """PodResources names pods and containers but gives no uid or container id: borrow them from the CRI cache
-        when one runs."""
+        when one runs, and whether the pod has ended."""
         providers = [p for p in (self._host.lookup("container_metadata") if self._host else [])
                      if hasattr(p, "pod_by_name")]
 
@@ -245,7 +262,13 @@ class PodResourcesReceiver(Receiver):
                     return found
             return None
 
-        return uid, container_id
+        def ended(pod_uid: str) -> bool:
+            """The runtime knows the pod's sandboxes and none is READY. A pod it does not know (yet: just admitted,
+            or listed since the cache's last refresh) has not ended."""
+            states = [p.pod_ready(pod_uid) for p in providers if hasattr(p, "pod_ready")]
+            return False in states and True not in states
+
+        return uid, container_id, ended
 
     # -- collection -----------------------------------------------------------------------------------------
 

@@ -393,3 +393,71 @@ def test_allocatable_stops_when_a_restarted_kubelet_no_longer_serves_it(server, 
     assert "k8s.node.device.allocatable" not in {p[0] for p in pts}
     assert not [p for p in pts if p[0] == "k8s.node.device.allocated"]
     assert telemetry.failing() == {}
+
+
+@pytest.fixture(scope="module")
+def ctrd():
+    from harness import require
+    from harness.containerd import Containerd, available
+
+    ok, why = available()
+    require(ok, why)
+    c = Containerd().start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_ended_pods_that_the_kubelet_still_lists_are_left_out(ctrd, server, make_receiver):
+    """Kubelets before kubernetes#132028 keep listing the devices of a pod that has ended (a completed Job, an
+    evicted pod) until the pod object is deleted, while the device plugin gives them to a new pod. With the cri
+    receiver's cache (a real containerd here; the kubelet is the test's stand-in), a pod whose sandboxes are all
+    stopped is left out; a running pod, a pod whose sandbox is being recreated and a pod the runtime does not know
+    yet (just admitted) keep their devices."""
+    import receivers.cri
+
+    done = ctrd.run_pod("job-1-abcde", "batch", {"main": ["/bin/sleep", "3600"]})
+    running = ctrd.run_pod("trainer", "ml", {"main": ["/bin/sleep", "3600"]})
+    flaky = ctrd.run_pod("flaky", "ml", {"main": ["/bin/sleep", "3600"]})
+    try:
+        ctrd.stop_pod(flaky)  # an old NOT_READY sandbox next to the pod's new READY one: it runs
+        ctrd.run_pod("flaky", "ml", {}, uid=flaky.uid, attempt=1)
+        host = Host()
+        telemetry = null_component_telemetry("cri", logging.getLogger("test.cri"))
+        cri = receivers.cri.factory.create(
+            CreateSettings(id=ComponentID("cri"), kind="receiver", logger=telemetry.logger, telemetry=telemetry),
+            receivers.cri.factory.config_model.model_validate({"endpoint": ctrd.endpoint,
+                                                               "metadata_refresh_interval": "1h"}))
+        cri.start(host)
+        try:
+            kubelet = Kubelet([pod("job-1-abcde", "batch", {"main": [("nvidia.com/gpu", [GPU0])]}),
+                               pod("trainer", "ml", {"main": [("nvidia.com/gpu", [GPU1])]}),
+                               pod("flaky", "ml", {"main": [("nvidia.com/gpu", [MIG_A])]})], ALLOCATABLE)
+            server.start(kubelet)
+            receiver, provider, ptel = make_receiver(host=host, endpoint=f"unix://{server.path}",
+                                                     refresh_interval="1h")
+            assert provider.assignments()[GPU0][0]["k8s.pod.uid"] == done.uid  # while it runs, it holds GPU0
+
+            ctrd.stop_pod(done)  # the Job completed: kubelet stops its sandbox but keeps listing its devices
+            cri._refresh("periodic")
+            # the device plugin gives GPU0 to the next pod, which the runtime does not know yet (just admitted)
+            kubelet.pods = [*kubelet.pods, pod("job-2-fghij", "batch", {"main": [("nvidia.com/gpu", [GPU0])]})]
+            receiver._refresh()
+            got = provider.assignments()
+            assert [e["k8s.pod.name"] for e in got[GPU0]] == ["job-2-fghij"]
+            assert "k8s.pod.uid" not in got[GPU0][0]
+            assert [(e["k8s.pod.name"], e["k8s.pod.uid"]) for e in got[GPU1]] == [("trainer", running.uid)]
+            assert [(e["k8s.pod.name"], e["k8s.pod.uid"]) for e in got[MIG_A]] == [("flaky", flaky.uid)]
+            pts = points(receiver.collect())
+            holders = {(p[2]["hw.id"], p[1]["k8s.pod.name"]) for p in pts if p[0] == "k8s.container.device.allocated"}
+            assert holders == {(GPU0, "job-2-fghij"), (GPU1, "trainer"), (MIG_A, "flaky")}
+            assert ptel.telemetry.registry.get_sample_value(
+                "podmeter_podresources_terminated_pods", {"component": "podresources"}) == 1
+            assert ptel.failing() == {}
+        finally:
+            cri.shutdown()
+    finally:
+        for p in list(ctrd.pods):
+            if p.uid in (done.uid, running.uid, flaky.uid):
+                ctrd.remove_pod(p)
