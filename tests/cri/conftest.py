@@ -3,8 +3,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from harness import require, wait_for
-from harness.containerd import Containerd, available
+from harness import wait_for
+from harness.containerd import running
 
 from podmeter.component import ComponentID, CreateSettings, Host
 from podmeter.telemetry import null_component_telemetry
@@ -14,13 +14,8 @@ from receivers.cri import factory
 
 @pytest.fixture(scope="module")
 def ctrd():
-    ok, why = available()
-    require(ok, why)
-    c = Containerd().start()
-    try:
+    with running() as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture

@@ -37,12 +37,25 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from harness import stop_process
+from harness import require, stop_process
 from harness.cgroups import _rmdir_tree
 
 LOCK_PATH = "/tmp/podmeter-containerd.lock"
 IMAGE_REF = "localhost/podmeter-busybox:1.36"
 CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@contextlib.contextmanager
+def running():
+    """A started Containerd, closed afterwards; a missing prerequisite fails the test under CI=true (skips
+    otherwise), as `require` does."""
+    ok, why = available()
+    require(ok, why)
+    c = Containerd().start()
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 def available() -> tuple[bool, str]:

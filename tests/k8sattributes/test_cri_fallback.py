@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from harness import require
-from harness.containerd import Containerd, available
+from harness.containerd import running
 
 from podmeter.component import registry
 
@@ -20,13 +20,8 @@ PODMETER = os.path.join(os.path.dirname(sys.executable), "podmeter")
 
 @pytest.fixture(scope="module")
 def ctrd():
-    ok, why = available()
-    require(ok, why)
-    c = Containerd().start()
-    try:
+    with running() as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_forbidden_api_falls_back_to_cri(ctrd, api, tmp_path):

@@ -397,16 +397,10 @@ def test_allocatable_stops_when_a_restarted_kubelet_no_longer_serves_it(server, 
 
 @pytest.fixture(scope="module")
 def ctrd():
-    from harness import require
-    from harness.containerd import Containerd, available
+    from harness.containerd import running
 
-    ok, why = available()
-    require(ok, why)
-    c = Containerd().start()
-    try:
+    with running() as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_ended_pods_that_the_kubelet_still_lists_are_left_out(ctrd, server, make_receiver):
