@@ -402,19 +402,19 @@ class OwnerResolver:
                 return stale  # the retry thread asks, with backoff: not once per pod event
         if self.api is None:
             return None
-        outcome, result, _ = self._get(key)
+        outcome, result = self._get(key)
         if outcome == "retry":
             self._schedule_retry(key)
             return stale
         return result
 
-    def _get(self, key: tuple[str, str, str]) -> tuple[str, tuple[str, str] | None, float]:
+    def _get(self, key: tuple[str, str, str]) -> tuple[str, tuple[str, str] | None]:
         """One GET: ("found", controller or NO_OWNER), ("final", None) for a 404 or 403, ("retry", None) for a
-        failure that passes, with the seconds its response asked to wait (Retry-After). Caches what it learnt."""
+        failure that passes (its Retry-After, if any, holds back the retries). Caches what it learnt."""
         kind, namespace, name = key
         ttl = self.ttl
         resource = "replicasets.apps" if kind == "ReplicaSet" else "jobs.batch"
-        outcome, wait = "found", 0.0
+        outcome = "found"
         try:
             self.gets += 1
             fn = self.api.read_replica_set if kind == "ReplicaSet" else self.api.read_job
@@ -446,7 +446,7 @@ class OwnerResolver:
                 self._cache.move_to_end(key)
                 while len(self._cache) > self.max_entries:
                     self._cache.popitem(last=False)
-        return outcome, result, wait
+        return outcome, result
 
     def _schedule_retry(self, key: tuple[str, str, str]) -> None:
         with self._lock:
@@ -475,13 +475,13 @@ class OwnerResolver:
             self._stop.wait(max(delay * random.uniform(0.5, 1.0), self._not_before - time.monotonic()))
             if self._stop.is_set():
                 return
-            failed, _ = self.retry_pass()
+            failed = self.retry_pass()
             # the API server still fails: back off
             delay = min(delay * 2, self.backoff_max) if failed else self.backoff_initial
 
-    def retry_pass(self) -> tuple[bool, float]:
+    def retry_pass(self) -> bool:
         """Retry up to RETRIES_PER_PASS waiting lookups, oldest first; stop at the first that fails again (the
-        others wait for the backoff). Returns whether one failed, and its response's Retry-After."""
+        others wait for the backoff). Returns whether one failed."""
         with self._lock:
             # keys scheduled after this may belong to pods in_use() does not see yet (their lookup failed while the
             # pass ran): not dropped by this pass. Scheduling happens under the processor's records lock, with the
@@ -489,7 +489,7 @@ class OwnerResolver:
             known = self._scheduled
         wanted = self.in_use() if self.in_use is not None else None
         found: list[tuple[str, str, str]] = []
-        failed, wait = False, 0.0
+        failed = False
         for _ in range(self.RETRIES_PER_PASS):
             if self._stop.is_set():
                 break  # shut down while a GET was in flight: ask nothing more
@@ -500,7 +500,7 @@ class OwnerResolver:
                 if wanted is not None and key not in wanted and scheduled <= known:
                     del self._retry[key]  # no live pod needs it any more
                     continue
-            outcome, _, wait = self._get(key)
+            outcome, _ = self._get(key)
             with self._lock:
                 if outcome == "retry":
                     if key in self._retry:  # (dropped meanwhile when the list overflowed)
@@ -514,7 +514,7 @@ class OwnerResolver:
                 found.append(key)
         if found and self.on_resolved is not None:
             self.on_resolved(found)
-        return failed, wait
+        return failed
 
     def pending(self) -> int:
         return len(self._retry)

@@ -68,10 +68,10 @@ def test_retries_are_bounded_and_not_repeated_per_pod(api, make_processor, caplo
     wait_for(lambda: p.cache.get(d), what="the new pod")
     assert len(api.asked("jobs", "get")) == 2
     # a retry pass against a server still failing stops at its first GET
-    assert p.owners.retry_pass()[0] is True
+    assert p.owners.retry_pass() is True
     assert len(api.asked("jobs", "get")) == 3
     api.clear(failing)
-    assert p.owners.retry_pass()[0] is False
+    assert p.owners.retry_pass() is False
     assert len(api.asked("jobs", "get")) == 5 and p.owners.pending() == 0
     for name in ("a", "b", "c"):
         assert p.attributes_for({"k8s.pod.uid": uids[name]})["k8s.cronjob.name"] == "nightly"
@@ -81,7 +81,7 @@ def test_retries_are_bounded_and_not_repeated_per_pod(api, make_processor, caplo
     wait_for(lambda: p.cache.get(orphan), what="the pod of a deleted Job")
     assert len(api.asked("jobs", "get")) == 6 and p.owners.pending() == 0
     assert "k8s.cronjob.name" not in p.attributes_for({"k8s.pod.uid": orphan})
-    assert p.owners.retry_pass() == (False, 0.0) and len(api.asked("jobs", "get")) == 6  # nothing left to do
+    assert p.owners.retry_pass() is False and len(api.asked("jobs", "get")) == 6  # nothing left to do
 
 
 def test_a_failed_lookup_no_live_pod_needs_is_dropped(api, make_processor):
@@ -94,7 +94,7 @@ def test_a_failed_lookup_no_live_pod_needs_is_dropped(api, make_processor):
     api.delete("pods", "ml", "p")
     wait_for(lambda: p.cache.get(u).deleted_at is not None, what="the deletion")
     before = len(api.asked("jobs", "get"))
-    assert p.owners.retry_pass()[0] is False
+    assert p.owners.retry_pass() is False
     assert len(api.asked("jobs", "get")) == before and p.owners.pending() == 0
 
 
@@ -139,7 +139,7 @@ def test_retried_replicaset_lookup_replaces_the_template_hash_guess(api, make_pr
     assert p.attributes_for({"k8s.pod.uid": web})["k8s.deployment.name"] == "web"
     assert "k8s.deployment.name" not in p.attributes_for({"k8s.pod.uid": other})
     api.clear(failing)
-    assert p.owners.retry_pass()[0] is False
+    assert p.owners.retry_pass() is False
     got_web, got_other = p.attributes_for({"k8s.pod.uid": web}), p.attributes_for({"k8s.pod.uid": other})
     assert "k8s.deployment.name" not in got_web and got_web["k8s.pod.label.app"] == "web"
     assert got_other["k8s.deployment.name"] == "api" and got_other["k8s.pod.label.app"] == "api"
@@ -212,7 +212,7 @@ def test_a_lookup_that_fails_during_a_retry_pass_is_not_dropped_by_it(api, make_
     wait_for(lambda: p.cache.get(b) and p.owners.pending() == 2, what="the new pod's failed lookup")
     hold.release()
     t.join(30)
-    assert out == [(False, 0.0)] and p.owners.pending() == 0
+    assert out == [False] and p.owners.pending() == 0
     assert p.attributes_for({"k8s.pod.uid": a})["k8s.cronjob.name"] == "nightly"
     assert p.attributes_for({"k8s.pod.uid": b})["k8s.cronjob.name"] == "nightly"
 
@@ -267,7 +267,7 @@ def test_retry_list_overflowing_during_a_retry_pass(api, tmp_path):
         assert r.owner("Job", "ml", "j-2") is None  # j-1, being retried, is dropped for it
         hold.release()
         t.join(30)
-        assert out == [(True, 0.0)] and r.pending() == 1
+        assert out == [True] and r.pending() == 1
     finally:
         r.stop()
         client.close()
