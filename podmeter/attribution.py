@@ -166,6 +166,7 @@ class ProcessInfo:
     cgroup_path: str  # the v2 path when there is one, else the first v1 path naming a pod, else the first
     ref: CgroupRef
     nspid: tuple[int, ...] = ()  # NSpid from /proc/<pid>/status: host PID first, innermost last
+    uid: int | None = None  # the real uid (`Uid:` in /proc/<pid>/status); None where status has no such line
 
     def attributes(self) -> dict:
         """OTel resource attributes this process contributes."""
@@ -206,10 +207,14 @@ def read_process(proc_root: str, pid: int) -> ProcessInfo | None:
     except OSError:
         return None
     nspid: tuple[int, ...] = ()
+    uid = None
     try:
         with open(f"{proc_root}/{pid}/status", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("NSpid:"):
+                if line.startswith("Uid:"):  # real, effective, saved, filesystem
+                    fields = line.split()
+                    uid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+                elif line.startswith("NSpid:"):  # (after Uid:)
                     nspid = tuple(int(x) for x in line.split()[1:] if x.isdigit())
                     break
     except (OSError, ValueError):
@@ -228,7 +233,7 @@ def read_process(proc_root: str, pid: int) -> ProcessInfo | None:
                 break
     if not best_path and candidates:
         best_path = candidates[0]
-    return ProcessInfo(pid, start, lines, best_path, best_ref, nspid)
+    return ProcessInfo(pid, start, lines, best_path, best_ref, nspid, uid)
 
 
 class ProcessAttributor:

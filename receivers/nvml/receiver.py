@@ -71,19 +71,6 @@ def _exe_path(link: str) -> str | None:
     return target.decode("utf-8", "replace") or None
 
 
-def _real_uid(root: str, pid: int) -> int:
-    """The process's real uid (`Uid:` in status), as psutil's and gopsutil's username() use.
-
-    Not the owner of /proc/<pid>: that is the effective uid (a setuid program shows its owner, not who ran it), and
-    on old kernels root for any non-dumpable process."""
-    with open(f"{root}/{pid}/status", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if fields[:1] == ["Uid:"] and len(fields) > 1 and fields[1].isdigit():
-                return int(fields[1])
-    return os.stat(f"{root}/{pid}").st_uid  # no Uid line (not a procfs): its owner is the best left
-
-
 class _Reinit(Exception):
     """NVML lost its session (driver reload): re-initialise and rediscover."""
 
@@ -888,7 +875,7 @@ class NvmlReceiver(Receiver):
             return None
         attrs = info.attributes()
         attrs["process.pid"] = host_pid
-        attrs.update(self._proc_details(host_pid, info.start_time))
+        attrs.update(self._proc_details(host_pid, info.start_time, info.uid))
         proc = _Proc(info.start_time, attrs, host_pid, self._open_proc(host_pid, info.start_time))
         self._procs[pid] = proc
         self._checked.add(pid)
@@ -930,8 +917,11 @@ class NvmlReceiver(Receiver):
             self._fds -= 1
             proc.close()
 
-    def _proc_details(self, pid: int, start_ticks: int) -> dict:
-        """process.* attributes, read once per process (PID and start time)."""
+    def _proc_details(self, pid: int, start_ticks: int, uid: int | None) -> dict:
+        """process.* attributes, read once per process (PID and start time). `uid`: the real uid, as psutil's and
+        gopsutil's username() use (the attributor read it from status), not the owner of /proc/<pid>, which is
+        the effective uid (a setuid program shows its owner, not who ran it), and on old kernels root for any
+        non-dumpable process."""
         root = self.attributor.proc_root
         out: dict = {}
         exe = _exe_path(f"{root}/{pid}/exe")
@@ -948,7 +938,9 @@ class NvmlReceiver(Receiver):
                 argv0 = f.read(4096).split(b"\0", 1)[0]
             if argv0:
                 out["process.command"] = argv0.decode("utf-8", "replace")
-            out["process.owner"] = self._owner(_real_uid(root, pid))
+            if uid is None:  # no Uid line (not a procfs): the directory's owner is the best left
+                uid = os.stat(f"{root}/{pid}").st_uid
+            out["process.owner"] = self._owner(uid)
         except OSError:
             pass  # exited between calls: what we have is enough
         btime = self._boot_time()
