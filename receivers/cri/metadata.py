@@ -157,12 +157,6 @@ class ContainerMetadata:
         sandbox = snap.sandboxes.get(pod.sandbox_id) if pod else None
         return None if sandbox is None else sandbox.state == 0
 
-    def pod_created_ns(self, pod_uid: str) -> int | None:
-        snap = self._snap
-        pod = snap.pods.get(pod_uid)
-        sandbox = snap.sandboxes.get(pod.sandbox_id) if pod else None
-        return sandbox.created_at if sandbox and sandbox.created_at > 0 else None
-
     def container_ids(self) -> list[str]:
         return list(self._snap.containers)
 
