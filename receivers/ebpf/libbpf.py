@@ -249,11 +249,11 @@ class Map:
         return self.items()[2]
 
 
-BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_TYPEDEF, BTF_KIND_FUNC_PROTO = 1, 2, 8, 13
+BTF_KIND_PTR, BTF_KIND_TYPEDEF, BTF_KIND_FUNC_PROTO = 2, 8, 13
 
 
 class BTF:
-    """Type information: the running kernel's (`BTF.vmlinux()`) or a file's (`BTF(path)`: raw BTF or an ELF object
+    """Type information: the running kernel's (`BTF()`) or a file's (`BTF(path)`: raw BTF or an ELF object
     built with -g). Used to check hook prototypes before choosing programs."""
 
     def __init__(self, path: str | None = None) -> None:
@@ -262,10 +262,6 @@ class BTF:
         self.btf = self._lib.btf__load_vmlinux_btf() if path is None else self._lib.btf__parse(path.encode(), None)
         if not self.btf:
             raise _fail(f"read BTF of {path or 'the running kernel'}")
-
-    @classmethod
-    def vmlinux(cls) -> BTF:
-        return cls(None)
 
     def find(self, name: str, kind: int) -> int | None:
         tid = self._lib.btf__find_by_name_kind(self.btf, name.encode(), kind)

@@ -40,7 +40,7 @@ def compile_btf(tmp_path, source: str) -> str:
 @pytest.fixture
 def kernel_btf():
     require(os.path.exists("/sys/kernel/btf/vmlinux"), "needs a kernel with BTF")
-    with lb.BTF.vmlinux() as btf:
+    with lb.BTF() as btf:
         yield btf
 
 
