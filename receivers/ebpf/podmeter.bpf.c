@@ -458,9 +458,20 @@ static __always_inline void count_state(const struct sock *sk, int oldstate, int
 }
 
 SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(state_btf, const struct sock *sk, int oldstate, int newstate)
+int BPF_PROG(state_btf, struct sock *sk, int oldstate, int newstate)
 {
 	count_state(sk, oldstate, newstate);
+	/* A retransmit whose send failed (a full local qdisc) adds to total_retrans without an event; one after the
+	 * socket's last event would never be counted: the socket's state changes (FIN, close) take them in. */
+	__u32 *seen = newstate != TCP_ESTABLISHED ? bpf_sk_storage_get(&retrans_seen, sk, 0, 0) : 0;
+	if (seen && *seen) {
+		__u32 total = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+		__u32 delta = total - *seen;
+		*seen = total;
+		struct cg_counters *c = delta ? counters_of(sock_cgid(sk)) : 0;
+		if (c)
+			ADD(c->tcp_retrans_segs, delta);
+	}
 	return 0;
 }
 
