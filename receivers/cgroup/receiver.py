@@ -108,6 +108,9 @@ class CgroupReceiver(Receiver):
         if now >= self._next_search or not disc.anchors and not disc.colon_parents:
             disc.search()
             self._next_search = now + self.config.discovery_interval
+            # a major:minor is given to another disk once its own is gone (NVMe and partitions get theirs
+            # dynamically, on hot-plug or re-partitioning): names are looked up again at each search
+            self._dev_names.clear()
         found, lost = disc.scan()
         if lost:
             self._next_search = 0.0  # a kubepods tree vanished (kubelet restart?): look again next time

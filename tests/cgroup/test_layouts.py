@@ -430,3 +430,20 @@ def test_search_depth_is_bounded(tmp_path):
     root = build(str(tmp_path), layout)
     assert points(make_receiver(cgroup_root=root, max_depth=4).collect()) != []
     assert points(make_receiver(cgroup_root=root, max_depth=3).collect()) == []
+
+
+def test_a_device_number_given_to_another_disk_is_named_anew(tmp_path):
+    """Block majors such as NVMe's and partitions' (259) are handed out dynamically: once a disk is gone its
+    major:minor can name another one. The name cache is dropped at each discovery search, so the new disk's name
+    shows within `discovery_interval` (sysfs here is the fixture's: a real one cannot be re-pointed)."""
+    layout = next(x for x in LAYOUTS if x.version == "v1")
+    root = build(str(tmp_path), layout)
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"))
+    receiver.collect()
+    assert receiver._device_name("8:0") == "vda"
+    link = tmp_path / "sys" / "dev" / "block" / "8:0"
+    link.unlink()
+    os.symlink("../../devices/pci0000:00/0000:00:05.0/nvme/nvme0/nvme0n1", str(link))
+    receiver._next_search = 0.0  # the next collection searches, as it does every discovery_interval
+    receiver.collect()
+    assert receiver._device_name("8:0") == "nvme0n1"
