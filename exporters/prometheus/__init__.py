@@ -160,11 +160,15 @@ class PrometheusExporter(Exporter):
         self.translator_args = dict(
             namespace=config.namespace,
             const_labels=dict(config.const_labels),
-            add_suffixes=config.add_metric_suffixes,
+            add_suffixes=config.add_suffixes,
             promote=promoter(config.promote_resource_attributes, config.resource_to_telemetry_conversion.enabled),
             target_info=config.target_info.enabled,
             resources=PerResource(),
         )
+        if config.translation_strategy is not None and "add_metric_suffixes" in config.model_fields_set \
+                and config.add_metric_suffixes != config.add_suffixes:
+            self.logger.warning("add_metric_suffixes: %s is ignored: translation_strategy %s takes precedence",
+                                str(config.add_metric_suffixes).lower(), config.translation_strategy)
         self._scopes: dict[str, _Scope] = {}
         self._lock = threading.Lock()  # guards _scopes and rendering; scrapes never take it
         self._rendering = Rendering()
@@ -192,8 +196,7 @@ class PrometheusExporter(Exporter):
         tls = self.config.tls
         if tls is not None and tls.cert_file:
             try:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                context = _tls_context(tls.min_version, tls.max_version)
                 context.load_cert_chain(tls.cert_file, tls.key_file)
                 if tls.client_ca_file:
                     context.load_verify_locations(tls.client_ca_file)
@@ -361,6 +364,27 @@ class PrometheusExporter(Exporter):
         # the current snapshot once, here)
         self._wanted[form] = time.monotonic()
         return (r.gzipped(form),)
+
+
+_TLS_VERSIONS = {"1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1, "1.2": ssl.TLSVersion.TLSv1_2,
+                 "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _tls_context(min_version: str, max_version: str) -> ssl.SSLContext:
+    """A server context accepting TLS min_version (default 1.2) to max_version (default: the highest)."""
+    import warnings
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with warnings.catch_warnings():  # setting TLS 1.0/1.1 warns that they are deprecated: the user asked for them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = _TLS_VERSIONS[min_version or "1.2"]
+        if max_version:
+            context.maximum_version = _TLS_VERSIONS[max_version]
+    if context.minimum_version < ssl.TLSVersion.TLSv1_2:
+        # OpenSSL 3 refuses TLS 1.0 and 1.1 at security level 1 and above (their handshake signs with SHA-1):
+        # without this, min_version 1.0 would still turn those clients away
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
 
 
 class _Server(httpserve.Server):

@@ -794,3 +794,39 @@ def test_array_attributes_are_compact_json_as_the_collector_renders_them(exporte
     families = {f.name: f for f in parse_text(text)}
     assert families["container_memory_usage_bytes"].samples[0].labels["ports"] == "[80,443]"
     assert families["target_info"].samples[0].labels["container_image_tags"] == '["v1","läst"]'
+
+
+def test_translation_strategy_as_the_collectors(exporter, kit, caplog):
+    """`translation_strategy`, the collector's successor of add_metric_suffixes, was refused as an unknown key (the
+    agent would not start on a current collector config). The underscore-escaping strategies are served; when
+    both keys are given the strategy wins (as in the collector) and the ignored add_metric_suffixes is logged."""
+    exp, port, _ = exporter(translation_strategy="UnderscoreEscapingWithoutSuffixes")
+    exp.export(kit.batch([0]))
+    _, text = scrape(port)
+    fams = {f.name: f for f in parse_text(text)}
+    assert "container_memory_usage" in fams and "container_memory_usage_bytes" not in fams
+    assert fams["container_cpu_time"].type == "unknown"  # as with add_metric_suffixes: false
+    assert promtool_check_metrics(text)[0] == 0
+    with caplog.at_level("WARNING"):
+        exp, port, _ = exporter(translation_strategy="UnderscoreEscapingWithSuffixes", add_metric_suffixes=False)
+    assert "add_metric_suffixes: false is ignored: translation_strategy UnderscoreEscapingWithSuffixes" in caplog.text
+    exp.export(kit.batch([0]))
+    _, text = scrape(port, OM_ACCEPT)
+    assert {f.name for f in parse_openmetrics(text)} >= {"container_cpu_time_seconds", "container_memory_usage_bytes"}
+
+
+@pytest.mark.parametrize("strategy,problem", [
+    ("NoTranslation", "UTF-8 metric and label names are not supported: podmeter serves only underscore-escaped "
+                      "names, valid for every Prometheus; use UnderscoreEscapingWithSuffixes or "
+                      "UnderscoreEscapingWithoutSuffixes (got 'NoTranslation')"),
+    ("NoUTF8EscapingWithSuffixes", "UTF-8 metric and label names are not supported: podmeter serves only "
+                                   "underscore-escaped names, valid for every Prometheus; use "
+                                   "UnderscoreEscapingWithSuffixes or UnderscoreEscapingWithoutSuffixes (got "
+                                   "'NoUTF8EscapingWithSuffixes')"),
+    ("underscores", "unknown strategy; use UnderscoreEscapingWithSuffixes or UnderscoreEscapingWithoutSuffixes "
+                    "(got 'underscores')"),
+])
+def test_a_translation_strategy_podmeter_cannot_honour_is_refused_at_its_key(strategy, problem):
+    problems: list[str] = []
+    validate_component(factory, {"translation_strategy": strategy}, "exporters::prometheus", problems)
+    assert problems == [f"exporters::prometheus::translation_strategy: {problem}"]

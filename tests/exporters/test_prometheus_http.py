@@ -3,12 +3,14 @@ all three listeners share are in tests/core/test_http_endpoints.py)."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
 import threading
 import time
 import urllib.request
 
+import pytest
 from harness import free_port
 from harness.tls import make_certs
 
@@ -93,3 +95,71 @@ def test_tls_port_survives_plain_http_and_stalled_handshakes(kit, host, tmp_path
         assert "Traceback" not in err, err
     finally:
         exp.shutdown()
+
+
+def _tls_client(certs, lowest: ssl.TLSVersion, highest: ssl.TLSVersion) -> ssl.SSLContext:
+    import warnings
+
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 offers TLS 1.0/1.1 only at security level 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version, ctx.maximum_version = lowest, highest
+    return ctx
+
+
+V = ssl.TLSVersion
+
+
+@pytest.mark.parametrize("tls,client,negotiated", [
+    ({}, (V.TLSv1_2, V.TLSv1_3), "TLSv1.3"),
+    ({}, (V.TLSv1, V.TLSv1_1), None),  # the default minimum is 1.2
+    ({"min_version": "1.3"}, (V.TLSv1_2, V.TLSv1_2), None),
+    ({"min_version": 1.3}, (V.TLSv1_2, V.TLSv1_3), "TLSv1.3"),  # unquoted in YAML: a number
+    ({"max_version": "1.2"}, (V.TLSv1_2, V.TLSv1_3), "TLSv1.2"),
+    ({"max_version": "1.2"}, (V.TLSv1_3, V.TLSv1_3), None),
+    ({"min_version": "1.0", "max_version": "1.0"}, (V.TLSv1, V.TLSv1_3), "TLSv1"),
+    ({"min_version": "1.1"}, (V.TLSv1_1, V.TLSv1_1), "TLSv1.1"),
+])
+def test_tls_min_and_max_version_bound_what_a_real_client_negotiates(kit, host, tmp_path, tls, client, negotiated):
+    """tls.min_version and tls.max_version (confighttp's keys, in most copied collector configs) were refused as
+    unknown keys: the agent would not start. A real TLS client over a real socket gets the version they allow, or
+    no handshake."""
+    certs = make_certs(tmp_path / "certs")
+    port = free_port()
+    exp, _ = kit.make(factory, {"endpoint": f"127.0.0.1:{port}",
+                                "tls": {"cert_file": certs.server_cert, "key_file": certs.server_key, **tls}})
+    exp.start(host)
+    try:
+        exp.export(kit.batch([1]))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=BOUND, context=_tls_client(certs, *client))
+        if negotiated is None:
+            with pytest.raises(ssl.SSLError):
+                conn.request("GET", "/metrics")
+            return
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == exp.rendering().text
+        assert conn.sock.version() == negotiated
+        conn.close()
+    finally:
+        exp.shutdown()
+
+
+@pytest.mark.parametrize("tls,problem", [
+    ({"min_version": "1.4"}, "exporters::prometheus::tls::min_version: unsupported TLS version; use one of 1.0, "
+                             "1.1, 1.2, 1.3 (got '1.4')"),
+    ({"max_version": "TLS1.3"}, "exporters::prometheus::tls::max_version: unsupported TLS version; use one of "
+                                "1.0, 1.1, 1.2, 1.3 (got 'TLS1.3')"),
+    ({"max_version": "1.1"}, "exporters::prometheus::tls: min_version 1.2 is above max_version 1.1 (min_version "
+                             "defaults to 1.2)"),
+    ({"min_version": "1.3", "max_version": "1.2"}, "exporters::prometheus::tls: min_version 1.3 is above "
+                                                   "max_version 1.2 (min_version defaults to 1.2)"),
+])
+def test_bad_tls_versions_are_refused_at_their_key(tls, problem):
+    from podmeter.config import validate_component
+
+    problems: list[str] = []
+    validate_component(factory, {"tls": {"cert_file": "c", "key_file": "k", **tls}}, "exporters::prometheus",
+                       problems)
+    assert problems == [problem]
