@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 # The in-cluster service account mount; a module constant so tests can point it at a temporary directory.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# a list-and-watch round refused for its version (410, "Too large") sooner than this after its list backs off
+# before listing again
+RELIST_ROUND_MIN = 30.0
 EMPTY: MappingProxyType = MappingProxyType({})
 
 
@@ -110,6 +113,25 @@ class _RawWatch(watch.Watch):
 
     def get_return_type(self, func):
         return None
+
+    def unmarshal_event(self, data, return_type):
+        event = super().unmarshal_event(data, return_type)
+        if isinstance(event, dict) and event.get("type") == "ERROR":
+            # The library raises an ApiException for an ERROR event with only its code and message, dropping the
+            # Status's details: the cause that says "Too large resource version" and details.retryAfterSeconds.
+            # Raised here instead, before it sees the event, with the Status as the body, as for an HTTP error.
+            raise watch_error(event.get("raw_object"))
+        return event
+
+
+def watch_error(status: object) -> ApiException:
+    """The ApiException for the Status of a watch's ERROR event (its body is the Status, as an error response's)."""
+    status = status if isinstance(status, dict) else {}
+    code = status.get("code")
+    exc = ApiException(status=code if isinstance(code, int) else None,
+                       reason=f"{status.get('reason') or ''}: {status.get('message') or ''}".strip(": "))
+    exc.body = json.dumps(status)
+    return exc
 
 
 def _status_body(exc: BaseException) -> dict:
@@ -226,8 +248,9 @@ class Reflector:
         delay = self.backoff_initial
         while not self._stop.is_set():
             started = time.monotonic()
+            listed = self.rv is None
             try:
-                if self.rv is None:
+                if listed:
                     self._list()
                 events = self._watch_once()
                 if events == 0 and time.monotonic() - started < 1.0:
@@ -247,19 +270,30 @@ class Reflector:
             except Exception as exc:
                 if self._stop.is_set():
                     return
-                delay = self._failed(exc, delay)
+                delay = self._failed(exc, delay, time.monotonic() - started if listed else float("inf"))
 
-    def _failed(self, exc: Exception, delay: float) -> float:
+    def _failed(self, exc: Exception, delay: float, elapsed: float = float("inf")) -> float:
+        """Count and report a failed list or watch, wait as it calls for; returns the next backoff delay.
+        `elapsed`: since this round began, when it began with a list (else infinite)."""
         status = exc.status if isinstance(exc, ApiException) else None
         reason = {403: "forbidden", 401: "unauthorized", 410: "expired"}.get(status, "error")
-        if status == 410 or too_large_resource_version(exc):
+        too_large = too_large_resource_version(exc)
+        if status == 410 or too_large:
             # 410: compacted away. 504 "Too large resource version": this API server's watch cache has not reached
             # it (it came from another replica; the cache moves only with that resource's changes, so in a quiet
             # cluster maybe never). Either way a list refused for its version reads from etcd once, as client-go
-            # does (kubernetes#91073); a watch refused so lists again.
-            self._list_rv = "" if self.rv is None else self.rv
+            # does (kubernetes#91073). A watch refused with 410 lists again from the watch cache, not older than the
+            # last version seen; one refused as too large (an HTTP status, or an ERROR event in its stream) reads
+            # from etcd at once: a list from the cache at that version would only be refused the same way after the
+            # server waited 3s for it (client-go's watch-list marks the version unavailable alike)
+            self._list_rv = "" if self.rv is None or too_large else self.rv
             self.rv = None
             self.restarts.labels(self.resource.name, "expired").inc()
+            if elapsed < RELIST_ROUND_MIN:
+                # refused again soon after a list: an API server whose cache stays behind would otherwise have every
+                # node list its pods from etcd back to back (client-go backs off between list-and-watch rounds too)
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                return min(delay * 2, self.backoff_max)
             return delay
         if status == 403:
             self.forbidden = True
@@ -326,10 +360,8 @@ class Reflector:
                     continue
                 count += 1
                 etype, obj = event.get("type"), event.get("raw_object") or event.get("object") or {}
-                if etype == "ERROR":
-                    if obj.get("code") == 410:
-                        raise Gone()
-                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                if etype == "ERROR":  # (normally raised by _RawWatch before it gets here)
+                    raise watch_error(obj)
                 rv = (obj.get("metadata") or {}).get("resourceVersion")
                 if etype in ("ADDED", "MODIFIED", "DELETED"):
                     self.on_event(etype, obj)
@@ -414,6 +446,9 @@ class OwnerResolver:
         kind, namespace, name = key
         ttl = self.ttl
         resource = "replicasets.apps" if kind == "ReplicaSet" else "jobs.batch"
+        # a missing permission is its own cause (as forbidden_pods): under owner_<kind>, shared with failures that
+        # pass, its message (what to grant) was not logged when a 5xx or timeout came first, and went away with them
+        forbidden = f"forbidden_{resource.partition('.')[0]}"
         outcome = "found"
         try:
             self.gets += 1
@@ -421,14 +456,16 @@ class OwnerResolver:
             resp = fn(name, namespace, _preload_content=False, _request_timeout=(5, self.request_timeout))
             result = controller_of(json.loads(resp.data)) or NO_OWNER
             self.telemetry.recovered(f"owner_{kind}")
+            self.telemetry.recovered(forbidden)
         except ApiException as exc:
             result, ttl, outcome = None, self.FAILURE_TTL, "final"
             if exc.status == 404:
                 pass  # the owner is gone: nothing to add
             elif exc.status == 403:
-                self.telemetry.error(f"owner_{kind}", f"the API server forbids get on {resource} ({describe(exc)}); "
-                                                      f"grant get on {resource} for workload names. Deployment names "
-                                                      "fall back to the pod-template-hash label")
+                self.telemetry.error(forbidden, f"the API server forbids get on {resource} ({describe(exc)}); grant "
+                                                f"get on {resource} to podmeter's service account for workload names. "
+                                                + ("Deployment names fall back to the pod-template-hash label"
+                                                   if kind == "ReplicaSet" else "Pods of Jobs get no k8s.cronjob.name"))
             else:
                 outcome, wait = "retry", retry_after(exc)
                 if wait > 0:  # whichever thread asked: the retries wait for it

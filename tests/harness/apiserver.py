@@ -5,11 +5,11 @@ against this: JSON objects with a global resourceVersion, field selectors (`spec
 and label selectors (equality, set-based, exists), chunked newline-delimited watch streams with ADDED/MODIFIED/
 DELETED (including selector transitions), BOOKMARK events, `ERROR 410 Expired` when a watch resumes from a
 compacted resourceVersion, `504 Too large resource version` for a list asking for a resourceVersion the server has
-not reached (a real one first waits up to 3s for its watch cache to catch up), Status error bodies, and optional
-bearer-token auth and TLS.
+not reached (a real one first waits up to 3s for its watch cache to catch up; a watch gets it as an ERROR event),
+Status error bodies, and optional bearer-token auth and TLS.
 
 Fault injection for the tests: `forbid()` (403), `fail()` (500 or any code, optionally with Retry-After),
-`delay()` (slow responses),
+`delay()` (slow responses), `watch_error()` (an ERROR event with any Status inside an accepted watch's stream),
 `drop_watches()` (connections cut mid-stream), `outage()` (every request's connection closed unanswered),
 `blank_line()` (an empty line in every open watch stream, as proxies send for keep-alive), `hold()` (a request
 kept unanswered until the test releases it: forces one interleaving of client threads without sleeps).
@@ -217,7 +217,7 @@ class Store:
 class Fault:
     """Applies to requests whose resource and verb match (None matches any); `times` None means until cleared."""
 
-    action: str  # "status" | "delay" | "drop" | "hold"
+    action: str  # "status" | "delay" | "drop" | "hold" | "event"
     resource: str | None = None
     verb: str | None = None  # list | watch | get | create | update | patch | delete
     code: int = 500
@@ -226,6 +226,7 @@ class Fault:
     retry_after: int | None = None  # with "status": the Retry-After header (seconds), as 429s and 503s carry
     gate: threading.Event = field(default_factory=threading.Event)  # with "hold": set by release()
     held: int = 0  # with "hold": requests it has held so far
+    error: ApiError | None = None  # with "event": the Status an accepted watch's stream carries as an ERROR event
 
     def release(self) -> None:
         self.gate.set()
@@ -312,6 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
                 fault = Fault("status", code=fault.code, retry_after=fault.retry_after) if fault.code else None
             if fault is not None and fault.action == "drop":
                 return self._cut()
+            if fault is not None and fault.action == "event" and watching:
+                # the watch is accepted (200), then its stream carries one ERROR event with the Status and ends
+                return self._stream(resource, ns, None, None, q, error=fault.error)
             if fault is not None and fault.action == "status":
                 if fault.code == 403:
                     raise ApiError(403, "Forbidden",
@@ -358,7 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self._send(e.code, e.status(), {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None)
 
-    def _stream(self, resource, ns, fsel, lsel, q) -> None:
+    def _stream(self, resource, ns, fsel, lsel, q, error: ApiError | None = None) -> None:
         api = self.api
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -369,9 +373,10 @@ class _Handler(BaseHTTPRequestHandler):
         with api._lock:
             api._watches.add(me)
         try:
-            for event in api._events(resource, ns, fsel, lsel, q.get("resourceVersion"),
-                                     float(q.get("timeoutSeconds", 1800)),
-                                     q.get("allowWatchBookmarks") in ("true", "1"), me):
+            events = [{"type": "ERROR", "object": error.status()}] if error is not None else \
+                api._events(resource, ns, fsel, lsel, q.get("resourceVersion"), float(q.get("timeoutSeconds", 1800)),
+                            q.get("allowWatchBookmarks") in ("true", "1"), me)
+            for event in events:
                 data = b"\n" if event is None else json.dumps(event).encode() + b"\n"  # None: a blank line
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
@@ -540,6 +545,14 @@ class ApiServer:
         """Keep matching requests unanswered until `release()`; then answer them normally, or with `code`."""
         return self._add_fault(Fault("hold", resource, verb, code=code, times=times))
 
+    def watch_error(self, resource: str | None = None, code: int = 500, reason: str = "InternalError",
+                    message: str = "Internal error occurred: injected failure", details: dict | None = None,
+                    retry_after: int | None = None, times: int | None = 1) -> Fault:
+        """Accept matching watches (200), then send one ERROR event with this Status (details.retryAfterSeconds
+        from `retry_after`) and end the stream, as a real server reports errors found after it accepted a watch."""
+        return self._add_fault(Fault("event", resource, "watch", times=times,
+                                     error=ApiError(code, reason, message, details, retry_after)))
+
     def outage(self) -> Fault:
         """Every request's connection is closed unanswered, and running watches are cut, until `clear()`."""
         fault = self._add_fault(Fault("drop"))
@@ -617,6 +630,14 @@ class ApiServer:
                 if last < store.compacted:
                     yield {"type": "ERROR", "object": ApiError(
                         410, "Expired", f"too old resource version: {last} ({store.compacted})").status()}
+                    return
+                if last > store.rv:
+                    # a version this server has not reached (another replica's): a real one's watch cache waits up
+                    # to 3s for it, then answers in the stream, as the list answers with a 504
+                    yield {"type": "ERROR", "object": ApiError(
+                        504, "Timeout", f"Too large resource version: {last}, current: {store.rv}",
+                        {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]},
+                        retry_after=1).status()}
                     return
                 initial = []
         for o in initial:

@@ -218,7 +218,7 @@ def test_forbidden_replicasets_fall_back_to_template_hash(api, make_processor):
     p = make_processor(api)
     assert p.ready(10)
     assert p.attributes_for({"k8s.pod.uid": u})["k8s.deployment.name"] == "web"
-    assert "owner_ReplicaSet" in p.telemetry.failing()
+    assert "forbidden_replicasets" in p.telemetry.failing() and "owner_ReplicaSet" not in p.telemetry.failing()
 
 
 def test_server_errors_back_off_and_recover(api, make_processor):
@@ -697,3 +697,58 @@ def test_relist_while_a_processing_thread_sweeps():
     cache.replace([rec("live")])
     sweeper.join()
     assert cache.uids() == ["live"] and cache.get("live").deleted_at is None
+
+
+def test_watch_refused_as_too_large_in_its_stream_relists_from_etcd(api, make_processor):
+    """An API server's watch cache answers a watch from a resourceVersion it has not reached (another replica's)
+    with an ERROR event in the accepted stream, not an HTTP status: 504 Timeout, cause ResourceVersionTooLarge,
+    retryAfterSeconds 1. As client-go, that is not retried from the same version (it would be refused forever in a
+    quiet cluster): the pods are listed again from etcd, and watched from there."""
+    api.create("pods", "ml", pod("p", NODE, uid=uid()))
+    p = make_processor(api)
+    assert p.ready(10)
+    wait_for(lambda: api.open_watches() == 1, what="the watch to be open")
+    outage = api.outage()
+    wait_for(lambda: "api_pods" in p.telemetry.failing(), what="the outage to be noticed")  # no event in flight
+    ahead = str(api.store.rv + 1000)  # the last version seen came from a replica further ahead
+    p.pods_reflector.rv = ahead
+    api.create("pods", "ml", pod("while-away", NODE, uid=(u := uid())))
+    api.clear(outage)
+    wait_for(lambda: p.cache.get(u), timeout=15, what="the relist after the too-large resourceVersion")
+    assert [r.query.get("resourceVersion") for r in api.asked("pods", "watch")].count(ahead) == 1
+    assert [r.query.get("resourceVersion") for r in api.asked("pods", "list")[1:]] == [None]  # a consistent read
+    assert p.m_restarts._metric.labels("k8sattributes", "pods", "expired")._value.get() == 1
+    wait_for(lambda: "api_pods" not in p.telemetry.failing(), what="recovery")
+
+
+def test_watches_refused_as_too_large_again_and_again_back_off_between_lists(api, make_processor):
+    """An API server whose watch cache stays behind refuses every watch as too large: each refusal lists from etcd
+    again, but a round refused soon after its list waits (with backoff) before the next list, as client-go waits
+    between list-and-watch rounds, instead of having every node list its pods from etcd back to back."""
+    api.create("pods", "ml", pod("p", NODE, uid=uid()))
+    api.watch_error("pods", code=504, reason="Timeout", message="Too large resource version: 9999, current: 1",
+                    details={"causes": [{"reason": "ResourceVersionTooLarge",
+                                         "message": "Too large resource version"}]}, times=None)
+    p = make_processor(api, reconnect={"initial_interval": "200ms", "max_interval": "5s"})
+    assert p.ready(10)
+    wait_for(lambda: len(api.asked("pods", "list")) >= 4, timeout=30, what="lists after refused watches")
+    lists = api.asked("pods", "list")
+    # the first refusal after the initial list waits at least half the initial interval; each next one more
+    assert all(b.at - a.at >= 0.1 for a, b in zip(lists[1:], lists[2:], strict=False))
+
+
+def test_retry_after_in_a_watch_error_event_is_honoured(api, make_processor):
+    """A Status sent as an ERROR event inside a watch stream may say when to come back (details.retryAfterSeconds,
+    e.g. a 429 from API Priority and Fairness): the next watch waits at least that long, as after an HTTP 429, and
+    resumes from the last resourceVersion (no relist)."""
+    api.create("pods", "ml", pod("p", NODE, uid=uid()))
+    api.watch_error("pods", code=429, reason="TooManyRequests", message="Too many requests, please try again later.",
+                    retry_after=1)
+    p = make_processor(api, reconnect={"initial_interval": "50ms", "max_interval": "5s"})
+    assert p.ready(10)
+    wait_for(lambda: len(api.asked("pods", "watch")) >= 2, timeout=15, what="the watch after the ERROR event")
+    first, second = api.asked("pods", "watch")[:2]
+    assert second.at - first.at >= 1.0  # a lower bound only: the server asked for it
+    assert second.query.get("resourceVersion") == first.query.get("resourceVersion")
+    assert len(api.asked("pods", "list")) == 1
+    assert p.m_restarts._metric.labels("k8sattributes", "pods", "error")._value.get() == 1

@@ -111,6 +111,32 @@ def test_forbidden_owner_is_reported_once_and_not_retried(api, make_processor, c
     assert len([r for r in caplog.records if "forbids get on jobs.batch" in r.getMessage()]) == 1
 
 
+def test_forbidden_owner_is_its_own_cause_after_a_passing_failure(api, make_processor, caplog):
+    """A 403 (RBAC lacks get on jobs) is not one more failure of the kind that passes: it is reported under its own
+    cause, naming the permission to grant, even when an API server restart's 503 was being reported for the same
+    kind; and it stays reported when another lookup's failure that passes recovers."""
+    api.create("jobs", "ml", owned("Job", "a-1", owner=("CronJob", "a")))
+    api.create("pods", "ml", pod("a", NODE, uid=(u := uid()), owner=("Job", "a-1")))
+    passing = api.fail("jobs", "get", code=503)
+    with caplog.at_level(logging.WARNING):
+        p = make_processor(api, **MANUAL_RETRIES)
+        assert p.ready(10)
+        assert "owner_Job" in p.telemetry.failing() and p.owners.pending() == 1
+        api.clear(passing)
+        api.forbid("jobs", "get")  # the restarted API server runs with the new, narrower ClusterRole
+        assert p.owners.retry_pass() is False and p.owners.pending() == 0
+    warned = [r.getMessage() for r in caplog.records if "forbids get on jobs.batch" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("forbidden_jobs: ") and "grant get on jobs.batch" in warned[0]
+    assert "forbidden_jobs" in p.telemetry.failing()
+    assert "k8s.cronjob.name" not in p.attributes_for({"k8s.pod.uid": u})
+    assert p.telemetry.telemetry.component_errors.labels("k8sattributes", "forbidden_jobs")._value.get() == 1
+    # granted: the next lookup succeeds and the cause recovers
+    api.clear()
+    api.create("jobs", "ml", owned("Job", "a-2", owner=("CronJob", "a")))
+    api.create("pods", "ml", pod("a2", NODE, uid=uid(), owner=("Job", "a-2")))
+    wait_for(lambda: "forbidden_jobs" not in p.telemetry.failing(), timeout=15, what="the permission granted")
+
+
 def test_orphaned_replicaset_gives_no_deployment_name(api, make_processor):
     # `kubectl delete deployment web --cascade=orphan`: the ReplicaSet stays, without ownerReferences. As in the
     # collector, its pods get no k8s.deployment.name (not one derived from the pod-template-hash label)
