@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent")
     config_arg(p)
     p.add_argument("--strict", action="store_true", help="fail if any component cannot start on this host")
-    p.add_argument("--log-level", choices=["debug", "info", "warn", "warning", "error"])
+    p.add_argument("--log-level", choices=["debug", "info", "warn", "warning", "error"], type=str.lower)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check configuration files and exit (2 on any problem)")
@@ -253,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="collect once (required)")
     p.add_argument("--format", choices=["table", "otlp-json"], default="table")
     p.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
-                   help="longest wait for metadata (k8sattributes' first sync)")
+                   help="longest wait for metadata (the first sync of k8sattributes and of the cri and "
+                        "podresources receivers)")
     p.add_argument("--strict", action="store_true")
-    p.add_argument("--log-level", choices=["debug", "info", "warn", "warning", "error"])
+    p.add_argument("--log-level", choices=["debug", "info", "warn", "warning", "error"], type=str.lower)
     p.set_defaults(func=cmd_collect)
 
     # inspect parses its own arguments, --help included (podmeter.inspect); argparse only routes to it

@@ -148,8 +148,13 @@ class TelemetryMetricsConfig(ComponentConfig):
     level: Literal["none", "basic", "normal", "detailed"] = "normal"
 
 
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 class TelemetryLogsConfig(ComponentConfig):
-    level: Literal["debug", "info", "warn", "warning", "error"] = "info"
+    # any case, as the collector's (zap's) levels: collector configs write INFO and WARN as often as info and warn
+    level: Annotated[Literal["debug", "info", "warn", "warning", "error"], BeforeValidator(_lower)] = "info"
     encoding: Literal["console", "json"] = "console"
 
 
@@ -224,6 +229,27 @@ class _Loader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+# Plain scalars resolved as the collector's YAML library (go-yaml v3) does, not by YAML 1.1's wider rules: `on`, `off`,
+# `yes`, `no` (and `NO`, Norway's country code) are strings, not booleans; `12:30` is a string, not the sexagesimal
+# 750; `2024-01-01` is a string, not a date. A value typed on the collector came out differently here, silently where
+# the field takes several types (a resource attribute's `value: on` became the boolean true). Fields that want a bool
+# still take "on" or "yes": pydantic converts them.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float", "timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def _duplicate_keys(root: yaml.Node, name: str) -> list[str]:

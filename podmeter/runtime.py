@@ -481,6 +481,10 @@ class Service:
             else:
                 component.start(self.host)
         except _PendingStart as pending:
+            if self.stopping.is_set():  # a signal cut the start short: the stop asked for, not a failure to start
+                status.state, status.message = "stopped", str(pending)
+                log.info("%s %s %s", status.kind, status.id, pending)
+                return False
             if self.strict:
                 raise StartError(f"{status.kind} {status.id} failed to start: {pending}") from None
             status.state, status.message = "error", str(pending)
@@ -667,9 +671,10 @@ class Service:
         """Start components, wait for metadata and event windows, collect every receiver once, process."""
         self.start_components(exporters=False)
         deadline = time.monotonic() + wait_timeout
-        for pipeline in self.pipelines.values():
-            for _, proc in pipeline.processors:
-                proc.ready(max(0.0, deadline - time.monotonic()))
+        # receivers' metadata too (the CRI and kubelet caches): a first sync that failed at start is retried
+        # meanwhile, and their ready() says at once when there is nothing to wait for (no socket)
+        for component in [*self.receivers.values(), *(p for pl in self.pipelines.values() for _, p in pl.processors)]:
+            component.ready(max(0.0, deadline - time.monotonic()))
         windows = [float(getattr(self.config.receivers[ComponentID.parse(rid)], "collection_interval", 0) or 0)
                    for rid, r in self.receivers.items() if r.counts_events]
         if windows:

@@ -32,6 +32,8 @@ class CounterConfig(ScraperConfig):
     unavailable: str = ""
     fail_start: bool = False
     hang_start: bool = False  # start() never returns, as nvmlInit on a GPU in a bad state
+    # its metadata (here: the namespace) arrives this long after start, as a CRI cache whose first sync failed
+    sync_delay: float = 0.0
     fail_every: int = 0
     pods: int = Field(1, ge=0)
     namespace: str = "default"
@@ -41,6 +43,7 @@ class CounterReceiver(Receiver):
     def __init__(self, settings, config: CounterConfig) -> None:
         self.settings, self.config, self.calls = settings, config, 0
         self.start_ns = now_ns()
+        self.synced = threading.Event()
 
     def start(self, host) -> None:
         if self.config.unavailable:
@@ -49,6 +52,12 @@ class CounterReceiver(Receiver):
             raise RuntimeError("cannot start")
         if self.config.hang_start:
             threading.Event().wait()
+        timer = threading.Timer(self.config.sync_delay, self.synced.set)
+        timer.daemon = True
+        timer.start()
+
+    def ready(self, timeout: float) -> bool:
+        return self.synced.wait(timeout)
 
     def collect(self):
         self.calls += 1
@@ -57,7 +66,8 @@ class CounterReceiver(Receiver):
         b = MetricsBuilder(f"podmeter/receiver/{self.settings.id}", self.start_ns)
         for i in range(self.config.pods):
             b.add(VALUE, self.calls, resource={"k8s.pod.uid": f"uid-{i}", "k8s.pod.name": f"pod-{i}",
-                                               "k8s.namespace.name": self.config.namespace})
+                                               "k8s.namespace.name": self.config.namespace
+                                               if self.synced.is_set() else "(not synced)"})
         return b.build()
 
 

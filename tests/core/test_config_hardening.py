@@ -365,3 +365,41 @@ def test_dangling_reference_has_its_index(tmp_path):
     found = problems(tmp_path, GOOD.replace("receivers: [counter]", "receivers: [counter, countr]"))
     assert found == ['service::pipelines::metrics::receivers::1: references receiver "countr" which is not configured '
                      '(did you mean "counter"?)']
+
+
+# -- 13. plain scalars read as the collector's YAML library reads them (YAML 1.2 core, not 1.1) --------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("on", "on"), ("off", "off"), ("yes", "yes"), ("no", "no"), ("NO", "NO"),  # 1.1 booleans: strings in go-yaml v3
+    ("12:30", "12:30"), ("1:30.5", "1:30.5"),  # 1.1 sexagesimal numbers (750, 90.5)
+    ("2024-01-01", "2024-01-01"),  # a 1.1 timestamp
+    ("true", True), ("FALSE", False), ("0x1f", 31), ("0o17", 15), ("1_000", 1000), ("-.5", -0.5), ("1.5", 1.5),
+])
+def test_plain_scalars_are_typed_as_the_collector_types_them(tmp_path, text, expected):
+    config = load([write(tmp_path, with_shapes(f"value: {text}\n    labels: {{country: {text}}}"
+                                               if isinstance(expected, str) else f"value: {text}"))], env={})
+    settings = config.processors[ComponentID("shapes")]
+    assert settings.value == expected and type(settings.value) is type(expected)
+    if isinstance(expected, str):  # a dict[str, str] takes it, where a boolean or a date was refused
+        assert settings.labels == {"country": text}
+
+
+@pytest.mark.parametrize("text", ["on", "yes", "true", "On"])
+def test_a_boolean_field_still_takes_the_yaml_1_1_words(tmp_path, text):
+    config = load([write(tmp_path, GOOD.replace("  tag:\n", f"  tag:\n    fail: {text}\n"))], env={})
+    assert config.processors[ComponentID("tag")].fail is True
+
+
+# -- 14. log levels in any case, as the collector's ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level,expected", [("INFO", "info"), ("WARN", "warn"), ("Debug", "debug"), ("error", "error")])
+def test_log_level_in_any_case(tmp_path, level, expected):
+    text = GOOD.replace("service:\n", f"service:\n  telemetry:\n    logs:\n      level: {level}\n", 1)
+    assert load([write(tmp_path, text)], env={}).service.telemetry.logs.level == expected
+
+
+def test_log_level_flag_in_any_case(tmp_path):
+    out = cli("run", "--log-level", "WARN", "--config", write(tmp_path, "receivers: {}\n"))
+    assert out.returncode == 2 and "invalid configuration" in out.stderr and "invalid choice" not in out.stderr

@@ -376,3 +376,11 @@ def test_health_is_not_ready_while_components_are_starting(tmp_path, plugins):
                                                                           "stopping": True}
     finally:
         service.shutdown(timeout=2)
+
+
+def test_collect_once_waits_for_receivers_metadata(tmp_path, plugins):
+    """`collect --once` waits (up to --wait) for each receiver's ready() as for the processors': a receiver whose
+    metadata comes after start (a CRI or kubelet socket whose first sync failed) is collected with it."""
+    text = base().replace("initial_delay: 0s", "initial_delay: 0s\n            sync_delay: 0.5")
+    data = Service(config(tmp_path, text)).collect_once(wait_timeout=30)
+    assert [rm.resource.attributes["k8s.namespace.name"] for rm in data.resource_metrics] == ["default"]
