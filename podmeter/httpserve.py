@@ -174,6 +174,12 @@ class Handler(BaseHTTPRequestHandler):
     # http.server's per-operation socket timeout: here only the limit on a reader that takes nothing (see
     # write_body) and a backstop; the wait for a request is bounded by Server.request_timeout
     timeout = 60.0
+    # the Server header names podmeter alone: http.server would add the Python version, which tells a scanner what
+    # to try and a scraper nothing
+    server_version = "podmeter"
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def setup(self) -> None:
         super().setup()

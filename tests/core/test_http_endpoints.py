@@ -199,3 +199,10 @@ def test_head_answers_the_headers_without_a_body(endpoint):
         assert length > 0
     else:
         assert length == len(get(endpoint)[2])
+
+
+def test_the_server_header_names_podmeter_without_the_python_version(endpoint):
+    """http.server sends `Server: BaseHTTP/0.6 Python/3.11.7`: the interpreter's version is nothing a scraper or a
+    probe uses, and something a scanner does."""
+    _status, headers, _body = get(endpoint)
+    assert headers["Server"] == "podmeter"
