@@ -179,14 +179,20 @@ class OTLPExporter(Exporter):
         return self.encoder.requests(data, self.max_request_bytes)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        """Wait until the queue is delivered (True) or the timeout. With storage, also stop (False) once a send is
+        being retried: what is not delivered is safe on disk, and the runtime flushes before each shutdown (see
+        shutdown())."""
         if self.queue is None:
             return True
-        return self.queue.wait_empty(max(0.0, timeout_millis / 1000))
+        return self.queue.wait_empty(max(0.0, timeout_millis / 1000), unless_retrying=bool(self.queue.directory))
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
         deadline = time.monotonic() + max(0.0, timeout_millis / 1000)
         if self.queue is not None:
-            self.queue.wait_empty(max(0.0, deadline - time.monotonic()))
+            # Without storage what is not sent by the deadline is lost: wait for it. With storage it stays on disk
+            # and is sent by the next run (as the collector's persistent queue), so the queue is drained only while
+            # the backend takes it: waiting out retries of an outage would only delay the shutdown.
+            self.queue.wait_empty(max(0.0, deadline - time.monotonic()), unless_retrying=bool(self.queue.directory))
             self._stop.set()  # consumers in a retry wait give up now
             left = self.queue.abandon()
             for t in self._threads:
@@ -262,7 +268,7 @@ class OTLPExporter(Exporter):
             self.telemetry.enqueue_failed(n)
 
     def _send_with_retry(self, data: bytes, points: int, deadline: float | None = None,
-                         unsent: list[tuple[bytes, int]] | None = None) -> bool | str:
+                         unsent: list[tuple[bytes, int]] | None = None, started: float | None = None) -> bool | str:
         """Send until delivered (True), given up (False) or the exporter stops (\"stopped\"). When stopped, what
         was not delivered nor given up is added to `unsent` (a part of `data` when it was split), as the caller
         must not count the points of delivered parts again.
@@ -270,7 +276,8 @@ class OTLPExporter(Exporter):
         Failures are logged once per class (`send:UNAVAILABLE`, `send_failed:HTTP 400`): `send` while retrying,
         `send_failed` when points are given up; a delivery clears them, so the next outage is logged again."""
         retry = self.config.retry_on_failure
-        started = time.monotonic()
+        if started is None:  # the parts of a request split for a gateway's limit share its max_elapsed_time
+            started = time.monotonic()
         interval = retry.initial_interval
         while True:
             if self._stop.is_set():
@@ -314,7 +321,7 @@ class OTLPExporter(Exporter):
                         self._split_logged = True
                         self.logger.warning("%s refused a request of %d bytes as too large (%s); sending requests "
                                             "that large in smaller parts", self._where(), len(data), outcome.message)
-                    results = [self._send_with_retry(part, n, deadline, unsent) for part, n in halves]
+                    results = [self._send_with_retry(part, n, deadline, unsent, started) for part, n in halves]
                     return "stopped" if "stopped" in results else all(r is True for r in results)
             if outcome.retryable and self._stop.is_set():
                 # the attempt failed because shutdown closed the connection under it (gRPC CANCELLED "Channel
@@ -338,9 +345,18 @@ class OTLPExporter(Exporter):
             self.telemetry.error(f"send:{kind}", f"sending to {self._where()} failed: {outcome.message}; "
                                  "retrying with backoff")
             # a Retry-After far in the future (with max_elapsed_time 0) is over what a wait can take
-            if self._stop.wait(min(wait, threading.TIMEOUT_MAX)):
+            self._backoff(+1)
+            try:
+                stopped = self._stop.wait(min(wait, threading.TIMEOUT_MAX))
+            finally:
+                self._backoff(-1)
+            if stopped:
                 return _stopped(data, points, unsent)
             interval = min(interval * retry.multiplier, retry.max_interval)
+
+    def _backoff(self, n: int) -> None:
+        if self.queue is not None:  # without a queue export() is sending, on the runtime's thread
+            self.queue.retrying(n)
 
     def _give_up(self, points: int, kind: str, message: str) -> None:
         self._failed.inc(points)

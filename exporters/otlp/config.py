@@ -63,6 +63,7 @@ class QueueConfig(ComponentConfig):
 _BAD_HOST = re.compile(r"[\s/?#@]")  # whitespace, or URL syntax in a host name
 _DNS_TARGET = re.compile(r"^dns://[^/]*/([^/]+)$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
 
 
 class _OTLPBase(ComponentConfig):
@@ -86,12 +87,10 @@ class _OTLPBase(ComponentConfig):
                 raise ValueError(f"header name {k!r} is not a valid HTTP header / gRPC metadata key")
             if "\n" in str(value) or "\r" in str(value):
                 raise ValueError(f"header {k!r}: the value must be one line")
-            # gRPC metadata values are printable ASCII (grpcio fails every call with INTERNAL "Invalid metadata",
-            # as if the backend had refused it) and HTTP header values go out as Latin-1 (requests raises on
-            # anything else): either way every batch would be dropped at send time
-            if not all(" " <= c <= "~" or c == "\t" for c in str(value)):
-                raise ValueError(f"header {k!r}: the value must be printable ASCII (percent- or base64-encode "
-                                 "anything else)")
+            # control characters are refused by every HTTP client (the collector's Go one too); anything else
+            # goes out as its UTF-8 bytes, as the collector sends it
+            if any((c < " " and c != "\t") or c == "\x7f" for c in str(value)):
+                raise ValueError(f"header {k!r}: the value must not hold control characters")
         return v
 
 
@@ -116,6 +115,21 @@ class OTLPGrpcConfig(_OTLPBase):
         host, sep, port = rest.rstrip("/").rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or _BAD_HOST.search(host):
             raise ValueError(f"invalid endpoint {v!r}: expected host:port, like otel-gateway:4317")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _metadata(cls, v: dict[str, str]) -> dict[str, str]:
+        # gRPC refuses at every call what HTTP takes (grpcio with INTERNAL "Invalid metadata", as if the backend had
+        # refused the batch; grpc-go, so the collector, the same): a key outside [0-9a-z_.-] once lower-cased, or a
+        # value that is not printable ASCII unless the key ends in -bin (binary metadata: any bytes)
+        for k, value in v.items():
+            if not _METADATA_KEY.match(k.lower()):
+                raise ValueError(f"header name {k!r}: a gRPC metadata key has only letters, digits, '-', '_' "
+                                 "and '.'")
+            if not k.lower().endswith("-bin") and not all(" " <= c <= "~" for c in str(value)):  # a tab neither
+                raise ValueError(f"header {k!r}: the value must be printable ASCII (percent- or base64-encode "
+                                 "anything else, or send it as binary metadata: a key ending in -bin)")
         return v
 
     @model_validator(mode="after")

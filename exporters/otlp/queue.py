@@ -51,6 +51,7 @@ class SendingQueue:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Item] = collections.deque()
         self._in_flight = 0
+        self._retrying = 0  # consumers waiting to retry a failed send
         self._closed = False
         self._seq = 0
         self._lock_file = None
@@ -189,9 +190,19 @@ class SendingQueue:
             except FileNotFoundError:
                 pass
 
-    def wait_empty(self, timeout: float) -> bool:
+    def wait_empty(self, timeout: float, unless_retrying: bool = False) -> bool:
+        """Wait until nothing waits or is in flight (True), or timeout, or (`unless_retrying`) a consumer waits
+        to retry a failed send."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._waiting and self._in_flight == 0, timeout)
+            self._cond.wait_for(lambda: (not self._waiting and self._in_flight == 0)
+                                or (unless_retrying and self._retrying > 0), timeout)
+            return not self._waiting and self._in_flight == 0
+
+    def retrying(self, n: int) -> None:
+        """A consumer starts (+1) or ends (-1) waiting to retry a failed send."""
+        with self._cond:
+            self._retrying += n
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Consumers get None once the queue is empty; waiting ones wake now."""

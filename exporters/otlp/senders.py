@@ -123,6 +123,9 @@ class GrpcSender:
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.primary_user_agent", USER_AGENT),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # the collector's otlp exporter default (balancer_name: round_robin): requests are spread over every
+            # address the name resolves to (the pods of a headless gateway Service), not all sent to the first
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         if insecure:
             self.channel = grpc.insecure_channel(self.target, options=options)
@@ -137,7 +140,10 @@ class GrpcSender:
         self.call = self.channel.unary_unary(
             EXPORT_METHOD, request_serializer=None,
             response_deserializer=metrics_service_pb2.ExportMetricsServiceResponse.FromString)
-        self.metadata = [(k.lower(), v) for k, v in config.headers.items()]
+        # a -bin key's value is binary: grpcio wants bytes (a str fails every call with a TypeError); the
+        # collector sends its UTF-8 bytes, base64-encoded on the wire
+        self.metadata = [(k.lower(), v.encode() if k.lower().endswith("-bin") else v)
+                         for k, v in config.headers.items()]
         self.compression = grpc.Compression.Gzip if config.compression == "gzip" else grpc.Compression.NoCompression
         self.timeout = config.timeout
 
@@ -195,7 +201,8 @@ class HttpSender:
         self.url = config.metrics_endpoint or config.endpoint.rstrip("/") + "/v1/metrics"
         self.json = config.encoding == "json"
         content_type = "application/json" if self.json else "application/x-protobuf"
-        self.headers = {"Content-Type": content_type, "User-Agent": USER_AGENT, **config.headers}
+        self.headers = {"Content-Type": content_type, "User-Agent": USER_AGENT,
+                        **{k: _header_value(v) for k, v in config.headers.items()}}
         # one Session (connection pool) per consumer thread: requests does not promise Session is thread-safe
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
@@ -224,7 +231,11 @@ class HttpSender:
             resp = session.post(self.url, data=body, headers=headers, timeout=self.timeout,
                                      verify=self.verify, cert=self.cert)
         except requests.exceptions.SSLError as exc:
-            return Outcome(False, False, f"TLS error: {exc}", kind="SSLError")
+            # The connection closed during the handshake (a load balancer or proxy whose backend is restarting)
+            # is an outage, like a refused connection, and retried (the collector retries it too). Anything else
+            # (an untrusted certificate, a handshake the server refuses) is the configuration's: permanent.
+            closed = isinstance(_ssl_cause(exc), ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError)
+            return Outcome(False, closed, f"TLS error: {exc}", kind="SSLError")
         except requests.exceptions.RequestException as exc:  # refused, reset, timed out: the backend is away
             return Outcome(False, True, f"{type(exc).__name__}: {_short(exc)}", kind=type(exc).__name__)
         except (OSError, ValueError) as exc:  # e.g. a TLS file removed since start: permanent until fixed
@@ -248,6 +259,22 @@ class HttpSender:
             for session in self._sessions:
                 session.close()
             self._sessions.clear()
+
+
+def _ssl_cause(exc: BaseException) -> BaseException | None:
+    """The ssl module's error under requests' SSLError (requests and urllib3 each wrap it)."""
+    seen = 0
+    while exc is not None and not isinstance(exc, ssl.SSLError) and seen < 10:
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return exc if isinstance(exc, ssl.SSLError) else None
+
+
+def _header_value(value: str) -> str | bytes:
+    """A header value as the collector (Go's HTTP client) sends it: a value that is not ASCII as its UTF-8 bytes
+    (given as str, http.client would send Latin-1 and refuse anything beyond). Leading whitespace, which a server
+    drops anyway (RFC 9110), is dropped here: requests refuses it, and every send failed as if the backend were away."""
+    value = value.lstrip(" \t")
+    return value if value.isascii() else value.encode()
 
 
 def _retry_after(value: str) -> float | None:

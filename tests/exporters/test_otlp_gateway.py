@@ -171,6 +171,111 @@ def test_tls_without_ca_file_trusts_the_system_store_as_the_collector(proto, mak
 
 
 
+def test_a_tls_connection_closed_in_the_handshake_is_retried(make_exporter, kit, tmp_path):
+    """otlphttp took every TLS error for a configuration error and dropped the batch: a load balancer or proxy
+    closing connections while the gateway behind it restarts (EOF in the handshake) lost every batch of the
+    outage, where the collector retries. Here a listener on the gateway's port accepts and closes, then the real
+    TLS sink takes the port. A certificate the client does not trust is still given up at once."""
+    import socket
+    import threading
+
+    certs = make_certs(tmp_path)
+    sink = OTLPSink(certs=certs)
+    closer = socket.create_server(("127.0.0.1", sink.http_port))
+
+    def close_all():
+        while True:
+            try:
+                conn, _ = closer.accept()
+            except OSError:  # the listener was closed
+                return
+            conn.close()
+
+    threading.Thread(target=close_all, daemon=True).start()
+    try:
+        exp, telemetry = make_exporter(http_factory, endpoint=sink.http_endpoint, tls={"ca_file": certs.ca})
+        exp.export(kit.batch([0], step=1))
+        wait_for(lambda: counter(kit, telemetry, "otlphttp", "retries") >= 1, what="a retry")
+        closer.shutdown(socket.SHUT_RDWR)  # wakes the accept(), which holds the port until it returns
+        closer.close()
+        sink.start()
+        sink.wait_for(lambda pts: len(pts) == 5, timeout=15)
+        assert counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 0
+        untrusting, telemetry = make_exporter(http_factory, endpoint=sink.http_endpoint)  # no ca_file
+        untrusting.export(kit.batch([0], step=2))
+        wait_for(lambda: counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 5,
+                 what="the batch to be given up")
+        assert counter(kit, telemetry, "otlphttp", "retries") == 0
+    finally:
+        closer.close()
+        sink.stop()
+
+
+_SPREAD_AGENT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from conftest import batch, make
+from exporters.otlp import grpc_factory
+from podmeter.component import Host
+exp, _ = make(grpc_factory, {{"endpoint": "http://gw:{port}", "sending_queue": {{"num_consumers": 1}}}})
+exp.start(Host())
+for step in range(20):
+    exp.export(batch([0], step=step))
+print("flushed", exp.force_flush(20_000), flush=True)
+exp.shutdown(2000)
+"""
+
+
+def test_requests_are_spread_over_the_gateways_a_name_resolves_to(tmp_path):
+    """The collector's otlp exporter balances over every address of its endpoint (balancer_name defaults to
+    round_robin): a headless Service's gateway pods share the load. grpcio's default, pick_first, sent everything
+    to the first address. Here `gw` resolves to two real gRPC receivers (127.0.0.1 and 127.0.0.2, same port)
+    through an /etc/hosts of the agent's own mount namespace."""
+    import os
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    from harness import free_port, require_binary, require_root
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
+
+    require_root()
+    unshare = require_binary("unshare")
+    hits = {"127.0.0.1": 0, "127.0.0.2": 0}
+
+    class Receiver(ms_grpc.MetricsServiceServicer):
+        def __init__(self, address: str) -> None:
+            self.address = address
+
+        def Export(self, request, context):  # noqa: N802 - the generated servicer's name
+            hits[self.address] += 1
+            return ms_pb2.ExportMetricsServiceResponse()
+
+    port = free_port()
+    servers = []
+    try:
+        for address in hits:
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            ms_grpc.add_MetricsServiceServicer_to_server(Receiver(address), server)
+            server.add_insecure_port(f"{address}:{port}")
+            server.start()
+            servers.append(server)
+        hosts = tmp_path / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n127.0.0.1 gw\n127.0.0.2 gw\n")
+        tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        script = tmp_path / "agent.py"
+        script.write_text(_SPREAD_AGENT.format(root=os.path.dirname(tests), tests=os.path.join(tests, "exporters"),
+                                               port=port))
+        done = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c",
+                               f'mount --bind "{hosts}" /etc/hosts && exec "{sys.executable}" "{script}"'],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        for server in servers:
+            server.stop(0)
+    assert "flushed True" in done.stdout, done.stderr[-2000:]
+    assert sum(hits.values()) == 20 and all(hits.values()), hits
+
+
 def test_delta_first_points_resets_and_start_times(make_exporter, kit):
     """temporality_preference: delta, as the gateway receives it. A series already running at the first collection
     is the baseline (held back); one that began later (a new pod: the cgroup receiver starts it at the previous

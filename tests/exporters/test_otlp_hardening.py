@@ -217,3 +217,33 @@ def test_without_a_queue_a_hung_backend_at_shutdown_is_counted_not_a_bug(tmp_pat
 @pytest.fixture
 def exporter_kit(kit, host):
     return kit, host
+
+
+def test_a_service_with_storage_stops_without_waiting_out_an_outage(tmp_path):
+    """`podmeter run` stopping (SIGTERM) while the backend is down, with persistent queues: the runtime flushes
+    each exporter, then shuts it down, and both waited for the whole shutdown_timeout, though the batches stay on
+    disk for the next start. The service stops once the sends are being retried, nothing counted as failed."""
+    sink = OTLPSink()  # not started: connections are refused
+    retry = {**FAST, "max_elapsed_time": "0s"}
+    svc = service(tmp_path, {
+        "otlp": {"endpoint": sink.grpc_endpoint, "retry_on_failure": retry,
+                 "sending_queue": {"storage": str(tmp_path / "queue")}},
+        "otlphttp": {"endpoint": sink.http_endpoint, "retry_on_failure": retry,
+                     "sending_queue": {"storage": str(tmp_path / "queue")}}})
+    svc.start()
+    stopped = None
+    try:
+        for eid in ("otlp", "otlphttp"):
+            wait_for(lambda eid=eid: list((tmp_path / "queue" / f"exporter_{eid}").glob("*.otlp")),
+                     what=f"{eid} to store a batch")
+        import threading
+
+        stopped = threading.Thread(target=svc.shutdown, kwargs={"timeout": 3600}, daemon=True)
+        stopped.start()
+        wait_for(lambda: not stopped.is_alive(), timeout=30, what="the service to stop before its hour-long deadline")
+    finally:
+        if stopped is None:
+            svc.shutdown(timeout=2)
+    for eid in ("otlp", "otlphttp"):
+        assert generic(svc, "failed", eid) == 0
+        assert list((tmp_path / "queue" / f"exporter_{eid}").glob("*.otlp"))

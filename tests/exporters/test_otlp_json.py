@@ -120,20 +120,57 @@ def test_json_error_status_is_decoded_for_the_log(make_exporter, kit, caplog):
         "send_failed:HTTP 400"]
 
 
-@pytest.mark.parametrize("factory", [grpc_factory, http_factory], ids=["otlp", "otlphttp"])
-def test_a_header_value_that_cannot_be_sent_is_refused_naming_the_key(factory):
-    """A non-ASCII header value was accepted, then every batch was dropped at send time: gRPC as INTERNAL
-    "Invalid metadata" (as if the backend had refused it), HTTP as a UnicodeEncodeError."""
+@pytest.mark.parametrize("headers,problem", [
+    ({"X-Team": "Zürich €"}, "header 'X-Team': the value must be printable ASCII"),
+    ({"X-Team": "a\tb"}, "header 'X-Team': the value must be printable ASCII"),  # grpcio: "Illegal header value"
+    ({"X!Team": "a"}, "header name 'X!Team': a gRPC metadata key has only"),  # a valid HTTP header name
+])
+def test_a_header_that_grpc_cannot_send_is_refused_naming_the_key(headers, problem):
+    """These were accepted, then every batch was dropped at send time as INTERNAL "Invalid metadata", as if the
+    backend had refused it (grpc-go, so the collector, refuses them as well)."""
     from podmeter.config import validate_component
 
     problems: list[str] = []
-    validate_component(factory, {"headers": {"X-Team": "Zürich €"}}, f"exporters::{factory.type}", problems)
-    assert problems == [f"exporters::{factory.type}::headers: header 'X-Team': the value must be printable ASCII "
-                        "(percent- or base64-encode anything else)"]
-    ok: list[str] = []
-    validate_component(factory, {"headers": {"Authorization": "Bearer a.b-c_d~e/f+g="}}, f"exporters::{factory.type}",
-                       ok)
-    assert ok == []
+    validate_component(grpc_factory, {"headers": headers}, "exporters::otlp", problems)
+    assert len(problems) == 1 and problems[0].startswith(f"exporters::otlp::headers: {problem}"), problems
+    for factory in (grpc_factory, http_factory):
+        ok: list[str] = []
+        validate_component(factory, {"headers": {"Authorization": "Bearer a.b-c_d~e/f+g="}},
+                           f"exporters::{factory.type}", ok)
+        assert ok == []
+    bad: list[str] = []
+    validate_component(http_factory, {"headers": {"X-Team": "a\x00b"}}, "exporters::otlphttp", bad)
+    assert bad == ["exporters::otlphttp::headers: header 'X-Team': the value must not hold control characters"]
+
+
+def test_header_values_are_sent_as_the_collector_sends_them(kit, host):
+    """otlphttp refused a value that is not ASCII (the collector sends its UTF-8 bytes), and a value with leading
+    whitespace failed every send in requests (InvalidHeader), retried as if the backend were away. An otlp header
+    whose key ends in -bin (gRPC binary metadata, which the collector sends as the value's bytes) failed every
+    send with a TypeError. Each arrives at the real sink."""
+    from harness.otlp import OTLPSink
+
+    sink = OTLPSink().start()
+    try:
+        for factory, endpoint, headers in (
+                (http_factory, sink.http_endpoint, {"X-Team": "Zürich €", "X-Lead": "  a b"}),
+                (grpc_factory, sink.grpc_endpoint, {"X-Token-Bin": "Zürich"})):
+            cid = factory.type
+            exp, telemetry = kit.make(factory, {"endpoint": endpoint, "headers": headers, "retry_on_failure": FAST,
+                                                "sending_queue": {"num_consumers": 1}})
+            exp.start(host)
+            try:
+                exp.export(kit.batch([0], step=1))
+                assert exp.force_flush(20_000)
+            finally:
+                exp.shutdown(timeout_millis=2000)
+            assert kit.sample(telemetry, f"podmeter_{cid}_exporter_sent_metric_points_total", component=cid) == 5
+    finally:
+        sink.stop()
+    http, grpc = sink.headers
+    # http.server decodes header bytes as Latin-1
+    assert http["x-team"].encode("latin-1").decode() == "Zürich €" and http["x-lead"] == "a b"
+    assert grpc["x-token-bin"] == "Zürich".encode()
 
 
 @pytest.mark.parametrize("factory,endpoint", [

@@ -143,3 +143,45 @@ def test_a_split_request_cut_by_the_shutdown_keeps_only_its_undelivered_part(kit
     assert kit.sample(telemetry, "podmeter_otlphttp_exporter_sent_metric_points_total", component="otlphttp") == 5
     assert kit.sample(telemetry, "podmeter_otlphttp_exporter_send_failed_metric_points_total",
                       component="otlphttp") == 0
+
+
+class _SplitThenDown(HttpEndpoint):
+    """OTLP/HTTP (protobuf): 413 to a request of more than one resource, 503 to every other; records which
+    resources (pod uids) each 503 answered."""
+
+    def __init__(self) -> None:
+        self.refused: list[tuple[str, ...]] = []
+        super().__init__(self._answer)
+
+    def _answer(self, body: bytes, headers):
+        request = ms_pb2.ExportMetricsServiceRequest.FromString(body)
+        if len(request.resource_metrics) > 1:
+            return 413, {}, b""
+        uids = tuple(kv.value.string_value for rm in request.resource_metrics for kv in rm.resource.attributes
+                     if kv.key == "k8s.pod.uid")
+        self.refused.append(uids)
+        return 503, {}, b""
+
+
+def test_the_parts_of_a_split_request_share_one_max_elapsed_time(kit, host):
+    """Each half of a request split for a gateway's limit started its own max_elapsed_time: a request split into
+    n parts was retried for up to n times max_elapsed_time during an outage (forever as the parts were split
+    again). The whole request shares one: once the first half has used it up, the second gets one attempt."""
+    sink = _SplitThenDown()
+    # a constant wait (no jitter, no growth) so the first half's last retry is over max_elapsed_time for sure
+    retry = {"initial_interval": "100ms", "max_interval": "100ms", "multiplier": 1, "randomization_factor": 0,
+             "max_elapsed_time": "350ms"}
+    exp, telemetry = kit.make(http_factory, {"endpoint": sink.endpoint, "compression": "none",
+                                             "retry_on_failure": retry, "sending_queue": {"num_consumers": 1}})
+    exp.start(host)
+    try:
+        exp.export(kit.batch([0, 1], step=1))
+        wait_for(lambda: kit.sample(telemetry, "podmeter_otlphttp_exporter_send_failed_metric_points_total",
+                                    component="otlphttp") == 10, what="both halves to be given up")
+    finally:
+        exp.shutdown(timeout_millis=2000)
+        sink.stop()
+    first, second = sink.refused[0], sink.refused[-1]
+    assert first != second
+    assert sink.refused.count(first) >= 2  # the first half was retried
+    assert sink.refused.count(second) == 1, sink.refused

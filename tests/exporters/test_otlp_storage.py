@@ -228,3 +228,60 @@ def test_a_retry_after_beyond_what_a_wait_can_take_is_waited(make_exporter, kit)
     assert counter(kit, telemetry, "otlphttp", "send_failed_metric_points") == 5  # abandoned at the shutdown
     assert "shutdown" in exp.telemetry.failing()
     assert answers == [503]
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_shutdown_with_storage_does_not_wait_out_an_outage(proto, kit, host, tmp_path):
+    """With a persistent queue, a shutdown during an outage waited for the whole shutdown_timeout (the queue never
+    drained), though the batches stay on disk and the next start sends them: a rolling update waited out every
+    grace period, and was SIGKILLed by the kubelet when it was shorter. The shutdown ends once a send is being
+    retried; the batch stays on disk, is not counted as failed, and the next run delivers it."""
+    cid = "otlp" if proto == "grpc" else "otlphttp"
+    factory = grpc_factory if proto == "grpc" else http_factory
+    sink = OTLPSink()  # not started: the backend is down (nothing listens on its ports)
+    endpoint = sink.grpc_endpoint if proto == "grpc" else sink.http_endpoint
+    config = {"endpoint": endpoint, "retry_on_failure": {**FAST, "max_elapsed_time": 0},
+              "sending_queue": {"num_consumers": 1, "storage": str(tmp_path)}}
+    exp, telemetry = kit.make(factory, config)
+    exp.start(host)
+    exp.export(kit.batch([0], step=1))
+    wait_for(lambda: counter(kit, telemetry, cid, "retries") >= 1, what="a retry")
+    done = threading.Thread(target=exp.shutdown, kwargs={"timeout_millis": 3_600_000}, daemon=True)
+    done.start()
+    wait_for(lambda: not done.is_alive(), what="the shutdown to end before its hour-long timeout")
+    assert counter(kit, telemetry, cid, "send_failed_metric_points") == 0
+    assert len(list((tmp_path / f"exporter_{cid}").glob("*.otlp"))) == 1
+    sink.start()
+    try:
+        again, telemetry = kit.make(factory, config)
+        again.start(host)
+        try:
+            assert again.force_flush(20_000)
+        finally:
+            again.shutdown(timeout_millis=2000)
+    finally:
+        sink.stop()
+    assert counter(kit, telemetry, cid, "sent_metric_points") == 5
+    assert len(sink.requests) == 1 and len(sink.points()) == 5
+
+
+def test_shutdown_without_storage_still_waits_for_the_queue(kit, host):
+    """Without storage what is not sent by the shutdown deadline is lost: the shutdown waits for the backend to
+    come back within it, retrying."""
+    sink = OTLPSink()
+    exp, telemetry = kit.make(grpc_factory, {"endpoint": sink.grpc_endpoint, "retry_on_failure": FAST,
+                                             "sending_queue": {"num_consumers": 1}})
+    exp.start(host)
+    exp.export(kit.batch([0], step=1))
+    wait_for(lambda: counter(kit, telemetry, "otlp", "retries") >= 1, what="a retry")
+    done = threading.Thread(target=exp.shutdown, kwargs={"timeout_millis": 60_000}, daemon=True)
+    done.start()
+    try:
+        wait_for(lambda: counter(kit, telemetry, "otlp", "retries") >= 2, what="retries during the shutdown")
+        assert done.is_alive()
+        sink.start()
+        wait_for(lambda: not done.is_alive(), timeout=30, what="the shutdown to end after delivery")
+    finally:
+        sink.stop()
+    assert counter(kit, telemetry, "otlp", "sent_metric_points") == 5
+    assert counter(kit, telemetry, "otlp", "send_failed_metric_points") == 0
