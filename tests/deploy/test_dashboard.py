@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import urllib.request
 import pytest
 import yaml
 from deploy.kubelet import serve_podresources
-from harness import free_port, require, stop_process
+from harness import free_port, require, stop_process, wait_for
 from harness.cgroups import PodCgroup, v2_root
 from harness.prometheus import PrometheusServer, prometheus_binary
 
@@ -258,6 +259,7 @@ class Live:
     web: PodCgroup
     log_path: str
     telemetry: int
+    agent: subprocess.Popen
     retrans: int | None = None
 
 
@@ -370,6 +372,7 @@ def live(tmp_path_factory):
             assert victim.wait(timeout=120) == -9, "the memory-limited process was not OOM-killed"
             state = Live()
             state.prom, state.trainer, state.web, state.log_path, state.telemetry = prom, trainer, web, log_path, telemetry
+            state.agent = agent
             if shutil.which("unshare") and shutil.which("tc") and shutil.which("ip"):
                 script = ("ip link set lo up && ip link set lo mtu 1500 && "
                           "tc qdisc add dev lo root tbf rate 20mbit burst 16kb limit 30000 && "
@@ -565,3 +568,96 @@ def test_the_target_info_joins_the_exporter_readme_gives(live):
             body = exc.read().decode(errors="replace") if hasattr(exc, "read") else ""
             pytest.fail(f"{kind} join refused: {expr}: {exc} {body}")
         assert rows and all(r.get(label) for r, _ in rows), (kind, expr, rows)
+
+
+@pytest.mark.slow
+def test_oom_kills_of_a_container_first_read_after_its_kill(live):
+    """The classic OOM kill: a container killed (and replaced under a new id) between two collections. Its own
+    series starts with the kill already counted, or never appears at all (on cgroup v2 it is removed first), and
+    increase() counts nothing in a series that starts after the event: the panel must not sum container series.
+    A second container of web-0 is made and one of its processes OOM-killed while the agent is stopped (SIGSTOP,
+    so that no collection falls between), as a runtime does while the agent reads other cgroups."""
+    prom, web = live.prom, live.web
+    require(live.agent.poll() is None, "the agent of the live fixture exited")
+    panel = lambda variables: _shown(prom, "OOM kills by pod", "A", variables)[0].get("web/web-0", 0)  # noqa: E731
+    # the fixture's kill first, settled (increase() extrapolates a young series' step)
+    prom.wait_for('k8s_pod_memory_oom_kills_total{k8s_pod_name="web-0"} == 1', timeout=60)
+    wait_for(lambda: 0.9 <= panel(VARIABLES) < 1.5, timeout=90, interval=1, what="web-0's first OOM kill on the panel")
+    second = PodCgroup(uid=web.uid, qos=web.qos)
+    live.agent.send_signal(signal.SIGSTOP)
+    try:
+        second.create()
+        _limit_memory(second, 48 << 20)
+        second.spawn(["sleep", "600"])  # the container lives on, as one whose worker was killed
+        victim = second.spawn([sys.executable, WORKLOAD, "alloc", "512"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        assert victim.wait(timeout=120) == -9, "the memory-limited process was not OOM-killed"
+    finally:
+        live.agent.send_signal(signal.SIGCONT)
+    try:
+        # the new container's series is scraped a few times (first read with its kill counted)
+        prom.wait_for(f'count_over_time(container_memory_oom_kills_total{{container_id="{second.container_id}"}}[15m])'
+                      ' >= 5', timeout=60)
+        shown = {}
+        for name, variables in (("selected", VARIABLES), ("All", all_selected())):
+            deadline = time.monotonic() + 30
+            while (shown.setdefault(name, panel(variables)) < 1.8) and time.monotonic() < deadline:
+                time.sleep(1)
+                shown[name] = panel(variables)
+        # two kills in web-0: the fixture's and this one
+        assert all(1.8 <= v < 2.9 for v in shown.values()), shown
+    finally:
+        for proc in second.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+def test_errors_table_counts_an_error_whose_series_starts_with_it(tmp_path):
+    """An error cause's counter is made at its first error, so its series starts at 1: increase() alone counts
+    nothing for an error that happened once (a 403, a GPU falling off the bus), and the table showed it as 0. A real
+    Prometheus scrapes a stand-in for the agent's :8888 serving one old cause that does not change and, later, one
+    that appears with its single error; the table's expression must show 0 and 1. (A stand-in: the agent's own
+    one-off errors cannot be caused on cue here.)"""
+    import http.server
+    import threading
+
+    prometheus_binary()
+    series = {'component="cri",cause="socket_absent"': 5}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            body = "# TYPE podmeter_component_errors_total counter\n" + "".join(
+                f"podmeter_component_errors_total{{{labels}}} {value}\n" for labels, value in list(series.items()))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        prom = PrometheusServer([f"127.0.0.1:{server.server_address[1]}"])
+        with open(prom.config_path) as f:
+            cfg = yaml.safe_load(f)
+        cfg["scrape_configs"][0]["static_configs"][0]["labels"] = {"node": NODE}
+        with open(prom.config_path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        variables = dict(VARIABLES, **{"$__range": "20s"})
+        with prom:
+            # the old cause has samples from before the range
+            prom.wait_for('count_over_time(podmeter_component_errors_total[1h]) >= 25', timeout=90)
+            series['component="k8sattributes",cause="forbidden"'] = 1  # its first (and only) error
+            prom.wait_for('count_over_time(podmeter_component_errors_total{cause="forbidden"}[1h]) >= 4', timeout=60)
+            shown, _ = _shown(prom, "Errors by component and cause", "A", variables,
+                              lambda labels: (labels.get("component", ""), labels.get("cause", "")))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert shown.keys() == {("cri", "socket_absent"), ("k8sattributes", "forbidden")}, shown
+    assert shown["cri", "socket_absent"] == 0, shown
+    assert _near(shown["k8sattributes", "forbidden"], 1, 0.1), shown
