@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from copy import copy
 from dataclasses import replace
 
 from opentelemetry.sdk.resources import Resource
@@ -377,9 +378,18 @@ class _SummedPod:
 
     def total(self, current: list[tuple[str, Stats]], listed) -> Stats:
         s = Stats()
-        for _path, cs in current:
+        members = {}
+        for path, cs in current:
+            last = self.members.get(path)
+            if cs.periods is None and last is not None and last.periods is not None:
+                # its CPU limit was removed (in-place resize): its throttling counters are no longer read (the
+                # kernel keeps them, and counts on from them if a limit comes back), so the pod's sums keep what
+                # they were instead of going backward, which would read as a reset
+                cs = copy(cs)
+                cs.periods, cs.throttled_periods, cs.throttled_time = \
+                    last.periods, last.throttled_periods, last.throttled_time
             s.add(cs)
-        members = dict(current)
+            members[path] = cs
         for path, last in self.members.items():
             if path in members:
                 continue

@@ -116,7 +116,7 @@ class Reads:
     no other. Decided once, when the receiver is made, from the metric switches: one boolean per file (or group
     of files), checked once per cgroup as it is read, never a lookup per file."""
 
-    __slots__ = (*_FLAGS, "memory", "pids", "limits", "listed", "nothing")
+    __slots__ = (*_FLAGS, "memory", "pids", "limits", "listed", "nothing", "listed_but_psi", "nothing_but_psi")
 
     def __init__(self, metrics=READS_OF) -> None:
         """`metrics`: the suffixes of the metrics wanted (`cpu.time`, `memory.limit`...); by default all."""
@@ -131,6 +131,11 @@ class Reads:
         self.listed = not (self.cpu or self.mem_usage or self.mem_stat or self.mem_stat_v1 or self.swap
                            or self.oom_v2 or self.oom_v1 or self.io or self.pids_count or self.pressure)
         self.nothing = self.listed and not self.limits
+        # the same where no pressure file can be read (no cgroup2, or PSI switched off at boot): a cgroup read for
+        # pressure and nothing else (but limits, or the pod's network) is then there as discovery listed it
+        self.listed_but_psi = not (self.cpu or self.mem_usage or self.mem_stat or self.mem_stat_v1 or self.swap
+                                   or self.oom_v2 or self.oom_v1 or self.io or self.pids_count)
+        self.nothing_but_psi = self.listed_but_psi and not self.limits
 
     def __repr__(self) -> str:
         return f"Reads({', '.join(n for n in _FLAGS if getattr(self, n))})"
@@ -387,15 +392,22 @@ class Reader:
         self._whole.pop(rel, None)
         self._cur, self._vanished, self._partial, self._renewed = fds, False, False, False
         n_errors = len(self.errors)
+        remembered = not self._refresh_limits and rel in self._limits  # limits not read this time, but recalled
         try:
             s = self._read(rel, self.text, reads)
+            if self._renewed and not self._vanished and remembered:
+                # the limits (and whether it has a CPU quota, which gates the throttling counters) just used were
+                # remembered of the removed cgroup, not this new one's: read it again with its own (rare: a static
+                # pod restarted, once); its files are all open by now, and what the first reading found unreadable
+                # is not counted twice
+                del self.errors[n_errors:]
+                del self._limits[rel]
+                s = self._read(rel, self.text, reads)
         finally:
             self._cur = None
         if self._renewed and not self._vanished:
-            # the cgroup was made again under the same name (a static pod restarted keeps its uid): a new cgroup,
-            # whose limits are read anew on the next collection
+            # the cgroup was made again under the same name (a static pod restarted keeps its uid): a new cgroup
             s.renewed = True
-            self._limits.pop(rel, None)
         if self._vanished or not s.found:
             self._close(rel)  # removed while read: nothing kept for it
             self._limits.pop(rel, None)
@@ -495,12 +507,14 @@ class Reader:
                     psi[_PSI_KEYS[res, kind]] = total_us / 1e6
             if len(self.errors) != n_errors:
                 self._psi_errors(n_errors)
+        # no pressure file can be read (no cgroup2 here, or PSI off: known once the first read answered EOPNOTSUPP)
+        psi_off = lay.psi is None or self.psi_disabled
         if limits is None:
             if s.found:
                 self._limits[rel] = (mem_limit, pids_limit, cpu_limited)
-            elif w.nothing:
+            elif w.nothing or psi_off and w.nothing_but_psi:
                 s.found = True  # nothing to read here (the pod's network only): the cgroup is there, as listed
-        elif w.listed:
+        elif w.listed or psi_off and w.listed_but_psi:
             s.found = True  # only limits are read, and they are those read before: the cgroup is there, as listed
         return s
 

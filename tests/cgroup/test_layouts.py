@@ -180,6 +180,35 @@ def test_throttling_only_for_a_cgroup_with_a_cpu_limit(tmp_path, layout):
     assert value(data, THROTTLING[2], {"container.id": cid}) == pytest.approx(0.25)
 
 
+def test_a_pod_summed_from_its_containers_keeps_their_throttling_when_a_cpu_limit_goes(tmp_path):
+    """In-place resize removes a container's CPU limit: its throttling series go (as cAdvisor's), but a pod without
+    a cgroup of its own sums its containers' counters, and that sum must not go backward (a reset to a backend,
+    and `increase()` counting the whole remainder again): the kernel keeps the counters, so the pod keeps them
+    too, and counts on when a limit comes back."""
+    layout = next(x for x in LAYOUTS if x.name == "v2-containerd-colon-form")
+    receiver, data = _collect(tmp_path, layout, limits_every=1)
+    root = receiver.config.cgroup_root
+    pod = {"k8s.pod.uid": layout.pods[0].uid}
+    (first, cid, _), (second, _, _) = layout.pods[0].containers
+    pod_throttling = [lambda d, n=name: value(d, "k8s.pod" + n[len("container"):], pod) for name in THROTTLING]
+    before = [f(data) for f in pod_throttling]
+    assert before[0] == 200 and before[2] == pytest.approx(0.5)
+    with open(f"{root}{first}/cpu.max", "w") as f:
+        f.write("max 100000\n")
+    data = receiver.collect()
+    assert value(data, THROTTLING[0], {"container.id": cid}) is None
+    assert [f(data) for f in pod_throttling] == pytest.approx(before)
+    # the limit comes back and the kernel's counters move on from where they were
+    with open(f"{root}{first}/cpu.max", "w") as f:
+        f.write("50000 100000\n")
+    with open(f"{root}{first}/cpu.stat", "w") as f:
+        f.write("usage_usec 6000000\nuser_usec 3500000\nsystem_usec 2500000\nnr_periods 110\nnr_throttled 8\n"
+                "throttled_usec 260000\n")
+    data = receiver.collect()
+    assert pod_throttling[0](data) == 210 and pod_throttling[1](data) == 15
+    receiver.shutdown()
+
+
 def test_a_file_that_appears_later_is_found_within_limits_every_collections(tmp_path):
     """A cgroup whose files are all kept is read in one pass over them; a file it did not have then (a controller
     enabled after the cgroup was made) is looked for again whenever limits are read."""

@@ -401,8 +401,10 @@ def test_every_metric_says_what_it_reads():
     reading of all of them is the reader's default."""
     assert set(READS_OF) == {k.suffix for k in KINDS if k.group != "network"}
     everything = Reads()
-    assert all(getattr(everything, flag) for flag in Reads.__slots__ if flag not in ("listed", "nothing"))
-    assert not everything.listed and not everything.nothing
+    derived = ("listed", "nothing", "listed_but_psi", "nothing_but_psi")
+    assert all(getattr(everything, flag) for flag in Reads.__slots__ if flag not in derived)
+    assert not any(getattr(everything, flag) for flag in derived)
+    assert Reads(("pressure.stall_time",)).nothing_but_psi and not Reads(("pressure.stall_time",)).nothing
     assert Reads(()).nothing and Reads(("pids.limit",)).listed and not Reads(("pids.limit",)).nothing
     assert not Reads(("memory.limit",)).mem_stat and Reads(("memory.swap",)).mem_stat_v1
     assert not Reads(("memory.swap",)).mem_stat  # v2: memory.swap.current

@@ -61,3 +61,31 @@ def test_psi_switched_off_is_no_error_and_not_read_again(tmp_path, monkeypatch, 
     for data, opened in later:
         assert [path for path in opened if path.endswith(".pressure")] == []
         assert value(data, "container.memory.usage", c) == 104857600
+
+
+@pytest.mark.parametrize("name", ["v2-systemd-containerd", "hybrid-cgroupfs-containerd", "v1-cgroupfs-containerd"])
+@pytest.mark.parametrize("max_open_files", [16384, 0])
+def test_pods_read_for_pressure_and_network_alone_keep_their_network_without_psi(tmp_path, monkeypatch, name,
+                                                                                  max_open_files):
+    """With only the pressure and network groups on, a pod whose pressure cannot be read (PSI off; pure v1 has no
+    pressure files at all) is still there as discovery listed it: its network counters come all the same."""
+    from cgroup.test_netns import HOST_NETNS, RX, _in_pod, _process
+
+    layout = LAYOUTS[name]
+    root = build(str(tmp_path), layout)
+    proc = str(tmp_path / "proc")
+    _process(proc, 1, HOST_NETNS)
+    _process(proc, 123, "net:[4026532001]", rx=1000, tx=2000)
+    pod = layout.pods[0]
+    cdir = pod.containers[0][0]
+    walk = f"{root}/memory" if layout.version in ("v1", "hybrid") else root
+    _in_pod(f"{walk}{cdir}/cgroup.procs", 123)
+    _psi_off(monkeypatch)
+    receiver = make_receiver(cgroup_root=root, proc_root=proc, max_open_files=max_open_files, limits_every=2,
+                             groups={"cpu": False, "memory": False, "io": False, "pids": False,
+                                     "pressure": True, "network": True})
+    for _ in range(3):  # the first collection finds PSI off, the later ones no longer read it
+        data = receiver.collect()
+        assert value(data, "k8s.pod.network.io", {"k8s.pod.uid": pod.uid}, RX) == 1000
+    assert receiver.telemetry.failing() == {}
+    receiver.shutdown()
