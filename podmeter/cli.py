@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -124,7 +126,9 @@ def cmd_collect(args) -> int:
         print("podmeter collect: only --once is supported (use `podmeter run` to run continuously)", file=sys.stderr)
         return 2
     config = _load(args.config, args.sets)
-    setup_logging(args.log_level or "warning", "console")
+    # quieter than `run` by default (the result is the output), but in the configured encoding: a log collector
+    # that parses the agent's JSON lines parses these too
+    setup_logging(args.log_level or "warning", config.service.telemetry.logs.encoding)
     try:
         service = Service(config, strict=args.strict)
         data = service.collect_once(wait_timeout=args.wait)
@@ -209,6 +213,27 @@ def cmd_inspect(args) -> int:
     return inspect_cmd.main(args.rest)
 
 
+def wait_seconds(text: str) -> float:
+    """A `--wait` value: seconds (`30`, `0.5`, `inf`) or a duration (`30s`, `2m`). inf and anything longer than
+    the longest config duration (87600h) mean no limit and become that: the threading waits the value reaches
+    raise OverflowError past the platform's limit."""
+    from podmeter.config import MAX_DURATION, parse_duration
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = parse_duration(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds or a duration like 30s or 2m, not {text!r}") from None
+    if math.isnan(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, not {text!r}")
+    return min(seconds, MAX_DURATION)
+
+
+_PLAIN_KEY_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_/-]*(?:::[A-Za-z0-9_][A-Za-z0-9_/-]*)*")
+
+
 class _SetAction(argparse.Action):
     """`--set=a.b.c=VALUE` as the collector's flag reads it: inline YAML `a::b::c: VALUE` merged after every
     --config (so it wins), the key split on dots and the value read as YAML."""
@@ -217,8 +242,17 @@ class _SetAction(argparse.Action):
         key, sep, rest = value.partition("=")
         if not sep or not key.strip():
             parser.error(f"--set {value!r}: expected KEY.PATH=VALUE, e.g. --set=exporters.debug.verbosity=detailed")
+        parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            parser.error(f"--set {value!r}: an empty key in {key.strip()!r} (a leading, trailing or doubled dot)")
+        # as the collector writes it, but quoted when not a plain name: as YAML, `&a`, `*a`, `!a`, `#a`, `[a]` would
+        # be read as an anchor, alias, tag, comment or list, and the problem reported for a key path the user never
+        # wrote (an empty one for `&a.y`)
+        path = "::".join(part.strip() for part in parts)
+        if not _PLAIN_KEY_PATH.fullmatch(path):
+            path = json.dumps(path)
         # a new list each time: argparse would share (and grow) a mutable default between parses
-        sets = [*(getattr(namespace, self.dest) or []), f"yaml:{key.strip().replace('.', '::')}: {rest.strip()}"]
+        sets = [*(getattr(namespace, self.dest) or []), f"yaml:{path}: {rest.strip()}"]
         setattr(namespace, self.dest, sets)
 
 
@@ -252,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(p)
     p.add_argument("--once", action="store_true", help="collect once (required)")
     p.add_argument("--format", choices=["table", "otlp-json"], default="table")
-    p.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--wait", type=wait_seconds, default=30.0, metavar="SECONDS",
                    help="longest wait for metadata (the first sync of k8sattributes and of the cri and "
-                        "podresources receivers)")
+                        "podresources receivers); seconds or a duration (30s, 2m); inf: no limit")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--log-level", choices=["debug", "info", "warn", "warning", "error"], type=str.lower)
     p.set_defaults(func=cmd_collect)

@@ -13,12 +13,16 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from podmeter.attribution import NOT_A_POD, cgroup_path_of, parse_cgroup, read_process
 
 USAGE = ("usage: podmeter inspect cgroup LINE_OR_PATH\n"
          "       podmeter inspect pid PID [--proc-root DIR] [--config FILE ...] [--wait SECONDS]")
+
+
+_PROC_CGROUP_FILE = re.compile(r"(?:^|/)proc/(?:[0-9]+|self|thread-self)(?:/task/[0-9]+)?/cgroup$")
 
 
 class _Usage(Exception):
@@ -62,6 +66,12 @@ def _main(argv: list[str]) -> int:
 def _cgroup(args: list[str]) -> int:
     if len(args) != 1:
         raise _Usage("`inspect cgroup` takes one cgroup line or path (quote it)")
+    if not args[0].strip():
+        raise _Usage("`inspect cgroup` got an empty line; give a cgroup line, a path or a file")
+    if _PROC_CGROUP_FILE.search(args[0]) and not os.path.isfile(args[0]):
+        # a process's cgroup file that is gone (the process exited) would otherwise be read as a cgroup path and
+        # answer "not a pod", as if the process had been found outside any pod
+        raise _Usage(f"cannot read {args[0]}: no such file (has the process exited?)")
     if args[0] == "-" or os.path.isfile(args[0]):
         # `-` or a file such as /proc/<pid>/cgroup (no cgroup path is a regular file): its lines. Bytes: a stray
         # non-UTF-8 byte is replaced, as when the receivers read /proc/<pid>/cgroup, whatever the locale
@@ -87,11 +97,13 @@ def _cgroup(args: list[str]) -> int:
 
 
 def _pid(args: list[str]) -> int:
+    from podmeter.cli import wait_seconds
+
     parser = _Parser(prog="podmeter inspect pid", add_help=False)
     parser.add_argument("pid")
     parser.add_argument("--proc-root", default=None)
     parser.add_argument("--config", action="append", default=[])
-    parser.add_argument("--wait", type=float, default=10.0)
+    parser.add_argument("--wait", type=wait_seconds, default=10.0)
     ns = parser.parse_args(args)
     # ASCII digits: str.isdigit() alone takes "²" (int() refuses it) and "٣" (int() reads 3)
     if not (ns.pid.isascii() and ns.pid.isdigit()) or int(ns.pid) <= 0:
