@@ -159,6 +159,10 @@ class ExporterWorker:
         self.reports_delivery = bool(getattr(exporter, "reports_delivery", False))
         self.thread = threading.Thread(target=self._loop, name=f"exporter-{id}", daemon=True)
         telemetry.exporter_queue_capacity.labels(id).set(capacity)
+        # every outcome's series from the start, at 0 as the collector's: an alert on increase() or rate() of
+        # send_failed sees the first failure (a series that appears with it reads as no increase)
+        for counter in (telemetry.exporter_sent, telemetry.exporter_failed, telemetry.exporter_enqueue_failed):
+            counter.labels(id)
 
     def start(self) -> None:
         self.thread.start()
@@ -298,6 +302,11 @@ class ReceiverRunner:
         self.collector = _Collector(f"collect-{id}", receiver.collect)
         self.pending: concurrent.futures.Future | None = None
         self.thread = threading.Thread(target=self._loop, name=f"receiver-{id}", daemon=True)
+        # every outcome's series from the start, at 0 (see ExporterWorker)
+        telemetry.receiver_accepted.labels(id)
+        telemetry.receiver_refused.labels(id)
+        for outcome in ("ok", "error", "timeout", "skipped"):
+            telemetry.receiver_collections.labels(id, outcome)
 
     def start(self) -> None:
         self.thread.start()

@@ -306,6 +306,13 @@ def test_cli_run_health_telemetry_and_sigterm(tmp_path):
         assert status[0] == 503 and "counter/broken" in status[1]  # start failure names the component
         metrics = wait_for(lambda: get(telemetry, "/metrics"), what="self-telemetry")[1]
         assert "podmeter_receiver_accepted_metric_points_total" in metrics
+        # failure counters are there at 0 before any failure, as the collector's: alerts on increase() see the first
+        for series in ('podmeter_exporter_send_failed_metric_points_total{exporter="record"} 0.0',
+                       'podmeter_exporter_enqueue_failed_metric_points_total{exporter="record"} 0.0',
+                       'podmeter_receiver_refused_metric_points_total{receiver="counter"} 0.0',
+                       'podmeter_receiver_collections_total{outcome="error",receiver="counter"} 0.0',
+                       'podmeter_receiver_collections_total{outcome="timeout",receiver="counter"} 0.0'):
+            assert series in metrics, series
         assert "podmeter_process_resident_memory_bytes" in metrics
         wait_for(lambda: out_file.exists() and len(out_file.read_text().splitlines()) >= 3, what="exports")
         proc.send_signal(signal.SIGTERM)
