@@ -143,6 +143,16 @@ class CgroupPaths:
         self._cache = new
         self.walks += 1
 
+    def exists(self, cgid: int) -> bool:
+        """Whether a cached cgroup is still there: one stat of its path (the id is its directory's inode)."""
+        entry = self._cache.get(cgid)
+        if entry is None:
+            return False
+        try:
+            return os.stat(self.mount + entry[0].rstrip("/")).st_ino == cgid
+        except OSError:
+            return False
+
     def retain(self, ids) -> None:
         """Keep only these ids (those still in the BPF map): bounds the cache by the map's size."""
         keep = set(ids)

@@ -71,7 +71,9 @@ class EbpfConfig(ScraperConfig):
         description="Syscalls counted (and, with syscall_latency, timed) by name; [] turns the breakdown off. "
                     "arm64 has no epoll_wait: its default has epoll_pwait (what libc's epoll_wait calls there)")
     max_cgroups: int = Field(10240, ge=16, le=1 << 20,
-                             description="Entries of the per-cgroup LRU map (least recently used cgroups are evicted)")
+                             description="Entries of the per-cgroup LRU map (least recently used cgroups are evicted, "
+                                         "before it is full): at least twice the cgroups active between two "
+                                         "collections, see Sizing the maps")
     max_syscall_entries: int = Field(
         0, ge=0, le=1 << 22, description="Entries of the per-(cgroup, syscall) LRU map; 0 means max_cgroups * 4")
     cgroup_root: str = Field("/sys/fs/cgroup", description="Where cgroups are mounted; the cgroup2 hierarchy is "

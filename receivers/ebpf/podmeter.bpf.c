@@ -79,7 +79,11 @@ static __always_inline struct cg_counters *counters_of(__u64 cgid)
 		return c;
 	struct cg_counters zero = {};
 	long err = bpf_map_update_elem(&counters, &cgid, &zero, BPF_NOEXIST);
-	if (err && err != -17 /* EEXIST: another CPU won the race */)
+	/* Counting additions lets userspace tell evictions apart (an LRU map evicts silently, and an entry added and
+	 * evicted between two collections leaves no other trace) */
+	if (!err)
+		diag_inc(DIAG_COUNTERS_NEW);
+	else if (err != -17 /* EEXIST: another CPU won the race */)
 		diag_inc(DIAG_COUNTERS_FULL);
 	return bpf_map_lookup_elem(&counters, &cgid);
 }
@@ -297,7 +301,9 @@ static __always_inline void count_sys_exit(long nr, long ret, bool typed)
 	if (!s) {
 		struct sc_counters zero = {};
 		long err = bpf_map_update_elem(&syscalls, &key, &zero, BPF_NOEXIST);
-		if (err && err != -17)
+		if (!err)
+			diag_inc(DIAG_SYSCALLS_NEW);
+		else if (err != -17)
 			diag_inc(DIAG_SYSCALLS_FULL);
 		s = bpf_map_lookup_elem(&syscalls, &key);
 		if (!s)

@@ -46,7 +46,9 @@ enum diag_slot {
 	DIAG_COUNTERS_FULL = 0, /* counters map update failed */
 	DIAG_SYSCALLS_FULL = 1, /* syscalls map update failed */
 	DIAG_STORAGE_FAIL = 2,  /* task storage allocation failed */
-	DIAG_SLOTS = 4,
+	DIAG_COUNTERS_NEW = 3,  /* entries added to counters: with the entries read and those deleted, gives the evicted */
+	DIAG_SYSCALLS_NEW = 4,  /* entries added to syscalls */
+	DIAG_SLOTS = 8,
 };
 
 /* .rodata, written by the loader before load; disabled branches are removed by the verifier */

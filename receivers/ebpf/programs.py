@@ -32,7 +32,7 @@ RUNQ_SLOTS = slice(N_COUNTERS, COUNTERS_WORDS)
 SC_FIELDS = ("calls", "errors", "lat_count", "lat_sum_ns")
 SC_WORDS = len(SC_FIELDS) + LAT_SLOTS
 SC_KEY = struct.Struct("=QII")
-DIAG_SLOTS = ("counters_full", "syscalls_full", "task_storage_failed")
+DIAG_SLOTS = ("counters_full", "syscalls_full", "task_storage_failed", "counters_added", "syscalls_added")
 
 # Features a profile turns on -> the logical hooks they need.
 FEATURES = ("context_switches", "runqueue_latency", "syscalls", "syscall_latency", "tcp", "oom_kills", "page_faults")
@@ -282,12 +282,11 @@ class Programs:
             out[name] = struct.unpack("=Q", raw)[0] if raw else 0
         return out
 
-    def forget(self, cgroup_ids: list[int], syscall_keys: list[tuple[int, int]]) -> None:
-        """Delete entries of removed cgroups."""
-        if cgroup_ids:
-            self.counters.delete(struct.pack("=Q", c) for c in cgroup_ids)
-        if syscall_keys:
-            self.syscalls.delete(SC_KEY.pack(c, nr, 0) for c, nr in syscall_keys)
+    def forget(self, cgroup_ids: list[int], syscall_keys: list[tuple[int, int]]) -> tuple[int, int]:
+        """Delete entries of removed cgroups; how many were deleted from (counters, syscalls)."""
+        n_cg = self.counters.delete(struct.pack("=Q", c) for c in cgroup_ids) if cgroup_ids else 0
+        n_sc = self.syscalls.delete(SC_KEY.pack(c, nr, 0) for c, nr in syscall_keys) if syscall_keys else 0
+        return n_cg, n_sc
 
     def close(self) -> None:
         if self.obj is not None:

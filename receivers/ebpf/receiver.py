@@ -94,8 +94,9 @@ class EbpfReceiver(Receiver):
         self._last_ns = self.start_ns
         self._prev_totals: dict[tuple, list[int]] = {}
         self._prev_sc: dict[tuple, dict[int, list[int]]] = {}
-        # map keys after the previous collection, less those we deleted: one missing now was evicted by the kernel
-        self._prev_keys: dict[str, set] = {"counters": set(), "syscalls": set()}
+        # entries each map lost to LRU eviction, and those we deleted (see _diagnostics)
+        self._evicted = {"counters": 0, "syscalls": 0}
+        self._deleted = {"counters": 0, "syscalls": 0}
         self._enabled = {s.name: (config.metrics[s.name].enabled if s.name in config.metrics else s.enabled)
                          for s in m.METRICS}
         self._specs = {s.name: replace(s, enabled=self._enabled[s.name]) for s in m.METRICS}
@@ -205,18 +206,24 @@ class EbpfReceiver(Receiver):
         if progs is None or paths is None:
             return b.build()
         try:
+            # before the maps: the additions counted then are all in the map or gone from it when it is read
+            diag = progs.read_diag()
             counters = progs.read_counters()
             sc = progs.read_syscalls() if self.tracked and "syscalls" in self.features else {}
             self.tel.recovered("map_read")
         except lb.BPFError as exc:
             self.tel.error("map_read", f"reading BPF maps failed: {exc}")
             return b.build()
-        self._diagnostics(progs, counters, sc)
+        self._diagnostics(progs, diag, counters, sc)
 
         ids = set(counters) | {cg for cg, _ in sc}
         resolved = paths.resolve(ids)
         gone = [cg for cg, e in resolved.items() if e is None]
         removed = [cg for cg, words in counters.items() if words[REMOVED]]
+        # A cgroup's syscall entries without its counters entry: that was evicted, so the cgroup's removal marked
+        # nothing and its entries (and series) would stay for good. Such cgroups (rare: the map was full) are
+        # checked, and the removed ones get their last sample and cleanup as if marked.
+        removed += [cg for cg in ids if cg not in counters and resolved.get(cg) is not None and not paths.exists(cg)]
         if gone:
             # removed before they could be resolved (or outside this cgroup namespace): nothing to attribute to
             self._unattributed.inc(len(gone))
@@ -298,7 +305,7 @@ class EbpfReceiver(Receiver):
         for cg in removed:
             entry = resolved.get(cg)
             res = self._resource(entry) if entry is not None else None
-            if res is not None and res in live:
+            if res is not None and res in live and cg in counters:
                 _add(self._carry.setdefault(res, [0] * COUNTERS_WORDS), counters[cg])
         dead_sc = [key for key in sc if key[0] in dead]
         for cg, nr in dead_sc:
@@ -311,11 +318,11 @@ class EbpfReceiver(Receiver):
         for w in self._carry.values():
             w[REMOVED] = 0
         try:
-            progs.forget(sorted(dead), dead_sc)
+            n_cg, n_sc = progs.forget(sorted(dead), dead_sc)
+            self._deleted["counters"] += n_cg
+            self._deleted["syscalls"] += n_sc
         except lb.BPFError as exc:
             self.tel.error("map_delete", f"deleting entries of removed cgroups failed: {exc}")
-        self._prev_keys["counters"] -= dead
-        self._prev_keys["syscalls"].difference_update(dead_sc)
         paths.forget(dead)
 
     def _emit(self, b: MetricsBuilder, resource: dict, w: list[int], start: int) -> None:
@@ -360,31 +367,36 @@ class EbpfReceiver(Receiver):
                 b.add_histogram(s[m.SYSCALL_DURATION.name], fold(w[4:]), BOUNDS_S, w[3] / 1e9,
                                 attributes={"syscall.name": name}, resource=resource, start_time_ns=start)
 
-    def _diagnostics(self, progs: Programs, counters: dict, sc: dict) -> None:
-        # An LRU map evicts well before it is full (the kernel keeps free entries on per-CPU lists), silently:
-        # entries that were in the map at the last collection and are gone now, though not deleted by us, were
-        # evicted, and their cgroups' counters start again from 0.
+    def _diagnostics(self, progs: Programs, diag: dict[str, int], counters: dict, sc: dict) -> None:
+        # An LRU map evicts silently, and well before it is full (the kernel keeps free entries on per-CPU lists).
+        # The map starts empty and only we delete, so entries now = added - deleted - evicted: this also finds
+        # entries added and evicted between two collections (a new cgroup whose counts were lost whole), which a
+        # comparison of the keys seen at each collection misses.
         for name, keys, setting, cap in (("counters", counters, "max_cgroups", progs.counters.max_entries),
                                          ("syscalls", sc, "max_syscall_entries", progs.syscalls.max_entries)):
-            self._entries.labels(name).set(len(keys))
-            evicted = len(self._prev_keys[name] - keys.keys())
-            self._prev_keys[name] = set(keys)
+            n = len(keys)
+            self._entries.labels(name).set(n)
+            evicted = diag[f"{name}_added"] - self._deleted[name] - n - self._evicted[name]
+            # (below 0 when entries were added between reading diag and the map: counted at the next collection)
+            evicted = max(evicted, 0)
+            failed = max(diag[f"{name}_full"] - self._diag_seen.get(name, 0), 0)
+            self._diag_seen[name] = diag[f"{name}_full"]
+            self._evicted[name] += evicted
             if evicted:
                 self._evictions.labels(name).inc(evicted)
-                self.tel.error(f"{name}_map_full", f"{evicted} entries were evicted from the {name} map ({len(keys)} "
-                                                   f"of {cap} in use): their counters restarted; raise {setting}")
-            elif len(keys) >= cap * 0.9:
-                self.tel.error(f"{name}_map_full", f"the {name} map holds {len(keys)} of {cap} entries: raise "
-                                                   f"{setting}")
+            if failed:
+                self._update_errors.labels(name).inc(failed)
+            if evicted or failed:
+                what = " and ".join(([f"{evicted} entries were evicted from"] if evicted else [])
+                                    + ([f"{failed} entries could not be added to"] if failed else []))
+                self.tel.error(f"{name}_map_full", f"{what} the {name} map ({n} of {cap} in use; an LRU map evicts "
+                                                   f"before it is full): those cgroups' counts were lost or "
+                                                   f"restarted; raise {setting}")
+            elif n >= cap * 0.9:
+                self.tel.error(f"{name}_map_full", f"the {name} map holds {n} of {cap} entries: raise {setting}")
             else:
                 self.tel.recovered(f"{name}_map_full")
-        try:
-            diag = progs.read_diag()
-        except lb.BPFError:
-            return
-        for key, map_name in (("counters_full", "counters"), ("syscalls_full", "syscalls"),
-                              ("task_storage_failed", "task_storage")):
-            delta = diag[key] - self._diag_seen.get(key, 0)
-            if delta > 0:
-                self._update_errors.labels(map_name).inc(delta)
-            self._diag_seen[key] = diag[key]
+        failed = diag["task_storage_failed"] - self._diag_seen.get("task_storage", 0)
+        if failed > 0:
+            self._update_errors.labels("task_storage").inc(failed)
+        self._diag_seen["task_storage"] = diag["task_storage_failed"]
