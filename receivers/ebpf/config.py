@@ -23,8 +23,10 @@ PROFILES: dict[str, frozenset[str]] = {
 
 ATTACH_KINDS = ("fentry", "tp_btf", "raw_tp")
 
+# epoll_pwait beside epoll_wait: Go's runtime (kubelet, most controllers and many workloads) waits with
+# epoll_pwait on every architecture, where C programs' epoll_wait() is the epoll_wait syscall on x86_64
 DEFAULT_SYSCALLS = ["read", "write", "openat", "close", "connect", "accept4", "sendto", "recvfrom", "futex",
-                    "epoll_wait", "fsync", "mmap"]
+                    "epoll_wait", "epoll_pwait", "fsync", "mmap"]
 # A default an architecture lacks -> the syscall its libc makes instead: the asm-generic table (arm64) has no
 # epoll_wait, glibc's epoll_wait() calls epoll_pwait there.
 DEFAULT_ALIASES = {"epoll_wait": "epoll_pwait"}
@@ -36,7 +38,7 @@ def default_syscalls(machine: str | None = None) -> list[str]:
     if table is None:
         return list(DEFAULT_SYSCALLS)
     names = (n if n in table else DEFAULT_ALIASES.get(n, n) for n in DEFAULT_SYSCALLS)
-    return [n for n in names if n in table]
+    return list(dict.fromkeys(n for n in names if n in table))  # an alias already in the list is named once
 
 
 class MetricToggle(ComponentConfig):
@@ -69,7 +71,7 @@ class EbpfConfig(ScraperConfig):
     tracked_syscalls: list[str] = Field(
         default_factory=lambda: default_syscalls(),
         description="Syscalls counted (and, with syscall_latency, timed) by name; [] turns the breakdown off. "
-                    "arm64 has no epoll_wait: its default has epoll_pwait (what libc's epoll_wait calls there)")
+                    "epoll_pwait is Go's runtime's wait (and, as arm64 has no epoll_wait, libc's epoll_wait() there)")
     max_cgroups: int = Field(10240, ge=16, le=1 << 20,
                              description="Entries of the per-cgroup LRU map (least recently used cgroups are evicted, "
                                          "before it is full): at least twice the cgroups active between two "
