@@ -144,8 +144,9 @@ class K8sAttributesProcessor(Processor):
         self._cri_providers: list = []
         self._cri_at = float("-inf")
         self._sweep_lock = threading.Lock()
-        # making a pod's record and storing it, on the informer thread, against the owner retries' updates of records
+        # making a pod's record and storing it, on the informer thread, against the owner thread's updates of records
         self._records_lock = threading.Lock()
+        self._owners_listed = threading.Event()  # the first pod list's owner lookups were made (see ready())
         # Enrichment results per resource, valid for one (pod cache, namespaces, CRI providers) generation: a
         # resource seen before costs a dict lookup. Keyed by its attributes, and by the Resource object itself once
         # the same object comes back (receivers that keep theirs across collections; the entry holds it, so its id
@@ -214,19 +215,32 @@ class K8sAttributesProcessor(Processor):
             self.ns_reflector.start()
         self.pods_reflector.start()
         if cfg.wait_for_metadata and not self.ready(cfg.wait_for_metadata_timeout):
-            self.telemetry.error("metadata_timeout", f"no pod list from the API server within "
-                                                     f"{cfg.wait_for_metadata_timeout:g}s (wait_for_metadata); going on "
-                                                     "with CRI metadata while the informer keeps trying")
+            refused = [r.verb_resource for r in (self.pods_reflector, self.ns_reflector)
+                       if r is not None and r.settled.is_set() and not r.synced.is_set()]
+            if refused:
+                # a 403 or 401 ended the wait at once: its own cause (forbidden_pods, unauthorized) says why, with
+                # what to grant; a timeout here would send the user looking for a slow or unreachable API server
+                self.settings.logger.info(f"wait_for_metadata: the API server refused the list of "
+                                          f"{', '.join(refused)}; going on with CRI metadata while the informer "
+                                          "keeps trying")
+            else:
+                self.telemetry.error("metadata_timeout", f"no pod list from the API server within "
+                                                         f"{cfg.wait_for_metadata_timeout:g}s (wait_for_metadata); "
+                                                         "going on with CRI metadata while the informer keeps trying")
 
     def ready(self, timeout: float) -> bool:
-        """True once the first pod list (and namespace list, when asked) arrived; False on timeout or on a
-        failure waiting does not fix (403, 401)."""
+        """True once the first pod list (and namespace list, when asked) arrived, after waiting in the time left
+        for that list's owner lookups; False on timeout or on a failure waiting does not fix (403, 401)."""
         deadline = time.monotonic() + timeout
         for r in (self.pods_reflector, self.ns_reflector):
             if r is None:
                 continue
             if not r.settled.wait(max(0.0, deadline - time.monotonic())) or not r.synced.is_set():
                 return False
+        if self.pods_reflector is not None:
+            # and, in the time left, the first list's owner lookups: workload names from the start when the API
+            # server answers them (the pods' own metadata is in already and does not wait for them)
+            self._owners_listed.wait(max(0.0, deadline - time.monotonic()))
         return True
 
     def shutdown(self) -> None:
@@ -247,22 +261,32 @@ class K8sAttributesProcessor(Processor):
 
     # -- informer callbacks (informer threads) -------------------------------------------------------------------
 
+    # The pods' records are stored with the owners' answers cached (or known last); the owners not cached are
+    # looked up after, on the owner thread, which then redoes their pods' workload names (_owners_resolved): an
+    # API server slow or hanging on ReplicaSet/Job GETs must not hold back the pods' own metadata or the watch
+
     def _pods_replaced(self, items: list[dict]) -> None:
+        missing: dict = {}
         with self._records_lock:
-            records = [r for r in (self._record(o) for o in items) if r is not None]
+            records = [r for r in (self._record(o, missing) for o in items) if r is not None]
             self.cache.replace(records)
+        if self.owners is not None:
+            self.owners.submit(missing, done=self._owners_listed)
 
     def _pod_event(self, etype: str, obj: dict) -> None:
         self._maybe_sweep()  # before the event: a pod deleted now stays at least until the next event or batch
+        missing: dict = {}
         with self._records_lock:
             if etype == "DELETED":
                 uid = (obj.get("metadata") or {}).get("uid")
                 if uid:
                     self.cache.delete(uid)
             else:
-                rec = self._record(obj)
+                rec = self._record(obj, missing)
                 if rec is not None:
                     self.cache.upsert(rec)
+        if missing and self.owners is not None:
+            self.owners.submit(missing)
 
     # -- owner retries (the owner lookups' retry thread) -------------------------------------------------------
 
@@ -277,7 +301,8 @@ class K8sAttributesProcessor(Processor):
             return out
 
     def _owners_resolved(self, keys: list[tuple[str, str, str]]) -> None:
-        """Owners whose lookup failed were read at last: give their pods the workload names they lacked."""
+        """Owners read after their pods' records were stored (a first lookup, or a retry after a failure): give
+        those pods the workload names they lacked (on the owner thread)."""
         keys_set = set(keys)
         # under the lock, a pod event's record was either stored before this (and is updated here) or is made after
         # the owner was cached (and has it)
@@ -321,8 +346,9 @@ class K8sAttributesProcessor(Processor):
             rule.apply(md.get(rule.kind) or {}, out)
         return MappingProxyType(out)
 
-    def _record(self, obj: dict) -> PodRecord | None:
-        """Everything the processing path needs from a pod object, computed once per event."""
+    def _record(self, obj: dict, missing: dict | None = None) -> PodRecord | None:
+        """Everything the processing path needs from a pod object, computed once per event; the owner lookups it
+        needs that are not cached are added to `missing`."""
         md, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
         uid, name, ns = md.get("uid"), md.get("name"), md.get("namespace", "")
         if not uid or not name:
@@ -344,7 +370,7 @@ class K8sAttributesProcessor(Processor):
         if ip:
             attrs["k8s.pod.ip"] = ip
         owner = controller_of({"metadata": md})
-        workload = self._workload(owner, ns, labels) if owner is not None else {}
+        workload = self._workload(owner, ns, labels, missing) if owner is not None else {}
         attrs.update(workload)
         attrs = {k: v for k, v in attrs.items() if k in self.pod_keys}
         ruled: dict[str, Any] = {}
@@ -374,13 +400,14 @@ class K8sAttributesProcessor(Processor):
                          mirror_uid=str(annotations.get("kubernetes.io/config.mirror") or ""), runtime=runtime,
                          owner=owner, workload_keys=workload_keys)
 
-    def _workload(self, owner: tuple[str, str], ns: str, labels) -> dict:
-        """The workload attributes of a pod whose controller is `owner` (kind, name)."""
+    def _workload(self, owner: tuple[str, str], ns: str, labels, missing: dict | None = None) -> dict:
+        """The workload attributes of a pod whose controller is `owner` (kind, name), from the owner lookups'
+        cache; a lookup not cached is added to `missing`."""
         out: dict[str, str] = {}
         kind, name = owner
         if kind == "ReplicaSet":
             out["k8s.replicaset.name"] = name
-            parent = self._owner(kind, ns, name) if "k8s.deployment.name" in self.pod_keys else None
+            parent = self._owner(kind, ns, name, missing) if "k8s.deployment.name" in self.pod_keys else None
             if parent is not None and parent[0] == "Deployment":
                 out["k8s.deployment.name"] = parent[1]
             elif parent is None:
@@ -395,13 +422,19 @@ class K8sAttributesProcessor(Processor):
             out["k8s.daemonset.name"] = name
         elif kind == "Job":
             out["k8s.job.name"] = name
-            parent = self._owner(kind, ns, name) if "k8s.cronjob.name" in self.pod_keys else None
+            parent = self._owner(kind, ns, name, missing) if "k8s.cronjob.name" in self.pod_keys else None
             if parent is not None and parent[0] == "CronJob":
                 out["k8s.cronjob.name"] = parent[1]
         return out
 
-    def _owner(self, kind: str, ns: str, name: str) -> tuple[str, str] | None:
-        return self.owners.owner(kind, ns, name) if self.owners is not None else None
+    def _owner(self, kind: str, ns: str, name: str, missing: dict | None) -> tuple[str, str] | None:
+        """The cached answer (or the last one known, or None): never a GET, which the owner thread makes."""
+        if self.owners is None:
+            return None
+        current, answer = self.owners.cached(kind, ns, name)
+        if not current and missing is not None:
+            missing[(kind, ns, name)] = None
+        return answer
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()

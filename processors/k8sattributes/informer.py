@@ -1,9 +1,10 @@
 """The API-server side of k8sattributes: client setup, list/watch reflectors, owner lookups and the pod cache.
 
-Everything here runs on the informer threads; the processing path only reads the cache (dict lookups under a
-short lock). A reflector lists once, then watches from the list's resourceVersion with bookmarks, re-watches
-from the last resourceVersion when a watch ends or breaks, and lists again only on 410 Gone — as client-go's
-reflector does. During an outage the cache keeps its last state and keeps serving.
+Everything here runs on the informer threads (owner lookups on a thread of their own); the processing path only
+reads the cache (dict lookups under a short lock). A reflector lists once, then watches from the list's
+resourceVersion with bookmarks, re-watches from the last resourceVersion when a watch ends or breaks, and lists
+again only on 410 Gone — as client-go's reflector does. During an outage the cache keeps its last state and keeps
+serving.
 """
 
 from __future__ import annotations
@@ -173,13 +174,8 @@ def retry_after(exc: BaseException) -> float:
 
 def describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
-        reason = exc.reason or ""
-        try:
-            body = json.loads(exc.body) if exc.body else {}
-            reason = body.get("message") or reason
-        except (ValueError, TypeError):
-            pass
-        return f"HTTP {exc.status}: {reason}".strip()
+        # (a body that is JSON but not a Status, as a proxy may send: `null`, a list, a string, gives the reason)
+        return f"HTTP {exc.status}: {_status_body(exc).get('message') or exc.reason or ''}".strip()
     text = str(exc)
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
@@ -391,7 +387,12 @@ class OwnerResolver:
     `on_resolved(keys)` is told what it found, so a pod does not lack its workload name until its next event
     (which for a long training Job can be days away). While a key waits for its retry, lookups of it are answered
     "unknown" without asking the API server. A 404 (the owner is gone) and a 403 (no permission: reported, and
-    asked again at most every FAILURE_TTL when pods come) are not retried."""
+    asked again at most every FAILURE_TTL when pods come) are not retried.
+
+    The informer threads never make these GETs: they store a pod's record with what is cached and `submit` the
+    owners that are not, which this class's thread looks up at once (then `on_resolved`). An API server that hangs
+    on ReplicaSet or Job GETs (up to request_timeout each) so delays workload names, never the pods' own metadata
+    or the watch's next events."""
 
     FAILURE_TTL = 30.0
     RETRIES_PER_PASS = 16  # GETs one retry pass makes at most; a pass also ends at the first failure
@@ -412,6 +413,10 @@ class OwnerResolver:
         # keys waiting for a retry, oldest first -> when each was scheduled (a sequence number, see retry_pass)
         self._retry: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._scheduled = 0
+        # keys submitted for a first lookup (oldest first), and the events to set once they were looked up
+        self._fresh: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._fresh_done: list[threading.Event] = []
+        self._no_answer = False  # the last GET got no answer (timeout, refused or cut connection)
         self._not_before = 0.0  # monotonic: no retry sooner (a response's Retry-After, within max_interval)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -440,6 +445,57 @@ class OwnerResolver:
             return stale
         return result
 
+    def cached(self, kind: str, namespace: str, name: str) -> tuple[bool, tuple[str, str] | None]:
+        """(True, the controller) when a current answer is cached; else (False, what was known last, or None).
+        Never asks the API server: for the informer threads, which `submit` what is not known."""
+        with self._lock:
+            key = (kind, namespace, name)
+            hit = self._cache.get(key)
+            if hit is None:
+                return False, None
+            self._cache.move_to_end(key)  # (least recently used first out)
+            return hit[0] > time.monotonic(), hit[1]
+
+    def submit(self, keys, done: threading.Event | None = None) -> None:
+        """Have the owner thread look these keys up (those not cached, nor waiting for a retry, by then) and tell
+        `on_resolved`; `done` is set once it did (or at stop)."""
+        with self._lock:
+            if self._stop.is_set():
+                if done is not None:
+                    done.set()
+                return
+            for key in keys:
+                self._fresh[key] = None
+            # bounded like the retries: the oldest then waits for its pods' next event (they keep what was known)
+            while len(self._fresh) > self.max_entries:
+                self._fresh.popitem(last=False)
+            if done is not None and done not in self._fresh_done:
+                self._fresh_done.append(done)
+            self._start_thread()
+        self._wake.set()
+
+    def _lookup(self, keys: list[tuple[str, str, str]]) -> None:
+        """First lookups (the owner thread). After a GET that got no answer the rest wait for the retries, which
+        ask one at a time with backoff: a hanging API server costs one request_timeout here, not one per owner."""
+        found = []
+        for key in keys:
+            if self._stop.is_set():
+                return
+            with self._lock:
+                hit = self._cache.get(key)
+                if (hit is not None and hit[0] > time.monotonic()) or key in self._retry:
+                    continue  # cached meanwhile (its pods have it), or the retries ask
+            if self._no_answer or self._not_before > time.monotonic():
+                self._schedule_retry(key)  # (nor sooner than a Retry-After the API server asked for)
+                continue
+            outcome, _ = self._get(key)
+            if outcome == "retry":
+                self._schedule_retry(key)
+            else:  # found, or final (404, 403): the pods' records are redone with the answer
+                found.append(key)
+        if found and self.on_resolved is not None:
+            self.on_resolved(found)
+
     def _get(self, key: tuple[str, str, str]) -> tuple[str, tuple[str, str] | None]:
         """One GET: ("found", controller or NO_OWNER), ("final", None) for a 404 or 403, ("retry", None) for a
         failure that passes (its Retry-After, if any, holds back the retries). Caches what it learnt."""
@@ -450,6 +506,7 @@ class OwnerResolver:
         # pass, its message (what to grant) was not logged when a 5xx or timeout came first, and went away with them
         forbidden = f"forbidden_{resource.partition('.')[0]}"
         outcome = "found"
+        self._no_answer = False
         try:
             self.gets += 1
             fn = self.api.read_replica_set if kind == "ReplicaSet" else self.api.read_job
@@ -475,6 +532,7 @@ class OwnerResolver:
                                                       "retrying in the background")
         except Exception as exc:  # timeouts, refused or cut connections, a body that is not JSON
             result, outcome = None, "retry"
+            self._no_answer = not isinstance(exc, ValueError)
             self.telemetry.error(f"owner_{kind}", f"get {kind} {namespace}/{name} failed: {describe(exc)}; "
                                                   "retrying in the background")
         if outcome != "retry":
@@ -493,28 +551,49 @@ class OwnerResolver:
             self._retry[key] = self._scheduled
             while len(self._retry) > self.max_entries:  # the oldest then waits for its pods' next event, as before
                 self._retry.popitem(last=False)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._retry_loop, name="k8sattributes-owners", daemon=True)
-                self._thread.start()
+            self._start_thread()
         self._wake.set()
 
-    def _retry_loop(self) -> None:
+    def _start_thread(self) -> None:
+        """(Under the lock.)"""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="k8sattributes-owners", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
         delay = self.backoff_initial
+        due = None  # when the next retry pass runs (None: no retry waiting)
         while not self._stop.is_set():
             with self._lock:
-                idle = not self._retry
-                if idle:
+                fresh, done = list(self._fresh), self._fresh_done
+                self._fresh, self._fresh_done = OrderedDict(), []
+                waiting = bool(self._retry)
+                if not fresh:
                     self._wake.clear()
-            if idle:
+            if fresh or done:
+                try:
+                    self._lookup(fresh)  # at once: first lookups do not wait for the retries' backoff
+                finally:
+                    for event in done:
+                        event.set()
+                continue
+            now = time.monotonic()
+            if not waiting:
+                due = None
                 self._wake.wait()
                 continue
-            # no sooner than a Retry-After (already bounded by max_interval): jitter must not undercut it
-            self._stop.wait(max(delay * random.uniform(0.5, 1.0), self._not_before - time.monotonic()))
-            if self._stop.is_set():
-                return
+            if due is None:
+                due = now + delay * random.uniform(0.5, 1.0)
+            # no sooner than a Retry-After (already bounded by max_interval; maybe answered to a first lookup made
+            # meanwhile): jitter must not undercut it
+            wake_at = max(due, self._not_before)
+            if now < wake_at:
+                self._wake.wait(wake_at - now)  # (woken early by a submit: its lookups, then back to waiting)
+                continue
             failed = self.retry_pass()
             # the API server still fails: back off
             delay = min(delay * 2, self.backoff_max) if failed else self.backoff_initial
+            due = None
 
     def retry_pass(self) -> bool:
         """Retry up to RETRIES_PER_PASS waiting lookups, oldest first; stop at the first that fails again (the
@@ -557,7 +636,11 @@ class OwnerResolver:
         return len(self._retry)
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
+            done, self._fresh_done = self._fresh_done, []
+        for event in done:  # nobody waits for lookups that will not be made
+            event.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)

@@ -227,6 +227,7 @@ class Fault:
     gate: threading.Event = field(default_factory=threading.Event)  # with "hold": set by release()
     held: int = 0  # with "hold": requests it has held so far
     error: ApiError | None = None  # with "event": the Status an accepted watch's stream carries as an ERROR event
+    body: str | None = None  # with "status": this body instead of a Status (a proxy's answer, a broken server's)
 
     def release(self) -> None:
         self.gate.set()
@@ -316,6 +317,14 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.action == "event" and watching:
                 # the watch is accepted (200), then its stream carries one ERROR event with the Status and ends
                 return self._stream(resource, ns, None, None, q, error=fault.error)
+            if fault is not None and fault.action == "status" and fault.body is not None:
+                data = fault.body.encode()
+                self.send_response(fault.code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
             if fault is not None and fault.action == "status":
                 if fault.code == 403:
                     raise ApiError(403, "Forbidden",
@@ -533,8 +542,10 @@ class ApiServer:
         return self._add_fault(Fault("status", resource, verb, code=403))
 
     def fail(self, resource: str | None = None, verb: str | None = None, code: int = 500,
-             times: int | None = None, retry_after: int | None = None) -> Fault:
-        return self._add_fault(Fault("status", resource, verb, code=code, times=times, retry_after=retry_after))
+             times: int | None = None, retry_after: int | None = None, body: str | None = None) -> Fault:
+        """Answer matching requests with `code` and a Status, or with `body` as it is when given."""
+        return self._add_fault(Fault("status", resource, verb, code=code, times=times, retry_after=retry_after,
+                                     body=body))
 
     def delay(self, seconds: float, resource: str | None = None, verb: str | None = None,
               times: int | None = None) -> Fault:

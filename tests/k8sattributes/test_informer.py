@@ -5,9 +5,11 @@ responses, outages)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Mapping
 
+import pytest
 from harness import wait_for
 from harness.apiserver import owned, pod
 from opentelemetry.sdk.resources import Resource
@@ -750,3 +752,38 @@ def test_retry_after_in_a_watch_error_event_is_honoured(api, make_processor):
     assert second.query.get("resourceVersion") == first.query.get("resourceVersion")
     assert len(api.asked("pods", "list")) == 1
     assert p.m_restarts._metric.labels("k8sattributes", "pods", "error")._value.get() == 1
+
+
+@pytest.mark.parametrize("refusal", ["forbidden", "unauthorized"])
+def test_wait_for_metadata_reports_a_refusal_as_such(api, make_processor, refusal, caplog):
+    # a 403 or 401 settles the wait at once: reported as what it is, not as a timeout it never waited for
+    p = make_processor(api, start=False, wait_for_metadata=True, wait_for_metadata_timeout="30s")
+    if refusal == "forbidden":
+        api.forbid("pods")
+    else:
+        api.token = "rotated"  # the kubeconfig's token (written before) is refused
+    with caplog.at_level(logging.WARNING):
+        p.start(Host())
+    failing = p.telemetry.failing()
+    assert "metadata_timeout" not in failing
+    assert ("forbidden_pods" if refusal == "forbidden" else "unauthorized") in failing
+    assert not [r for r in caplog.records if "within 30s" in r.getMessage()]
+
+
+@pytest.mark.parametrize("body", ["null", "[]", '"Service Unavailable"'])
+def test_an_error_body_that_is_not_a_status_is_reported_and_retried(api, make_processor, body, caplog):
+    # a proxy in front of the API server (or a broken one) answers an error with JSON that is not a Status: the
+    # failure is reported with its HTTP status and retried, for the pod list as for an owner lookup
+    api.create("jobs", "ml", owned("Job", "nightly-1", owner=("CronJob", "nightly")))
+    api.create("pods", "ml", pod("p", NODE, uid=(u := uid()), owner=("Job", "nightly-1")))
+    api.fail("pods", "list", code=503, times=1, body=body)
+    api.fail("jobs", "get", code=503, times=1, body=body)
+    with caplog.at_level(logging.WARNING):
+        p = make_processor(api)
+        assert p.ready(10)
+        wait_for(lambda: p.attributes_for({"k8s.pod.uid": u}).get("k8s.cronjob.name") == "nightly", timeout=15,
+                 what="the CronJob name, after the owner lookup's retry")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("api_pods: list pods failed: HTTP 503") for m in messages), messages
+    assert any(m.startswith("owner_Job: get jobs.batch ml/nightly-1 failed: HTTP 503") for m in messages), messages
+    assert not [r for r in caplog.records if r.exc_info]

@@ -79,6 +79,8 @@ def test_retries_are_bounded_and_not_repeated_per_pod(api, make_processor, caplo
     # a 404 is final: the Job is gone
     api.create("pods", "ml", pod("orphan", NODE, uid=(orphan := uid()), owner=("Job", "deleted-job")))
     wait_for(lambda: p.cache.get(orphan), what="the pod of a deleted Job")
+    # (looked up on the owner thread, after the pod's record is in)
+    wait_for(lambda: p.owners.cached("Job", "ml", "deleted-job")[0], what="the lookup of the deleted Job")
     assert len(api.asked("jobs", "get")) == 6 and p.owners.pending() == 0
     assert "k8s.cronjob.name" not in p.attributes_for({"k8s.pod.uid": orphan})
     assert p.owners.retry_pass() is False and len(api.asked("jobs", "get")) == 6  # nothing left to do
@@ -202,8 +204,9 @@ def test_relist_while_owner_lookups_fail_keeps_the_names_read_before(api, make_p
     api.fail("jobs", "get", code=503)
     api.clear(outage)
     wait_for(lambda: p.cache.get(away), timeout=15, what="the relist")
-    assert len(api.asked("jobs", "get")) > gets  # the cached answer had expired: asked again, and failed
-    assert p.owners.pending() == 1
+    # the cached answer had expired: asked again (on the owner thread, after the relist's records), and failed
+    wait_for(lambda: p.owners.pending() == 1, what="the failed lookup waiting for its retry")
+    assert len(api.asked("jobs", "get")) > gets
     assert p.attributes_for({"k8s.pod.uid": u})["k8s.cronjob.name"] == "nightly"
 
 
@@ -313,3 +316,58 @@ def test_owner_retries_wait_for_retry_after(api, make_processor):
     first, second, third = api.asked("jobs", "get")[:3]
     assert second.at - first.at >= 1.0  # the informer's lookup was answered 429
     assert third.at - second.at >= 1.0  # the retry thread's
+
+
+def test_pod_names_do_not_wait_for_owner_lookups_that_hang(api, make_processor):
+    # an API server that answers nothing to ReplicaSet and Job GETs (no error: they hang until request_timeout):
+    # the pods' own metadata comes in at once, at start and from later events, and the workload names follow once
+    # the GETs are answered. The Deployments are not named as their ReplicaSets' hash says, to tell the two apart
+    pods = {}
+    for i in range(3):
+        api.create("replicasets", "ml", owned("ReplicaSet", f"web-{i}-7f9c4d5b8", owner=("Deployment", f"trainer-{i}")))
+        api.create("jobs", "ml", owned("Job", f"nightly-{i}", owner=("CronJob", "nightly")))
+        api.create("pods", "ml", pod(f"web-{i}-7f9c4d5b8-abcde", NODE, uid=(u := uid()),
+                                     labels={"pod-template-hash": "7f9c4d5b8"}, owner=("ReplicaSet", f"web-{i}-7f9c4d5b8")))
+        pods[u] = ("deployment", f"trainer-{i}", f"web-{i}")
+        api.create("pods", "ml", pod(f"nightly-{i}-x1y2z", NODE, uid=(u := uid()), owner=("Job", f"nightly-{i}")))
+        pods[u] = ("cronjob", "nightly", None)
+    held = [api.hold("replicasets", "get", times=None), api.hold("jobs", "get", times=None)]
+    try:
+        p = make_processor(api, request_timeout="20s", **MANUAL_RETRIES)
+        wait_for(lambda: all(p.attributes_for({"k8s.pod.uid": u}).get("k8s.pod.name") for u in pods), timeout=10,
+                 what="the pod names, while every owner GET hangs")
+        wait_for(p.pods_reflector.synced.is_set, what="the first sync")  # (set just after the table went in)
+        wait_for(lambda: held[0].held + held[1].held >= 1, what="the first owner GET")
+        for u, (kind, _, guess) in pods.items():
+            got = p.attributes_for({"k8s.pod.uid": u})
+            if kind == "deployment":  # meanwhile, the pod-template-hash label's guess
+                assert got["k8s.deployment.name"] == guess and got["k8s.replicaset.name"].startswith(guess)
+            else:
+                assert got["k8s.job.name"].startswith("nightly-") and "k8s.cronjob.name" not in got
+        # a new pod's event is not held up behind the lookups either
+        api.create("replicasets", "ml", owned("ReplicaSet", "late-5d8f7c", owner=("Deployment", "late")))
+        api.create("pods", "ml", pod("late-5d8f7c-abcde", NODE, uid=(late := uid()), owner=("ReplicaSet", "late-5d8f7c")))
+        wait_for(lambda: p.cache.get(late), timeout=10, what="the new pod, while every owner GET hangs")
+        assert held[0].held + held[1].held == 1  # one GET in flight: the others wait behind it, not each its own
+    finally:
+        for h in held:
+            h.release()
+    pods[late] = ("deployment", "late", None)
+    wait_for(lambda: all(p.attributes_for({"k8s.pod.uid": u}).get(f"k8s.{kind}.name") == name
+                         for u, (kind, name, _) in pods.items()), timeout=15, what="the workload names")
+
+
+def test_wait_for_metadata_is_not_held_up_by_owner_lookups_that_hang(api, make_processor):
+    # the first list's owner lookups are waited for only in the time left: start() returns with the pods' metadata,
+    # and no metadata_timeout (there was a pod list)
+    api.create("replicasets", "ml", owned("ReplicaSet", "web-7f9c4d5b8", owner=("Deployment", "web")))
+    api.create("pods", "ml", pod("web-7f9c4d5b8-abcde", NODE, uid=(u := uid()), labels={"pod-template-hash": "7f9c4d5b8"},
+                                 owner=("ReplicaSet", "web-7f9c4d5b8")))
+    held = api.hold("replicasets", "get", times=None)
+    try:
+        p = make_processor(api, request_timeout="20s", wait_for_metadata=True, wait_for_metadata_timeout="1s",
+                           **MANUAL_RETRIES)
+        assert p.cache.get(u) is not None and "metadata_timeout" not in p.telemetry.failing()
+        assert p.attributes_for({"k8s.pod.uid": u})["k8s.deployment.name"] == "web"  # (from the hash, meanwhile)
+    finally:
+        held.release()
