@@ -176,6 +176,11 @@ def _pod_metadata(config, pod_uid: str | None, wait: float) -> tuple[dict | None
         processor = factory.create(settings, model)
         processor.start(host)
         if not processor.ready(wait):
+            pods = getattr(processor, "pods_reflector", None)
+            if pods is not None and pods.settled.is_set() and not pods.synced.is_set():
+                # a 403 or 401 ends the wait at once: not a slow API server
+                return None, ("the API server refused podmeter's pod list (403 or 401): grant list and watch on "
+                              "pods to its service account, or check its token")
             return None, f"k8sattributes had no first sync from the API server within {wait:g}s"
         for provider in host.lookup("pod_metadata"):
             found = provider.pod(pod_uid)

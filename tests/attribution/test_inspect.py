@@ -92,3 +92,31 @@ def test_cgroup_file_given_as_the_path_is_read(tmp_path):
     res = run_cli("cgroup", str(saved))
     assert res.returncode == 0, res.stderr
     assert (json.loads(res.stdout)["pod_uid"], json.loads(res.stdout)["container_id"]) == (uid, cid)
+
+
+def test_inspect_pid_says_the_api_server_refused_the_pod_list(tmp_path, capsys):
+    """A 403 on the pod list ends k8sattributes' wait at once: inspect says the list was refused, not that the API
+    server gave no first sync within the wait (which sends the user looking for a slow or unreachable server)."""
+    from harness import require_root
+    from harness.apiserver import ApiServer
+    from harness.cgroups import PodCgroup
+
+    require_root()
+    pod = PodCgroup(qos="burstable").create()
+    sleeper = pod.spawn(["sleep", "60"], stdin=subprocess.DEVNULL)
+    api = ApiServer().start()
+    try:
+        api.forbid("pods")
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"receivers:\n  cgroup:\n    proc_root: /proc\nprocessors:\n  k8sattributes:\n"
+                       f"    auth_type: kubeConfig\n    kube_config_path: {api.write_kubeconfig(tmp_path)}\n"
+                       "    filter: {node: n1}\nexporters:\n  debug:\nservice:\n  pipelines:\n    metrics:\n"
+                       "      receivers: [cgroup]\n      processors: [k8sattributes]\n      exporters: [debug]\n")
+        assert inspect.main(["pid", str(sleeper.pid), "--config", str(cfg), "--wait", "20"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["pod_metadata"] is None and "refused" in doc["pod_metadata_note"], doc["pod_metadata_note"]
+    finally:
+        api.stop()
+        sleeper.kill()
+        sleeper.wait()
+        pod.destroy()
