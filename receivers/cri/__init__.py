@@ -183,6 +183,9 @@ class CriReceiver(Receiver):
         # the runtime computes usage_nano_cores from its own previous sample: after it restarts, 0 again
         self._seen_cpu.clear()
         self._pod_stats_each = False
+        # a runtime that did not implement a stats RPC may have been upgraded in place: ask it again
+        self._stats_unimplemented = False
+        self._pod_stats = any(m.enabled for n, m in self.specs.items() if n.startswith("k8s.pod."))
         self.log.info("connected to %s %s (CRI %s) at %s", self.runtime_name, v.runtime_version,
                       v.runtime_api_version, self.config.endpoint)
         return True

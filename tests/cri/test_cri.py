@@ -779,3 +779,49 @@ def test_a_container_list_over_the_receive_limit_does_not_stop_stats(make_receiv
         assert "list" in telemetry.failing()  # RESOURCE_EXHAUSTED: counted and said
         data = receiver.collect()
         assert value_of(data, "container.memory.working_set", **{"container.id": "c" * 64}) == 4096
+
+
+class UpgradedRuntime(OldRuntime):
+    """The same test double after an in-place upgrade: it now serves the stats RPCs."""
+
+    def ListContainerStats(self, request, context):
+        return pb.ListContainerStatsResponse(stats=[pb.ContainerStats(
+            attributes=pb.ContainerAttributes(id="c" * 64),
+            writable_layer=pb.FilesystemUsage(timestamp=1, used_bytes=pb.UInt64Value(value=8192)))])
+
+    def ListPodSandboxStats(self, request, context):
+        return pb.ListPodSandboxStatsResponse(stats=[pb.PodSandboxStats(
+            attributes=pb.PodSandboxAttributes(id="s" * 64, metadata=pb.PodSandboxMetadata(
+                name="p", uid="u-1", namespace="n")),
+            linux=pb.LinuxPodSandboxStats(memory=pb.MemoryUsage(timestamp=1, usage_bytes=pb.UInt64Value(value=7))))])
+
+
+def test_stats_rpcs_are_asked_again_after_the_runtime_is_replaced(make_receiver, tmp_path):
+    """UNIMPLEMENTED stats RPCs turned container and pod stats off for good: a runtime upgraded in place (the
+    agent keeps running) was never asked again. A new handshake (the runtime came back) asks again, as a
+    failed ListPodSandboxStats already is."""
+    sock = tmp_path / "rt.sock"
+
+    def serve(servicer):
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        pbg.add_RuntimeServiceServicer_to_server(servicer, server)
+        server.add_insecure_port(f"unix://{sock}")
+        server.start()
+        return server
+
+    server = serve(OldRuntime())
+    try:
+        receiver, meta, telemetry = make_receiver(f"unix://{sock}",
+                                                  metrics={"k8s.pod.memory.usage": {"enabled": True}})
+        assert count_points(receiver.collect()) == 0  # both stats RPCs UNIMPLEMENTED: off
+    finally:
+        server.stop(None)
+    receiver._refresh("periodic")  # the runtime is gone: the next refresh handshakes again
+    server = serve(UpgradedRuntime())
+    try:
+        assert receiver._refresh("periodic")
+        data = receiver.collect()
+        assert value_of(data, "container.filesystem.usage", **{"container.id": "c" * 64}) == 8192
+        assert value_of(data, "k8s.pod.memory.usage", **{"k8s.pod.uid": "u-1"}) == 7
+    finally:
+        server.stop(None)
