@@ -568,27 +568,37 @@ class NvmlReceiver(Receiver):
         assignments = self._assignments()
         seen_pids: set[int] = set()
         self._checked = set()
+        parts: list[MetricsBuilder] = []
         for dev in self.devices:
+            # each GPU's points go to a builder of their own: a GPU that falls off the bus part-way through a
+            # collection must not report what it answered before (its other metrics are left out while failed)
+            gb = MetricsBuilder(self.scope, self.start_ns, time_ns=self._collect_ns)
+            parts.append(gb)
             if dev.handle is None:
                 # lost or unreadable at discovery (said then): nothing is asked of it until the next discovery
-                self._status(b, dev, "failed")
+                self._status(gb, dev, "failed")
                 continue
             try:
-                self._collect_gpu(b, dev, assignments, seen_pids)
+                self._collect_gpu(gb, dev, assignments, seen_pids)
                 if dev.lost:
                     dev.lost = False
                     self._ok(dev.failing, "gpu_lost")
                     # back on the bus (after a reset): read what is static about it again at the next collection
                     self.discovered_at = float("-inf")
-                self._status(b, dev, "ok")
+                self._status(gb, dev, "ok")
             except _Lost as exc:
                 dev.lost = True
                 self._fail(dev.failing, "gpu_lost", f"gpu_lost {dev.uuid}",
                            f"GPU {dev.index} ({dev.uuid}) fell off the bus ({exc}: GPU_IS_LOST); "
                            "its metrics are left out until it answers again")
-                self._status(b, dev, "failed")
+                gb = parts[-1] = MetricsBuilder(self.scope, self.start_ns, time_ns=self._collect_ns)
+                self._status(gb, dev, "failed")
         self._forget_exited(seen_pids)
-        return b.build()
+        # the builders' resources are disjoint (every resource carries its device's hw.id); an empty builder's
+        # placeholder is kept only when nothing at all was collected
+        rms = [rm for part in parts for rm in part.build().resource_metrics
+               if any(sm.metrics for sm in rm.scope_metrics)]
+        return MetricsData(resource_metrics=rms) if rms else b.build()
 
     def _status(self, b: MetricsBuilder, dev: Device, state: str) -> None:
         for s in ("ok", "failed"):
@@ -977,6 +987,9 @@ class NvmlReceiver(Receiver):
     def _forget_exited(self, seen: set[int]) -> None:
         """Keep caches to the processes on GPUs now: bounded under churn."""
         for pid in [p for p in self._procs if p not in seen]:
+            # the attributor cached the process under the PID it was found by: the host PID where NVML's was
+            # translated (podmeter in its own PID namespace)
+            self.attributor.forget(self._procs[pid].host_pid)
             self._drop(pid)
             self.attributor.forget(pid)
         self._ns_map = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from harness.fake_nvml import GPU, GPU_IS_LOST, UNKNOWN, Fail, Scenario, calls
+from harness.fake_nvml import GPU, GPU_IS_LOST, UNKNOWN, Fail, GiB, Process, Scenario, calls
 
 from .test_nvml_receiver import errors, points, value
 
@@ -212,6 +212,33 @@ def test_a_gpu_lost_during_discovery(fake, make_receiver):
     got = status(r.collect())
     assert got[UUID1][1] == FAILED and got[UUID0][1] == OK
     assert got[UUID1][0]["hw.gpu.pci_bus_id"] == "00000000:19:00.0"
+
+
+@pytest.mark.parametrize("fn", ["nvmlDeviceGetTemperature", "nvmlDeviceGetProcessUtilization"])
+def test_a_gpu_lost_part_way_through_a_collection_reports_nothing_but_failed(fake, make_receiver, fn):
+    """GPU_IS_LOST from a call after the GPU already answered others in the same collection (memory, utilization,
+    its processes' memory): what it answered before is left out with the rest, as the README says; the other GPU
+    keeps reporting everything. (PID 4242 is only a number NVML lists: not attributed, reported with process.pid.)"""
+    s = fake.write(Scenario(gpus=[GPU(uuid=UUID0, mem_used=5 * GiB), GPU(uuid=UUID1, mem_used=7 * GiB)],
+                            processes=[Process(pid=4242, gpu=0, used_mem=GiB), Process(pid=4242, gpu=1, used_mem=GiB)]))
+    r = make_receiver()
+    assert value(r.collect(), "hw.gpu.memory.usage", hw__id=UUID1) == 7 * GiB
+    s.fail = [Fail(fn, GPU_IS_LOST, gpu=1)]
+    fake.write(s)
+    md = r.collect()
+    got = status(md)
+    assert got[UUID1][1] == FAILED and got[UUID0][1] == OK
+    lost = [(name, attrs) for name in ("hw.gpu.memory.usage", "hw.gpu.utilization", "process.gpu.memory.usage",
+                                       "hw.power", "hw.energy")
+            for res, attrs, _ in points(md, name) if res["hw.id"] == UUID1]
+    assert lost == []
+    assert value(md, "hw.gpu.memory.usage", hw__id=UUID0) == 5 * GiB
+    assert value(md, "process.gpu.memory.usage", hw__id=UUID0) == GiB
+    assert value(md, "hw.gpu.temperature", hw__id=UUID0) == 40
+    s.fail = []
+    fake.write(s)
+    md = r.collect()
+    assert status(md)[UUID1][1] == OK and value(md, "hw.gpu.memory.usage", hw__id=UUID1) == 7 * GiB
 
 
 def test_a_lost_gpu_keeps_its_identity_through_a_driver_reload(fake, make_receiver):

@@ -461,8 +461,12 @@ res = [dict(rm.resource.attributes) for rm in md.resource_metrics
        if any(m.name == "process.gpu.memory.usage" for sm in rm.scope_metrics for m in sm.metrics)]
 # the host PID found independently: the process in the pod's cgroup, as the host's /proc lists it
 host = [int(d) for d in os.listdir("/proc") if d.isdigit() and sys.argv[4] in open(f"/proc/{d}/cgroup").read()]
-print(json.dumps({"ns_pid": proc.pid, "host_pids": host, "resources": res}))
 proc.kill()
+proc.wait()
+Scenario(gpus=[GPU(uuid="GPU-ns")]).write(os.environ["FAKE_NVML_SCENARIO"])
+r.collect()  # the process left the GPU: nothing of it is kept
+print(json.dumps({"ns_pid": proc.pid, "host_pids": host, "resources": res, "procs": len(r._procs),
+                  "attributor": len(r.attributor)}))
 """
 
 
@@ -484,6 +488,7 @@ def test_pids_of_podmeters_own_namespace_are_translated_through_nspid(fake, pods
     assert res["process.pid"] == host_pid
     assert res["k8s.pod.uid"] == pod.uid and res["container.id"] == pod.container_id
     assert "runs in its own PID namespace" in out.stderr
+    assert got["procs"] == 0 and got["attributor"] == 0  # bounded under churn: the host PID's entry is gone too
 
 
 def test_allocation_with_the_real_podresources_receiver(fake, make_receiver, tmp_path):
