@@ -425,7 +425,9 @@ class OwnerResolver:
         self.gets = 0
 
     def owner(self, kind: str, namespace: str, name: str) -> tuple[str, str] | None:
-        """The controller; NO_OWNER when the object has none; None when unknown (not readable now)."""
+        """The controller; NO_OWNER when the object has none; None when unknown (not readable now). A GET on this
+        thread when not cached: the processor uses cached() and submit() instead; this drives the resolver
+        directly (its tests)."""
         key = (kind, namespace, name)
         now = time.monotonic()
         with self._lock:
@@ -600,8 +602,9 @@ class OwnerResolver:
         others wait for the backoff). Returns whether one failed."""
         with self._lock:
             # keys scheduled after this may belong to pods in_use() does not see yet (their lookup failed while the
-            # pass ran): not dropped by this pass. Scheduling happens under the processor's records lock, with the
-            # pod stored in the same hold, so a key scheduled before in_use() takes that lock has its pod counted
+            # pass ran): not dropped by this pass. A key is scheduled only after its pod was stored (under the
+            # processor's records lock, before the owner was submitted), so one scheduled before in_use() takes that
+            # lock has its pod counted
             known = self._scheduled
         wanted = self.in_use() if self.in_use is not None else None
         found: list[tuple[str, str, str]] = []
