@@ -16,6 +16,7 @@ from podmeter.metrics import MetricsBuilder, MetricSpec, now_ns
 from . import api_pb2 as pb
 from . import api_pb2_grpc as pbg
 from .config import PodResourcesConfig
+from .slices import ResourceSlices
 
 METRICS = (
     MetricSpec("k8s.container.device.allocated", "gauge", "{device}",
@@ -80,6 +81,7 @@ class PodResourcesReceiver(Receiver):
             "podmeter_podresources_terminated_pods",
             "Pods the kubelet still lists with devices although the runtime reports their sandbox stopped (left out)")
         self._terminated_seen: set[tuple[str, str, str]] = set()  # (namespace, name, uid) left out at the last refresh
+        self._slices = ResourceSlices(config.dra, self.tel, self.log, config.request_timeout)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -160,45 +162,49 @@ class PodResourcesReceiver(Receiver):
             return False
         self.tel.recovered("list")
         uids, container_ids, ended = self._cri_lookup()
-        # (container, device, resource) -> allocation units: time-sliced replicas of one GPU given to one
-        # container add up instead of making duplicate series
-        allocations: dict[tuple, int] = {}
-        mapping: dict[str, list[dict]] = {}
+        # the pods held, with each container's devices as (device id or DRA (driver, pool, device), resource name)
+        held: list[tuple[pb.PodResources, str | None, pb.ContainerResources, dict[tuple, None]]] = []
+        claimed: set[tuple[str, str, str]] = set()
         terminated: set[tuple[str, str, str]] = set()
         for pod in listed.pod_resources:
             if not pod.name:  # nothing to attribute its devices to
                 continue
             pod_uid = uids(pod.namespace, pod.name)
+            containers = [(c, self._held(c)) for c in pod.containers]
             # kubelets before the fix of kubernetes#119423/#132028 keep listing an ended pod's devices (a completed
             # Job, an evicted pod) until the pod object is deleted, and the device plugin hands them to new pods
             if pod_uid and ended(pod_uid):
-                if any(self._wanted(d.resource_name) and d.device_ids for c in pod.containers for d in c.devices):
+                if any(devices for _c, devices in containers):
                     terminated.add((pod.namespace, pod.name, pod_uid))
                 continue
-            for container in pod.containers:
-                for devices in container.devices:
-                    if not self._wanted(devices.resource_name):
-                        continue
-                    res = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace,
-                           "k8s.container.name": container.name}
-                    uid = pod_uid
-                    if uid:
-                        res["k8s.pod.uid"] = uid
-                    # the container's id as every other receiver's container series carry it (promoted to a label
-                    # by the prometheus exporter): `on (container_id)` joins find these series too
-                    cid = container_ids(uid, container.name) if uid else None
-                    # a device listed twice for one container is one device (replicas have ids of their own)
-                    for device_id in dict.fromkeys(devices.device_ids):
-                        if not device_id:
-                            continue
-                        key = device_key(device_id)
-                        akey = (tuple(sorted({**res, "container.id": cid}.items() if cid else res.items())), key,
-                                devices.resource_name)
-                        allocations[akey] = allocations.get(akey, 0) + 1
-                        entry = {**res, "k8s.resource.name": devices.resource_name}
-                        if key != device_id:
-                            entry["k8s.device.id"] = device_id  # the plugin's replica id
-                        mapping.setdefault(key, []).append(entry)
+            for container, devices in containers:
+                if devices:
+                    claimed.update(d for d, _r in devices if isinstance(d, tuple))
+                    held.append((pod, pod_uid, container, devices))
+        uuids = self._slices.resolve(claimed) if claimed else {}
+        # (container, device, resource) -> allocation units: time-sliced replicas of one GPU given to one
+        # container add up instead of making duplicate series
+        allocations: dict[tuple, int] = {}
+        mapping: dict[str, list[dict]] = {}
+        for pod, pod_uid, container, devices in held:
+            res = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace, "k8s.container.name": container.name}
+            if pod_uid:
+                res["k8s.pod.uid"] = pod_uid
+            # the container's id as every other receiver's container series carry it (promoted to a label by the
+            # prometheus exporter): `on (container_id)` joins find these series too
+            cid = container_ids(pod_uid, container.name) if pod_uid else None
+            items = tuple(sorted({**res, "container.id": cid}.items() if cid else res.items()))
+            for device, resource_name in devices:
+                if isinstance(device, tuple):  # a DRA device: its UUID, or its driver's name for it
+                    device_id = key = uuids.get(device) or "/".join(device)
+                else:
+                    device_id, key = device, device_key(device)
+                akey = (items, key, resource_name)
+                allocations[akey] = allocations.get(akey, 0) + 1
+                entry = {**res, "k8s.resource.name": resource_name}
+                if key != device_id:
+                    entry["k8s.device.id"] = device_id  # the plugin's replica id
+                mapping.setdefault(key, []).append(entry)
         allocatable = self._fetch_allocatable()
         self._terminated.set(len(terminated))
         for ns, name, uid in sorted(terminated - self._terminated_seen):
@@ -210,6 +216,20 @@ class PodResourcesReceiver(Receiver):
             self._allocatable = allocatable
         self.provider.replace({k: tuple(v) for k, v in mapping.items()})
         return True
+
+    def _held(self, container) -> dict[tuple, None]:
+        """A container's tracked devices, each once: (device plugin id, resource name), and (DRA (driver, pool,
+        device), driver) for devices claimed from a tracked DRA driver."""
+        out: dict[tuple, None] = {}
+        for devices in container.devices:
+            if self._wanted(devices.resource_name):
+                # a device listed twice for one container is one device (replicas have ids of their own)
+                out.update(((d, devices.resource_name), None) for d in devices.device_ids if d)
+        for claim in container.dynamic_resources:
+            for r in claim.claim_resources:
+                if r.device_name and any(fnmatch.fnmatchcase(r.driver_name, p) for p in self.config.dra.drivers):
+                    out[(r.driver_name, r.pool_name, r.device_name), r.driver_name] = None
+        return out
 
     def _fetch_allocatable(self) -> dict[str, int] | None:
         if not self.config.allocatable:

@@ -1,11 +1,34 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
-from podmeter.config import Duration, ScraperConfig
+from podmeter.config import ComponentConfig, Duration, ScraperConfig
 from receivers.cri.config import parse_unix_endpoint
 
 DEFAULT_ROOT = "/var/lib/kubelet"
+
+
+class DraConfig(ComponentConfig):
+    drivers: list[str] = Field(
+        default_factory=lambda: ["gpu.nvidia.com"],
+        description="DRA drivers whose claimed devices are tracked (shell-style patterns); empty: claims are ignored")
+    uuid_attribute: str = Field(
+        "uuid", min_length=1,
+        description="The device attribute in the driver's ResourceSlices that holds the device's UUID (NVIDIA's "
+                    "driver: uuid, for GPUs and MIG devices)")
+    auth_type: Literal["serviceAccount", "kubeConfig", "none"] = Field(
+        "serviceAccount",
+        description="How this node's ResourceSlices are read from the API server, to turn a claimed device's name "
+                    "into its UUID; none: devices are reported as <driver>/<pool>/<device>")
+    kube_config_path: str = Field("", description="With kubeConfig: the file (default: $KUBECONFIG, then "
+                                                  "~/.kube/config)")
+    node_name: str = Field("", description="This node's name, whose ResourceSlices are read; empty: "
+                                           "$K8S_NODE_NAME, else the host name")
+    refresh_interval: Duration = Field(
+        300.0, gt=0, description="How often the node's ResourceSlices are listed again while it holds claims "
+                                 "(sooner, at most every 30s, when a claimed device is not in them)")
 
 
 class PodResourcesConfig(ScraperConfig):
@@ -28,6 +51,8 @@ class PodResourcesConfig(ScraperConfig):
         64, ge=4, le=2048, description="Largest reply accepted, MiB (gRPC's default of 4 MiB is too small on "
                                        "busy nodes)")
     allocatable: bool = Field(True, description="Also call GetAllocatableResources (kubelet >= 1.21)")
+    dra: DraConfig = Field(default_factory=DraConfig,
+                           description="Devices claimed through Dynamic Resource Allocation (ResourceClaims)")
 
     @field_validator("endpoint")
     @classmethod

@@ -35,7 +35,8 @@ HOST_MOUNTS = {  # host path -> where the agent sees it
 }
 # exactly the requests k8sattributes makes (processors/k8sattributes/kube.py): list/watch of this node's pods, GET of
 # one ReplicaSet or Job by name
-ALLOWED_VERBS = {("", "pods"): {"list", "watch"}, ("apps", "replicasets"): {"get"}, ("batch", "jobs"): {"get"}}
+ALLOWED_VERBS = {("", "pods"): {"list", "watch"}, ("apps", "replicasets"): {"get"}, ("batch", "jobs"): {"get"},
+                 ("resource.k8s.io", "resourceslices"): {"list"}}
 ALLOWED_RESOURCES = set(ALLOWED_VERBS)
 
 _DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
@@ -303,7 +304,7 @@ def test_agent_node_name_probes_and_tolerations(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_rbac_only_reads_pods_replicasets_jobs(variant):
+def test_rbac_only_reads_pods_replicasets_jobs_resourceslices(variant):
     docs = render(variant)
     assert not objects(docs, "Role") and not objects(docs, "RoleBinding")
     role = one(docs, "ClusterRole", "podmeter")

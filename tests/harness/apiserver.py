@@ -49,6 +49,8 @@ RESOURCES: dict[str, tuple[str, str, bool, frozenset[str]]] = {
     "daemonsets": ("apps/v1", "DaemonSet", True, frozenset()),
     "jobs": ("batch/v1", "Job", True, frozenset()),
     "cronjobs": ("batch/v1", "CronJob", True, frozenset()),
+    # DRA: the podresources receiver lists this node's slices (served at another version with `served`)
+    "resourceslices": ("resource.k8s.io/v1", "ResourceSlice", False, frozenset({"spec.nodeName", "spec.driver"})),
 }
 
 
@@ -277,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
         ns = None
         if len(rest) >= 3 and rest[0] == "namespaces":
             ns, rest = rest[1], rest[2:]
-        if not rest or rest[0] not in RESOURCES or RESOURCES[rest[0]][0] != gv:
+        if not rest or rest[0] not in RESOURCES or self.api.served.get(rest[0], RESOURCES[rest[0]][0]) != gv:
             return None, None, None, q, u.path
         return rest[0], ns, (rest[1] if len(rest) > 1 else None), q, u.path
 
@@ -460,6 +462,9 @@ class ApiServer:
     tls_key: str | None = None
     store: Store = field(default_factory=Store)
     requests: list[Request] = field(default_factory=list)
+    # plural -> the group/version it is served at instead of RESOURCES' (an older server: resourceslices at
+    # resource.k8s.io/v1beta1); None: not served at all (404, as a server without the API)
+    served: dict[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
