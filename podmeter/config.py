@@ -110,7 +110,8 @@ def _parse_endpoint(value: Any) -> str:
 
 
 Endpoint = Annotated[str, BeforeValidator(_parse_endpoint)]
-"""A listen address `host:port`: host is empty (":8888"), a hostname, an IPv4 address or [an IPv6 address]."""
+"""A listen address `host:port`: host is empty (":8888"), a hostname, an IPv4 address or [an IPv6 address]. Empty
+and `0.0.0.0` listen on IPv4 and IPv6 (podmeter.httpserve), as the collector's listeners do."""
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:

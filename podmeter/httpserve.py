@@ -69,12 +69,25 @@ class Server(ThreadingHTTPServer):
         self.context = context
         self._conns: dict[socket.socket, _Conn] = {}
         self._conns_lock = threading.Lock()
+        # the wildcard (`0.0.0.0:9464`, `:9464`) listens on IPv4 and IPv6 alike, as the collector's does (Go listens
+        # on [::] without IPV6_V6ONLY for it): an IPv6-only or dual-stack node is scraped at its IPv6 address with
+        # the configuration written for the collector; a kernel without IPv6 keeps the IPv4 socket
+        self.dual_stack = address[0] in ("", "0.0.0.0") and socket.has_dualstack_ipv6()
+        if self.dual_stack:
+            address = ("::", *address[1:])
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
 
+    def server_bind(self) -> None:
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
     def get_request(self):
         sock, addr = super().get_request()
+        if self.dual_stack and addr[0].startswith("::ffff:") and "." in addr[0]:
+            addr = (addr[0][7:], *addr[1:])  # an IPv4 client, named as such in logs and access lines
         if self.context is not None:
             # the handshake runs in the connection's own thread (Handler.setup), never in the accept loop, and
             # within request_timeout

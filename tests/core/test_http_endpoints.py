@@ -206,3 +206,86 @@ def test_the_server_header_names_podmeter_without_the_python_version(endpoint):
     probe uses, and something a scanner does."""
     _status, headers, _body = get(endpoint)
     assert headers["Server"] == "podmeter"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=BOUND):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("name", ["prometheus", "telemetry", "health_check"])
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", ""])
+def test_the_wildcard_listens_on_ipv4_and_ipv6(name, wildcard, tmp_path):
+    """`0.0.0.0:port` and `:port` answer over IPv6 too, as the collector's listeners do: on an IPv6-only node
+    Prometheus scrapes the node's IPv6 address with the configuration written for IPv4. An explicit address stays
+    what it says."""
+    port = free_port()
+    if name == "prometheus":
+        comp, _ = _create(prometheus_factory, {"endpoint": f"{wildcard}:{port}"})
+        comp.start(Host())
+        stop = comp.shutdown
+    elif name == "health_check":
+        comp, _ = _create(health_factory, {"endpoint": f"{wildcard}:{port}"})
+        comp.start(Host())
+        stop = comp.shutdown
+    else:
+        from podmeter.config import load
+        from podmeter.runtime import Service
+
+        path = tmp_path / "agent.yaml"
+        path.write_text(f"""
+receivers: {{cgroup: {{}}}}
+exporters: {{debug: {{}}}}
+service:
+  telemetry: {{metrics: {{address: "{wildcard}:{port}"}}}}
+  pipelines: {{metrics: {{receivers: [cgroup], exporters: [debug]}}}}
+""")
+        service = Service(load([str(path)], env={}))
+        service._start_telemetry_server()
+        stop = service._stop_telemetry_server
+    try:
+        assert socket.has_dualstack_ipv6(), "this machine has no IPv6 (the test needs ::1)"
+        for host in ("127.0.0.1", "::1"):
+            with socket.create_connection((host, port), timeout=BOUND) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                assert s.recv(12).startswith(b"HTTP/1."), host
+    finally:
+        stop()
+    explicit = free_port()
+    comp, _ = _create(health_factory, {"endpoint": f"127.0.0.1:{explicit}"})
+    comp.start(Host())
+    try:
+        assert _reachable("127.0.0.1", explicit) and not _reachable("::1", explicit)
+    finally:
+        comp.shutdown()
+
+
+def test_ipv4_clients_of_the_wildcard_are_named_as_ipv4():
+    """Through the dual-stack socket an IPv4 client's address is `::ffff:a.b.c.d`; logs name it `a.b.c.d`."""
+    from http.server import BaseHTTPRequestHandler
+
+    from podmeter import httpserve
+
+    class Echo(httpserve.Handler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = self.client_address[0].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    assert issubclass(Echo, BaseHTTPRequestHandler)
+    server = httpserve.Server(("0.0.0.0", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=BOUND) as r:
+            assert r.read() == b"127.0.0.1"
+        with urllib.request.urlopen(f"http://[::1]:{port}/", timeout=BOUND) as r:
+            assert r.read() == b"::1"
+    finally:
+        server.shutdown()
+        server.server_close()
