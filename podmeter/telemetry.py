@@ -12,9 +12,22 @@ import os
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from podmeter import __version__
+
+# The collector's self-telemetry has no `_created` series; prometheus_client adds one per counter and histogram child
+# (a second series for each receiver, exporter and error cause), which nothing reads. The switch is the library's,
+# for the whole process: podmeter's is its only registry.
+disable_created_metrics()
 
 
 class Telemetry:

@@ -314,6 +314,7 @@ def test_cli_run_health_telemetry_and_sigterm(tmp_path):
                        'podmeter_receiver_collections_total{outcome="timeout",receiver="counter"} 0.0'):
             assert series in metrics, series
         assert "podmeter_process_resident_memory_bytes" in metrics
+        assert "_created" not in metrics  # as the collector's: no second series per counter and histogram child
         wait_for(lambda: out_file.exists() and len(out_file.read_text().splitlines()) >= 3, what="exports")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
