@@ -3,9 +3,9 @@
 The kubelet's PodResources API names a claimed device as its DRA driver does (`gpu.nvidia.com`, pool `node-1`,
 device `gpu-0`). What the rest of podmeter knows a GPU by (nvml, dcgm-exporter, nvidia-smi) is its UUID, which the
 driver publishes as a device attribute in this node's ResourceSlices (NVIDIA's: `uuid`, for GPUs and MIG devices).
-The slices are listed from the API server only while this node holds claims of a tracked driver: when a claimed
-device is not in the last listing (a new driver, a MIG reconfiguration; at most every RELIST_MIN), and every
-`refresh_interval`. A node without DRA claims never asks.
+The slices are listed from the API server only while this node holds claims of a tracked driver: at the first, when
+a device is claimed that the last listing did not have (a new driver, a MIG reconfiguration; at most every
+RELIST_MIN), and every `refresh_interval`, sooner after a failure. A node without DRA claims never asks.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class ResourceSlices:
         self.node = config.node_name or os.environ.get("K8S_NODE_NAME", "").strip() or os.uname().nodename
         self._uuids: dict[tuple[str, str, str], str] = {}
         self._listed_at: float | None = None
+        self._wait = config.refresh_interval  # until the next listing: refresh_interval, less after a failure
+        self._failed = False
+        self._unresolved: set[tuple[str, str, str]] = set()  # claimed devices the last listing had no UUID for
         self._version: str | None = None  # the resource.k8s.io version the API server answered
         self._api = None
         self._unavailable: str | None = None  # why there is no API access (said once)
@@ -37,11 +40,16 @@ class ResourceSlices:
         """The UUIDs of those claimed devices that the node's ResourceSlices give one for."""
         if devices and self.config.auth_type != "none":
             now = time.monotonic()
-            due = self._listed_at is None or now >= self._listed_at + self.config.refresh_interval or (
-                not devices <= self._uuids.keys() and now >= self._listed_at + RELIST_MIN)
-            if due:
+            if self._listed_at is None or now >= self._listed_at + self._wait or (
+                    devices - self._uuids.keys() - self._unresolved and now >= self._listed_at + RELIST_MIN):
                 self._listed_at = now
-                self._list()
+                ok = self._list()
+                # a device the listing did not have (a driver without the UUID attribute) is not looked up again
+                # before the next regular listing; a failed listing is tried again sooner, backing off towards it
+                self._unresolved = devices - self._uuids.keys()
+                interval = self.config.refresh_interval
+                self._wait = interval if ok else min(interval, self._wait * 2 if self._failed else RELIST_MIN)
+                self._failed = not ok
         return {d: self._uuids[d] for d in devices if d in self._uuids}
 
     def _client(self):
@@ -60,10 +68,11 @@ class ResourceSlices:
                                  "access to read ResourceSlices (%s)", exc)
         return self._api
 
-    def _list(self) -> None:
+    def _list(self) -> bool:
+        """Whether the node's slices could be listed (they are then the ones used)."""
         api = self._client()
         if api is None:
-            return
+            return False
         from processors.k8sattributes.kube import ApiException
         versions = (self._version,) if self._version else VERSIONS
         for version in versions:
@@ -84,14 +93,15 @@ class ResourceSlices:
                                                      "group resource.k8s.io; DRA devices keep their driver's names")
                 else:
                     self.tel.error("resourceslices", f"listing ResourceSlices failed: {exc.status} {exc.reason}")
-                return
+                return False
             except Exception as exc:  # noqa: BLE001 - connection refused, timeout, TLS, a body that is not JSON
                 self.tel.error("resourceslices", f"listing ResourceSlices failed: {type(exc).__name__}: {exc}")
-                return
+                return False
             self._version = version
             self.tel.recovered("resourceslices")
             self._uuids = self._uuids_of(doc.get("items") or [] if isinstance(doc, dict) else [])
-            return
+            return True
+        return False
 
     def _uuids_of(self, slices: list) -> dict[tuple[str, str, str], str]:
         attr = self.config.uuid_attribute

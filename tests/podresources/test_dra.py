@@ -123,6 +123,49 @@ def test_refused_listing_keeps_the_drivers_names(server, make_receiver, api, tmp
     assert sum("ResourceSlices was refused" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_failed_listing_is_tried_again_backing_off(server, make_receiver, api, tmp_path):
+    """A refused (or failed) listing is tried again after RELIST_MIN, then twice as long each time up to
+    refresh_interval: thousands of nodes do not ask every refresh while RBAC is missing; once granted, the UUIDs
+    come back without a restart."""
+    fault = api.forbid("resourceslices")
+    server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1"))]))
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}", dra=dra(api, tmp_path))
+    state = receiver._slices
+
+    def after(seconds):  # the last listing `seconds` earlier, then a refresh
+        state._listed_at -= seconds
+        receiver._refresh()
+        return len(slice_lists(api))
+
+    assert len(slice_lists(api)) == 1
+    assert after(0) == 1
+    assert after(slices.RELIST_MIN + 1) == 2
+    assert after(slices.RELIST_MIN + 1) == 2  # backed off to twice RELIST_MIN
+    assert after(slices.RELIST_MIN) == 3
+    api.clear(fault)
+    assert after(4 * slices.RELIST_MIN + 1) == 4
+    assert set(provider.assignments()) == {GPU1} and "resourceslices" not in telemetry.failing()
+    assert after(slices.RELIST_MIN + 1) == 4  # listed: the next one at refresh_interval
+    assert after(300) == 5
+
+
+def test_device_the_slices_do_not_name_is_not_looked_up_every_time(server, make_receiver, api, tmp_path,
+                                                                   monkeypatch):
+    """A tracked driver that publishes no UUID attribute: its devices keep their names until the regular listing,
+    without a listing at every refresh; a device claimed since is looked up at once."""
+    monkeypatch.setattr(slices, "RELIST_MIN", 0.0)
+    kubelet = Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-9"))])
+    server.start(kubelet)
+    receiver, provider, _ = make_receiver(endpoint=f"unix://{server.path}", dra=dra(api, tmp_path))
+    receiver._refresh()
+    receiver._refresh()
+    assert len(slice_lists(api)) == 1 and set(provider.assignments()) == {f"{DRIVER}/{NODE}/gpu-9"}
+    api.create("resourceslices", None, resource_slice("node-a-gpu-2", NODE, DRIVER, [("gpu-2", GPU2)]))
+    kubelet.pods = [claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-9"), (DRIVER, NODE, "gpu-2"))]
+    receiver._refresh()
+    assert len(slice_lists(api)) == 2 and set(provider.assignments()) == {f"{DRIVER}/{NODE}/gpu-9", GPU2}
+
+
 def test_api_server_without_dra(server, make_receiver, tmp_path):
     with ApiServer(served={"resourceslices": None}) as api:
         server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1"))]))
