@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
@@ -144,16 +145,35 @@ def label_value(value: Any) -> str:
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return float_attribute(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, Iterable):
         # compact and UTF-8, as the collector renders an array attribute (pcommon's AsString), so the same tags
         # make the same label value whichever of the two exposes them
-        return json.dumps([v if isinstance(v, str | int | float | bool) else str(v) for v in value],
-                          separators=(",", ":"), ensure_ascii=False)
+        return "[" + ",".join(float_attribute(v) if isinstance(v, float) and math.isfinite(v) else
+                              json.dumps(v if isinstance(v, str | int | float | bool) else str(v), ensure_ascii=False)
+                              for v in value) + "]"
     return str(value)
+
+
+def float_attribute(v: float) -> str:
+    """A double attribute as the collector writes it in a label (pcommon's AsString, JSON's number form): `1` and
+    `0.5`, exponents only below 1e-6 and from 1e21 (`1e-7`, `1e+21`), where Python writes `1.0` and `1e-05`."""
+    if not math.isfinite(v):
+        return "json: unsupported value: " + ("NaN" if math.isnan(v) else "+Inf" if v > 0 else "-Inf")
+    a = abs(v)
+    if a != 0 and (a < 1e-6 or a >= 1e21):
+        text = repr(v)  # shortest digits, exponent form
+        mantissa, _, exp = text.partition("e")
+        sign, digits = exp[0], exp[1:].lstrip("0") or "0"
+        return f"{mantissa}e{sign}{digits}"
+    if v == int(v):
+        return "-0" if v == 0 and math.copysign(1.0, v) < 0 else str(int(v))
+    return format(Decimal(repr(v)), "f")  # the shortest digits, positional
 
 
 def labels_from(attributes: Mapping[str, Any], into: dict[str, str] | None = None) -> dict[str, str]:

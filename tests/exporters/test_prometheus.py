@@ -796,6 +796,24 @@ def test_array_attributes_are_compact_json_as_the_collector_renders_them(exporte
     assert families["target_info"].samples[0].labels["container_image_tags"] == '["v1","läst"]'
 
 
+def test_double_attributes_are_written_as_the_collector_writes_them(exporter, kit):
+    """A double attribute's label value is pcommon's AsString (JSON's number form): `1`, not Python's `1.0`, and
+    exponents only below 1e-6 and from 1e21, so both expose the same series for the same value."""
+    exp, port, _ = exporter()
+    b = MetricsBuilder("podmeter/receiver/x", kit.START_NS)
+    cases = {"one": 1.0, "half": 0.5, "small": 1e-05, "tiny": 1.5e-07, "big": 1e20, "huge": 1e21, "neg": -2.0,
+             "list": [1.0, 0.25]}
+    b.add(kit.MEM, 1.0, cases, resource={"k8s.pod.uid": "u", "app.version": 2.0})
+    exp.export(b.build())
+    _, text = scrape(port)
+    families = {f.name: f for f in parse_text(text)}
+    labels = families["container_memory_usage_bytes"].samples[0].labels
+    assert {k: labels[k] for k in cases} == {"one": "1", "half": "0.5", "small": "0.00001", "tiny": "1.5e-7",
+                                             "big": "100000000000000000000", "huge": "1e+21", "neg": "-2",
+                                             "list": "[1,0.25]"}
+    assert families["target_info"].samples[0].labels["app_version"] == "2"
+
+
 def test_translation_strategy_as_the_collectors(exporter, kit, caplog):
     """`translation_strategy`, the collector's successor of add_metric_suffixes, was refused as an unknown key (the
     agent would not start on a current collector config). The underscore-escaping strategies are served; when
