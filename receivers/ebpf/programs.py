@@ -191,9 +191,9 @@ class Programs:
         return obj
 
     def start(self) -> LoadResult:
-        """Load with every enabled hook's best variant; a variant that fails to load is replaced by the next one
-        and the object reloaded; hooks with no variant left are reported unavailable. Raises BPFError when the
-        object cannot load for a reason not tied to one program."""
+        """Load with every enabled hook's best variant; a variant that fails to load, or loads but cannot attach, is
+        replaced by the next one and the object reloaded; hooks with no variant left are reported unavailable.
+        Raises BPFError when the object cannot load for a reason not tied to one program."""
         res = self.result = LoadResult()
         hooks = hooks_for(self.features)
         oom_problem, sock_tps = self._kernel_checks() if {"oom", "tcp_bytes"} & set(hooks) else (None, False)
@@ -225,25 +225,30 @@ class Programs:
                         res.unavailable[hook] = f"{v.kind} not loadable ({why})"
                         del pending[hook]
                 continue
+            refused = self._attach(obj, chosen, res)
+            # a kernel can refuse at attach what it loaded (fentry on arm64 before 6.0, which has no trampolines):
+            # the next variant of such a hook needs its own load (.rodata depends on the variants), so the object
+            # is made again, its links going with it
+            retry = [h for h in refused if len(pending[h]) > 1]
+            for hook, exc in refused.items():
+                v = pending[hook][0]
+                if hook in retry:
+                    pending[hook].pop(0)
+                    res.fallbacks.append(f"{hook}: {v.kind} not attachable ({exc.strerror}), trying "
+                                         f"{pending[hook][0].kind}")
+                else:
+                    res.unavailable[hook] = f"{v.kind} attach failed: {exc.strerror}"
+                    if retry:
+                        del pending[hook]
+            if retry:
+                obj.close()
+                res.attached.clear()
+                continue
             self.obj = obj
             break
         else:
             raise lb.BPFError(errno.ELOOP, f"load {self.path}: gave up after {self.max_attempts} attempts")
 
-        for hook, v in chosen.items():
-            try:
-                for prog in v.programs:
-                    if v.kind == "perf_event":
-                        obj.attach_perf_sw(prog, lb.PERF_COUNT_SW_PAGE_FAULTS_MAJ)
-                    else:
-                        obj.attach(prog)
-                res.attached[hook] = v.kind
-            except lb.BPFError as exc:
-                # a loaded variant that cannot attach: drop the hook (its other programs too) rather than reload
-                for prog in v.programs:
-                    for link in obj.links.pop(prog, []):
-                        obj._lib.bpf_link__destroy(link)
-                res.unavailable[hook] = f"{v.kind} attach failed: {exc.strerror}"
         try:
             self.counters = obj.map("counters")
             self.syscalls = obj.map("syscalls")
@@ -254,6 +259,25 @@ class Programs:
             self.close()  # attached already: a receiver that does not start must leave nothing running
             raise
         return res
+
+    def _attach(self, obj: lb.BPFObject, chosen: dict[str, Variant], res: LoadResult) -> dict[str, lb.BPFError]:
+        """Attach every chosen variant; the hooks whose attach failed, with why (their programs' links undone)."""
+        refused = {}
+        for hook, v in chosen.items():
+            try:
+                for prog in v.programs:
+                    if v.kind == "perf_event":
+                        obj.attach_perf_sw(prog, lb.PERF_COUNT_SW_PAGE_FAULTS_MAJ)
+                    else:
+                        obj.attach(prog)
+                res.attached[hook] = v.kind
+            except lb.BPFError as exc:
+                # drop the hook (its other programs too): half a hook would count half its events
+                for prog in v.programs:
+                    for link in obj.links.pop(prog, []):
+                        obj._lib.bpf_link__destroy(link)
+                refused[hook] = exc
+        return refused
 
     # ---- reading ------------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 
 import pytest
-from harness import require, require_binary, require_root
+from harness import require, require_binary, require_root, wait_for
 
 from receivers.ebpf import libbpf as lb
 from receivers.ebpf.programs import (
@@ -109,5 +109,38 @@ def test_old_kernel_prototypes_leave_oom_unattached_and_try_fentry_first(tmp_pat
         assert res.attached["tcp_bytes"] in ("fentry", "tp_btf")
         if res.attached["tcp_bytes"] == "tp_btf":
             assert any(line.startswith("tcp_bytes: fentry") for line in res.fallbacks)
+    finally:
+        progs.close()
+
+
+def test_a_variant_refused_at_attach_falls_back_to_the_next(built_object, monkeypatch):
+    """A kernel can load a program and then refuse to attach it: arm64 before 6.0 loads fentry programs but has no
+    BPF trampolines to attach them (ENOTSUPP). The hook then runs on its next variant, reloaded, instead of being
+    dropped; a hook with no other variant is reported unavailable and the rest runs.
+
+    No kernel here refuses an attach after a load, so the refusal is made at libbpf's attach call for the chosen
+    programs (a stand-in for that kernel); loading, the reload and attaching the fallbacks are real."""
+    require_root()
+    require(os.path.exists("/sys/kernel/btf/vmlinux"), "needs a kernel with BTF")
+    refuse = {"switch_btf", "wakeup_btf"}
+    real_attach = lb.BPFObject.attach
+
+    def attach(self, prog):
+        if prog in refuse:
+            raise lb.BPFError(524, f"attach {prog}")  # ENOTSUPP, as arm64 answers for a trampoline
+        return real_attach(self, prog)
+
+    monkeypatch.setattr(lb.BPFObject, "attach", attach)
+    progs = Programs(built_object, {"context_switches", "runqueue_latency"}, max_cgroups=64, syscall_entries=1,
+                     tracked=[], attach_order=["fentry", "tp_btf", "raw_tp"])
+    res = progs.start()
+    try:
+        assert res.attached["sched_switch"] == "raw_tp"
+        assert any(line.startswith("sched_switch: tp_btf not attachable") for line in res.fallbacks), res.fallbacks
+        assert "sched_wakeup" not in res.attached and "attach failed" in res.unavailable["sched_wakeup"]
+        assert res.attached["cgroup_rmdir"] == "tp_btf"
+        assert set(progs.obj.links) == {"switch_raw", "rmdir_btf"}
+        # attached for real: the kernel's context switches are counted
+        wait_for(lambda: any(words[0] + words[1] for words in progs.read_counters().values()), what="context switches")
     finally:
         progs.close()
