@@ -16,6 +16,8 @@ from collections.abc import Iterable
 BPF_ANY, BPF_NOEXIST = 0, 1
 LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 
+BPF_MAP_TYPE_TASK_STORAGE = 29  # kernel 5.11+
+
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_PAGE_FAULTS_MAJ = 6
 PERF_FLAG_FD_CLOEXEC = 1 << 3
@@ -73,6 +75,7 @@ def _bind(path: str) -> ctypes.CDLL:
         ("bpf_program__attach", P, [P]), ("bpf_program__attach_perf_event", P, [P, INT]),
         ("bpf_link__destroy", INT, [P]),
         ("bpf_map__name", C, [P]), ("bpf_map__fd", INT, [P]), ("bpf_map__set_max_entries", INT, [P, U32]),
+        ("bpf_map__set_autocreate", INT, [P, ctypes.c_bool]), ("libbpf_probe_bpf_map_type", INT, [INT, P]),
         ("bpf_map__max_entries", U32, [P]), ("bpf_map__key_size", U32, [P]), ("bpf_map__value_size", U32, [P]),
         ("bpf_map__initial_value", P, [P, ctypes.POINTER(ctypes.c_size_t)]),
         ("bpf_map_lookup_batch", INT, [INT, P, P, P, P, U32P, P]),
@@ -118,6 +121,12 @@ def lib() -> ctypes.CDLL:
 def version() -> str:
     L = lib()
     return f"{L.libbpf_major_version()}.{L.libbpf_minor_version()}"
+
+
+def map_type_supported(map_type: int) -> bool:
+    """Whether the running kernel can make maps of this type (libbpf's probe: it creates a small one). A probe
+    that cannot tell (no privilege to make maps) says yes: the load then reports what is wrong."""
+    return lib().libbpf_probe_bpf_map_type(map_type, None) != 0
 
 
 def take_log() -> str:
@@ -338,6 +347,13 @@ class BPFObject:
             rc = self._lib.bpf_program__set_autoload(prog, name in wanted)
             if rc < 0:
                 raise _fail(f"set autoload of {name}", rc)
+
+    def skip_maps(self, names: Iterable[str]) -> None:
+        """Do not create these maps at load: no program loaded uses them (or the kernel cannot make them)."""
+        for name in names:
+            rc = self._lib.bpf_map__set_autocreate(self._maps[name], False)
+            if rc < 0:
+                raise _fail(f"skip map {name}", rc)
 
     def set_max_entries(self, map_name: str, n: int) -> None:
         rc = self._lib.bpf_map__set_max_entries(self._maps[map_name], n)

@@ -43,14 +43,20 @@ class Variant:
     kind: str  # "fentry", "tp_btf", "raw_tp", "perf_event"
     programs: tuple[str, ...]
     counts_latency: bool = True  # raw_tp variants cannot use task storage
+    task_storage: bool = False  # uses the task-local storage maps (TASK_STORAGE_MAPS): kernel 5.11+
+
+
+TASK_STORAGE_MAPS = ("wakeup_ts", "sys_enter_ts")
+NO_TASK_STORAGE = "needs task-local storage maps (kernel 5.11+)"
 
 
 # Each hook's variants, most capable first; `attach_order` in the config filters and orders the kinds.
 HOOKS: dict[str, tuple[Variant, ...]] = {
-    "sched_switch": (Variant("tp_btf", ("switch_btf",)), Variant("raw_tp", ("switch_raw",), False)),
-    "sched_wakeup": (Variant("tp_btf", ("wakeup_btf", "wakeup_new_btf")),),
-    "sys_enter": (Variant("tp_btf", ("sys_enter_btf",)),),
-    "sys_exit": (Variant("tp_btf", ("sys_exit_btf",)), Variant("raw_tp", ("sys_exit_raw",), False)),
+    "sched_switch": (Variant("tp_btf", ("switch_btf",), task_storage=True), Variant("raw_tp", ("switch_raw",), False)),
+    "sched_wakeup": (Variant("tp_btf", ("wakeup_btf", "wakeup_new_btf"), task_storage=True),),
+    "sys_enter": (Variant("tp_btf", ("sys_enter_btf",), task_storage=True),),
+    "sys_exit": (Variant("tp_btf", ("sys_exit_btf",), task_storage=True),
+                 Variant("raw_tp", ("sys_exit_raw",), False)),
     "tcp_bytes": (Variant("fentry", ("send_fexit", "recv_fentry")), Variant("tp_btf", ("send_btf", "recv_btf")),
                   Variant("raw_tp", ("send_raw", "recv_raw"))),
     "tcp_retransmit": (Variant("tp_btf", ("retrans_btf",)), Variant("raw_tp", ("retrans_raw",))),
@@ -165,6 +171,8 @@ class Programs:
         obj = lb.BPFObject(self.path)
         try:
             obj.only_load(p for v in chosen.values() for p in v.programs)
+            if not any(v.task_storage for v in chosen.values()):
+                obj.skip_maps(TASK_STORAGE_MAPS)  # nothing loaded uses them (and 5.8-5.10 cannot make them)
             obj.set_max_entries("counters", self.max_cgroups)
             # no breakdown: do not preallocate the per-syscall map
             breakdown = bool(self.tracked) and "syscalls" in self.features
@@ -198,6 +206,21 @@ class Programs:
         hooks = hooks_for(self.features)
         oom_problem, sock_tps = self._kernel_checks() if {"oom", "tcp_bytes"} & set(hooks) else (None, False)
         pending = {h: self._variants(h, sock_tps) for h in hooks}
+        if not lb.map_type_supported(lb.BPF_MAP_TYPE_TASK_STORAGE):
+            # 5.8-5.10: a map the kernel cannot make fails the whole object at load, not one program: the variants
+            # that use one are left out beforehand (scheduler and syscall counts go on, without latencies)
+            for hook in list(pending):
+                vs = pending[hook]
+                kept = [v for v in vs if not v.task_storage]
+                if len(kept) == len(vs):
+                    continue
+                if not kept:
+                    res.unavailable[hook] = f"{vs[0].kind} {NO_TASK_STORAGE}"
+                    del pending[hook]
+                    continue
+                if vs[0].task_storage:
+                    res.fallbacks.append(f"{hook}: {vs[0].kind} {NO_TASK_STORAGE}, using {kept[0].kind}")
+                pending[hook] = kept
         for hook, vs in list(pending.items()):
             if hook == "oom" and oom_problem:
                 res.unavailable[hook] = oom_problem

@@ -144,3 +144,46 @@ def test_a_variant_refused_at_attach_falls_back_to_the_next(built_object, monkey
         wait_for(lambda: any(words[0] + words[1] for words in progs.read_counters().values()), what="context switches")
     finally:
         progs.close()
+
+
+def test_kernel_without_task_storage_runs_the_hooks_that_need_none(built_object, monkeypatch):
+    """Kernels 5.8-5.10 have BTF tracepoints but no task-local storage maps. A map the kernel cannot make fails the
+    whole object at load, so the variants that use one are left out beforehand and their maps are not made:
+    context switches and syscalls are counted (raw_tp, without latencies), the wakeup and sys_enter hooks are
+    reported unavailable, and nothing else is lost.
+
+    This kernel has task storage, so libbpf's probe answers "no" here as a 5.10 kernel's would (a stand-in);
+    the probe itself, the load without those maps and the counting are real."""
+    require_root()
+    require(os.path.exists("/sys/kernel/btf/vmlinux"), "needs a kernel with BTF")
+    assert lb.map_type_supported(lb.BPF_MAP_TYPE_TASK_STORAGE)  # the real probe, on this 6.x kernel
+    monkeypatch.setattr(lb, "map_type_supported", lambda t: t != lb.BPF_MAP_TYPE_TASK_STORAGE)
+    progs = Programs(built_object, {"context_switches", "runqueue_latency", "syscalls", "syscall_latency", "tcp"},
+                     max_cgroups=64, syscall_entries=64, tracked=[0, 1], attach_order=["fentry", "tp_btf", "raw_tp"])
+    res = progs.start()
+    try:
+        assert res.attached["sched_switch"] == "raw_tp" and res.attached["sys_exit"] == "raw_tp"
+        assert "5.11" in res.unavailable["sched_wakeup"] and "5.11" in res.unavailable["sys_enter"]
+        assert any(line.startswith("sched_switch: tp_btf needs task-local storage") for line in res.fallbacks)
+        assert res.attached["tcp_retransmit"] == "tp_btf"  # hooks without task storage keep their best variant
+        with pytest.raises(lb.BPFError):
+            progs.obj.map("wakeup_ts")  # not made: a 5.10 kernel would have refused the whole object here
+        wait_for(lambda: any(words[0] + words[1] and words[2] for words in progs.read_counters().values()),
+                 what="context switches and syscalls")
+    finally:
+        progs.close()
+
+
+def test_task_storage_maps_are_made_only_when_used(built_object):
+    """Without run-queue or syscall latency chosen (the minimal profile), the task-storage maps are not made."""
+    require_root()
+    progs = Programs(built_object, {"syscalls"}, max_cgroups=64, syscall_entries=1, tracked=[],
+                     attach_order=["raw_tp"])
+    progs.start()
+    try:
+        assert progs.result.attached["sys_exit"] == "raw_tp"
+        for name in ("wakeup_ts", "sys_enter_ts"):
+            with pytest.raises(lb.BPFError):
+                progs.obj.map(name)
+    finally:
+        progs.close()
