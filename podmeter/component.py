@@ -40,6 +40,13 @@ class Stability(enum.StrEnum):
     STABLE = "stable"
 
 
+class RestartRequired(Exception):
+    """Raised from `collect()` when only a new process can recover: the NVIDIA driver was replaced under the agent
+    and the library it loaded cannot be swapped. The component is failing (readiness) and the health_check's
+    liveness path fails too, so kubelet restarts the agent. Every other error fails readiness only: a restart
+    would not bring back a dead socket or a hung device, and would cost every other receiver's data."""
+
+
 class ComponentUnavailable(Exception):
     """Raised from `start()` when the component cannot run on this host (no GPU, no socket, no privilege).
 
@@ -193,6 +200,7 @@ class ComponentStatus:
     state: Literal["starting", "ok", "unavailable", "error", "stopped"] = "starting"
     message: str = ""
     pipelines: list[str] = field(default_factory=list)
+    restart: bool = False  # its error is one only a restart recovers from (RestartRequired)
 
 
 # ---------------------------------------------------------------------------------------------------------

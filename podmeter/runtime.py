@@ -45,6 +45,7 @@ from podmeter.component import (
     Kind,
     Processor,
     Receiver,
+    RestartRequired,
     registry,
 )
 from podmeter.config import Config
@@ -359,12 +360,14 @@ class ReceiverRunner:
             self.telemetry.receiver_collections.labels(self.id, "error").inc()
             _component_error(self.status, self.receiver, f"collection failed: {type(exc).__name__}: {exc}",
                              type(exc).__name__)
+            self.status.restart = isinstance(exc, RestartRequired)
             return
         finally:
             self.telemetry.receiver_duration.labels(self.id).observe(time.perf_counter() - started)
         self.telemetry.receiver_collections.labels(self.id, "ok").inc()
         if self.status.state == "error":
             _component_recovered(self.status, self.receiver)
+            self.status.restart = False
         if data is None:
             return
         points = count_points(data)

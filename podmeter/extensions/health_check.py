@@ -1,9 +1,12 @@
 """health_check extension: HTTP 200 while every pipeline runs, 503 naming the failing components otherwise (and
-while the agent is still starting its components).
+while the agent is still starting its components): readiness. On `liveness_path`, 503 only when a component can
+recover by a restart alone (RestartRequired): liveness.
 
 Components that are unavailable on this host (no GPU, no socket) do not fail health: a DaemonSet on a CPU-only
 node must be ready. Exporter delivery failures (a backend outage) do not fail it either: restarting the agent
-would not bring the backend back, and it would lose the queue.
+would not bring the backend back, and it would lose the queue. A failing receiver fails readiness but not
+liveness: restarting the agent would not bring back a dead socket or a hung device, and every other receiver's
+data would be lost each time.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from podmeter.config import ComponentConfig, Endpoint, split_endpoint
 class HealthCheckConfig(ComponentConfig):
     endpoint: Endpoint = Field("0.0.0.0:13133", description="Address to serve health on")
     path: str = Field("/", description="URL path answering health (any path answers; this one is documented)")
+    liveness_path: str = Field(
+        "/livez", pattern=r"^/", description="URL path answering liveness: 503 only when a component needs the agent "
+                                             "restarted (the NVIDIA driver replaced under it), for the livenessProbe")
 
 
 class HealthCheck(Extension):
@@ -38,7 +44,8 @@ class HealthCheck(Extension):
         # connection limit, listen backlog); it does not log (probes come every few seconds)
         class Handler(httpserve.Handler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                code, body = extension.report()
+                live = self.path.split("?", 1)[0] == extension.config.liveness_path
+                code, body = extension.liveness() if live else extension.report()
                 payload = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -68,6 +75,13 @@ class HealthCheck(Extension):
             return 503, {"status": "Server not available", "failing": failing, "starting": starting,
                          "components": components}
         return 200, {"status": "Server available", "components": components}
+
+    def liveness(self) -> tuple[int, dict]:
+        statuses = self.service.statuses() if self.service is not None else {}
+        restart = {s.id: s.message for s in statuses.values() if s.state == "error" and s.restart}
+        if restart:
+            return 503, {"status": "Restart required", "failing": restart}
+        return 200, {"status": "Alive"}
 
     def shutdown(self) -> None:
         if self.server is not None:

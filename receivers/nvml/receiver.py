@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics.export import MetricsData
 from opentelemetry.sdk.resources import Resource
 
 from podmeter.attribution import ProcessAttributor, read_process, read_start_time
-from podmeter.component import ComponentUnavailable, Host, Receiver
+from podmeter.component import ComponentUnavailable, Host, Receiver, RestartRequired
 from podmeter.metrics import MetricsBuilder, empty, now_ns
 
 from . import metrics as M
@@ -79,11 +79,11 @@ class _Reinit(Exception):
         self.code = code
 
 
-class DriverUpgraded(Exception):
+class DriverUpgraded(RestartRequired):
     """The NVIDIA driver was replaced under a running agent: the library this process loaded no longer matches
     the kernel module (LIB_RM_VERSION_MISMATCH), and a loaded library cannot be swapped for the new one. Raised from
-    collect(), so the component reports an error and health_check fails: the liveness probe then restarts the
-    agent, which loads the new library (as a restart of dcgm-exporter does)."""
+    collect(), so the component reports an error and health_check's liveness path fails: the liveness probe then
+    restarts the agent, which loads the new library (as a restart of dcgm-exporter does)."""
 
 
 class _Lost(Exception):

@@ -19,6 +19,7 @@ from podmeter.component import (
     Factory,
     Processor,
     Receiver,
+    RestartRequired,
     registry,
 )
 from podmeter.config import ComponentConfig, ScraperConfig
@@ -35,6 +36,7 @@ class CounterConfig(ScraperConfig):
     # its metadata (here: the namespace) arrives this long after start, as a CRI cache whose first sync failed
     sync_delay: float = 0.0
     fail_every: int = 0
+    restart_after: int = 0  # from this collection on, raise RestartRequired (a driver replaced under the agent)
     pods: int = Field(1, ge=0)
     namespace: str = "default"
 
@@ -63,6 +65,8 @@ class CounterReceiver(Receiver):
         self.calls += 1
         if self.config.fail_every and self.calls % self.config.fail_every == 0:
             raise OSError("flaky source")
+        if self.config.restart_after and self.calls >= self.config.restart_after:
+            raise RestartRequired("the driver was replaced under the agent")
         b = MetricsBuilder(f"podmeter/receiver/{self.settings.id}", self.start_ns)
         for i in range(self.config.pods):
             b.add(VALUE, self.calls, resource={"k8s.pod.uid": f"uid-{i}", "k8s.pod.name": f"pod-{i}",

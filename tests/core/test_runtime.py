@@ -269,6 +269,52 @@ def test_cli_components_and_version():
     assert version.stdout.startswith("podmeter ")
 
 
+def test_liveness_fails_only_when_a_restart_is_what_recovers(tmp_path):
+    """Readiness (`/`) fails while a receiver fails; liveness (`/livez`, the DaemonSet's livenessProbe) stays 200,
+    since kubelet restarting the agent would not bring a dead source back and would cost the other receivers' data.
+    It fails once a component raises RestartRequired (the NVIDIA driver replaced under the agent)."""
+    health = free_port()
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(f"""
+        receivers:
+          counter/flaky: {{collection_interval: 100ms, initial_delay: 0s, fail_every: 1}}
+          counter/driver: {{collection_interval: 100ms, initial_delay: 0s, restart_after: 50}}
+        exporters:
+          debug:
+        extensions:
+          health_check: {{endpoint: "127.0.0.1:{health}"}}
+        service:
+          extensions: [health_check]
+          pipelines:
+            metrics: {{receivers: [counter/flaky, counter/driver], exporters: [debug]}}
+        """))
+    proc = subprocess.Popen([sys.executable, PLUGINS, "run", "--config", str(path)], stderr=subprocess.PIPE, text=True)
+    try:
+        def get(p):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}{p}", timeout=1) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+            except OSError:
+                return None
+
+        ready = wait_for(lambda: (r := get("/")) and "counter/flaky" in r[1].get("failing", {}) and r,
+                         what="readiness naming the failing receiver")
+        assert ready[0] == 503
+        assert get("/livez") == (200, {"status": "Alive"})
+        live = wait_for(lambda: (r := get("/livez")) and r[0] == 503 and r, what="liveness after RestartRequired")
+        assert list(live[1]["failing"]) == ["counter/driver"]
+        assert "replaced" in live[1]["failing"]["counter/driver"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert "Traceback" not in proc.stderr.read()
+
+
 def test_cli_run_health_telemetry_and_sigterm(tmp_path):
     health, telemetry = free_port(), free_port()
     out_file = tmp_path / "out.jsonl"

@@ -292,6 +292,8 @@ def test_agent_node_name_probes_and_tolerations(variant):
     for probe in ("livenessProbe", "readinessProbe"):
         port = c[probe]["httpGet"]["port"]
         assert ports.get(port, port) == 13133, probe
+    # liveness on the path that fails only when a restart recovers; readiness on the one every failure fails
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez" and c["readinessProbe"]["httpGet"]["path"] == "/"
     # the health_check extension serves the port the probes use
     for text in config_files(docs, spec).values():
         cfg = yaml.safe_load(text)
