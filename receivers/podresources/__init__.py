@@ -110,7 +110,13 @@ class PodResourcesReceiver(Receiver):
         backoff = 1.0
         wait = self.config.refresh_interval if last_ok else backoff
         while not self._stop.wait(wait):
-            if self._refresh():
+            try:
+                ok = self._refresh()
+                self.tel.recovered("refresh")
+            except Exception as exc:  # noqa: BLE001 - the refresh thread must outlive any one refresh
+                self.tel.error("refresh", f"refreshing device assignments failed: {type(exc).__name__}: {exc}")
+                ok = False
+            if ok:
                 backoff, wait = 1.0, self.config.refresh_interval
             else:
                 wait, backoff = backoff, min(backoff * 2, BACKOFF_MAX)
@@ -181,7 +187,11 @@ class PodResourcesReceiver(Receiver):
                 if devices:
                     claimed.update(d for d, _r in devices if isinstance(d, tuple))
                     held.append((pod, pod_uid, container, devices))
-        uuids = self._slices.resolve(claimed) if claimed else {}
+        try:
+            uuids = self._slices.resolve(claimed) if claimed else {}
+        except Exception as exc:  # noqa: BLE001 - a UUID lookup must never cost the device map
+            self.tel.error("resourceslices", f"looking up DRA device UUIDs failed: {type(exc).__name__}: {exc}")
+            uuids = {}
         # (container, device, resource) -> allocation units: time-sliced replicas of one GPU given to one
         # container add up instead of making duplicate series
         allocations: dict[tuple, int] = {}

@@ -98,8 +98,15 @@ class ResourceSlices:
                 self.tel.error("resourceslices", f"listing ResourceSlices failed: {type(exc).__name__}: {exc}")
                 return False
             self._version = version
+            try:
+                self._uuids = self._uuids_of(doc["items"] or [])
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                # the API server validates slices, so this is a proxy's or a broken server's answer: the UUIDs
+                # known before are kept
+                self.tel.error("resourceslices", f"the ResourceSlices listing is malformed ({type(exc).__name__}: "
+                                                 f"{exc}): DRA devices not named in it keep their driver's names")
+                return False
             self.tel.recovered("resourceslices")
-            self._uuids = self._uuids_of(doc.get("items") or [] if isinstance(doc, dict) else [])
             return True
         return False
 

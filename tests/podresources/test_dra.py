@@ -10,7 +10,7 @@ are the real ones.
 from __future__ import annotations
 
 import pytest
-from harness import points
+from harness import points, wait_for
 from harness.apiserver import ApiServer
 
 from receivers.podresources import api_pb2 as pb
@@ -166,6 +166,21 @@ def test_device_the_slices_do_not_name_is_not_looked_up_every_time(server, make_
     assert len(slice_lists(api)) == 2 and set(provider.assignments()) == {f"{DRIVER}/{NODE}/gpu-9", GPU2}
 
 
+def test_malformed_listing_is_counted_and_the_rest_runs(server, make_receiver, api, tmp_path):
+    """A listing that is not what the API server serves (a proxy's answer: a generation that is no number) is
+    reported, and the receiver goes on: device plugin GPUs as before, the claimed one under its driver's name."""
+    bad = resource_slice("node-a-bad", NODE, DRIVER, [("gpu-5", GPU2)])
+    bad["spec"]["pool"]["generation"] = "seven"
+    api.create("resourceslices", None, bad)
+    server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1")),
+                          pod("infer", "serving", {"server": [("nvidia.com/gpu", [GPU0])]})]))
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}", dra=dra(api, tmp_path))
+    assert allocated(receiver) == [(GPU0, "nvidia.com/gpu", "infer", 1),
+                                   (f"{DRIVER}/{NODE}/gpu-1", DRIVER, "train-0", 1)]
+    assert "malformed" in telemetry.failing()["resourceslices"]
+    assert receiver._refresh()  # the refresh itself goes on
+
+
 def test_api_server_without_dra(server, make_receiver, tmp_path):
     with ApiServer(served={"resourceslices": None}) as api:
         server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1"))]))
@@ -242,3 +257,33 @@ def test_bad_dra_config_names_the_key():
     with pytest.raises(ValidationError) as info:
         factory.config_model.model_validate({"dra": {"driver": ["x"]}})
     assert info.value.errors()[0]["loc"] == ("dra", "driver")
+
+
+def test_a_failing_lookup_never_costs_the_device_map(server, make_receiver, api, tmp_path, monkeypatch, caplog):
+    """Whatever goes wrong in the UUID lookup (here: it raises, a stand-in for a bug), the device plugin GPUs and the
+    claimed ones (by name) are mapped, and the refresh thread keeps running after a refresh that raised."""
+    server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1")),
+                          pod("infer", "serving", {"server": [("nvidia.com/gpu", [GPU0])]})]))
+
+    def broken(self, devices):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(slices.ResourceSlices, "resolve", broken)
+    receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}", dra=dra(api, tmp_path),
+                                                  refresh_interval="50ms")
+    assert set(provider.assignments()) == {GPU0, f"{DRIVER}/{NODE}/gpu-1"}
+    assert "RuntimeError: bug" in telemetry.failing()["resourceslices"]
+
+    calls = []
+    real = type(receiver)._refresh
+
+    def refresh_raising_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("refresh bug")
+        return real(self)
+
+    monkeypatch.setattr(type(receiver), "_refresh", refresh_raising_once)
+    wait_for(lambda: len(calls) >= 3, what="refreshes after one that raised")
+    assert sum("refresh bug" in r.getMessage() for r in caplog.records) == 1  # logged once, then recovered
+    assert "refresh" not in telemetry.failing()
