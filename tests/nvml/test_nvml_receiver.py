@@ -538,3 +538,58 @@ def test_allocation_with_the_real_podresources_receiver(fake, make_receiver, tmp
     finally:
         pr.shutdown()
         server.stop(0).wait()
+
+
+def test_allocation_of_a_gpu_claimed_through_dra(fake, make_receiver, tmp_path):
+    """A GPU handed out by a DRA ResourceClaim (NVIDIA's DRA driver): the kubelet names it `gpu-1` in pool `node-a`,
+    the podresources receiver finds its UUID in the node's ResourceSlices (real `kubernetes` client against the
+    API stand-in), and nvml attributes the idle GPU to the claiming pod. The kubelet side is a stand-in server on
+    the project's proto (no kubelet or API server can run here)."""
+    from concurrent import futures
+
+    import grpc
+    from harness.apiserver import ApiServer
+
+    from podmeter.component import ComponentID, CreateSettings
+    from podmeter.telemetry import null_component_telemetry
+    from receivers import podresources
+    from receivers.podresources import api_pb2 as pb
+    from receivers.podresources import api_pb2_grpc as pbg
+
+    class Kubelet(pbg.PodResourcesListerServicer):
+        def List(self, request, context):
+            return pb.ListPodResourcesResponse(pod_resources=[pb.PodResources(
+                name="train-0", namespace="ml", containers=[pb.ContainerResources(
+                    name="main", dynamic_resources=[pb.DynamicResource(
+                        claim_name="gpu", claim_namespace="ml", claim_resources=[pb.ClaimResource(
+                            driver_name="gpu.nvidia.com", pool_name="node-a", device_name="gpu-1")])])])])
+
+        def GetAllocatableResources(self, request, context):
+            return pb.AllocatableResourcesResponse()
+
+    sock = str(tmp_path / "kubelet.sock")
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pbg.add_PodResourcesListerServicer_to_server(Kubelet(), server)
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    with ApiServer() as api:
+        api.create("resourceslices", None, {"metadata": {"name": "node-a-gpu"}, "spec": {
+            "driver": "gpu.nvidia.com", "nodeName": "node-a", "pool": {"name": "node-a", "generation": 1},
+            "devices": [{"name": f"gpu-{i}", "attributes": {"uuid": {"string": u}}}
+                        for i, u in enumerate((UUID0, UUID1))]}})
+        host = Host()
+        t = null_component_telemetry("podresources")
+        pr = podresources.factory.create(
+            CreateSettings(id=ComponentID("podresources"), kind="receiver", logger=t.logger, telemetry=t),
+            podresources.factory.config_model.model_validate({"endpoint": f"unix://{sock}", "dra": {
+                "auth_type": "kubeConfig", "kube_config_path": api.write_kubeconfig(tmp_path),
+                "node_name": "node-a"}}))
+        try:
+            pr.start(host)
+            fake.write(Scenario(gpus=[GPU(uuid=UUID0), GPU(uuid=UUID1)]))
+            got = {(res["hw.id"], a["k8s.pod.name"], a["k8s.resource.name"])
+                   for res, a, v in points(make_receiver(host=host).collect(), "hw.gpu.allocation") if v == 1}
+            assert got == {(UUID1, "train-0", "gpu.nvidia.com")}
+        finally:
+            pr.shutdown()
+            server.stop(0).wait()
