@@ -132,7 +132,9 @@ def test_queue_is_bounded_in_bytes(exporter_kit):
         assert dropped >= (30 - 1 - 4096 // size) * 10  # one in flight, the rest held up to max_bytes
         assert kit.sample(telemetry, "podmeter_exporter_enqueue_failed_metric_points_total", exporter="otlp") == dropped
         assert kit.sample(telemetry, "podmeter_otlp_exporter_queue_size_bytes", component="otlp") <= 4096
-        assert "queue_full" in exp.telemetry.failing()
+        # reported (whether it is still failing depends on whether the last export found the queue full: the
+        # consumer frees a slot whenever its in-flight batch gives up, at a pace this test does not control)
+        assert kit.sample(telemetry, "podmeter_component_errors_total", component="otlp", cause="queue_full") > 0
         sink.start()
         exp.force_flush(10_000)
         exp.export(kit.batch([0, 1], step=31))  # taken without dropping: the cause recovers
