@@ -41,33 +41,37 @@ def _create(factory, config: dict):
     return factory.create(settings, factory.config_model.model_validate(config)), telemetry
 
 
-@pytest.fixture(params=["prometheus", "telemetry", "health_check"])
-def endpoint(request, tmp_path):
+def start_endpoint(name: str, host: str, tmp_path) -> Endpoint:
+    """One of the agent's three listeners on `host` and a free port, as the agent serves it."""
     port = free_port()
-    if request.param == "prometheus":
-        exp, _ = _create(prometheus_factory, {"endpoint": f"127.0.0.1:{port}"})
+    if name == "prometheus":
+        exp, _ = _create(prometheus_factory, {"endpoint": f"{host}:{port}"})
         exp.start(Host())
-        ep = Endpoint("prometheus", port, exp._server, "/metrics", exp.shutdown)
-    elif request.param == "health_check":
-        ext, _ = _create(health_factory, {"endpoint": f"127.0.0.1:{port}"})
+        return Endpoint("prometheus", port, exp._server, "/metrics", exp.shutdown)
+    if name == "health_check":
+        ext, _ = _create(health_factory, {"endpoint": f"{host}:{port}"})
         ext.start(Host())
-        ep = Endpoint("health_check", port, ext.server, "/", ext.shutdown)
-    else:
-        # the agent's own :8888, as the runtime serves it
-        from podmeter.config import load
-        from podmeter.runtime import Service
+        return Endpoint("health_check", port, ext.server, "/", ext.shutdown)
+    # the agent's own :8888, as the runtime serves it
+    from podmeter.config import load
+    from podmeter.runtime import Service
 
-        path = tmp_path / "agent.yaml"
-        path.write_text(f"""
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"""
 receivers: {{cgroup: {{}}}}
 exporters: {{debug: {{}}}}
 service:
-  telemetry: {{metrics: {{address: "127.0.0.1:{port}"}}}}
+  telemetry: {{metrics: {{address: "{host}:{port}"}}}}
   pipelines: {{metrics: {{receivers: [cgroup], exporters: [debug]}}}}
 """)
-        service = Service(load([str(path)], env={}))
-        service._start_telemetry_server()
-        ep = Endpoint("telemetry", port, service._telemetry_server[0], "/metrics", service._stop_telemetry_server)
+    service = Service(load([str(path)], env={}))
+    service._start_telemetry_server()
+    return Endpoint("telemetry", port, service._telemetry_server[0], "/metrics", service._stop_telemetry_server)
+
+
+@pytest.fixture(params=["prometheus", "telemetry", "health_check"])
+def endpoint(request, tmp_path):
+    ep = start_endpoint(request.param, "127.0.0.1", tmp_path)
     yield ep
     ep.stop()
 
@@ -222,30 +226,8 @@ def test_the_wildcard_listens_on_ipv4_and_ipv6(name, wildcard, tmp_path):
     """`0.0.0.0:port` and `:port` answer over IPv6 too, as the collector's listeners do: on an IPv6-only node
     Prometheus scrapes the node's IPv6 address with the configuration written for IPv4. An explicit address stays
     what it says."""
-    port = free_port()
-    if name == "prometheus":
-        comp, _ = _create(prometheus_factory, {"endpoint": f"{wildcard}:{port}"})
-        comp.start(Host())
-        stop = comp.shutdown
-    elif name == "health_check":
-        comp, _ = _create(health_factory, {"endpoint": f"{wildcard}:{port}"})
-        comp.start(Host())
-        stop = comp.shutdown
-    else:
-        from podmeter.config import load
-        from podmeter.runtime import Service
-
-        path = tmp_path / "agent.yaml"
-        path.write_text(f"""
-receivers: {{cgroup: {{}}}}
-exporters: {{debug: {{}}}}
-service:
-  telemetry: {{metrics: {{address: "{wildcard}:{port}"}}}}
-  pipelines: {{metrics: {{receivers: [cgroup], exporters: [debug]}}}}
-""")
-        service = Service(load([str(path)], env={}))
-        service._start_telemetry_server()
-        stop = service._stop_telemetry_server
+    ep = start_endpoint(name, wildcard, tmp_path)
+    port, stop = ep.port, ep.stop
     try:
         assert socket.has_dualstack_ipv6(), "this machine has no IPv6 (the test needs ::1)"
         for host in ("127.0.0.1", "::1"):

@@ -3,6 +3,7 @@ pod-shaped cgroups, injected NVML errors, MIG and driver reloads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -491,9 +492,10 @@ def test_pids_of_podmeters_own_namespace_are_translated_through_nspid(fake, pods
     assert got["procs"] == 0 and got["attributor"] == 0  # bounded under churn: the host PID's entry is gone too
 
 
-def test_allocation_with_the_real_podresources_receiver(fake, make_receiver, tmp_path):
-    """The podresources receiver (real, over real gRPC on a unix socket) feeds hw.gpu.allocation; the kubelet side
-    is a stand-in server on the project's proto (no kubelet can run here)."""
+@contextlib.contextmanager
+def podresources_on(kubelet, tmp_path, **config):
+    """The real podresources receiver, started on a Host, reading `kubelet` (a PodResources servicer: the stand-in
+    for the kubelet, served over real gRPC on a unix socket); yields the Host."""
     from concurrent import futures
 
     import grpc
@@ -501,6 +503,29 @@ def test_allocation_with_the_real_podresources_receiver(fake, make_receiver, tmp
     from podmeter.component import ComponentID, CreateSettings
     from podmeter.telemetry import null_component_telemetry
     from receivers import podresources
+    from receivers.podresources import api_pb2_grpc as pbg
+
+    sock = str(tmp_path / "kubelet.sock")
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pbg.add_PodResourcesListerServicer_to_server(kubelet, server)
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    host = Host()
+    t = null_component_telemetry("podresources")
+    pr = podresources.factory.create(
+        CreateSettings(id=ComponentID("podresources"), kind="receiver", logger=t.logger, telemetry=t),
+        podresources.factory.config_model.model_validate({"endpoint": f"unix://{sock}", **config}))
+    try:
+        pr.start(host)
+        yield host
+    finally:
+        pr.shutdown()
+        server.stop(0).wait()
+
+
+def test_allocation_with_the_real_podresources_receiver(fake, make_receiver, tmp_path):
+    """The podresources receiver (real, over real gRPC on a unix socket) feeds hw.gpu.allocation; the kubelet side
+    is a stand-in server on the project's proto (no kubelet can run here)."""
     from receivers.podresources import api_pb2 as pb
     from receivers.podresources import api_pb2_grpc as pbg
 
@@ -516,18 +541,7 @@ def test_allocation_with_the_real_podresources_receiver(fake, make_receiver, tmp
         def GetAllocatableResources(self, request, context):
             return pb.AllocatableResourcesResponse()
 
-    sock = str(tmp_path / "kubelet.sock")
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    pbg.add_PodResourcesListerServicer_to_server(Kubelet(), server)
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    host = Host()
-    t = null_component_telemetry("podresources")
-    pr = podresources.factory.create(
-        CreateSettings(id=ComponentID("podresources"), kind="receiver", logger=t.logger, telemetry=t),
-        podresources.factory.config_model.model_validate({"endpoint": f"unix://{sock}"}))
-    try:
-        pr.start(host)
+    with podresources_on(Kubelet(), tmp_path) as host:
         fake.write(Scenario(gpus=[GPU(uuid=UUID0), GPU(uuid=UUID1), GPU(uuid="GPU-mig", mig=1)],
                             mig=[MigDevice(gpu=2, gi=1, uuid=MIG1)]))
         r = make_receiver(host=host)
@@ -535,9 +549,6 @@ def test_allocation_with_the_real_podresources_receiver(fake, make_receiver, tmp
         provider.synced.wait(10)
         got = {(res["hw.id"], a["k8s.pod.name"]) for res, a, v in points(r.collect(), "hw.gpu.allocation")}
         assert got == {(UUID0, "train-0"), (UUID1, "infer-0"), (UUID1, "infer-1"), (MIG1, "mig-0")}
-    finally:
-        pr.shutdown()
-        server.stop(0).wait()
 
 
 def test_allocation_of_a_gpu_claimed_through_dra(fake, make_receiver, tmp_path):
@@ -545,14 +556,8 @@ def test_allocation_of_a_gpu_claimed_through_dra(fake, make_receiver, tmp_path):
     the podresources receiver finds its UUID in the node's ResourceSlices (real `kubernetes` client against the
     API stand-in), and nvml attributes the idle GPU to the claiming pod. The kubelet side is a stand-in server on
     the project's proto (no kubelet or API server can run here)."""
-    from concurrent import futures
-
-    import grpc
     from harness.apiserver import ApiServer
 
-    from podmeter.component import ComponentID, CreateSettings
-    from podmeter.telemetry import null_component_telemetry
-    from receivers import podresources
     from receivers.podresources import api_pb2 as pb
     from receivers.podresources import api_pb2_grpc as pbg
 
@@ -567,29 +572,14 @@ def test_allocation_of_a_gpu_claimed_through_dra(fake, make_receiver, tmp_path):
         def GetAllocatableResources(self, request, context):
             return pb.AllocatableResourcesResponse()
 
-    sock = str(tmp_path / "kubelet.sock")
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    pbg.add_PodResourcesListerServicer_to_server(Kubelet(), server)
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
     with ApiServer() as api:
         api.create("resourceslices", None, {"metadata": {"name": "node-a-gpu"}, "spec": {
             "driver": "gpu.nvidia.com", "nodeName": "node-a", "pool": {"name": "node-a", "generation": 1},
             "devices": [{"name": f"gpu-{i}", "attributes": {"uuid": {"string": u}}}
                         for i, u in enumerate((UUID0, UUID1))]}})
-        host = Host()
-        t = null_component_telemetry("podresources")
-        pr = podresources.factory.create(
-            CreateSettings(id=ComponentID("podresources"), kind="receiver", logger=t.logger, telemetry=t),
-            podresources.factory.config_model.model_validate({"endpoint": f"unix://{sock}", "dra": {
-                "auth_type": "kubeConfig", "kube_config_path": api.write_kubeconfig(tmp_path),
-                "node_name": "node-a"}}))
-        try:
-            pr.start(host)
+        dra = {"auth_type": "kubeConfig", "kube_config_path": api.write_kubeconfig(tmp_path), "node_name": "node-a"}
+        with podresources_on(Kubelet(), tmp_path, dra=dra) as host:
             fake.write(Scenario(gpus=[GPU(uuid=UUID0), GPU(uuid=UUID1)]))
             got = {(res["hw.id"], a["k8s.pod.name"], a["k8s.resource.name"])
                    for res, a, v in points(make_receiver(host=host).collect(), "hw.gpu.allocation") if v == 1}
             assert got == {(UUID1, "train-0", "gpu.nvidia.com")}
-        finally:
-            pr.shutdown()
-            server.stop(0).wait()

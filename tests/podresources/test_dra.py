@@ -47,6 +47,13 @@ def resource_slice(name, node, driver, devices, generation=1, beta1=False):
                                                           "resourceSliceCount": 1}, "devices": out}}
 
 
+# a pod holding a claimed GPU beside one holding a device plugin GPU; allocated() of it while the claimed GPU's UUID
+# is not known
+MIXED = [claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1")),
+         pod("infer", "serving", {"server": [("nvidia.com/gpu", [GPU0])]})]
+MIXED_BY_NAME = [(GPU0, "nvidia.com/gpu", "infer", 1), (f"{DRIVER}/{NODE}/gpu-1", DRIVER, "train-0", 1)]
+
+
 @pytest.fixture
 def api(tmp_path):
     with ApiServer() as a:
@@ -73,8 +80,7 @@ def slice_lists(api):
 
 
 def test_claimed_gpu_is_reported_under_its_uuid(server, make_receiver, api, tmp_path):
-    server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1")),
-                          pod("infer", "serving", {"server": [("nvidia.com/gpu", [GPU0])]})]))
+    server.start(Kubelet(MIXED))
     receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}", dra=dra(api, tmp_path))
     assert allocated(receiver) == [(GPU0, "nvidia.com/gpu", "infer", 1), (GPU1, DRIVER, "train-0", 1)]
     (entry,) = provider.device(GPU1)  # what nvml attributes an idle GPU by
@@ -113,12 +119,10 @@ def test_older_api_server_serves_v1beta1(server, make_receiver, tmp_path):
 
 def test_refused_listing_keeps_the_drivers_names(server, make_receiver, api, tmp_path, caplog):
     api.forbid("resourceslices")
-    server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1")),
-                          pod("infer", "serving", {"server": [("nvidia.com/gpu", [GPU0])]})]))
+    server.start(Kubelet(MIXED))
     receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}", dra=dra(api, tmp_path))
     # nothing is lost: the claimed GPU is there under its driver's name, the device plugin's as before
-    assert allocated(receiver) == [(GPU0, "nvidia.com/gpu", "infer", 1),
-                                   (f"{DRIVER}/{NODE}/gpu-1", DRIVER, "train-0", 1)]
+    assert allocated(receiver) == MIXED_BY_NAME
     assert "grant the agent's ClusterRole list on resourceslices" in telemetry.failing()["resourceslices"]
     assert sum("ResourceSlices was refused" in r.getMessage() for r in caplog.records) == 1
 
@@ -172,11 +176,9 @@ def test_malformed_listing_is_counted_and_the_rest_runs(server, make_receiver, a
     bad = resource_slice("node-a-bad", NODE, DRIVER, [("gpu-5", GPU2)])
     bad["spec"]["pool"]["generation"] = "seven"
     api.create("resourceslices", None, bad)
-    server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1")),
-                          pod("infer", "serving", {"server": [("nvidia.com/gpu", [GPU0])]})]))
+    server.start(Kubelet(MIXED))
     receiver, provider, telemetry = make_receiver(endpoint=f"unix://{server.path}", dra=dra(api, tmp_path))
-    assert allocated(receiver) == [(GPU0, "nvidia.com/gpu", "infer", 1),
-                                   (f"{DRIVER}/{NODE}/gpu-1", DRIVER, "train-0", 1)]
+    assert allocated(receiver) == MIXED_BY_NAME
     assert "malformed" in telemetry.failing()["resourceslices"]
     assert receiver._refresh()  # the refresh itself goes on
 
@@ -262,8 +264,7 @@ def test_bad_dra_config_names_the_key():
 def test_a_failing_lookup_never_costs_the_device_map(server, make_receiver, api, tmp_path, monkeypatch, caplog):
     """Whatever goes wrong in the UUID lookup (here: it raises, a stand-in for a bug), the device plugin GPUs and the
     claimed ones (by name) are mapped, and the refresh thread keeps running after a refresh that raised."""
-    server.start(Kubelet([claimed("train-0", "ml", "trainer", (DRIVER, NODE, "gpu-1")),
-                          pod("infer", "serving", {"server": [("nvidia.com/gpu", [GPU0])]})]))
+    server.start(Kubelet(MIXED))
 
     def broken(self, devices):
         raise RuntimeError("bug")
