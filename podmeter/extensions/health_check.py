@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from podmeter import httpserve
 from podmeter.component import Extension, Factory, Host, Stability
@@ -27,6 +27,13 @@ class HealthCheckConfig(ComponentConfig):
     liveness_path: str = Field(
         "/livez", pattern=r"^/", description="URL path answering liveness: 503 only when a component needs the agent "
                                              "restarted (the NVIDIA driver replaced under it), for the livenessProbe")
+
+    @field_validator("liveness_path")
+    @classmethod
+    def _not_readiness(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("path"):
+            raise ValueError(f"{value!r} is also `path`: liveness and readiness need paths of their own")
+        return value
 
 
 class HealthCheck(Extension):

@@ -286,6 +286,13 @@ def test_bad_endpoints(endpoint, says):
         _parse_endpoint(endpoint)
 
 
+def test_liveness_path_must_differ_from_path(tmp_path):
+    found = problems(tmp_path, GOOD.replace("endpoint: 127.0.0.1:13133", "endpoint: 127.0.0.1:13133\n    path: /h\n"
+                                                                        "    liveness_path: /h"))
+    assert any(p.startswith("extensions::health_check::liveness_path:") and "paths of their own" in p
+               for p in found), found
+
+
 def test_bad_endpoint_names_the_key(tmp_path):
     found = problems(tmp_path, GOOD.replace("127.0.0.1:13133", "http://127.0.0.1:13133"))
     assert any(p.startswith("extensions::health_check::endpoint: invalid endpoint") and "drop http://" in p
