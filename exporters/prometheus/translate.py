@@ -154,10 +154,14 @@ def label_value(value: Any) -> str:
     if isinstance(value, Iterable):
         # compact and UTF-8, as the collector renders an array attribute (pcommon's AsString), so the same tags
         # make the same label value whichever of the two exposes them
-        return "[" + ",".join(float_attribute(v) if isinstance(v, float) and math.isfinite(v) else
-                              json.dumps(v if isinstance(v, str | int | float | bool) else str(v), ensure_ascii=False)
-                              for v in value) + "]"
+        return "[" + ",".join(map(_array_item, value)) + "]"
     return str(value)
+
+
+def _array_item(v: Any) -> str:
+    if isinstance(v, float) and math.isfinite(v):
+        return float_attribute(v)
+    return json.dumps(v if isinstance(v, str | int | float | bool) else str(v), ensure_ascii=False)
 
 
 def float_attribute(v: float) -> str:

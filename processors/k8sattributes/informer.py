@@ -90,7 +90,7 @@ def build_api_client(auth_type: str, kube_config_path: str = "", context: str = 
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
         if not host or not port:
             raise ConfigurationError("not running in a pod (KUBERNETES_SERVICE_HOST/PORT unset); use auth_type "
-                                     "kubeConfig outside a cluster, or none for CRI metadata only")
+                                     "kubeConfig outside a cluster, or none")
         if ":" in host:
             host = f"[{host}]"
         conf.host = f"https://{host}:{port}"

@@ -152,7 +152,7 @@ class PodResourcesReceiver(Receiver):
     # -- refresh --------------------------------------------------------------------------------------------
 
     def _wanted(self, resource_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(resource_name, p) for p in self._patterns)
+        return _matches(resource_name, self._patterns)
 
     def _refresh(self) -> bool:
         if not os.path.exists(self.path):
@@ -237,7 +237,7 @@ class PodResourcesReceiver(Receiver):
                 out.update(((d, devices.resource_name), None) for d in devices.device_ids if d)
         for claim in container.dynamic_resources:
             for r in claim.claim_resources:
-                if r.device_name and any(fnmatch.fnmatchcase(r.driver_name, p) for p in self.config.dra.drivers):
+                if r.device_name and _matches(r.driver_name, self.config.dra.drivers):
                     out[(r.driver_name, r.pool_name, r.device_name), r.driver_name] = None
         return out
 
@@ -316,6 +316,11 @@ class PodResourcesReceiver(Receiver):
         for resource_name, count in self._allocatable.items():
             b.add(ALLOCATABLE, count, {"k8s.resource.name": resource_name})
         return b.build()
+
+
+def _matches(name: str, patterns) -> bool:
+    """Whether `name` matches one of the shell-style `patterns` (resource_names, dra.drivers)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _not_served(exc: grpc.RpcError) -> bool:

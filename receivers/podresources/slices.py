@@ -58,14 +58,11 @@ class ResourceSlices:
             from processors.k8sattributes.informer import ConfigurationError, build_api_client
             from processors.k8sattributes.kube import Api
             try:
-                if self.config.auth_type == "serviceAccount" and not os.environ.get("KUBERNETES_SERVICE_HOST"):
-                    raise ConfigurationError("not running in a pod; set dra.auth_type to kubeConfig outside a "
-                                             "cluster, or to none")
                 self._api = Api(build_api_client(self.config.auth_type, self.config.kube_config_path))
             except ConfigurationError as exc:
                 self._unavailable = str(exc)
                 self.log.warning("DRA devices are reported by their driver's names, not UUIDs: no Kubernetes API "
-                                 "access to read ResourceSlices (%s)", exc)
+                                 "access to read ResourceSlices (dra.auth_type %s: %s)", self.config.auth_type, exc)
         return self._api
 
     def _list(self) -> bool:
