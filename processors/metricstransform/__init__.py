@@ -26,7 +26,7 @@ from opentelemetry.sdk.metrics.export import (
 
 from podmeter.component import Factory, Processor, Stability
 
-from .config import MetricsTransformConfig, Operation, Transform
+from .config import GROUP_REFERENCE, MetricsTransformConfig, Operation, Transform
 
 
 class TransformError(Exception):
@@ -34,9 +34,15 @@ class TransformError(Exception):
 
 
 def _go_template(new_name: str) -> str:
-    """Collector-style `$1`, `${1}`, `${name}` to Python's match.expand syntax."""
-    escaped = new_name.replace("\\", "\\\\")
-    return re.sub(r"\$\{(\w+)\}|\$(\d+)", lambda m: f"\\g<{m.group(1) or m.group(2)}>", escaped)
+    """new_name as Go's Regexp.Expand reads it (the collector's), in Python's match.expand syntax: `$1`, `${1}`,
+    `$name`, `${name}` refer to groups (`$name` as long as possible: `$1x` is group `1x`, write `${1}x`), `$$` is
+    a `$`, and a `$` starting none of these stays as it is."""
+    def part(m: re.Match) -> str:
+        ref = m.group(1) or m.group(2)
+        if ref is None:
+            return "$"  # $$
+        return f"\\g<{int(ref) if ref.isascii() and ref.isdigit() else ref}>"  # Go reads $01 as group 1
+    return GROUP_REFERENCE.sub(part, new_name.replace("\\", "\\\\"))
 
 
 class _Compiled:

@@ -89,7 +89,7 @@ class Transform(ComponentConfig):
     action: Literal["update", "insert", "combine"] = Field(
         description="update: change the metric in place; insert: add a changed copy; combine: merge the matched "
                     "metrics into new_name, named regexp groups becoming attributes")
-    new_name: str | None = Field(None, description="The new name; with regexp, $1 / ${1} / ${name} expand groups")
+    new_name: str | None = Field(None, description="The new name; with regexp, $1 / ${1} / $name / ${name} expand groups")
     aggregation_type: Literal["sum", "mean", "max", "min"] | None = Field(
         None, description="combine: how points left with equal attributes merge (else they are a collision)")
     submatch_case: Literal["lower", "upper", ""] = Field("", description="combine: case of the attribute values")
@@ -118,8 +118,10 @@ class Transform(ComponentConfig):
                 raise ValueError("action combine needs named groups in include, like ^disk\\.(?P<direction>.*)$")
             if self.new_name and self.action != "combine":
                 # a reference to a group include does not have would fail on every matching metric
-                for named, numbered in _GROUP_REFERENCE.findall(self.new_name):
-                    ref = named or numbered
+                for braced, bare in GROUP_REFERENCE.findall(self.new_name):
+                    ref = braced or bare
+                    if not ref:
+                        continue  # $$
                     if not (ref.isascii() and ref.isdigit() and int(ref) <= pattern.groups or ref in pattern.groupindex):
                         names = f", named {', '.join(pattern.groupindex)}" if pattern.groupindex else ""
                         raise ValueError(f"new_name refers to group {ref}, which include does not have "
@@ -141,8 +143,9 @@ class Transform(ComponentConfig):
         return self
 
 
-# a group reference in new_name, as the collector writes them: $1, ${1}, ${name}
-_GROUP_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\d+)")
+# what a `$` starts in new_name, as Go's Regexp.Expand (the collector's) reads it: `$$`, a braced group reference
+# `${1}` / `${name}`, or a bare one `$1` / `$name` taken as long as possible
+GROUP_REFERENCE = re.compile(r"\$(?:\$|\{(\w+)\}|(\w+))")
 
 
 class MetricsTransformConfig(ComponentConfig):

@@ -62,6 +62,23 @@ def test_rename_exact_and_regexp_with_groups():
     assert "container.memory.usage" not in names
 
 
+@pytest.mark.parametrize("new_name, expected", [
+    # Go's Regexp.Expand, as the collector reads new_name: a bare reference is as long as possible, $$ is a $,
+    # a $ that starts no reference stays
+    ("disk_$1", "disk_read"),
+    ("disk_${1}_bytes", "disk_read_bytes"),
+    ("disk_$dir.$1", "disk_read.read"),
+    ("disk_${dir}_$01", "disk_read_read"),
+    ("$0.total", "container.disk.read.total"),
+    ("disk.$$.$dir.$", "disk.$.read.$"),
+])
+def test_new_name_group_references_as_the_collector(new_name, expected):
+    proc, _ = make([{"include": r"^container\.disk\.(?P<dir>read)$", "match_type": "regexp", "action": "update",
+                     "new_name": new_name}])
+    names = {n for n, _, _ in points(proc.process(data()))}
+    assert expected in names and "container.disk.read" not in names
+
+
 def test_insert_keeps_the_original():
     proc, _ = make([{"include": "container.memory.usage", "action": "insert", "new_name": "mem_mib",
                      "operations": [{"action": "experimental_scale_value", "experimental_scale": 1 / 1048576}]}])
@@ -153,6 +170,8 @@ def test_strict_config_names_the_path():
         {"include": "^a.(?P<what>b)$", "match_type": "regexp", "action": "insert", "new_name": "x.${who}"},
         {"include": "^a.(?P<what>b)$", "match_type": "regexp", "action": "insert", "new_name": "x.${what}.$1.${1}"},
         {"include": "(" * 2000 + ")" * 2000, "match_type": "regexp", "action": "update"},
+        # bare references are as long as possible, as in Go: $1x is group 1x (write ${1}x)
+        {"include": "^a.(b)$", "match_type": "regexp", "action": "update", "new_name": "x.$1x"},
     ]}, "processors::metricstransform", problems)
     text = "\n".join(problems)
     assert "processors::metricstransform::transforms::0::operations::0: action add_label needs new_value" in text
@@ -164,6 +183,7 @@ def test_strict_config_names_the_path():
     assert "transforms::6: new_name refers to group who, which include does not have (1 groups, named what)" in text
     assert "transforms::7" not in text
     assert "transforms::8: include '((((" in text and "is not a valid regular expression" in text
+    assert "transforms::9: new_name refers to group 1x, which include does not have (1 groups)" in text
 
 
 def test_compatibility_names_through_the_prometheus_exporter(tmp_path):
