@@ -6,8 +6,9 @@ OLDEST waiting batch is dropped: for cumulative metrics the newest batch carries
 worth more than the oldest. The newest batch is always taken, even alone over `max_bytes` (requests are split
 under 3 MiB, so that bounds the excess).
 
-The persistent queue keeps one file per batch (`<sequence>-<points>.otlp`, written to a temporary name and
-renamed, so a kill leaves either the whole file or none) and removes it once the batch is delivered or given
+The persistent queue keeps one file per batch (`<sequence>-<points>-<bytes>.otlp`, written to a temporary name
+and renamed, so a kill leaves either the whole file or none; the size in the name tells a file that a power cut
+left short, even one cut exactly between two messages, which still parses) and removes it once the batch is delivered or given
 up. On start it picks up what a previous process left. Delivery is at-least-once: a batch in flight when the
 process dies is sent again after the restart. By default files are not fsynced (as the collector's
 file_storage): they survive the process being killed, not the machine losing power. With `fsync`, each file and
@@ -24,7 +25,8 @@ import re
 import threading
 from dataclasses import dataclass
 
-_FILE = re.compile(r"^(\d{20})-(\d+)\.otlp$")
+# `<sequence>-<points>.otlp` is the name before the size was added to it: still read back
+_FILE = re.compile(r"^(\d{20})-(\d+)(?:-(\d+))?\.otlp$")
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Item:
     size: int = 0  # encoded bytes
     recovered: bool = False  # a file left by an earlier process (read back at start)
     error: str = ""  # why its stored bytes cannot be read: set by get()
+    written: int | None = None  # the size its file name gives (None: a file named before names gave it)
 
 
 class QueueLocked(Exception):
@@ -72,7 +75,8 @@ class SendingQueue:
                         size = os.stat(os.path.join(directory, name)).st_size
                     except FileNotFoundError:
                         continue
-                    found.append(Item(int(m.group(1)), int(m.group(2)), size=size, recovered=True))
+                    written = int(m.group(3)) if m.group(3) else None
+                    found.append(Item(int(m.group(1)), int(m.group(2)), size=size, recovered=True, written=written))
                 elif name.endswith(".tmp"):  # a write interrupted by a kill: never complete, never queued
                     os.unlink(os.path.join(directory, name))
             found.sort(key=lambda i: i.seq)
@@ -95,7 +99,9 @@ class SendingQueue:
             os.close(fd)
 
     def path(self, item: Item) -> str:
-        return os.path.join(self.directory, f"{item.seq:020d}-{item.points}.otlp")
+        if item.written is None:
+            return os.path.join(self.directory, f"{item.seq:020d}-{item.points}.otlp")
+        return os.path.join(self.directory, f"{item.seq:020d}-{item.points}-{item.written}.otlp")
 
     def __len__(self) -> int:
         with self._cond:
@@ -113,7 +119,7 @@ class SendingQueue:
         """Queue a batch; returns the batches dropped to make room (oldest first)."""
         dropped: list[Item] = []
         with self._cond:
-            item = Item(self._seq, points, data, len(data))
+            item = Item(self._seq, points, data, len(data), written=len(data))
             self._seq += 1
             if self.directory:
                 path = self.path(item)
@@ -167,10 +173,14 @@ class SendingQueue:
         path = self.path(item)
         try:
             with open(path, "rb") as f:
-                return f.read()
+                data = f.read()
         except OSError as exc:
             item.error = f"cannot read {path}: {exc.strerror or exc}"
             return b""
+        if item.written is not None and len(data) != item.written:
+            item.error = f"{path} holds {len(data)} of the {item.written} bytes written (cut short by a crash?)"
+            return b""
+        return data
 
     def done(self, item: Item, keep: bool = False) -> None:
         """The batch was delivered or given up (removed), or must stay for the next run (keep). An OSError

@@ -349,7 +349,7 @@ def test_persistent_queue_fsync_flushes_each_file_and_then_the_directory(tmp_pat
     durable = queue_module.SendingQueue(3, str(tmp_path / "durable"), fsync=True)
     durable.put(b"batch", 7)
     directory = str(tmp_path / "durable")
-    assert synced == [f"{directory}/00000000000000000000-7.otlp.tmp", directory]
+    assert synced == [f"{directory}/00000000000000000000-7-5.otlp.tmp", directory]
     assert durable.get(timeout=1)[1] == b"batch"
     durable.release()
 

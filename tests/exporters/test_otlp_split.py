@@ -136,7 +136,7 @@ def test_a_split_request_cut_by_the_shutdown_keeps_only_its_undelivered_part(kit
         sink.stop()
     ((delivered,),) = [r.resource_metrics for r in sink.accepted]
     files = list((tmp_path / "exporter_otlphttp").glob("*.otlp"))
-    assert len(files) == 1 and files[0].name.endswith("-5.otlp"), files
+    assert len(files) == 1 and files[0].name.endswith(f"-5-{files[0].stat().st_size}.otlp"), files  # 5 points
     left = ms_pb2.ExportMetricsServiceRequest.FromString(files[0].read_bytes())
     assert [rm.resource for rm in left.resource_metrics] != [delivered.resource]
     assert len(left.resource_metrics) == 1

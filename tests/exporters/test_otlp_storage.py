@@ -64,6 +64,51 @@ def test_corrupt_files_left_by_a_crash_are_counted_not_sent(proto, make_exporter
     assert list(qdir.glob("*.otlp")) == []
 
 
+def test_a_file_cut_between_two_resources_is_told_by_its_size(make_exporter, kit, tmp_path, caplog):
+    """A request cut exactly where one resource ends still parses, as a smaller request: sent, it would deliver
+    one pod and lose the other without a word. The file name gives the size written, so it is counted and
+    logged instead. A file named as before the size was in names (`<seq>-<points>.otlp`) is still delivered."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    qdir = tmp_path / "queue" / "exporter_otlp"
+    qdir.mkdir(parents=True)
+    ((two_pods, n),) = Encoder().requests(kit.batch([0, 1], step=1), 3 << 20)
+    ((older, m),) = Encoder().requests(kit.batch([2], step=1), 3 << 20)
+    first = ExportMetricsServiceRequest(
+        resource_metrics=[ExportMetricsServiceRequest.FromString(two_pods).resource_metrics[0]]).SerializeToString()
+    assert two_pods.startswith(first) and len(first) < len(two_pods)  # the cut parses: a whole request of one pod
+    (qdir / f"{1:020d}-{n}-{len(two_pods)}.otlp").write_bytes(first)
+    stored(qdir, 2, m, older)
+    sink = OTLPSink().start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            exp, telemetry = make_exporter(grpc_factory, endpoint=sink.grpc_endpoint,
+                                           sending_queue={"num_consumers": 1, "storage": str(tmp_path / "queue")})
+            assert exp.force_flush(20_000)
+    finally:
+        sink.stop()
+    assert counter(kit, telemetry, "otlp", "send_failed_metric_points") == n
+    assert counter(kit, telemetry, "otlp", "sent_metric_points") == m
+    assert len(sink.requests) == 1
+    assert {p.value for p in sink.points() if p.name == kit.CPU.name} == {21.0, 3.0}  # pod 2's only
+    lines = [r.getMessage() for r in caplog.records if "storage_read" in r.getMessage()]
+    assert len(lines) == 1 and f"of the {len(two_pods)} bytes written" in lines[0], lines
+    assert list(qdir.glob("*.otlp")) == []
+
+
+def test_queue_files_are_named_with_their_size(tmp_path):
+    from exporters.otlp.queue import SendingQueue
+
+    q = SendingQueue(3, str(tmp_path))
+    q.put(b"12345", 2)
+    assert [f.name for f in tmp_path.glob("*.otlp")] == [f"{0:020d}-2-5.otlp"]
+    item, data = q.get(timeout=1)
+    assert data == b"12345" and not item.error
+    q.done(item)
+    assert list(tmp_path.glob("*.otlp")) == []
+    q.release()
+
+
 @pytest.mark.parametrize("proto", ["grpc", "http"])
 def test_a_file_that_cannot_be_removed_does_not_stop_the_sender(proto, make_exporter, kit, tmp_path, caplog):
     """An OSError removing a finished batch's file (here a directory where a batch file should be; a filesystem
