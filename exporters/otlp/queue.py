@@ -6,14 +6,13 @@ OLDEST waiting batch is dropped: for cumulative metrics the newest batch carries
 worth more than the oldest. The newest batch is always taken, even alone over `max_bytes` (requests are split
 under 3 MiB, so that bounds the excess).
 
-The persistent queue keeps one file per batch (`<sequence>-<points>-<bytes>.otlp`, written to a temporary name
-and renamed, so a kill leaves either the whole file or none; the size in the name tells a file that a power cut
-left short, even one cut exactly between two messages, which still parses) and removes it once the batch is delivered or given
-up. On start it picks up what a previous process left. Delivery is at-least-once: a batch in flight when the
-process dies is sent again after the restart. By default files are not fsynced (as the collector's
-file_storage): they survive the process being killed, not the machine losing power. With `fsync`, each file and
-then the directory are flushed to disk before `put` returns: one disk flush per batch, a power loss loses
-nothing that was queued.
+The persistent queue keeps one file per batch (`<sequence>-<points>-<bytes>.otlp`, written to a temporary name and
+renamed, so a kill leaves either the whole file or none; the size in the name tells a file that a power cut left
+short, even one cut exactly between two messages, which still parses) and removes it once the batch is delivered or
+given up. On start it picks up what a previous process left. Delivery is at-least-once: a batch in flight when the
+process dies is sent again after the restart. By default files are not fsynced (as the collector's file_storage):
+they survive the process being killed, not the machine losing power. With `fsync`, each file and then the directory
+are flushed to disk before `put` returns: one disk flush per batch, a power loss loses nothing that was queued.
 """
 
 from __future__ import annotations
