@@ -26,7 +26,7 @@ from opentelemetry.sdk.metrics.export import (
 
 from podmeter.component import Factory, Processor, Stability
 
-from .config import GROUP_REFERENCE, MetricsTransformConfig, Operation, Transform
+from .config import GROUP_REFERENCE, MetricsTransformConfig, Operation, Transform, group_key
 
 
 class TransformError(Exception):
@@ -39,9 +39,7 @@ def _go_template(new_name: str) -> str:
     a `$`, and a `$` starting none of these stays as it is."""
     def part(m: re.Match) -> str:
         ref = m.group(1) or m.group(2)
-        if ref is None:
-            return "$"  # $$
-        return f"\\g<{int(ref) if ref.isascii() and ref.isdigit() else ref}>"  # Go reads $01 as group 1
+        return "$" if ref is None else f"\\g<{group_key(ref)}>"  # None: $$
     return GROUP_REFERENCE.sub(part, new_name.replace("\\", "\\\\"))
 
 

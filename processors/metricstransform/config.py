@@ -89,7 +89,8 @@ class Transform(ComponentConfig):
     action: Literal["update", "insert", "combine"] = Field(
         description="update: change the metric in place; insert: add a changed copy; combine: merge the matched "
                     "metrics into new_name, named regexp groups becoming attributes")
-    new_name: str | None = Field(None, description="The new name; with regexp, $1 / ${1} / $name / ${name} expand groups")
+    new_name: str | None = Field(
+        None, description="The new name; with regexp, $1 / ${1} / $name / ${name} expand groups")
     aggregation_type: Literal["sum", "mean", "max", "min"] | None = Field(
         None, description="combine: how points left with equal attributes merge (else they are a collision)")
     submatch_case: Literal["lower", "upper", ""] = Field("", description="combine: case of the attribute values")
@@ -119,12 +120,13 @@ class Transform(ComponentConfig):
             if self.new_name and self.action != "combine":
                 # a reference to a group include does not have would fail on every matching metric
                 for braced, bare in GROUP_REFERENCE.findall(self.new_name):
-                    ref = braced or bare
-                    if not ref:
+                    written = braced or bare
+                    if not written:
                         continue  # $$
-                    if not (ref.isascii() and ref.isdigit() and int(ref) <= pattern.groups or ref in pattern.groupindex):
+                    ref = group_key(written)
+                    if not (ref <= pattern.groups if isinstance(ref, int) else ref in pattern.groupindex):
                         names = f", named {', '.join(pattern.groupindex)}" if pattern.groupindex else ""
-                        raise ValueError(f"new_name refers to group {ref}, which include does not have "
+                        raise ValueError(f"new_name refers to group {written}, which include does not have "
                                          f"({pattern.groups} groups{names})")
         if self.action == "combine":
             if self.match_type != "regexp":
@@ -146,6 +148,11 @@ class Transform(ComponentConfig):
 # what a `$` starts in new_name, as Go's Regexp.Expand (the collector's) reads it: `$$`, a braced group reference
 # `${1}` / `${name}`, or a bare one `$1` / `$name` taken as long as possible
 GROUP_REFERENCE = re.compile(r"\$(?:\$|\{(\w+)\}|(\w+))")
+
+
+def group_key(ref: str) -> int | str:
+    """A group reference's number, or its name: Go reads `$01` as group 1."""
+    return int(ref) if ref.isascii() and ref.isdigit() else ref
 
 
 class MetricsTransformConfig(ComponentConfig):
