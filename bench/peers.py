@@ -41,7 +41,9 @@ def run_nvitop(node, iterations: int = 20, scrapes: int = 20, timeout: float = 1
     out = os.path.join(node.workdir, "nvitop.json")
     port = free_port()
     env = node.nvml_env()
-    env.update(BENCH_NVITOP_OUT=out, BENCH_NVITOP_ITERATIONS=str(iterations), PYTHONPATH=REPO)
+    # the repository first, then whatever path the caller's packages came from (an install by PYTHONPATH)
+    path = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    env.update(BENCH_NVITOP_OUT=out, BENCH_NVITOP_ITERATIONS=str(iterations), PYTHONPATH=path)
     log = open(os.path.join(node.workdir, "nvitop.log"), "w+")
     proc = subprocess.Popen([sys.executable, "-m", "bench.nvitop_runner", "--bind-address", "127.0.0.1",
                              "--port", str(port), "--hostname", "bench-node"],
