@@ -623,8 +623,9 @@ class NvmlReceiver(Receiver):
         b.add(M.POWER, None if v is None else v / 1000, None, res)
         v = q(dev, "nvmlDeviceGetEnforcedPowerLimit", N.nvmlDeviceGetEnforcedPowerLimit, h)
         b.add(M.POWER_LIMIT, None if v is None else v / 1000, None, res)
-        v = q(dev, "nvmlDeviceGetTotalEnergyConsumption", N.nvmlDeviceGetTotalEnergyConsumption, h)
-        self._counter(b, dev, M.ENERGY, None if v is None else v / 1000, None)
+        if self.config.energy:
+            v = q(dev, "nvmlDeviceGetTotalEnergyConsumption", N.nvmlDeviceGetTotalEnergyConsumption, h)
+            self._counter(b, dev, M.ENERGY, None if v is None else v / 1000, None)
         for clock, domain in CLOCKS:
             v = q(dev, f"nvmlDeviceGetClockInfo({domain})", N.nvmlDeviceGetClockInfo, h, clock)
             b.add(M.CLOCK, None if v is None else v * 1_000_000, {"hw.gpu.clock.domain": domain}, res)
