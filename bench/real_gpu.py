@@ -220,13 +220,13 @@ def start_workloads(seconds: float, idle: int) -> tuple[list, list[dict], str]:
     return pods, started, "; ".join(problems[:3])
 
 
-def in_process(iterations: int, scrapes: int) -> dict:
+def in_process(iterations: int, scrapes: int, **nvml_config) -> dict:
     """The nvml receiver and the prometheus exporter built as the runtime builds them: CPU per collection, the
     scrape, and the receiver's own error counts."""
     built = Built()
     pending = []
     for kind, type_, cfg in (("exporter", "prometheus", {"endpoint": f"127.0.0.1:{free_port()}"}),
-                             ("receiver", "nvml", {"collection_interval": "10s"})):
+                             ("receiver", "nvml", {"collection_interval": "10s", **nvml_config})):
         comp = create(built, kind, type_, cfg)
         if comp is not None:
             pending.append((kind, type_, comp))
@@ -322,6 +322,9 @@ def report_md(r: dict) -> str:
               "## In process (nvml receiver + prometheus exporter)", "",
               json.dumps({k: v for k, v in r.get("in_process", {}).items() if k != "profile"}, indent=1), "",
               "```", *r.get("in_process", {}).get("profile", []), "```", "",
+              "## The same with `energy: false`", "",
+              json.dumps({k: v for k, v in r.get("in_process_without_energy", {}).items() if k != "profile"},
+                         indent=1), "",
               "## nvitop-exporter on the same GPUs", "", json.dumps(r.get("nvitop"), indent=1), "",
               "## Agent", "", json.dumps(r.get("agent"), indent=1), ""]
     return "\n".join(lines)
@@ -351,6 +354,7 @@ def main() -> int:
             r["probes"].append(probe("with the workloads running"))
             r["costs"] = costs()
         steps = (("in_process", lambda: in_process(args.iterations, 20)),
+                 ("in_process_without_energy", lambda: in_process(args.iterations, 20, energy=False)),
                  ("nvitop", lambda: _nvitop(args.iterations)),
                  ("agent", lambda: run_agent(args.out, args.agent_seconds)))
         for key, step in steps:

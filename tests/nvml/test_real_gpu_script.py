@@ -1,0 +1,35 @@
+"""bench.real_gpu, the check made on a machine with a real NVIDIA driver, run here against the fake library so that
+it keeps working between the times a GPU is at hand (no workloads: they need PyTorch and a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from harness.fake_nvml import GPU, GiB, Scenario
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UUID = "GPU-12345678-1111-2222-3333-444444444444"
+
+
+def test_real_gpu_check_reports_every_call_and_the_agents_metrics(fake, tmp_path):
+    fake.write(Scenario(gpus=[GPU(uuid=UUID, mem_used=3 * GiB, energy_mj=5_000_000)]))
+    out = tmp_path / "out"
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(fake.lib))
+    run = subprocess.run([sys.executable, "-m", "bench.real_gpu", "--out", str(out), "--workload", "0",
+                          "--iterations", "3", "--agent-seconds", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    gpu = report["probes"][0]["devices"][0]
+    assert gpu["uuid"]["value"] == UUID
+    assert gpu["energy_mj"]["value"] == 5_000_000 and gpu["energy_mj"]["cpu_us"] >= 0
+    assert gpu["process_utilization_size_query_all"]["code"] in (6, 7)  # NOT_FOUND or INSUFFICIENT_SIZE
+    assert report["in_process"]["missing"] == {} and report["in_process"]["cpu_collect"]["n"] == 3
+    assert report["in_process_without_energy"]["cpu_collect"]["n"] == 3
+    assert report["agent"] == {"up": True, "exit": 0}
+    metrics = (out / "metrics.txt").read_text()
+    assert f'hw_gpu_memory_usage_bytes{{hw_gpu_index="0",hw_id="{UUID}"}} 3.221225472e+09' in metrics
+    assert "# nvml receiver on a real driver" in (out / "report.md").read_text()
