@@ -305,6 +305,49 @@ def run_agent(outdir: str, seconds: float) -> dict:
     return out
 
 
+def pid_namespace(workloads: list[dict]) -> dict:
+    """What the driver lists to an agent in its own PID namespace (a pod without hostPID): `podmeter collect --once`
+    under `unshare --pid --mount-proc` beside one CUDA process of its own namespace, once with that namespace's
+    /proc and once with the host's /proc as proc_root; which PIDs it reports and which pods they are attributed to."""
+    import shutil
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return {"skipped": "needs root and unshare"}
+    host_proc = tempfile.mkdtemp(prefix="podmeter-host-proc-")
+    subprocess.run(["mount", "--bind", "/proc", host_proc], check=True)
+    out: dict = {"host_pids": {str(w["pid"]): w["pod_uid"] for w in workloads}}
+    try:
+        for label, proc_root in (("own /proc", "/proc"), ("host /proc as proc_root", host_proc)):
+            config = os.path.join(tempfile.mkdtemp(prefix="podmeter-pidns-"), "pipelines.yaml")
+            with open(config, "w") as f:
+                f.write(textwrap.dedent(f"""
+                    receivers:
+                      nvml: {{proc_root: "{proc_root}"}}
+                    exporters:
+                      debug: {{}}
+                    service:
+                      pipelines:
+                        metrics: {{receivers: [nvml], exporters: [debug]}}
+                """))
+            idle = f"env -u PYTHONPATH CUDA_VISIBLE_DEVICES=0 {sys.executable} -c '{IDLE}' 60"
+            script = (f"{idle} > /dev/null & sleep 4; {sys.executable} -m podmeter.cli collect --once "
+                      f"--format otlp-json --log-level warning --config {config}; rc=$?; kill %1 2>/dev/null; exit $rc")
+            run = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+            found = []
+            try:
+                for rm in json.loads(run.stdout[run.stdout.index("{"):]).get("resourceMetrics", []):
+                    attrs = {a["key"]: next(iter(a["value"].values())) for a in rm["resource"].get("attributes", [])}
+                    if "process.pid" in attrs:
+                        found.append({k: attrs.get(k) for k in ("process.pid", "k8s.pod.uid",
+                                                                 "process.executable.name")})
+            except ValueError as exc:
+                found = [f"no output to read: {exc}"]
+            out[label] = {"rc": run.returncode, "processes": found, "log": run.stderr[-1500:]}
+    finally:
+        subprocess.run(["umount", host_proc], check=False)
+    return out
+
+
 def report_md(r: dict) -> str:
     lines = ["# nvml receiver on a real driver", ""]
     for p in r["probes"]:
@@ -326,7 +369,8 @@ def report_md(r: dict) -> str:
               json.dumps({k: v for k, v in r.get("in_process_without_energy", {}).items() if k != "profile"},
                          indent=1), "",
               "## nvitop-exporter on the same GPUs", "", json.dumps(r.get("nvitop"), indent=1), "",
-              "## Agent", "", json.dumps(r.get("agent"), indent=1), ""]
+              "## Agent", "", json.dumps(r.get("agent"), indent=1), "",
+              "## In its own PID namespace (no hostPID)", "", json.dumps(r.get("pid_namespace"), indent=1), ""]
     return "\n".join(lines)
 
 
@@ -356,6 +400,7 @@ def main() -> int:
         steps = (("in_process", lambda: in_process(args.iterations, 20)),
                  ("in_process_without_energy", lambda: in_process(args.iterations, 20, energy=False)),
                  ("nvitop", lambda: _nvitop(args.iterations)),
+                 ("pid_namespace", lambda: pid_namespace(r.get("workloads", {}).get("started", []))),
                  ("agent", lambda: run_agent(args.out, args.agent_seconds)))
         for key, step in steps:
             t0 = time.monotonic()

@@ -150,7 +150,8 @@ class NvmlReceiver(Receiver):
         self.scope = f"podmeter/receiver/{settings.id}"
         self.start_ns = now_ns()
         self.nvml: Any = None
-        self.ready = False
+        # an NVML session is open (not named `ready`: that is Component.ready(), which `podmeter collect` calls)
+        self.session_open = False
         self.devices: list[Device] = []
         # the GPUs of the last discovery, kept through a driver reload: whom a GPU that cannot be read now was
         self._known: list[Device] = []
@@ -234,13 +235,13 @@ class NvmlReceiver(Receiver):
             N.nvmlInit()
         except N.NVMLError as exc:
             raise _Reinit(f"nvmlInit: {self._name(exc)}", getattr(exc, "value", None)) from None
-        self.ready = self.initialised = True
+        self.session_open = self.initialised = True
         try:
             self._discover()
         except _Reinit:
             # nvmlInit worked but the driver is not up yet (or went again): not ready, so the next collection
             # initialises again, rather than collecting nothing from an empty device list until the next discovery
-            self.ready = False
+            self.session_open = False
             try:
                 N.nvmlShutdown()  # balance this nvmlInit: the next one starts afresh
             except N.NVMLError:
@@ -251,7 +252,7 @@ class NvmlReceiver(Receiver):
     def _reinit(self, why: str) -> bool:
         """After a driver reload: drop the old session, start a new one. False if NVML is still unavailable."""
         self.telemetry.error("nvml_reinit", f"NVML session lost ({why}); re-initialising")
-        self.ready = False
+        self.session_open = False
         # the driver restarted after the latest collection: every counter read from now on restarted there
         self._session += 1
         self._session_ns = self._collect_ns + 1
@@ -274,12 +275,12 @@ class NvmlReceiver(Receiver):
             proc.close()
         self._procs.clear()
         self._fds = 0
-        if self.ready and self.nvml is not None:
+        if self.session_open and self.nvml is not None:
             try:
                 self.nvml.nvmlShutdown()
             except Exception:  # noqa: BLE001 - shutting down regardless
                 pass
-        self.ready = False
+        self.session_open = False
 
     # ------------------------------------------------------------------------------------------------ discovery
 
@@ -537,7 +538,7 @@ class NvmlReceiver(Receiver):
     def collect(self) -> MetricsData:
         if self.nvml is None:
             return empty()
-        if not self.ready:
+        if not self.session_open:
             try:
                 self._init()
             except _Reinit as exc:

@@ -127,6 +127,24 @@ def test_a_metric_group_turned_off_costs_no_nvml_call(fake, make_receiver, key, 
     assert all(points(md, name) for name in metrics)
 
 
+def test_podmeter_collect_once_with_the_nvml_receiver(fake, pods, tmp_path):
+    # `collect` waits on every receiver's ready(); the receiver once shadowed that method with a bool (a crash,
+    # found on a real GPU)
+    pod, (proc,) = pods(1)
+    fake.write(Scenario(gpus=[GPU(uuid=UUID0)], processes=[Process(pid=proc.pid, used_mem=GiB)]))
+    config = tmp_path / "nvml.yaml"
+    config.write_text(f"receivers:\n  nvml: {{library_path: {fake.lib}}}\nexporters:\n  debug: {{}}\n"
+                      "service:\n  pipelines:\n    metrics: {receivers: [nvml], exporters: [debug]}\n")
+    out = subprocess.run([sys.executable, "-m", "podmeter.cli", "collect", "--once", "--format", "otlp-json",
+                          "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    resources = [{a["key"]: next(iter(a["value"].values())) for a in rm["resource"]["attributes"]}
+                 for rm in json.loads(out.stdout)["resourceMetrics"]]
+    assert any(r.get("hw.id") == UUID0 and "process.pid" not in r for r in resources)
+    assert {"hw.id": UUID0, "process.pid": str(proc.pid), "k8s.pod.uid": pod.uid}.items() <= next(
+        r for r in resources if r.get("process.pid") == str(proc.pid)).items()
+
+
 def test_static_info_is_read_once(fake, make_receiver):
     fake.write(Scenario(gpus=[GPU(uuid=UUID0), GPU(uuid=UUID1)]))
     r = make_receiver()

@@ -30,6 +30,8 @@ def test_real_gpu_check_reports_every_call_and_the_agents_metrics(fake, tmp_path
     assert report["in_process"]["missing"] == {} and report["in_process"]["cpu_collect"]["n"] == 3
     assert report["in_process_without_energy"]["cpu_collect"]["n"] == 3
     assert report["agent"] == {"up": True, "exit": 0}
+    for proc_root in ("own /proc", "host /proc as proc_root"):  # `podmeter collect` in a PID namespace of its own
+        assert report["pid_namespace"][proc_root]["rc"] == 0, report["pid_namespace"][proc_root]["log"]
     metrics = (out / "metrics.txt").read_text()
     assert f'hw_gpu_memory_usage_bytes{{hw_gpu_index="0",hw_id="{UUID}"}} 3.221225472e+09' in metrics
     assert "# nvml receiver on a real driver" in (out / "report.md").read_text()
