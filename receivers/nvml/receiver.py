@@ -36,6 +36,7 @@ from .config import NvmlConfig
 log = logging.getLogger(__name__)
 
 NO_ID = 0xFFFFFFFF
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the inode of the kernel's initial PID namespace (include/linux/proc_ns.h)
 UNIDENTIFIED = "nvidia-index-"  # hw.id of a GPU whose UUID was never read: nvidia-index-<NVML index>
 # pynvml error codes (the module is imported lazily, so the agent starts on hosts without it)
 UNINITIALIZED, NOT_SUPPORTED, NOT_FOUND, INSUFFICIENT_SIZE, DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND = 1, 3, 6, 7, 9, 12
@@ -867,10 +868,12 @@ class NvmlReceiver(Receiver):
             self._drop(pid)  # exited: the PID now names another process, or nothing
             gone = proc
         host_pid = pid
-        info = self.attributor.lookup(pid)
-        if info is None and self._nested_pidns:
-            host_pid = self._translate(pid)
-            info = self.attributor.lookup(host_pid) if host_pid else None
+        if self._nested_pidns:
+            # current drivers number a process of podmeter's namespace as that namespace does: translated first,
+            # since the same number under a host /proc is another process (2 is kthreadd). Older drivers report
+            # host PIDs, which no process of podmeter's namespace has: those are looked up as they are
+            host_pid = self._translate(pid) or pid
+        info = self.attributor.lookup(host_pid)
         if info is None and gone is not None:
             # The process exited and its PID names nothing yet, but NVML still lists it while the driver tears its
             # contexts down (a collection or two): that memory is still its pod's. Reported as the process it was,
@@ -999,14 +1002,20 @@ class NvmlReceiver(Receiver):
     # ------------------------------------------------------------------------------------------------ PID namespaces
 
     def _check_pid_namespace(self) -> None:
-        """NVML reports host PIDs. Say how they are resolved when podmeter is in its own PID namespace."""
+        """Say how NVML's PIDs are resolved when podmeter is not in the host's PID namespace."""
         root = self.attributor.proc_root
         try:
-            with open("/proc/self/status") as f:
-                depth = next((len(line.split()) - 1 for line in f if line.startswith("NSpid:")), 1)
+            # /proc/self/status's NSpid lists only the namespaces its procfs can see: a container's own /proc shows
+            # one entry, as the host's does. The namespace's inode tells: the kernel's initial one is fixed
+            nested = os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO
         except OSError:
-            depth = 1
-        if depth <= 1:
+            nested = False
+        try:
+            with open("/proc/self/status") as f:
+                nested = nested or next((len(line.split()) > 2 for line in f if line.startswith("NSpid:")), False)
+        except OSError:
+            pass
+        if not nested:
             return  # hostPID: NVML's PIDs are ours
         self._nested_pidns = True
         # proc_root's "self" is this process as that procfs's namespace sees it: more than one NSpid entry means
@@ -1017,14 +1026,14 @@ class NvmlReceiver(Receiver):
             me = None
         how = (f"{root} shows the host PID namespace, so host PIDs resolve directly"
                if me is not None and len(me.nspid) > 1 else
-               f"{root} is this container's own /proc: other pods' processes are not visible; mount the host "
+               f"{root} is this namespace's own /proc: other pods' processes are not visible; mount the host "
                "/proc and set proc_root, or run with hostPID: true")
         # a warning: drivers whose resource manager translates PIDs into the caller's namespace (the open kernel
-        # modules' gpuGetProcWithObject) leave out every process outside it, so other pods' are not listed at all
-        self.logger.warning("podmeter runs in its own PID namespace (hostPID off): per-process GPU metrics need "
-                            "hostPID: true with current drivers, which list only the processes of the caller's PID "
-                            "namespace; %s; PIDs NVML reports in podmeter's namespace are translated to host PIDs "
-                            "through NSpid", how)
+        # modules' gpuGetProcWithObject; seen with 580 on an H200) leave out every process outside it
+        self.logger.warning("podmeter is not in the host's PID namespace (hostPID off, or a node that is itself a "
+                            "container): per-process GPU metrics need hostPID: true with current drivers, which "
+                            "list only the processes of the caller's PID namespace; %s; PIDs of podmeter's own "
+                            "namespace are translated to host PIDs through NSpid", how)
 
     def _translate(self, pid: int) -> int | None:
         """A PID in podmeter's own namespace -> host PID, from NSpid of the processes sharing that namespace."""

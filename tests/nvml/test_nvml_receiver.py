@@ -483,22 +483,27 @@ from podmeter.component import ComponentID, CreateSettings, Host
 from podmeter.telemetry import null_component_telemetry
 from receivers.nvml import factory
 
-# PIDs in this namespace far above the host's pid_max, so they cannot be mistaken for host PIDs
-with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-    f.write("999990")
+host_proc = sys.argv[5]
+if host_proc == "/proc":
+    # the host's /proc is this process's /proc: PIDs in this namespace far above the host's pid_max, so that
+    # they cannot be mistaken for host PIDs
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write("999990")
+# else: this namespace's own /proc is mounted, and its PIDs are small, as in a pod: the same numbers under the
+# host's /proc are other processes (kthreadd is 2)
 pod = PodCgroup(uid=sys.argv[3], container_id=sys.argv[4])
 proc = pod.spawn(["sleep", "60"])
 Scenario(gpus=[GPU(uuid="GPU-ns")], processes=[Process(pid=proc.pid, used_mem=GiB)]).write(os.environ["FAKE_NVML_SCENARIO"])
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 t = null_component_telemetry("nvml", logging.getLogger("nvml"))
 r = factory.create(CreateSettings(id=ComponentID("nvml"), kind="receiver", logger=t.logger, telemetry=t),
-                   factory.config_model.model_validate({"library_path": sys.argv[2]}))
+                   factory.config_model.model_validate({"library_path": sys.argv[2], "proc_root": host_proc}))
 r.start(Host())
 md = r.collect()
 res = [dict(rm.resource.attributes) for rm in md.resource_metrics
        if any(m.name == "process.gpu.memory.usage" for sm in rm.scope_metrics for m in sm.metrics)]
 # the host PID found independently: the process in the pod's cgroup, as the host's /proc lists it
-host = [int(d) for d in os.listdir("/proc") if d.isdigit() and sys.argv[4] in open(f"/proc/{d}/cgroup").read()]
+host = [int(d) for d in os.listdir(host_proc) if d.isdigit() and sys.argv[4] in open(f"{host_proc}/{d}/cgroup").read()]
 proc.kill()
 proc.wait()
 Scenario(gpus=[GPU(uuid="GPU-ns")]).write(os.environ["FAKE_NVML_SCENARIO"])
@@ -508,16 +513,30 @@ print(json.dumps({"ns_pid": proc.pid, "host_pids": host, "resources": res, "proc
 """
 
 
-def test_pids_of_podmeters_own_namespace_are_translated_through_nspid(fake, pods, tmp_path):
+@pytest.mark.parametrize("own_proc", [False, True], ids=["host-proc-is-proc", "own-proc-host-proc-as-proc_root"])
+def test_pids_of_podmeters_own_namespace_are_translated_through_nspid(fake, pods, tmp_path, own_proc):
     """podmeter in its own PID namespace (hostPID off) with the host's /proc visible: a PID NVML reports in
-    podmeter's namespace maps to the host PID through NSpid. Runs the receiver under `unshare --pid`."""
+    podmeter's namespace maps to the host PID through NSpid. Runs the receiver under `unshare --pid`; with
+    `own_proc`, as in a pod: the namespace's own /proc mounted, its PIDs small, the host's /proc at proc_root (on a
+    real H200 the small PID was once attributed to the host's process of that number)."""
     require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
     pod, _ = pods(0)
     script = tmp_path / "child.py"
     script.write_text(_NS_CHILD)
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, str(script), tests_dir, fake.lib,
-                          pod.uid, pod.container_id], capture_output=True, text=True, timeout=60)
+    host_proc = "/proc"
+    unshare = ["unshare", "--pid", "--fork"]
+    if own_proc:
+        host_proc = str(tmp_path / "host-proc")
+        os.mkdir(host_proc)
+        subprocess.run(["mount", "--bind", "/proc", host_proc], check=True)
+        unshare.append("--mount-proc")
+    try:
+        out = subprocess.run([*unshare, sys.executable, str(script), tests_dir, fake.lib, pod.uid, pod.container_id,
+                              host_proc], capture_output=True, text=True, timeout=60)
+    finally:
+        if own_proc:
+            subprocess.run(["umount", host_proc], check=False)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     (host_pid,) = got["host_pids"]
@@ -525,7 +544,9 @@ def test_pids_of_podmeters_own_namespace_are_translated_through_nspid(fake, pods
     (res,) = got["resources"]
     assert res["process.pid"] == host_pid
     assert res["k8s.pod.uid"] == pod.uid and res["container.id"] == pod.container_id
-    assert "runs in its own PID namespace" in out.stderr
+    assert res["process.executable.name"] == "sleep"
+    assert "is not in the host's PID namespace" in out.stderr
+    assert f"{host_proc} shows the host PID namespace" in out.stderr
     assert got["procs"] == 0 and got["attributor"] == 0  # bounded under churn: the host PID's entry is gone too
 
 
