@@ -1024,7 +1024,8 @@ class NvmlReceiver(Receiver):
             me = read_process(root, int(os.readlink(f"{root}/self")))
         except (OSError, ValueError):
             me = None
-        how = (f"{root} shows the host PID namespace, so host PIDs resolve directly"
+        how = (f"{root} shows the host PID namespace: PIDs of podmeter's own namespace are translated to host PIDs "
+               "through NSpid, and host PIDs resolve directly"
                if me is not None and len(me.nspid) > 1 else
                f"{root} is this namespace's own /proc: other pods' processes are not visible; mount the host "
                "/proc and set proc_root, or run with hostPID: true")
@@ -1032,8 +1033,7 @@ class NvmlReceiver(Receiver):
         # modules' gpuGetProcWithObject; seen with 580 on an H200) leave out every process outside it
         self.logger.warning("podmeter is not in the host's PID namespace (hostPID off, or a node that is itself a "
                             "container): per-process GPU metrics need hostPID: true with current drivers, which "
-                            "list only the processes of the caller's PID namespace; %s; PIDs of podmeter's own "
-                            "namespace are translated to host PIDs through NSpid", how)
+                            "list only the processes of the caller's PID namespace; %s", how)
 
     def _translate(self, pid: int) -> int | None:
         """A PID in podmeter's own namespace -> host PID, from NSpid of the processes sharing that namespace."""
