@@ -7,8 +7,11 @@ a machine with the real driver. Run it as root (it makes pod-shaped cgroups) fro
     python -m bench.real_gpu --out DIR [--workload SECONDS] [--idle-procs N] [--iterations N]
 
 With PyTorch importable, it starts GPU processes on GPU 0, each in its own pod-shaped cgroup: one busy with matrix
-products, and N (31) idle ones holding GPU memory, 32 in all as in issue 10's 8 GPUs x 32 processes per GPU. It writes DIR/report.md (readable), DIR/report.json (everything),
-DIR/metrics.txt (the agent's /metrics), DIR/telemetry.txt (its self-telemetry) and DIR/agent.log.
+products and N (31) idle ones holding GPU memory, 32 in all, as one GPU of issue 10's 8 GPUs x 32 processes. Then:
+the receiver in process (CPU per collection, with `energy` on and off, a profile, the scrape), nvitop-exporter on
+the same processes, `podmeter run` with the nvml and cgroup receivers, and `podmeter collect` in a PID namespace of
+its own (a pod without hostPID). It writes DIR/report.md (readable), DIR/report.json (everything), DIR/metrics.txt
+(the agent's /metrics), DIR/telemetry.txt (its self-telemetry) and DIR/agent.log.
 """
 
 from __future__ import annotations
