@@ -198,12 +198,33 @@ def costs(repeat: int = 10) -> dict:
     return out
 
 
-def start_workloads(seconds: float, idle: int) -> tuple[list, list[dict], str]:
+def start_mps() -> tuple[dict, str]:
+    """NVIDIA's MPS control daemon (`nvidia-cuda-mps-control -d`, as the device plugin's MPS sharing runs it), with
+    its pipe and log directories; (the environment its clients need, what went wrong)."""
+    import shutil
+    daemon = shutil.which("nvidia-cuda-mps-control")
+    if daemon is None:
+        return {}, "nvidia-cuda-mps-control is not on the PATH"
+    base = tempfile.mkdtemp(prefix="podmeter-mps-")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": f"{base}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{base}/log"}
+    for d in env.values():
+        os.makedirs(d)
+    run = subprocess.run([daemon, "-d"], env=dict(os.environ, **env), capture_output=True, text=True, timeout=30)
+    return env, "" if run.returncode == 0 else f"MPS daemon: rc {run.returncode} {run.stderr[-500:]}"
+
+
+def stop_mps(env: dict) -> None:
+    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", env=dict(os.environ, **env), capture_output=True,
+                   text=True, timeout=30)
+
+
+def start_workloads(seconds: float, idle: int, extra_env: dict | None = None) -> tuple[list, list[dict], str]:
     """On GPU 0, one process busy with PyTorch matrix products and `idle` processes holding memory, each in its own
     pod-shaped cgroup; ([PodCgroup], [{role, pid, pod_uid, container_id}], what went wrong)."""
     from harness.cgroups import PodCgroup
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # PyTorch with its own packages
     env["CUDA_VISIBLE_DEVICES"] = "0"
+    env.update(extra_env or {})
     pods, procs = [], []
     for role, code in [("busy", BUSY)] + [("idle", IDLE)] * idle:
         pod = PodCgroup().create()
@@ -364,7 +385,7 @@ def report_md(r: dict) -> str:
     lines += ["## Driver cost per call on GPU 0, with the workloads running (median)", "",
               "| call | wall µs | CPU µs | answer |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {v['us']} | {v['cpu_us']} | {v['answer']} |" for k, v in r.get("costs", {}).items()]
-    lines += ["", "## Workloads", "", json.dumps(r.get("workloads"), indent=1), "",
+    lines += ["", "## Workloads", "", json.dumps({"mps": r.get("mps"), **(r.get("workloads") or {})}, indent=1), "",
               "## In process (nvml receiver + prometheus exporter)", "",
               json.dumps({k: v for k, v in r.get("in_process", {}).items() if k != "profile"}, indent=1), "",
               "```", *r.get("in_process", {}).get("profile", []), "```", "",
@@ -384,16 +405,20 @@ def main() -> int:
     ap.add_argument("--idle-procs", type=int, default=31, help="idle GPU processes beside the busy one")
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--agent-seconds", type=float, default=12.0)
+    ap.add_argument("--mps", action="store_true", help="run the workloads as clients of an MPS daemon started here")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import pynvml as N
     N.nvmlInit()
     r: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "probes": [probe("before workloads")]}
-    pods = []
+    pods, mps_env = [], {}
     try:
+        if args.mps:
+            mps_env, why = start_mps()
+            r["mps"] = {"env": mps_env, "problem": why}
         if args.workload > 0:
             if importlib.util.find_spec("torch") is not None:  # not imported here: its size is not podmeter's
-                pods, started, why = start_workloads(args.workload, args.idle_procs)
+                pods, started, why = start_workloads(args.workload, args.idle_procs, mps_env)
             else:
                 started, why = [], "PyTorch is not importable: no workloads"
             r["workloads"] = {"started": started, "problem": why}
@@ -415,6 +440,8 @@ def main() -> int:
     finally:
         for pod in pods:
             pod.destroy()
+        if mps_env:
+            stop_mps(mps_env)
         N.nvmlShutdown()
         with open(os.path.join(args.out, "report.json"), "w") as f:
             json.dump(r, f, indent=1, default=str)
