@@ -35,3 +35,27 @@ def test_only_named_components_are_imported(tmp_path):
     assert imported == ""
     # every installed type is still known (for "did you mean" and `podmeter components`)
     assert {"cgroup", "cri", "nvml", "ebpf", "podresources"} <= set(receivers.split(","))
+
+
+def test_no_component_hides_a_method_the_runtime_calls():
+    """An instance attribute named like a method of its class hides it: the nvml receiver once kept a bool in
+    `ready`, and `podmeter collect`, which calls every receiver's ready(timeout), failed with an internal error."""
+    import logging
+
+    from podmeter.component import ComponentID, CreateSettings, registry
+    from podmeter.telemetry import null_component_telemetry
+
+    reg = registry()
+    checked = 0
+    for kind in ("receiver", "processor", "exporter", "extension"):
+        for type_ in reg.types(kind):
+            factory = reg.get(kind, type_)
+            telemetry = null_component_telemetry(type_, logging.getLogger(f"test.{type_}"))
+            component = factory.create(CreateSettings(id=ComponentID(type_), kind=kind, logger=telemetry.logger,
+                                                      telemetry=telemetry, pipeline="metrics"),
+                                       factory.config_model.model_validate({}))
+            cls = type(component)
+            methods = {n for n in dir(cls) if not n.startswith("__") and callable(getattr(cls, n, None))}
+            assert not set(vars(component)) & methods, (kind, type_, set(vars(component)) & methods)
+            checked += 1
+    assert checked >= 14  # every built-in component
