@@ -19,7 +19,7 @@ def test_real_gpu_check_reports_every_call_and_the_agents_metrics(fake, tmp_path
     out = tmp_path / "out"
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(fake.lib))
     run = subprocess.run([sys.executable, "-m", "bench.real_gpu", "--out", str(out), "--workload", "0",
-                          "--iterations", "3", "--agent-seconds", "2"],
+                          "--iterations", "3", "--agent-seconds", "2", "--mps"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -30,6 +30,8 @@ def test_real_gpu_check_reports_every_call_and_the_agents_metrics(fake, tmp_path
     assert report["in_process"]["missing"] == {} and report["in_process"]["cpu_collect"]["n"] == 3
     assert report["in_process_without_energy"]["cpu_collect"]["n"] == 3
     assert report["agent"] == {"up": True, "exit": 0}
+    # no MPS daemon on these machines: said, and the rest ran
+    assert report["mps"]["problem"] == "nvidia-cuda-mps-control is not on the PATH"
     for proc_root in ("own /proc", "host /proc as proc_root"):  # `podmeter collect` in a PID namespace of its own
         assert report["pid_namespace"][proc_root]["rc"] == 0, report["pid_namespace"][proc_root]["log"]
     metrics = (out / "metrics.txt").read_text()
