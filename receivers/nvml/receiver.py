@@ -175,7 +175,7 @@ class NvmlReceiver(Receiver):
         self._owners: dict[int, str] = {}
         self._btime: float | None = None
         self._ns_map: dict[int, int] | None = None      # NSpid translation, built only when needed
-        self._nested_pidns = False
+        self._translate_pids = False  # podmeter's own PID namespace, and proc_root shows an outer one
         self._error_names: dict[int, str] = {}
         self.initialised = False  # nvmlInit succeeded once in this process
         # Cumulative counters (energy, ECC, PCIe, NVLink) count "since the driver was loaded" and restart at a driver
@@ -868,7 +868,7 @@ class NvmlReceiver(Receiver):
             self._drop(pid)  # exited: the PID now names another process, or nothing
             gone = proc
         host_pid = pid
-        if self._nested_pidns:
+        if self._translate_pids:
             # current drivers number a process of podmeter's namespace as that namespace does: translated first,
             # since the same number under a host /proc is another process (2 is kthreadd). Older drivers report
             # host PIDs, which no process of podmeter's namespace has: those are looked up as they are
@@ -1017,16 +1017,17 @@ class NvmlReceiver(Receiver):
             pass
         if not nested:
             return  # hostPID: NVML's PIDs are ours
-        self._nested_pidns = True
         # proc_root's "self" is this process as that procfs's namespace sees it: more than one NSpid entry means
         # proc_root shows an outer (the host's) namespace
         try:
             me = read_process(root, int(os.readlink(f"{root}/self")))
         except (OSError, ValueError):
             me = None
+        # only then can a PID of podmeter's namespace be translated; under its own /proc, NVML's PIDs are its
+        self._translate_pids = me is not None and len(me.nspid) > 1
         how = (f"{root} shows the host PID namespace: PIDs of podmeter's own namespace are translated to host PIDs "
                "through NSpid, and host PIDs resolve directly"
-               if me is not None and len(me.nspid) > 1 else
+               if self._translate_pids else
                f"{root} is this namespace's own /proc: other pods' processes are not visible; mount the host "
                "/proc and set proc_root, or run with hostPID: true")
         # a warning: drivers whose resource manager translates PIDs into the caller's namespace (the open kernel

@@ -483,8 +483,8 @@ from podmeter.component import ComponentID, CreateSettings, Host
 from podmeter.telemetry import null_component_telemetry
 from receivers.nvml import factory
 
-host_proc = sys.argv[5]
-if host_proc == "/proc":
+proc_root = sys.argv[5]
+if sys.argv[6] == "high":
     # the host's /proc is this process's /proc: PIDs in this namespace far above the host's pid_max, so that
     # they cannot be mistaken for host PIDs
     with open("/proc/sys/kernel/ns_last_pid", "w") as f:
@@ -497,13 +497,13 @@ Scenario(gpus=[GPU(uuid="GPU-ns")], processes=[Process(pid=proc.pid, used_mem=Gi
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 t = null_component_telemetry("nvml", logging.getLogger("nvml"))
 r = factory.create(CreateSettings(id=ComponentID("nvml"), kind="receiver", logger=t.logger, telemetry=t),
-                   factory.config_model.model_validate({"library_path": sys.argv[2], "proc_root": host_proc}))
+                   factory.config_model.model_validate({"library_path": sys.argv[2], "proc_root": proc_root}))
 r.start(Host())
 md = r.collect()
 res = [dict(rm.resource.attributes) for rm in md.resource_metrics
        if any(m.name == "process.gpu.memory.usage" for sm in rm.scope_metrics for m in sm.metrics)]
 # the host PID found independently: the process in the pod's cgroup, as the host's /proc lists it
-host = [int(d) for d in os.listdir(host_proc) if d.isdigit() and sys.argv[4] in open(f"{host_proc}/{d}/cgroup").read()]
+host = [int(d) for d in os.listdir(proc_root) if d.isdigit() and sys.argv[4] in open(f"{proc_root}/{d}/cgroup").read()]
 proc.kill()
 proc.wait()
 Scenario(gpus=[GPU(uuid="GPU-ns")]).write(os.environ["FAKE_NVML_SCENARIO"])
@@ -513,40 +513,49 @@ print(json.dumps({"ns_pid": proc.pid, "host_pids": host, "resources": res, "proc
 """
 
 
-@pytest.mark.parametrize("own_proc", [False, True], ids=["host-proc-is-proc", "own-proc-host-proc-as-proc_root"])
-def test_pids_of_podmeters_own_namespace_are_translated_through_nspid(fake, pods, tmp_path, own_proc):
-    """podmeter in its own PID namespace (hostPID off) with the host's /proc visible: a PID NVML reports in
-    podmeter's namespace maps to the host PID through NSpid. Runs the receiver under `unshare --pid`; with
-    `own_proc`, as in a pod: the namespace's own /proc mounted, its PIDs small, the host's /proc at proc_root (on a
-    real H200 the small PID was once attributed to the host's process of that number)."""
+@pytest.mark.parametrize("mode", ["host-proc", "own-proc-host-proc-root", "own-proc-only"])
+def test_pids_of_podmeters_own_namespace_are_translated_through_nspid(fake, pods, tmp_path, mode):
+    """podmeter in its own PID namespace (hostPID off), run under `unshare --pid`:
+    - host-proc: its /proc is the host's; a PID NVML reports in podmeter's namespace maps to the host PID through
+      NSpid;
+    - own-proc-host-proc-root: as in a pod, the namespace's own /proc mounted, its PIDs small, the host's /proc at
+      proc_root: translated too (on a real H200 the small PID was once attributed to the host's process of that
+      number);
+    - own-proc-only: only the namespace's own /proc: NVML's PIDs are found there as they are."""
     require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
     pod, _ = pods(0)
     script = tmp_path / "child.py"
     script.write_text(_NS_CHILD)
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    host_proc = "/proc"
+    proc_root = "/proc"
     unshare = ["unshare", "--pid", "--fork"]
-    if own_proc:
-        host_proc = str(tmp_path / "host-proc")
-        os.mkdir(host_proc)
-        subprocess.run(["mount", "--bind", "/proc", host_proc], check=True)
+    if mode != "host-proc":
         unshare.append("--mount-proc")
+    if mode == "own-proc-host-proc-root":
+        proc_root = str(tmp_path / "host-proc")
+        os.mkdir(proc_root)
+        subprocess.run(["mount", "--bind", "/proc", proc_root], check=True)
     try:
         out = subprocess.run([*unshare, sys.executable, str(script), tests_dir, fake.lib, pod.uid, pod.container_id,
-                              host_proc], capture_output=True, text=True, timeout=60)
+                              proc_root, "high" if mode == "host-proc" else "low"],
+                             capture_output=True, text=True, timeout=60)
     finally:
-        if own_proc:
-            subprocess.run(["umount", host_proc], check=False)
+        if mode == "own-proc-host-proc-root":
+            subprocess.run(["umount", proc_root], check=False)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    (host_pid,) = got["host_pids"]
-    assert host_pid != got["ns_pid"]
+    (pid_under_proc_root,) = got["host_pids"]
     (res,) = got["resources"]
-    assert res["process.pid"] == host_pid
+    assert res["process.pid"] == pid_under_proc_root
     assert res["k8s.pod.uid"] == pod.uid and res["container.id"] == pod.container_id
     assert res["process.executable.name"] == "sleep"
     assert "is not in the host's PID namespace" in out.stderr
-    assert f"{host_proc} shows the host PID namespace" in out.stderr
+    if mode == "own-proc-only":
+        assert pid_under_proc_root == got["ns_pid"]
+        assert "is this namespace's own /proc" in out.stderr
+    else:
+        assert pid_under_proc_root != got["ns_pid"]
+        assert f"{proc_root} shows the host PID namespace" in out.stderr
     assert got["procs"] == 0 and got["attributor"] == 0  # bounded under churn: the host PID's entry is gone too
 
 
