@@ -206,6 +206,9 @@ def test_without_a_queue_a_hung_backend_at_shutdown_is_counted_not_a_bug(tmp_pat
         with caplog.at_level(logging.INFO):
             assert svc.shutdown(timeout=1.0) is False
             wait_for(lambda: generic(svc, "failed", "otlp") >= 3 * 3, what="the in-flight batch counted too")
+            # the sending thread counts the points, then logs: the line can come a moment after the count
+            wait_for(lambda: any("points not delivered" in r.getMessage() for r in caplog.records),
+                     what="the in-flight batch logged")
     finally:
         hung.close()
     text = "\n".join(r.getMessage() for r in caplog.records)
