@@ -198,10 +198,13 @@ def test_processes_attributed_to_pods_on_a_shared_gpu(fake, make_receiver, pods)
         outside.wait()
 
 
-def test_process_utilization_uses_a_last_seen_timestamp(fake, make_receiver, pods):
+@pytest.mark.parametrize("util_buffer", [0, 72], ids=["exact-size-query", "size-query-as-driver-580"])
+def test_process_utilization_uses_a_last_seen_timestamp(fake, make_receiver, pods, util_buffer):
+    # util_buffer=72: the size query asks for the whole buffer whatever the timestamp and only the read says
+    # NOT_FOUND, as driver 580 answered on an H200
     _, (p1, p2) = pods(2)
     old = int((time.time() - 3600) * 1e6)  # a sample from an hour ago: in the driver buffer, not in this interval
-    fake.write(Scenario(gpus=[GPU(uuid=UUID0)], processes=[
+    fake.write(Scenario(util_buffer=util_buffer, gpus=[GPU(uuid=UUID0)], processes=[
         Process(pid=p1.pid, used_mem=GiB, sm=70, ts=old), Process(pid=p2.pid, used_mem=GiB, sm=20)]))
     r = make_receiver(collection_interval="10s")
     md = r.collect()
@@ -213,12 +216,19 @@ def test_process_utilization_uses_a_last_seen_timestamp(fake, make_receiver, pod
     second = last_seen(fake.lib, 0)
     assert second > first  # the newest sample seen, never 0 again
     # a new sample for p1 newer than the cursor is reported
-    fake.write(Scenario(gpus=[GPU(uuid=UUID0)], processes=[
+    fake.write(Scenario(util_buffer=util_buffer, gpus=[GPU(uuid=UUID0)], processes=[
         Process(pid=p1.pid, used_mem=GiB, sm=55), Process(pid=p2.pid, used_mem=GiB, util=0)]))
     md = r.collect()
     u = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "general"}
     assert u == {p1.pid: pytest.approx(0.55), p2.pid: 0}
     assert last_seen(fake.lib, 0) >= second
+    # no sample newer than the cursor at all (NOT_FOUND): every process idle, not an error
+    fake.write(Scenario(util_buffer=util_buffer, gpus=[GPU(uuid=UUID0)], processes=[
+        Process(pid=p1.pid, used_mem=GiB, sm=55, ts=old), Process(pid=p2.pid, used_mem=GiB, util=0)]))
+    md = r.collect()
+    u = {res["process.pid"]: v for res, a, v in points(md, "process.gpu.utilization") if a["hw.gpu.task"] == "general"}
+    assert u == {p1.pid: 0, p2.pid: 0}
+    assert not r.telemetry.failing()
 
 
 def test_mig(fake, make_receiver, pods):

@@ -142,9 +142,13 @@ class Scenario:
     driver_version: str = "550.54.15"
     generation: int = 0        # change it to simulate a driver reload
     loaded: int = 1            # 0: the driver is not loaded (nvmlInit fails)
+    # >0: nvmlDeviceGetProcessUtilization's size query answers INSUFFICIENT_SIZE with room for this many samples
+    # whatever the timestamp, and the read answers NOT_FOUND when no sample is newer (driver 580 on an H200: 72)
+    util_buffer: int = 0
 
     def text(self) -> str:
-        lines = [f"driver\tversion={self.driver_version}\tgeneration={self.generation}\tloaded={self.loaded}"]
+        lines = [f"driver\tversion={self.driver_version}\tgeneration={self.generation}\tloaded={self.loaded}"
+                 f"\tutil_buffer={self.util_buffer}"]
         for g in self.gpus:
             lines.append("device\t" + _kv(g, skip={"minor": -1, "serial": "", "pci_bus_id": ""}))
         for m in self.mig:

@@ -8,7 +8,7 @@
  * under test keeps its NVML session. One record per line, tab-separated key=value fields; write it with
  * tests/harness/fake_nvml (Scenario(...).write(path)), which documents every key.
  *
- *   driver  version=550.54.15  generation=0  loaded=1
+ *   driver  version=550.54.15  generation=0  loaded=1  util_buffer=0
  *   device  uuid=GPU-..  name=..  mem_total=..  mem_used=..  util_gpu=..  temp=..  power_mw=..  mig=0|1  lost=0|1 ...
  *   mig     dev=0  gi=1  ci=0  uuid=MIG-..  profile=1g.10gb  mem_total=..  mem_used=..
  *   proc    dev=0  pid=..  used_mem=..  type=compute|graphics|mps  sm=..  mem=..  enc=..  dec=..  ts=-1  util=1  gi=..
@@ -69,7 +69,7 @@ typedef struct { int dev, type, util; unsigned int pid, sm, mem, enc, dec, gi, c
 enum { COMPUTE = 0, GRAPHICS = 1, MPS = 2 };
 
 static struct {
-    char driver[80]; long generation; int loaded, ndev, nmig, nproc, nfail;
+    char driver[80]; long generation; int loaded, ndev, nmig, nproc, nfail; unsigned int util_buffer;
     ent_t dev[MAXDEV], mig[MAXMIG]; proc_t_ proc[MAXPROC];
     struct { char fn[96]; int code, dev, times; } fail[MAXFAIL];
 } S;
@@ -124,6 +124,7 @@ static void reload(void) {
         if (!strncmp(line, "driver\t", 7)) {
             copyval(S.driver, sizeof S.driver, field(line, "version"));
             S.generation = snum(line, "generation", 0); S.loaded = num(line, "loaded", 1);
+            S.util_buffer = num(line, "util_buffer", 0);
         } else if (!strncmp(line, "device\t", 7) && S.ndev < MAXDEV) {
             ent_t *d = &S.dev[S.ndev]; d->index = S.ndev++;
             copyval(d->uuid, sizeof d->uuid, field(line, "uuid")); copyval(d->name, sizeof d->name, field(line, "name"));
@@ -440,6 +441,9 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(void *h, nvmlProcessUtilizationSamp
     last_seen[d->index] = last;
     unsigned long long now = now_us();
     unsigned int n = newer(d, last, now);
+    /* util_buffer: as driver 580 on an H200 answered, the size query always asks for the whole sample buffer,
+       and only the read says NOT_FOUND when no sample is newer */
+    if (!out && S.util_buffer) { *count = n > S.util_buffer ? n : S.util_buffer; RET(INSUFFICIENT_SIZE); }
     if (n == 0) RET(NOT_FOUND);
     if (!out || *count < n) { *count = n; RET(INSUFFICIENT_SIZE); }
     unsigned int k = 0;
