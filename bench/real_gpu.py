@@ -24,7 +24,9 @@ import io
 import json
 import os
 import pstats
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,8 @@ import urllib.request
 
 from harness import free_port
 from prometheus_client import generate_latest
+
+from podmeter.metrics import count_points
 
 from . import REPO
 from .components import Built, create, start_all
@@ -65,19 +69,29 @@ IDLE = textwrap.dedent("""
 """)
 
 
-def _call(fn, *args, repeat: int = 3) -> dict:
-    """One NVML call: its answer (or its error's name and code), and what the last of `repeat` calls took in wall
-    time and in this thread's CPU time (a driver that waits on the GPU's firmware may spin or sleep)."""
+def _timed(fn, repeat: int) -> tuple[object, dict]:
+    """`repeat` calls of fn: the last answer (or the NVMLError it raised), and the median wall time and this
+    thread's CPU time per call in microseconds (a driver call may spin or sleep)."""
     import pynvml as N
-    out: dict = {}
+    wall, cpu, answer = [], [], None
     for _ in range(repeat):
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            out = {"value": _plain(fn(*args))}
+            answer = fn()
         except N.NVMLError as exc:
-            out = {"error": str(exc), "code": exc.value}
-        out.update(us=round((time.perf_counter() - t0) * 1e6, 1), cpu_us=round((time.thread_time() - c0) * 1e6, 1))
-    return out
+            answer = exc
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return answer, {"us": round(statistics.median(wall) * 1e6, 1), "cpu_us": round(statistics.median(cpu) * 1e6, 1)}
+
+
+def _call(fn, *args, repeat: int = 3) -> dict:
+    """One NVML call: its answer (or its error's name and code), and its cost."""
+    import pynvml as N
+    answer, cost = _timed(lambda: fn(*args), repeat)
+    if isinstance(answer, N.NVMLError):
+        return {"error": str(answer), "code": answer.value, **cost}
+    return {"value": _plain(answer), **cost}
 
 
 def _plain(v):
@@ -154,8 +168,6 @@ def probe(label: str) -> dict:
 def costs(repeat: int = 10) -> dict:
     """What the driver costs per call on GPU 0 (median of `repeat`, wall and CPU microseconds) for the calls the
     receiver makes each collection, beside the alternatives NVML offers for the same figures."""
-    import statistics
-
     import pynvml as N
     h = N.nvmlDeviceGetHandleByIndex(0)
     now_us = int(time.time() * 1e6)
@@ -180,28 +192,20 @@ def costs(repeat: int = 10) -> dict:
                 lambda mode=mode: detail(h, N.nvmlProcessDetailList_v1, mode))
     out = {}
     for name, fn in calls.items():
-        wall, cpu, answer = [], [], None
-        for _ in range(repeat):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                v = fn()
-                if isinstance(v, ctypes.Array):  # field values: each field has its own answer
-                    answer = [(f.nvmlReturn, f.value.ullVal) for f in v]
-                else:
-                    answer = len(v) if isinstance(v, list) else str(v)[:100]
-            except N.NVMLError as exc:
-                answer = f"{exc} ({exc.value})"
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.thread_time() - c0)
-        out[name] = {"us": round(statistics.median(wall) * 1e6, 1), "cpu_us": round(statistics.median(cpu) * 1e6, 1),
-                     "answer": answer}
+        v, cost = _timed(fn, repeat)
+        if isinstance(v, N.NVMLError):
+            answer = f"{v} ({v.value})"
+        elif isinstance(v, ctypes.Array):  # field values: each field has its own answer
+            answer = [(f.nvmlReturn, f.value.ullVal) for f in v]
+        else:
+            answer = len(v) if isinstance(v, list) else str(v)[:100]
+        out[name] = {**cost, "answer": answer}
     return out
 
 
 def start_mps() -> tuple[dict, str]:
     """NVIDIA's MPS control daemon (`nvidia-cuda-mps-control -d`, as the device plugin's MPS sharing runs it), with
     its pipe and log directories; (the environment its clients need, what went wrong)."""
-    import shutil
     daemon = shutil.which("nvidia-cuda-mps-control")
     if daemon is None:
         return {}, "nvidia-cuda-mps-control is not on the PATH"
@@ -277,8 +281,7 @@ def in_process(iterations: int, scrapes: int, **nvml_config) -> dict:
         s = scrape(f"http://127.0.0.1:{prom.port}/metrics", scrapes)
         out.update(cpu_collect=cpu.as_dict(), cpu_collect_export=pipeline.as_dict(),
                    scrape={"latency": s.latency.as_dict(), "bytes": s.bytes_plain, "series": s.series},
-                   first_points=sum(len(m.data.data_points) for rm in first.resource_metrics
-                                    for sm in rm.scope_metrics for m in sm.metrics),
+                   first_points=count_points(first),
                    rss=proc_rss_bytes(),
                    errors=[line for line in generate_latest(built.telemetry.registry).decode().splitlines()
                            if line.startswith("podmeter_component_errors")])
@@ -287,22 +290,28 @@ def in_process(iterations: int, scrapes: int, **nvml_config) -> dict:
     return out
 
 
+def _config(text: str) -> str:
+    """A pipelines.yaml of its own (in a new temporary directory) holding `text`; its path."""
+    path = os.path.join(tempfile.mkdtemp(prefix="podmeter-real-gpu-"), "pipelines.yaml")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    return path
+
+
 def run_agent(outdir: str, seconds: float) -> dict:
     """The agent itself (`podmeter run`) with nvml and cgroup receivers: its /metrics and self-telemetry."""
     port, tport = free_port(), free_port()
-    config = os.path.join(tempfile.mkdtemp(prefix="podmeter-real-gpu-"), "pipelines.yaml")
-    with open(config, "w") as f:
-        f.write(textwrap.dedent(f"""
-            receivers:
-              nvml: {{collection_interval: 2s}}
-              cgroup: {{collection_interval: 2s}}
-            exporters:
-              prometheus: {{endpoint: "127.0.0.1:{port}"}}
-            service:
-              telemetry: {{metrics: {{address: "127.0.0.1:{tport}"}}}}
-              pipelines:
-                metrics: {{receivers: [nvml, cgroup], exporters: [prometheus]}}
-        """))
+    config = _config(f"""
+        receivers:
+          nvml: {{collection_interval: 2s}}
+          cgroup: {{collection_interval: 2s}}
+        exporters:
+          prometheus: {{endpoint: "127.0.0.1:{port}"}}
+        service:
+          telemetry: {{metrics: {{address: "127.0.0.1:{tport}"}}}}
+          pipelines:
+            metrics: {{receivers: [nvml, cgroup], exporters: [prometheus]}}
+    """)
     log = open(os.path.join(outdir, "agent.log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "podmeter.cli", "run", "--config", config], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -333,7 +342,6 @@ def pid_namespace(workloads: list[dict]) -> dict:
     """What the driver lists to an agent in its own PID namespace (a pod without hostPID): `podmeter collect --once`
     under `unshare --pid --mount-proc` beside one CUDA process of its own namespace, once with that namespace's
     /proc and once with the host's /proc as proc_root; which PIDs it reports and which pods they are attributed to."""
-    import shutil
     if shutil.which("unshare") is None or os.geteuid() != 0:
         return {"skipped": "needs root and unshare"}
     host_proc = tempfile.mkdtemp(prefix="podmeter-host-proc-")
@@ -341,17 +349,15 @@ def pid_namespace(workloads: list[dict]) -> dict:
     out: dict = {"host_pids": {str(w["pid"]): w["pod_uid"] for w in workloads}}
     try:
         for label, proc_root in (("own /proc", "/proc"), ("host /proc as proc_root", host_proc)):
-            config = os.path.join(tempfile.mkdtemp(prefix="podmeter-pidns-"), "pipelines.yaml")
-            with open(config, "w") as f:
-                f.write(textwrap.dedent(f"""
-                    receivers:
-                      nvml: {{proc_root: "{proc_root}"}}
-                    exporters:
-                      debug: {{}}
-                    service:
-                      pipelines:
-                        metrics: {{receivers: [nvml], exporters: [debug]}}
-                """))
+            config = _config(f"""
+                receivers:
+                  nvml: {{proc_root: "{proc_root}"}}
+                exporters:
+                  debug: {{}}
+                service:
+                  pipelines:
+                    metrics: {{receivers: [nvml], exporters: [debug]}}
+            """)
             idle = f"env -u PYTHONPATH CUDA_VISIBLE_DEVICES=0 {sys.executable} -c '{IDLE}' 60"
             script = (f"{idle} > /dev/null & sleep 4; {sys.executable} -m podmeter.cli collect --once "
                       f"--format otlp-json --log-level warning --config {config}; rc=$?; kill %1 2>/dev/null; exit $rc")
@@ -373,6 +379,9 @@ def pid_namespace(workloads: list[dict]) -> dict:
 
 
 def report_md(r: dict) -> str:
+    def without_profile(key: str) -> str:
+        return json.dumps({k: v for k, v in r.get(key, {}).items() if k != "profile"}, indent=1)
+
     lines = ["# nvml receiver on a real driver", ""]
     for p in r["probes"]:
         lines += [f"## NVML answers: {p['label']}", "", f"system: {json.dumps(p['system'], default=str)}", ""]
@@ -387,11 +396,10 @@ def report_md(r: dict) -> str:
     lines += [f"| {k} | {v['us']} | {v['cpu_us']} | {v['answer']} |" for k, v in r.get("costs", {}).items()]
     lines += ["", "## Workloads", "", json.dumps({"mps": r.get("mps"), **(r.get("workloads") or {})}, indent=1), "",
               "## In process (nvml receiver + prometheus exporter)", "",
-              json.dumps({k: v for k, v in r.get("in_process", {}).items() if k != "profile"}, indent=1), "",
+              without_profile("in_process"), "",
               "```", *r.get("in_process", {}).get("profile", []), "```", "",
               "## The same with `energy: false`", "",
-              json.dumps({k: v for k, v in r.get("in_process_without_energy", {}).items() if k != "profile"},
-                         indent=1), "",
+              without_profile("in_process_without_energy"), "",
               "## nvitop-exporter on the same GPUs", "", json.dumps(r.get("nvitop"), indent=1), "",
               "## Agent", "", json.dumps(r.get("agent"), indent=1), "",
               "## In its own PID namespace (no hostPID)", "", json.dumps(r.get("pid_namespace"), indent=1), ""]
