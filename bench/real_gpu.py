@@ -8,7 +8,8 @@ a machine with the real driver. Run it as root (it makes pod-shaped cgroups) fro
 
 With PyTorch importable, it starts GPU processes on GPU 0, each in its own pod-shaped cgroup: one busy with matrix
 products and N (31) idle ones holding GPU memory, 32 in all, as one GPU of issue 10's 8 GPUs x 32 processes. Then:
-the receiver in process (CPU per collection, with `energy` on and off, a profile, the scrape), nvitop-exporter on
+the receiver in process (CPU per collection, with `energy` on and off and with `gpm` on, a profile, the scrape),
+what GPM answers and costs (Hopper and newer), nvitop-exporter on
 the same processes, `podmeter run` with the nvml and cgroup receivers, and `podmeter collect` in a PID namespace of
 its own (a pod without hostPID). It writes DIR/report.md (readable), DIR/report.json (everything), DIR/metrics.txt
 (the agent's /metrics), DIR/telemetry.txt (its self-telemetry) and DIR/agent.log.
@@ -38,6 +39,7 @@ from harness import free_port
 from prometheus_client import generate_latest
 
 from podmeter.metrics import count_points
+from receivers.nvml.gpm import GPM_METRICS, METRICS_GET_VERSION
 
 from . import REPO
 from .components import Built, create, start_all
@@ -118,6 +120,33 @@ def _size_query(handle, name: str, since: int) -> dict:
     return {"code": ret, "count": count.value}
 
 
+def _gpm_metrics(h, seconds: float = 1.0) -> dict:
+    """Two GPM samples of GPU `h` taken `seconds` apart, and what nvmlGpmMetricsGet makes of them for the metrics the
+    receiver asks: {metric id: (its return code, its value)}."""
+    import pynvml as N
+    samples = [N.nvmlGpmSampleAlloc(), N.nvmlGpmSampleAlloc()]
+    try:
+        N.nvmlGpmSampleGet(h, samples[0])
+        time.sleep(seconds)
+        N.nvmlGpmSampleGet(h, samples[1])
+        req = _gpm_request(*samples)
+        N.nvmlGpmMetricsGet(req)
+        return {metric_id: (req.metrics[i].nvmlReturn, round(req.metrics[i].value, 2))
+                for i, (metric_id, _, _) in enumerate(GPM_METRICS)}
+    finally:
+        for sample in samples:
+            N.nvmlGpmSampleFree(sample)
+
+
+def _gpm_request(first, second):
+    import pynvml as N
+    req = N.c_nvmlGpmMetricsGet_t()
+    req.version, req.numMetrics, req.sample1, req.sample2 = METRICS_GET_VERSION, len(GPM_METRICS), first, second
+    for i, (metric_id, _, _) in enumerate(GPM_METRICS):
+        req.metrics[i].metricId = metric_id
+    return req
+
+
 def probe(label: str) -> dict:
     """Every NVML call the receiver makes, on every device, as the driver answers it now."""
     import pynvml as N
@@ -159,6 +188,8 @@ def probe(label: str) -> dict:
                 ("processes_utilization_info_10s", N.nvmlDeviceGetProcessesUtilizationInfo,
                  (now_us - 10_000_000,))):
             d[name] = _call(fn, h, *args)
+        d["gpm_support"] = _call(N.nvmlGpmQueryDeviceSupport, h)
+        d["gpm_metrics_1s"] = _call(_gpm_metrics, h, repeat=1)
         for since, tag in ((0, "all"), (now_us - 10_000_000, "10s"), (now_us + 60_000_000, "future")):
             d[f"process_utilization_size_query_{tag}"] = _size_query(h, "nvmlDeviceGetProcessUtilization", since)
         out["devices"].append(d)
@@ -190,16 +221,30 @@ def costs(repeat: int = 10) -> dict:
         for mode, label in ((0, "compute"), (1, "graphics"), (2, "mps"), (3, "all")):
             calls[f"processes: detail list {label}"] = (
                 lambda mode=mode: detail(h, N.nvmlProcessDetailList_v1, mode))
+    gpm: list = []
+    try:
+        gpm = [N.nvmlGpmSampleAlloc(), N.nvmlGpmSampleAlloc()]
+        N.nvmlGpmSampleGet(h, gpm[0])
+    except N.NVMLError as exc:
+        calls["gpm: a first sample"] = lambda exc=exc: exc  # no GPM here: why, in the table
+    if len(gpm) == 2:
+        req = _gpm_request(*gpm)
+        calls["gpm: nvmlGpmSampleGet"] = lambda: N.nvmlGpmSampleGet(h, gpm[1]) and "sample"
+        calls["gpm: nvmlGpmMetricsGet of two samples"] = lambda: N.nvmlGpmMetricsGet(req).numMetrics
     out = {}
-    for name, fn in calls.items():
-        v, cost = _timed(fn, repeat)
-        if isinstance(v, N.NVMLError):
-            answer = f"{v} ({v.value})"
-        elif isinstance(v, ctypes.Array):  # field values: each field has its own answer
-            answer = [(f.nvmlReturn, f.value.ullVal) for f in v]
-        else:
-            answer = len(v) if isinstance(v, list) else str(v)[:100]
-        out[name] = {**cost, "answer": answer}
+    try:
+        for name, fn in calls.items():
+            v, cost = _timed(fn, repeat)
+            if isinstance(v, N.NVMLError):
+                answer = f"{v} ({v.value})"
+            elif isinstance(v, ctypes.Array):  # field values: each field has its own answer
+                answer = [(f.nvmlReturn, f.value.ullVal) for f in v]
+            else:
+                answer = len(v) if isinstance(v, list) else str(v)[:100]
+            out[name] = {**cost, "answer": answer}
+    finally:
+        for sample in gpm:
+            N.nvmlGpmSampleFree(sample)
     return out
 
 
@@ -217,9 +262,14 @@ def start_mps() -> tuple[dict, str]:
     return env, "" if run.returncode == 0 else f"MPS daemon: rc {run.returncode} {run.stderr[-500:]}"
 
 
-def stop_mps(env: dict) -> None:
+def stop_mps(env: dict, outdir: str) -> None:
+    """Stop the daemon; its log is kept in `outdir`, its directories removed."""
     subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", env=dict(os.environ, **env), capture_output=True,
                    text=True, timeout=30)
+    log = os.path.join(env["CUDA_MPS_LOG_DIRECTORY"], "control.log")
+    if os.path.exists(log):
+        shutil.copy(log, os.path.join(outdir, "mps-control.log"))
+    shutil.rmtree(os.path.dirname(env["CUDA_MPS_LOG_DIRECTORY"]), ignore_errors=True)
 
 
 def start_workloads(seconds: float, idle: int, extra_env: dict | None = None) -> tuple[list, list[dict], str]:
@@ -290,9 +340,9 @@ def in_process(iterations: int, scrapes: int, **nvml_config) -> dict:
     return out
 
 
-def _config(text: str) -> str:
-    """A pipelines.yaml of its own (in a new temporary directory) holding `text`; its path."""
-    path = os.path.join(tempfile.mkdtemp(prefix="podmeter-real-gpu-"), "pipelines.yaml")
+def _config(outdir: str, name: str, text: str) -> str:
+    """`text` as <outdir>/<name>.yaml, kept with the results as a record of what ran; its path."""
+    path = os.path.join(outdir, f"{name}.yaml")
     with open(path, "w") as f:
         f.write(textwrap.dedent(text))
     return path
@@ -301,9 +351,9 @@ def _config(text: str) -> str:
 def run_agent(outdir: str, seconds: float) -> dict:
     """The agent itself (`podmeter run`) with nvml and cgroup receivers: its /metrics and self-telemetry."""
     port, tport = free_port(), free_port()
-    config = _config(f"""
+    config = _config(outdir, "agent", f"""
         receivers:
-          nvml: {{collection_interval: 2s}}
+          nvml: {{collection_interval: 1s, gpm: true}}
           cgroup: {{collection_interval: 2s}}
         exporters:
           prometheus: {{endpoint: "127.0.0.1:{port}"}}
@@ -338,7 +388,7 @@ def run_agent(outdir: str, seconds: float) -> dict:
     return out
 
 
-def pid_namespace(workloads: list[dict]) -> dict:
+def pid_namespace(outdir: str, workloads: list[dict]) -> dict:
     """What the driver lists to an agent in its own PID namespace (a pod without hostPID): `podmeter collect --once`
     under `unshare --pid --mount-proc` beside one CUDA process of its own namespace, once with that namespace's
     /proc and once with the host's /proc as proc_root; which PIDs it reports and which pods they are attributed to."""
@@ -348,8 +398,9 @@ def pid_namespace(workloads: list[dict]) -> dict:
     subprocess.run(["mount", "--bind", "/proc", host_proc], check=True)
     out: dict = {"host_pids": {str(w["pid"]): w["pod_uid"] for w in workloads}}
     try:
-        for label, proc_root in (("own /proc", "/proc"), ("host /proc as proc_root", host_proc)):
-            config = _config(f"""
+        for label, name, proc_root in (("own /proc", "pidns-own-proc", "/proc"),
+                                       ("host /proc as proc_root", "pidns-host-proc", host_proc)):
+            config = _config(outdir, name, f"""
                 receivers:
                   nvml: {{proc_root: "{proc_root}"}}
                 exporters:
@@ -374,7 +425,8 @@ def pid_namespace(workloads: list[dict]) -> dict:
                 found = [f"no output to read: {exc}"]
             out[label] = {"rc": run.returncode, "processes": found, "log": run.stderr[-1500:]}
     finally:
-        subprocess.run(["umount", host_proc], check=False)
+        if subprocess.run(["umount", host_proc], check=False).returncode == 0:
+            os.rmdir(host_proc)
     return out
 
 
@@ -400,6 +452,8 @@ def report_md(r: dict) -> str:
               "```", *r.get("in_process", {}).get("profile", []), "```", "",
               "## The same with `energy: false`", "",
               without_profile("in_process_without_energy"), "",
+              "## The same with `gpm: true`", "",
+              without_profile("in_process_with_gpm"), "",
               "## nvitop-exporter on the same GPUs", "", json.dumps(r.get("nvitop"), indent=1), "",
               "## Agent", "", json.dumps(r.get("agent"), indent=1), "",
               "## In its own PID namespace (no hostPID)", "", json.dumps(r.get("pid_namespace"), indent=1), ""]
@@ -435,8 +489,9 @@ def main() -> int:
             r["costs"] = costs()
         steps = (("in_process", lambda: in_process(args.iterations, 20)),
                  ("in_process_without_energy", lambda: in_process(args.iterations, 20, energy=False)),
+                 ("in_process_with_gpm", lambda: in_process(args.iterations, 20, gpm=True)),
                  ("nvitop", lambda: _nvitop(args.iterations)),
-                 ("pid_namespace", lambda: pid_namespace(r.get("workloads", {}).get("started", []))),
+                 ("pid_namespace", lambda: pid_namespace(args.out, r.get("workloads", {}).get("started", []))),
                  ("agent", lambda: run_agent(args.out, args.agent_seconds)))
         for key, step in steps:
             t0 = time.monotonic()
@@ -449,7 +504,7 @@ def main() -> int:
         for pod in pods:
             pod.destroy()
         if mps_env:
-            stop_mps(mps_env)
+            stop_mps(mps_env, args.out)
         N.nvmlShutdown()
         with open(os.path.join(args.out, "report.json"), "w") as f:
             json.dump(r, f, indent=1, default=str)

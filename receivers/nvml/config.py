@@ -22,6 +22,12 @@ class NvmlConfig(ScraperConfig):
                           "the GPU; hw.power costs microseconds")
     ecc: bool = Field(True, description="Collect volatile ECC error counts (hw.errors)")
     interconnect: bool = Field(True, description="Collect PCIe and NVLink byte counters (hw.gpu.io, hw.gpu.nvlink.io)")
+    gpm: bool = Field(
+        False, description="Collect GPU performance metrics through NVML's GPM (Hopper and newer GPUs, driver R525+): "
+                           "SM activity and occupancy, tensor and FP pipe activity, memory bandwidth, per GPU and per "
+                           "MIG GPU instance (hw.gpu.engine.utilization, hw.gpu.sm.*, hw.gpu.pipe.utilization, "
+                           "hw.gpu.memory.bandwidth.utilization). Off by default: its cost on a real driver is not "
+                           "measured yet (python -m bench.real_gpu measures it)")
 
     @field_validator("library_path")
     @classmethod

@@ -32,6 +32,24 @@ IO = S("hw.gpu.io", "sum", "By", "Bytes moved over PCIe since the driver was loa
        attributes=("network.io.direction",))
 NVLINK_IO = S("hw.gpu.nvlink.io", "sum", "By", "Bytes moved over all NVLink links since the driver was loaded",
               attributes=("network.io.direction",))
+# GPM (GPU performance metrics, Hopper and newer; `gpm: true`): what DCGM's profiling fields give, from two samples a
+# collection apart; per GPU and per MIG GPU instance
+GPM = "(GPM, gpm: true; per GPU, and per MIG device for its GPU instance)"
+ENGINE_UTILIZATION = S("hw.gpu.engine.utilization", "gauge", "1",
+                       "Fraction of time the graphics/compute engine had work since the previous collection (DCGM's "
+                       f"GR_ENGINE_ACTIVE) {GPM}")
+SM_UTILIZATION = S("hw.gpu.sm.utilization", "gauge", "1",
+                   f"Fraction of the SMs busy since the previous collection (DCGM's SM_ACTIVE) {GPM}")
+SM_OCCUPANCY = S("hw.gpu.sm.occupancy", "gauge", "1",
+                 "Resident warps as a fraction of the SMs' maximum since the previous collection (DCGM's "
+                 f"SM_OCCUPANCY) {GPM}")
+PIPE_UTILIZATION = S("hw.gpu.pipe.utilization", "gauge", "1",
+                     "Fraction of time the SMs' pipes were busy since the previous collection, by pipe: tensor (any "
+                     f"tensor operation), fp64, fp32, fp16, integer (DCGM's PIPE_*_ACTIVE) {GPM}",
+                     attributes=("hw.gpu.pipe",))
+MEM_BANDWIDTH_UTILIZATION = S("hw.gpu.memory.bandwidth.utilization", "gauge", "1",
+                              "Fraction of the peak device memory bandwidth used since the previous collection "
+                              f"(DCGM's DRAM_ACTIVE) {GPM}")
 STATUS = S("hw.status", "updowncounter", "1",
            "1 for the GPU's current state (ok; failed: fell off the bus or cannot be read), else 0",
            attributes=("hw.state",))
@@ -54,7 +72,8 @@ PROCESS_MEM_CTRL_UTILIZATION = S("process.gpu.memory.controller.utilization", "g
                                  "previous collection (not available on MIG devices: left out, never zero)")
 
 METRICS = (GPU_UTILIZATION, MEM_CTRL_UTILIZATION, MEM_UTILIZATION, MEM_USAGE, MEM_LIMIT, MEM_FREE, MEM_RESERVED,
-           TEMPERATURE, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, STATUS, ALLOCATION,
+           TEMPERATURE, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, ENGINE_UTILIZATION,
+           SM_UTILIZATION, SM_OCCUPANCY, PIPE_UTILIZATION, MEM_BANDWIDTH_UTILIZATION, STATUS, ALLOCATION,
            PROCESS_MEMORY, PROCESS_UTILIZATION, PROCESS_MEM_CTRL_UTILIZATION)
 
 RESOURCE_ATTRIBUTES = (

@@ -21,6 +21,7 @@ import resource as rlimit
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricsData
@@ -32,6 +33,7 @@ from podmeter.metrics import MetricsBuilder, empty, now_ns
 
 from . import metrics as M
 from .config import NvmlConfig
+from .gpm import GpmSampler
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class Device:
     fields: list = field(default_factory=list)           # field value ids still asked for
     last_seen: int = 0                                   # process utilization lastSeenTimeStamp (us)
     failing: dict = field(default_factory=dict)          # call -> its error cause on this device (receiver-owned)
+    gpm: bool = False                                    # GPM sampling supported (and `gpm` on): GPUs only
     key: str = ""                                        # names the device in causes: GPU uuid, <uuid>/gi<n>/ci<n>
 
     @property
@@ -187,6 +190,8 @@ class NvmlReceiver(Receiver):
         self._session = 0                # NVML sessions started after the first (driver reloads)
         self._session_ns = self.start_ns  # start time of series first seen in this session
         self._collect_ns = self.start_ns  # time of the latest collection
+        self._gpm: GpmSampler | None = None  # with `gpm: true`, once pynvml is loaded
+        self._no_gpm_said: set[str] = set()  # GPUs said to have no GPM (bounded by the node's GPUs)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -197,6 +202,8 @@ class NvmlReceiver(Receiver):
         except ImportError as exc:  # packaging problem, not a host one: still say it plainly
             raise ComponentUnavailable(f"nvidia-ml-py is not installed: {exc}") from None
         self.nvml = pynvml
+        if self.config.gpm:
+            self._gpm = GpmSampler(pynvml)
         self._error_names = {getattr(pynvml, n): n[len("NVML_ERROR_"):] for n in dir(pynvml)
                              if n.startswith("NVML_ERROR_") and isinstance(getattr(pynvml, n), int)}
         self._load_library()
@@ -254,6 +261,8 @@ class NvmlReceiver(Receiver):
         """After a driver reload: drop the old session, start a new one. False if NVML is still unavailable."""
         self.telemetry.error("nvml_reinit", f"NVML session lost ({why}); re-initialising")
         self.session_open = False
+        if self._gpm is not None:
+            self._gpm.close()  # samples of the old session do not pair with the new one's
         # the driver restarted after the latest collection: every counter read from now on restarted there
         self._session += 1
         self._session_ns = self._collect_ns + 1
@@ -276,6 +285,8 @@ class NvmlReceiver(Receiver):
             proc.close()
         self._procs.clear()
         self._fds = 0
+        if self._gpm is not None:
+            self._gpm.close()
         if self.session_open and self.nvml is not None:
             try:
                 self.nvml.nvmlShutdown()
@@ -337,6 +348,8 @@ class NvmlReceiver(Receiver):
                            f"GPU {d.uuid} (index {d.index}) is no longer enumerated by NVML (taken off the bus, or not "
                            "brought up by the driver): it is not reported any more")
         self.devices = self._known = devices
+        if self._gpm is not None:
+            self._gpm.keep({source[0] for d in devices for source in self._gpm_sources(d)})
         if not devices:
             self.logger.info("NVML reports no GPUs on this host")
 
@@ -404,12 +417,40 @@ class NvmlReceiver(Receiver):
             dev.unsupported.clear()
         if dev.mig_mode:
             dev.migs = self._discover_migs(dev)
+        if self._gpm is not None:
+            self._discover_gpm(dev)
         if self.config.interconnect:
             dev.fields = [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES]
             links = self._field_values(dev, [FI_NVLINK_LINK_COUNT])
             dev.nvlink_links = int(links.get((FI_NVLINK_LINK_COUNT, 0), 0) or 0)
             for link in range(dev.nvlink_links):
                 dev.fields += [(FI_NVLINK_TX_KIB, link), (FI_NVLINK_RX_KIB, link)]
+
+    def _discover_gpm(self, dev: Device) -> None:
+        support = self._static(dev, "nvmlGpmQueryDeviceSupport", self.nvml.nvmlGpmQueryDeviceSupport, dev.handle,
+                               optional=True)
+        dev.gpm = bool(support is not None and support.isSupportedDevice)
+        if not dev.gpm and dev.key not in self._no_gpm_said:
+            self._no_gpm_said.add(dev.key)
+            self.logger.info("GPU %d (%s, %s) has no GPM: its hw.gpu.engine.utilization, hw.gpu.sm.*, "
+                             "hw.gpu.pipe.utilization and hw.gpu.memory.bandwidth.utilization are not reported (GPM "
+                             "needs a Hopper or newer GPU and driver R525 or newer)", dev.index,
+                             dev.resource.get("hw.model"), dev.key)
+
+    def _gpm_sources(self, dev: Device) -> list[tuple]:
+        """What GPM samples on GPU `dev`: (source key, call name, function, its arguments before the sample, the
+        devices its metrics go to). The whole GPU, or in MIG mode each GPU instance, whose figures its MIG devices
+        (one per compute instance) share. An instance's key has its first MIG UUID, new at each reconfiguration."""
+        if not dev.gpm or dev.handle is None:
+            return []
+        N = self.nvml
+        if not dev.mig_mode:
+            return [(dev.key, "nvmlGpmSampleGet", N.nvmlGpmSampleGet, (dev.handle,), [dev])]
+        instances: dict[int, list[Device]] = {}
+        for mig in dev.migs:
+            instances.setdefault(mig.resource["hw.gpu.mig.gpu_instance_id"], []).append(mig)
+        return [(f"{dev.key}/gi{gi}/{migs[0].uuid}", "nvmlGpmMigSampleGet", N.nvmlGpmMigSampleGet,
+                 (dev.handle, gi), migs) for gi, migs in instances.items()]
 
     def _discover_migs(self, parent: Device) -> list[Device]:
         N = self.nvml
@@ -595,6 +636,8 @@ class NvmlReceiver(Receiver):
                            "its metrics are left out until it answers again")
                 gb = parts[-1] = MetricsBuilder(self.scope, self.start_ns, time_ns=self._collect_ns)
                 self._status(gb, dev, "failed")
+                if self._gpm is not None:
+                    self._gpm.forget_gpu(dev.key)
         self._forget_exited(seen_pids)
         # the builders' resources are disjoint (every resource carries its device's hw.id); an empty builder's
         # placeholder is kept only when nothing at all was collected
@@ -664,6 +707,11 @@ class NvmlReceiver(Receiver):
             if self.config.per_process:
                 # MIG: NVML has no per-process utilization (nvmlDeviceGetProcessUtilization is NOT_SUPPORTED)
                 self._processes(b, mig, seen, utilization=False)
+        if self._gpm is not None:
+            for key, call, fn, args, targets in self._gpm_sources(dev):
+                for spec, attrs, v in self._gpm.sample(key, partial(q, dev), call, fn, *args):
+                    for target in targets:
+                        b.add(spec, v, attrs, target.resource)
 
     def _counter(self, b: MetricsBuilder, dev: Device, spec, value, attrs: dict | None) -> None:
         """A cumulative point whose start time moves when the device's counter restarted: after a driver reload
@@ -992,11 +1040,10 @@ class NvmlReceiver(Receiver):
     def _forget_exited(self, seen: set[int]) -> None:
         """Keep caches to the processes on GPUs now: bounded under churn."""
         for pid in [p for p in self._procs if p not in seen]:
-            # the attributor cached the process under the PID it was found by: the host PID where NVML's was
-            # translated (podmeter in its own PID namespace)
+            # the attributor caches by the PID it looked up: the host PID, NVML's translated where podmeter is in
+            # a PID namespace of its own
             self.attributor.forget(self._procs[pid].host_pid)
             self._drop(pid)
-            self.attributor.forget(pid)
         self._ns_map = None
 
     # ------------------------------------------------------------------------------------------------ PID namespaces

@@ -166,7 +166,8 @@ def test_dcgm_compat_series_on_real_prometheus(fake, tmp_path):
     try:
         a1, b1 = a.spawn(["sleep", "300"]), b.spawn(["sleep", "300"])
         fake.write(Scenario(gpus=[GPU(uuid=UUID0, temp=63, power_mw=250_500, energy_mj=7_000_000, clock_sm=1410,
-                                      mem_used=30 * GiB, mem_reserved=512 * MiB, ecc_corr=4)],
+                                      mem_used=30 * GiB, mem_reserved=512 * MiB, ecc_corr=4,
+                                      gpm={1: 90, 2: 40, 3: 25, 5: 20, 10: 30, 11: 0, 12: 5, 13: 10})],
                             processes=[Process(pid=a1.pid, used_mem=6 * GiB, sm=25),
                                        Process(pid=b1.pid, used_mem=2 * GiB, sm=50)]))
         port = free_port()
@@ -191,6 +192,18 @@ def test_dcgm_compat_series_on_real_prometheus(fake, tmp_path):
             util = {(r["namespace"], r["pod"], r["container"]): v
                     for r, v in prom.query('sum by (namespace, pod, container) (DCGM_FI_DEV_GPU_UTIL{pod!=""})')}
             assert util == {("ml", "pod-a", "main"): pytest.approx(25), ("ml", "pod-b", "main"): pytest.approx(50)}
+            # profiling fields from GPM, ratios as DCGM's, with the device labels
+            (labels, sm), = prom.wait_for("DCGM_FI_PROF_SM_ACTIVE", timeout=60)
+            assert sm == pytest.approx(0.40) and labels["UUID"] == UUID0 and labels["gpu"] == "0"
+            prof = {name: prom.query(name)[0][1] for name in (
+                "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_PROF_SM_OCCUPANCY", "DCGM_FI_PROF_DRAM_ACTIVE",
+                "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "DCGM_FI_PROF_PIPE_FP64_ACTIVE", "DCGM_FI_PROF_PIPE_FP32_ACTIVE",
+                "DCGM_FI_PROF_PIPE_FP16_ACTIVE")}
+            assert prof == pytest.approx({
+                "DCGM_FI_PROF_GR_ENGINE_ACTIVE": 0.90, "DCGM_FI_PROF_SM_OCCUPANCY": 0.25, "DCGM_FI_PROF_DRAM_ACTIVE": 0.30,
+                "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": 0.20, "DCGM_FI_PROF_PIPE_FP64_ACTIVE": 0.0,
+                "DCGM_FI_PROF_PIPE_FP32_ACTIVE": 0.05, "DCGM_FI_PROF_PIPE_FP16_ACTIVE": 0.10})
+            assert "hw_gpu_pipe" not in prom.query("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE")[0][0]
     finally:
         _stop_agent(agent, tmp_path)
         stack.close()

@@ -17,7 +17,8 @@ The real nvidia-ml-py runs unchanged against it. Usage:
 
 Rewriting the scenario while the code under test keeps its NVML session changes what NVML reports; bumping
 `Scenario.generation` simulates a driver reload (open sessions get NVML_ERROR_UNINITIALIZED until nvmlInit).
-`calls(lib, "nvmlDeviceGetName")` and `last_seen(lib, gpu_index)` read the library's own counters.
+`calls(lib, "nvmlDeviceGetName")`, `last_seen(lib, gpu_index)` and `gpm_samples(lib)` read the library's own
+counters.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class GPU:
     minor: int = -1            # default = index
     mig: int = 0               # 1: MIG mode on (add MigDevice entries)
     lost: int = 0              # 1: every call on it, nvmlDeviceGetHandleByIndex(its index) too, returns GPU_IS_LOST
+    gpm: dict[int, float] | None = None  # GPM metric id (NVML_GPM_METRIC_*) -> percent; None: no GPM on this GPU
 
 
 @dataclass
@@ -107,6 +109,7 @@ class MigDevice:
     profile: str = "1g.10gb"
     mem_total: int = 10 * GiB
     mem_used: int = 0
+    gpm: dict[int, float] | None = None  # its GPU instance's GPM metrics (nvmlGpmMigSampleGet), as GPU.gpm
 
 
 @dataclass
@@ -175,8 +178,10 @@ def _kv(obj, rename=None, skip=None) -> str:
     out = []
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if skip and f.name in skip and skip[f.name] == value:
+        if value is None or (skip and f.name in skip and skip[f.name] == value):
             continue
+        if isinstance(value, dict):
+            value = ",".join(f"{k}:{v}" for k, v in value.items())
         out.append(f"{(rename or {}).get(f.name, f.name)}={value}")
     return "\t".join(out)
 
@@ -187,6 +192,7 @@ def _lib(path: str):
     lib.fakeNvmlCalls.argtypes = [ctypes.c_char_p]
     lib.fakeNvmlLastSeen.restype = ctypes.c_ulonglong
     lib.fakeNvmlLastSeen.argtypes = [ctypes.c_uint]
+    lib.fakeNvmlGpmSamples.restype = ctypes.c_long
     return lib
 
 
@@ -198,3 +204,8 @@ def calls(lib_path: str, fn: str) -> int:
 def last_seen(lib_path: str, gpu: int) -> int:
     """The lastSeenTimeStamp the latest nvmlDeviceGetProcessUtilization call on GPU `gpu` passed."""
     return _lib(lib_path).fakeNvmlLastSeen(gpu)
+
+
+def gpm_samples(lib_path: str) -> int:
+    """How many GPM samples this process allocated and has not freed."""
+    return _lib(lib_path).fakeNvmlGpmSamples()

@@ -10,17 +10,23 @@
  *
  *   driver  version=550.54.15  generation=0  loaded=1  util_buffer=0
  *   device  uuid=GPU-..  name=..  mem_total=..  mem_used=..  util_gpu=..  temp=..  power_mw=..  mig=0|1  lost=0|1 ...
- *   mig     dev=0  gi=1  ci=0  uuid=MIG-..  profile=1g.10gb  mem_total=..  mem_used=..
+ *   mig     dev=0  gi=1  ci=0  uuid=MIG-..  profile=1g.10gb  mem_total=..  mem_used=..  gpm=1:40,2:35
  *   proc    dev=0  pid=..  used_mem=..  type=compute|graphics|mps  sm=..  mem=..  enc=..  dec=..  ts=-1  util=1  gi=..
  *   fail    fn=nvmlDeviceGetTemperature|*  code=3  dev=-1  times=-1   ("*" and lost=1 also refuse
  *           nvmlDeviceGetHandleByIndex; times: only the next N matching calls fail, -1 every one)
+ *
+ * GPM (GPU performance metrics, Hopper and newer): a device line with gpm=<metric id>:<percent>,... supports GPM and
+ * answers those metrics (any other id: NOT_SUPPORTED in its slot); without gpm= it is a GPU without GPM. A mig
+ * line's gpm= is its GPU instance's (nvmlGpmMigSampleGet). nvmlGpmMetricsGet answers sample2's values, and refuses
+ * (INVALID_ARGUMENT) two samples of different devices or instances, or taken out of order.
  *
  * Driver reload: a change of `generation` invalidates every open NVML session (calls return UNINITIALIZED until
  * nvmlInit is called again), as a driver unload/reload does to a long-running agent. `loaded=0` makes nvmlInit
  * fail with DRIVER_NOT_LOADED.
  *
  * Introspection for tests (not NVML API): fakeNvmlCalls(fn) counts calls of one symbol, fakeNvmlLastSeen(dev)
- * is the lastSeenTimeStamp the last nvmlDeviceGetProcessUtilization call on GPU `dev` passed.
+ * is the lastSeenTimeStamp the last nvmlDeviceGetProcessUtilization call on GPU `dev` passed, fakeNvmlGpmSamples()
+ * how many GPM samples are allocated and not freed.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -55,6 +61,7 @@ typedef struct { uint32_t fieldId, scopeId; int64_t timestamp, latencyUsec; unsi
 #define MAXMIG 64
 #define MAXPROC 1024
 #define MAXFAIL 64
+#define MAXGPM 32
 
 /* One GPU or one MIG device: handles point at these. */
 typedef struct {
@@ -64,6 +71,8 @@ typedef struct {
     unsigned int clock_sm, clock_mem, clock_gfx, nvlink_links;
     unsigned long long mem_total, mem_used, mem_reserved, energy_mj, throttle, ecc_corr, ecc_uncorr;
     unsigned long long pcie_tx, pcie_rx, nvlink_tx, nvlink_rx;
+    int gpm, ngpm;                                    /* GPM supported; how many metrics it answers */
+    unsigned int gpm_id[MAXGPM]; double gpm_val[MAXGPM];
 } ent_t;
 typedef struct { int dev, type, util; unsigned int pid, sm, mem, enc, dec, gi, ci; unsigned long long used_mem; long long ts; } proc_t_;
 enum { COMPUTE = 0, GRAPHICS = 1, MPS = 2 };
@@ -108,6 +117,19 @@ static void count_call(const char *fn) {
     }
 }
 
+/* gpm=<id>:<percent>,...: present means GPM is supported (possibly with no metric at all) */
+static void parse_gpm(char *line, ent_t *e) {
+    const char *v = field(line, "gpm");
+    e->gpm = v != NULL; e->ngpm = 0;
+    while (v && *v && *v != '\t' && *v != '\n' && e->ngpm < MAXGPM) {
+        char *end;
+        unsigned int id = strtoul(v, &end, 10);
+        if (*end != ':') break;
+        e->gpm_id[e->ngpm] = id; e->gpm_val[e->ngpm++] = strtod(end + 1, &end);
+        v = *end == ',' ? end + 1 : end;
+    }
+}
+
 /* (Re)load the scenario if the file changed; caller holds mu. */
 static void reload(void) {
     const char *path = getenv("FAKE_NVML_SCENARIO");
@@ -145,12 +167,14 @@ static void reload(void) {
             d->nvlink_links = num(line, "nvlink_links", 0);
             d->nvlink_tx = num(line, "nvlink_tx", 0); d->nvlink_rx = num(line, "nvlink_rx", 0);
             d->mig = num(line, "mig", 0); d->lost = num(line, "lost", 0);
+            parse_gpm(line, d);
             d->gi = d->ci = NO_ID; d->parent = -1;
         } else if (!strncmp(line, "mig\t", 4) && S.nmig < MAXMIG) {
             ent_t *m = &S.mig[S.nmig]; m->index = S.nmig++; m->is_mig = 1;
             m->parent = num(line, "dev", 0); m->gi = num(line, "gi", 0); m->ci = num(line, "ci", 0);
             copyval(m->uuid, sizeof m->uuid, field(line, "uuid")); copyval(m->profile, sizeof m->profile, field(line, "profile"));
             m->mem_total = num(line, "mem_total", 10ULL << 30); m->mem_used = num(line, "mem_used", 0);
+            parse_gpm(line, m);
         } else if (!strncmp(line, "proc\t", 5) && S.nproc < MAXPROC) {
             proc_t_ *p = &S.proc[S.nproc++];
             const char *t = field(line, "type");
@@ -473,6 +497,64 @@ nvmlReturn_t nvmlDeviceGetProcessesUtilizationInfo(void *h, nvmlProcessesUtiliza
     info->processSamplesCount = n; RET(OK);
 }
 
+/* ---- GPM: samples hold what their device or GPU instance answered when taken; metrics compare two ---- */
+typedef struct { unsigned int version, isSupportedDevice; } nvmlGpmSupport_t;
+typedef struct {
+    unsigned int metricId; nvmlReturn_t nvmlReturn; double value;
+    struct { char *shortName, *longName, *unit; } metricInfo;
+} nvmlGpmMetric_t;
+typedef struct gpm_sample { int filled; ent_t *src; unsigned long long seq; int n; unsigned int id[MAXGPM]; double val[MAXGPM]; } gpm_sample_t;
+typedef struct { unsigned int version, numMetrics; gpm_sample_t *sample1, *sample2; nvmlGpmMetric_t metrics[]; } nvmlGpmMetricsGet_t;
+static unsigned long long gpm_seq = 0;
+static long gpm_live = 0;
+
+nvmlReturn_t nvmlGpmQueryDeviceSupport(void *h, nvmlGpmSupport_t *sup) {
+    ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!sup) RET(INVALID_ARGUMENT);
+    if (sup->version != 1) RET(ARGUMENT_VERSION_MISMATCH);
+    sup->isSupportedDevice = d->gpm; RET(OK);
+}
+nvmlReturn_t nvmlGpmSampleAlloc(gpm_sample_t **out) {
+    ENTER(NULL, NULL); if (!out) RET(INVALID_ARGUMENT);
+    *out = calloc(1, sizeof **out); if (!*out) RET(UNKNOWN);
+    gpm_live++; RET(OK);
+}
+/* a sample is the caller's memory: freed whatever became of the session */
+nvmlReturn_t nvmlGpmSampleFree(gpm_sample_t *smp) {
+    pthread_mutex_lock(&mu); count_call(__func__); if (!smp) RET(INVALID_ARGUMENT);
+    free(smp); gpm_live--; RET(OK);
+}
+static nvmlReturn_t take(ent_t *src, gpm_sample_t *smp) {
+    if (!smp) return INVALID_ARGUMENT;
+    smp->filled = 1; smp->src = src; smp->seq = ++gpm_seq; smp->n = src->ngpm;
+    memcpy(smp->id, src->gpm_id, sizeof smp->id); memcpy(smp->val, src->gpm_val, sizeof smp->val);
+    return OK;
+}
+/* The whole GPU: not in MIG mode (its instances are sampled one by one there). */
+nvmlReturn_t nvmlGpmSampleGet(void *h, gpm_sample_t *smp) {
+    ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!d->gpm || d->mig) RET(NOT_SUPPORTED); RET(take(d, smp));
+}
+nvmlReturn_t nvmlGpmMigSampleGet(void *h, unsigned int gi, gpm_sample_t *smp) {
+    ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!d->gpm || !d->mig) RET(NOT_SUPPORTED);
+    for (int i = 0; i < S.nmig; i++) if (S.mig[i].parent == d->index && S.mig[i].gi == gi) RET(take(&S.mig[i], smp));
+    RET(NOT_FOUND);
+}
+nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *mg) {
+    ENTER(NULL, NULL); if (!mg) RET(INVALID_ARGUMENT);
+    if (mg->version != 1) RET(ARGUMENT_VERSION_MISMATCH);
+    gpm_sample_t *a = mg->sample1, *b = mg->sample2;
+    if (!a || !b || !a->filled || !b->filled || a->seq >= b->seq) RET(INVALID_ARGUMENT);
+    /* samples of one GPU instance: any MIG device of it (they share the instance's counters) */
+    if (a->src != b->src && !(a->src->is_mig && b->src->is_mig && a->src->parent == b->src->parent && a->src->gi == b->src->gi))
+        RET(INVALID_ARGUMENT);
+    for (unsigned int i = 0; i < mg->numMetrics; i++) {
+        nvmlGpmMetric_t *m = &mg->metrics[i];
+        m->nvmlReturn = NOT_SUPPORTED; m->value = 0;
+        m->metricInfo.shortName = m->metricInfo.longName = m->metricInfo.unit = NULL;
+        for (int k = 0; k < b->n; k++) if (b->id[k] == m->metricId) { m->nvmlReturn = OK; m->value = b->val[k]; }
+    }
+    RET(OK);
+}
+
 /* ---- test introspection (not NVML API) ---- */
 unsigned long long fakeNvmlCalls(const char *fn) {
     unsigned long long n = 0;
@@ -484,6 +566,12 @@ unsigned long long fakeNvmlCalls(const char *fn) {
 unsigned long long fakeNvmlLastSeen(unsigned int dev) {
     pthread_mutex_lock(&mu);
     unsigned long long v = dev < MAXDEV ? last_seen[dev] : 0;
+    pthread_mutex_unlock(&mu);
+    return v;
+}
+long fakeNvmlGpmSamples(void) {
+    pthread_mutex_lock(&mu);
+    long v = gpm_live;
     pthread_mutex_unlock(&mu);
     return v;
 }
