@@ -9,7 +9,7 @@ a machine with the real driver. Run it as root (it makes pod-shaped cgroups) fro
 With PyTorch importable, it starts GPU processes on GPU 0, each in its own pod-shaped cgroup: one busy with matrix
 products and N (31) idle ones holding GPU memory, 32 in all, as one GPU of issue 10's 8 GPUs x 32 processes. Then:
 the receiver in process (CPU per collection, with `energy` on and off and with `gpm` on, a profile, the scrape),
-what GPM answers and costs (Hopper and newer), nvitop-exporter on
+what GPM and the health calls (XID events, remapped rows, PCIe replays) answer and cost, nvitop-exporter on
 the same processes, `podmeter run` with the nvml and cgroup receivers, and `podmeter collect` in a PID namespace of
 its own (a pod without hostPID). It writes DIR/report.md (readable), DIR/report.json (everything), DIR/metrics.txt
 (the agent's /metrics), DIR/telemetry.txt (its self-telemetry) and DIR/agent.log.
@@ -40,6 +40,7 @@ from prometheus_client import generate_latest
 
 from podmeter.metrics import count_points
 from receivers.nvml.gpm import GPM_METRICS, METRICS_GET_VERSION
+from receivers.nvml.xid import XID_CRITICAL
 
 from . import REPO
 from .components import Built, create, start_all
@@ -181,6 +182,9 @@ def probe(label: str) -> dict:
                 ("nvlink_tx_rx_kib_link0_1", lambda h: [(v.nvmlReturn, v.value.ullVal) for v in
                                                         N.nvmlDeviceGetFieldValues(h, [(138, 0), (139, 0),
                                                                                        (138, 1), (139, 1)])], ()),
+                ("remapped_rows", N.nvmlDeviceGetRemappedRows, ()),
+                ("pcie_replays", N.nvmlDeviceGetPcieReplayCounter, ()),
+                ("supported_event_types", N.nvmlDeviceGetSupportedEventTypes, ()),
                 ("compute_processes_v3", N.nvmlDeviceGetComputeRunningProcesses_v3, ()),
                 ("graphics_processes_v3", N.nvmlDeviceGetGraphicsRunningProcesses_v3, ()),
                 ("mps_processes_v3", N.nvmlDeviceGetMPSComputeRunningProcesses_v3, ()),
@@ -209,6 +213,8 @@ def costs(repeat: int = 10) -> dict:
         "pcie: fields 197,198": lambda: N.nvmlDeviceGetFieldValues(h, [197, 198]),
         "pcie+energy: fields 197,198,83": lambda: N.nvmlDeviceGetFieldValues(h, [197, 198, 83]),
         "power: nvmlDeviceGetPowerUsage": lambda: N.nvmlDeviceGetPowerUsage(h),
+        "health: nvmlDeviceGetRemappedRows": lambda: N.nvmlDeviceGetRemappedRows(h),
+        "health: nvmlDeviceGetPcieReplayCounter": lambda: N.nvmlDeviceGetPcieReplayCounter(h),
         "utilization: nvmlDeviceGetUtilizationRates": lambda: N.nvmlDeviceGetUtilizationRates(h),
         "memory: nvmlDeviceGetMemoryInfo v2": lambda: N.nvmlDeviceGetMemoryInfo(h, version=N.nvmlMemory_v2),
         "processes: compute v3": lambda: N.nvmlDeviceGetComputeRunningProcesses_v3(h),
@@ -221,6 +227,14 @@ def costs(repeat: int = 10) -> dict:
         for mode, label in ((0, "compute"), (1, "graphics"), (2, "mps"), (3, "all")):
             calls[f"processes: detail list {label}"] = (
                 lambda mode=mode: detail(h, N.nvmlProcessDetailList_v1, mode))
+    events = None
+    try:
+        events = N.nvmlEventSetCreate()
+        N.nvmlDeviceRegisterEvents(h, XID_CRITICAL, events)
+    except N.NVMLError as exc:
+        calls["health: XID event set"] = lambda exc=exc: exc  # why there are no XID events here
+    if events is not None:
+        calls["health: nvmlEventSetWait_v2, nothing queued"] = lambda: N.nvmlEventSetWait_v2(events, 0)
     gpm: list = []
     try:
         gpm = [N.nvmlGpmSampleAlloc(), N.nvmlGpmSampleAlloc()]
@@ -245,6 +259,8 @@ def costs(repeat: int = 10) -> dict:
     finally:
         for sample in gpm:
             N.nvmlGpmSampleFree(sample)
+        if events is not None:
+            N.nvmlEventSetFree(events)
     return out
 
 
@@ -486,7 +502,7 @@ def main() -> int:
             r["workloads"] = {"started": started, "problem": why}
             time.sleep(3.0)  # some utilization samples
             r["probes"].append(probe("with the workloads running"))
-            r["costs"] = costs()
+        r["costs"] = costs()
         steps = (("in_process", lambda: in_process(args.iterations, 20)),
                  ("in_process_without_energy", lambda: in_process(args.iterations, 20, energy=False)),
                  ("in_process_with_gpm", lambda: in_process(args.iterations, 20, gpm=True)),

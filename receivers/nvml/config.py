@@ -22,6 +22,10 @@ class NvmlConfig(ScraperConfig):
                           "the GPU; hw.power costs microseconds")
     ecc: bool = Field(True, description="Collect volatile ECC error counts (hw.errors)")
     interconnect: bool = Field(True, description="Collect PCIe and NVLink byte counters (hw.gpu.io, hw.gpu.nvlink.io)")
+    health: bool = Field(
+        True, description="Collect GPU health signals: XID errors (hw.gpu.xid.errors, from NVML events drained at each "
+                          "collection), remapped memory rows and remap state (hw.gpu.memory.remapped_rows, "
+                          "hw.gpu.memory.remap.*), PCIe replays (hw.gpu.pcie.replays)")
     gpm: bool = Field(
         False, description="Collect GPU performance metrics through NVML's GPM (Hopper and newer GPUs, driver R525+): "
                            "SM activity and occupancy, tensor and FP pipe activity, memory bandwidth, per GPU and per "

@@ -32,6 +32,20 @@ IO = S("hw.gpu.io", "sum", "By", "Bytes moved over PCIe since the driver was loa
        attributes=("network.io.direction",))
 NVLINK_IO = S("hw.gpu.nvlink.io", "sum", "By", "Bytes moved over all NVLink links since the driver was loaded",
               attributes=("network.io.direction",))
+# GPU health (`health`): what tells a GPU to drain or replace
+XID_ERRORS = S("hw.gpu.xid.errors", "sum", "{error}",
+               "XID errors the driver reported for the GPU since podmeter started watching (NVML's critical XID "
+               "events), by XID number", attributes=("hw.gpu.xid",))
+REMAPPED_ROWS = S("hw.gpu.memory.remapped_rows", "sum", "{row}",
+                  "Memory rows the GPU remapped, for correctable or uncorrectable errors (A100 and newer)",
+                  attributes=("hw.gpu.memory.remap.cause",))
+REMAP_PENDING = S("hw.gpu.memory.remap.pending", "gauge", "1",
+                  "1 while a row remap waits for a GPU reset to take effect, else 0")
+REMAP_FAILED = S("hw.gpu.memory.remap.failed", "gauge", "1",
+                 "1 once a row remap failed (no spare row left: the GPU needs service), else 0")
+PCIE_REPLAYS = S("hw.gpu.pcie.replays", "sum", "{replay}",
+                 "PCIe replays (link-level retransmissions after a transfer error) since the driver was loaded")
+
 # GPM (GPU performance metrics, Hopper and newer; `gpm: true`): what DCGM's profiling fields give, from two samples a
 # collection apart; per GPU and per MIG GPU instance
 GPM = "(GPM, gpm: true; per GPU, and per MIG device for its GPU instance)"
@@ -73,7 +87,8 @@ PROCESS_MEM_CTRL_UTILIZATION = S("process.gpu.memory.controller.utilization", "g
 
 METRICS = (GPU_UTILIZATION, MEM_CTRL_UTILIZATION, MEM_UTILIZATION, MEM_USAGE, MEM_LIMIT, MEM_FREE, MEM_RESERVED,
            TEMPERATURE, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, ENGINE_UTILIZATION,
-           SM_UTILIZATION, SM_OCCUPANCY, PIPE_UTILIZATION, MEM_BANDWIDTH_UTILIZATION, STATUS, ALLOCATION,
+           SM_UTILIZATION, SM_OCCUPANCY, PIPE_UTILIZATION, MEM_BANDWIDTH_UTILIZATION, XID_ERRORS, REMAPPED_ROWS,
+           REMAP_PENDING, REMAP_FAILED, PCIE_REPLAYS, STATUS, ALLOCATION,
            PROCESS_MEMORY, PROCESS_UTILIZATION, PROCESS_MEM_CTRL_UTILIZATION)
 
 RESOURCE_ATTRIBUTES = (

@@ -34,6 +34,7 @@ from podmeter.metrics import MetricsBuilder, empty, now_ns
 from . import metrics as M
 from .config import NvmlConfig
 from .gpm import GpmSampler
+from .xid import XidWatcher
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class NvmlReceiver(Receiver):
         self._collect_ns = self.start_ns  # time of the latest collection
         self._gpm: GpmSampler | None = None  # with `gpm: true`, once pynvml is loaded
         self._no_gpm_said: set[str] = set()  # GPUs said to have no GPM (bounded by the node's GPUs)
+        self._xid: XidWatcher | None = None  # with `health` (the default), once pynvml is loaded
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -204,6 +206,8 @@ class NvmlReceiver(Receiver):
         self.nvml = pynvml
         if self.config.gpm:
             self._gpm = GpmSampler(pynvml)
+        if self.config.health:
+            self._xid = XidWatcher(pynvml)
         self._error_names = {getattr(pynvml, n): n[len("NVML_ERROR_"):] for n in dir(pynvml)
                              if n.startswith("NVML_ERROR_") and isinstance(getattr(pynvml, n), int)}
         self._load_library()
@@ -263,6 +267,8 @@ class NvmlReceiver(Receiver):
         self.session_open = False
         if self._gpm is not None:
             self._gpm.close()  # samples of the old session do not pair with the new one's
+        if self._xid is not None:
+            self._xid.close()  # the new session registers its GPUs on a new event set
         # the driver restarted after the latest collection: every counter read from now on restarted there
         self._session += 1
         self._session_ns = self._collect_ns + 1
@@ -287,6 +293,8 @@ class NvmlReceiver(Receiver):
         self._fds = 0
         if self._gpm is not None:
             self._gpm.close()
+        if self._xid is not None:
+            self._xid.close()
         if self.session_open and self.nvml is not None:
             try:
                 self.nvml.nvmlShutdown()
@@ -419,6 +427,8 @@ class NvmlReceiver(Receiver):
             dev.migs = self._discover_migs(dev)
         if self._gpm is not None:
             self._discover_gpm(dev)
+        if self._xid is not None:
+            self._xid.watch(lambda name, fn, *args: self._static(dev, name, fn, *args, optional=True), handle, dev.uuid)
         if self.config.interconnect:
             dev.fields = [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES]
             links = self._field_values(dev, [FI_NVLINK_LINK_COUNT])
@@ -607,6 +617,8 @@ class NvmlReceiver(Receiver):
 
     def _collect(self) -> MetricsData:
         self._collect_ns = now_ns()
+        if self._xid is not None:
+            self._drain_xids()
         b = MetricsBuilder(self.scope, self.start_ns, time_ns=self._collect_ns)
         assignments = self._assignments()
         seen_pids: set[int] = set()
@@ -644,6 +656,18 @@ class NvmlReceiver(Receiver):
         rms = [rm for part in parts for rm in part.build().resource_metrics
                if any(sm.metrics for sm in rm.scope_metrics)]
         return MetricsData(resource_metrics=rms) if rms else b.build()
+
+    def _drain_xids(self) -> None:
+        node, N = self._failing(""), self.nvml
+        try:
+            self._xid.drain()
+        except N.NVMLError as exc:
+            if exc.value in REINIT_CODES:
+                raise _Reinit(f"nvmlEventSetWait: {self._name(exc)}") from None
+            self._fail(node, "nvmlEventSetWait", f"nvmlEventSetWait: {self._name(exc)}",
+                       f"reading XID events failed: {exc}; read again at the next collection (they stay queued)")
+        else:
+            self._ok(node, "nvmlEventSetWait")
 
     def _status(self, b: MetricsBuilder, dev: Device, state: str) -> None:
         for s in ("ok", "failed"):
@@ -698,6 +722,8 @@ class NvmlReceiver(Receiver):
                 asked = sum(1 for w in dev.fields if isinstance(w, tuple) and w[0] == fid)
                 if kib and len(kib) == asked:
                     self._counter(b, dev, M.NVLINK_IO, sum(kib) * 1024, {"network.io.direction": direction})
+        if self._xid is not None:
+            self._health(b, dev)
         self._allocation(b, dev, assignments)
         if self.config.per_process and not dev.mig_mode:
             self._processes(b, dev, seen, utilization=True)
@@ -712,6 +738,21 @@ class NvmlReceiver(Receiver):
                 for spec, attrs, v in self._gpm.sample(key, partial(q, dev), call, fn, *args):
                     for target in targets:
                         b.add(spec, v, attrs, target.resource)
+
+    def _health(self, b: MetricsBuilder, dev: Device) -> None:
+        N, h, res = self.nvml, dev.handle, dev.resource
+        for xid, n in self._xid.counts.get(dev.uuid, {}).items():
+            b.add(M.XID_ERRORS, n, {"hw.gpu.xid": xid}, res)  # podmeter's count: starts with the receiver
+        rows = self._q(dev, "nvmlDeviceGetRemappedRows", N.nvmlDeviceGetRemappedRows, h)
+        if rows is not None:
+            corrected, uncorrected, pending, failed = rows
+            # kept by the GPU itself (InfoROM) across resets and driver reloads: one start time, the receiver's
+            b.add(M.REMAPPED_ROWS, corrected, {"hw.gpu.memory.remap.cause": "correctable"}, res)
+            b.add(M.REMAPPED_ROWS, uncorrected, {"hw.gpu.memory.remap.cause": "uncorrectable"}, res)
+            b.add(M.REMAP_PENDING, 1 if pending else 0, None, res)
+            b.add(M.REMAP_FAILED, 1 if failed else 0, None, res)
+        replays = self._q(dev, "nvmlDeviceGetPcieReplayCounter", N.nvmlDeviceGetPcieReplayCounter, h)
+        self._counter(b, dev, M.PCIE_REPLAYS, replays, None)
 
     def _counter(self, b: MetricsBuilder, dev: Device, spec, value, attrs: dict | None) -> None:
         """A cumulative point whose start time moves when the device's counter restarted: after a driver reload

@@ -166,7 +166,8 @@ def test_dcgm_compat_series_on_real_prometheus(fake, tmp_path):
     try:
         a1, b1 = a.spawn(["sleep", "300"]), b.spawn(["sleep", "300"])
         fake.write(Scenario(gpus=[GPU(uuid=UUID0, temp=63, power_mw=250_500, energy_mj=7_000_000, clock_sm=1410,
-                                      mem_used=30 * GiB, mem_reserved=512 * MiB, ecc_corr=4,
+                                      mem_used=30 * GiB, mem_reserved=512 * MiB, ecc_corr=4, pcie_replays=5,
+                                      remap_corr=3, remap_unc=1,
                                       gpm={1: 90, 2: 40, 3: 25, 5: 20, 10: 30, 11: 0, 12: 5, 13: 10})],
                             processes=[Process(pid=a1.pid, used_mem=6 * GiB, sm=25),
                                        Process(pid=b1.pid, used_mem=2 * GiB, sm=50)]))
@@ -187,6 +188,13 @@ def test_dcgm_compat_series_on_real_prometheus(fake, tmp_path):
             assert prom.query("DCGM_FI_DEV_SM_CLOCK")[0][1] == pytest.approx(1410)
             assert prom.query("DCGM_FI_DEV_FB_RESERVED")[0][1] == pytest.approx(512)
             assert prom.query("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL")[0][1] == 4
+            health = {name: prom.query(name) for name in (
+                "DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+                "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_ROW_REMAP_FAILURE")}
+            assert {name: [v for _, v in rows] for name, rows in health.items()} == {
+                "DCGM_FI_DEV_PCIE_REPLAY_COUNTER": [5], "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": [3],
+                "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": [1], "DCGM_FI_DEV_ROW_REMAP_FAILURE": [0]}
+            assert health["DCGM_FI_DEV_PCIE_REPLAY_COUNTER"][0][0]["UUID"] == UUID0
             fb = prom.wait_for('sum by (pod) (DCGM_FI_DEV_FB_USED{pod!=""})', lambda r: len(r) == 2)
             assert {r["pod"]: v for r, v in fb} == {"pod-a": 6 * 1024, "pod-b": 2 * 1024}  # split, not copied
             util = {(r["namespace"], r["pod"], r["container"]): v

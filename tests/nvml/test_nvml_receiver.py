@@ -112,6 +112,8 @@ def test_device_metrics_and_attributes(fake, make_receiver):
     ("energy", ("hw.energy",), ("nvmlDeviceGetTotalEnergyConsumption",)),
     ("ecc", ("hw.errors",), ("nvmlDeviceGetTotalEccErrors",)),
     ("interconnect", ("hw.gpu.io", "hw.gpu.nvlink.io"), ("nvmlDeviceGetFieldValues",)),
+    ("health", ("hw.gpu.memory.remapped_rows", "hw.gpu.pcie.replays"),
+     ("nvmlDeviceGetRemappedRows", "nvmlDeviceGetPcieReplayCounter", "nvmlEventSetCreate", "nvmlEventSetWait_v2")),
 ])
 def test_a_metric_group_turned_off_costs_no_nvml_call(fake, make_receiver, key, metrics, nvml_calls):
     # these keys exist for what the driver charges: hw.energy cost about 3 ms of CPU per read on an H200

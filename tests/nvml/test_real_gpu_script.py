@@ -35,6 +35,10 @@ def test_real_gpu_check_reports_every_call_and_the_agents_metrics(fake, tmp_path
     assert gpu["gpm_support"]["value"]["isSupportedDevice"] == 1
     assert gpu["gpm_metrics_1s"]["value"]["2"] == [0, 50.0] and gpu["gpm_metrics_1s"]["value"]["1"][0] == 3
     assert report["in_process_with_gpm"]["cpu_collect"]["n"] == 3
+    assert gpu["remapped_rows"]["value"] == [0, 0, 0, 0] and gpu["pcie_replays"]["value"] == 0
+    costs = report["costs"]  # per call on GPU 0, beside the alternatives
+    assert costs["gpm: nvmlGpmSampleGet"]["answer"] == "sample" and costs["health: nvmlDeviceGetPcieReplayCounter"]
+    assert costs["health: nvmlEventSetWait_v2, nothing queued"]["answer"] == "Timeout (10)"
     assert report["agent"] == {"up": True, "exit": 0}
     # no MPS daemon on these machines: said, and the rest ran
     assert report["mps"]["problem"] == "nvidia-cuda-mps-control is not on the PATH"

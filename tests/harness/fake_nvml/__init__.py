@@ -17,8 +17,8 @@ The real nvidia-ml-py runs unchanged against it. Usage:
 
 Rewriting the scenario while the code under test keeps its NVML session changes what NVML reports; bumping
 `Scenario.generation` simulates a driver reload (open sessions get NVML_ERROR_UNINITIALIZED until nvmlInit).
-`calls(lib, "nvmlDeviceGetName")`, `last_seen(lib, gpu_index)` and `gpm_samples(lib)` read the library's own
-counters.
+`calls(lib, "nvmlDeviceGetName")`, `last_seen(lib, gpu_index)`, `gpm_samples(lib)` and `event_sets(lib)` read the
+library's own counters.
 """
 
 from __future__ import annotations
@@ -98,6 +98,12 @@ class GPU:
     mig: int = 0               # 1: MIG mode on (add MigDevice entries)
     lost: int = 0              # 1: every call on it, nvmlDeviceGetHandleByIndex(its index) too, returns GPU_IS_LOST
     gpm: dict[int, float] | None = None  # GPM metric id (NVML_GPM_METRIC_*) -> percent; None: no GPM on this GPU
+    remap: int = 1             # 0: row remapping not supported (before A100)
+    remap_corr: int = 0        # rows remapped for correctable / uncorrectable errors; a remap pending; one failed
+    remap_unc: int = 0
+    remap_pending: int = 0
+    remap_failed: int = 0
+    pcie_replays: int = 0      # PCIe replay counter (not supported where pcie=0)
 
 
 @dataclass
@@ -129,6 +135,12 @@ class Process:
 
 
 @dataclass
+class Xid:
+    gpu: int                   # an XID error on this GPU: delivered once to each event set that had the GPU registered
+    code: int                  # before it was written (XIDs already in the scenario at registration are the past)
+
+
+@dataclass
 class Fail:
     fn: str                    # NVML symbol name, "*" for every call on the device (and its handle), or "nvmlInit"
     code: int
@@ -142,6 +154,7 @@ class Scenario:
     processes: list[Process] = field(default_factory=list)
     mig: list[MigDevice] = field(default_factory=list)
     fail: list[Fail] = field(default_factory=list)
+    xids: list[Xid] = field(default_factory=list)
     driver_version: str = "550.54.15"
     generation: int = 0        # change it to simulate a driver reload
     loaded: int = 1            # 0: the driver is not loaded (nvmlInit fails)
@@ -158,6 +171,8 @@ class Scenario:
             lines.append("mig\t" + _kv(m, rename={"gpu": "dev"}))
         for p in self.processes:
             lines.append("proc\t" + _kv(p, rename={"gpu": "dev"}))
+        for x in self.xids:
+            lines.append(f"xid\tdev={x.gpu}\tcode={x.code}")
         for x in self.fail:
             lines.append(f"fail\tfn={x.fn}\tcode={x.code}\tdev={x.gpu}\ttimes={x.times}")
         return "\n".join(lines) + "\n"
@@ -193,6 +208,7 @@ def _lib(path: str):
     lib.fakeNvmlLastSeen.restype = ctypes.c_ulonglong
     lib.fakeNvmlLastSeen.argtypes = [ctypes.c_uint]
     lib.fakeNvmlGpmSamples.restype = ctypes.c_long
+    lib.fakeNvmlEventSets.restype = ctypes.c_long
     return lib
 
 
@@ -209,3 +225,8 @@ def last_seen(lib_path: str, gpu: int) -> int:
 def gpm_samples(lib_path: str) -> int:
     """How many GPM samples this process allocated and has not freed."""
     return _lib(lib_path).fakeNvmlGpmSamples()
+
+
+def event_sets(lib_path: str) -> int:
+    """How many NVML event sets this process created and has not freed."""
+    return _lib(lib_path).fakeNvmlEventSets()

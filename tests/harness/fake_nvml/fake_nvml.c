@@ -12,6 +12,8 @@
  *   device  uuid=GPU-..  name=..  mem_total=..  mem_used=..  util_gpu=..  temp=..  power_mw=..  mig=0|1  lost=0|1 ...
  *   mig     dev=0  gi=1  ci=0  uuid=MIG-..  profile=1g.10gb  mem_total=..  mem_used=..  gpm=1:40,2:35
  *   proc    dev=0  pid=..  used_mem=..  type=compute|graphics|mps  sm=..  mem=..  enc=..  dec=..  ts=-1  util=1  gi=..
+ *   xid     dev=0  code=79        (an XID error; delivered once to each event set that had the GPU registered
+ *           before the line appeared: lines already there at registration are the past, as for the driver)
  *   fail    fn=nvmlDeviceGetTemperature|*  code=3  dev=-1  times=-1   ("*" and lost=1 also refuse
  *           nvmlDeviceGetHandleByIndex; times: only the next N matching calls fail, -1 every one)
  *
@@ -26,7 +28,7 @@
  *
  * Introspection for tests (not NVML API): fakeNvmlCalls(fn) counts calls of one symbol, fakeNvmlLastSeen(dev)
  * is the lastSeenTimeStamp the last nvmlDeviceGetProcessUtilization call on GPU `dev` passed, fakeNvmlGpmSamples()
- * how many GPM samples are allocated and not freed.
+ * how many GPM samples are allocated and not freed, fakeNvmlEventSets() how many event sets.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -39,7 +41,7 @@
 typedef int nvmlReturn_t;
 enum {
     OK = 0, UNINITIALIZED = 1, INVALID_ARGUMENT = 2, NOT_SUPPORTED = 3, NO_PERMISSION = 4, NOT_FOUND = 6,
-    INSUFFICIENT_SIZE = 7, DRIVER_NOT_LOADED = 9, GPU_IS_LOST = 15, ARGUMENT_VERSION_MISMATCH = 25, UNKNOWN = 999
+    INSUFFICIENT_SIZE = 7, DRIVER_NOT_LOADED = 9, TIMEOUT = 10, GPU_IS_LOST = 15, ARGUMENT_VERSION_MISMATCH = 25, UNKNOWN = 999
 };
 
 typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
@@ -62,6 +64,7 @@ typedef struct { uint32_t fieldId, scopeId; int64_t timestamp, latencyUsec; unsi
 #define MAXPROC 1024
 #define MAXFAIL 64
 #define MAXGPM 32
+#define MAXXID 256
 
 /* One GPU or one MIG device: handles point at these. */
 typedef struct {
@@ -71,6 +74,7 @@ typedef struct {
     unsigned int clock_sm, clock_mem, clock_gfx, nvlink_links;
     unsigned long long mem_total, mem_used, mem_reserved, energy_mj, throttle, ecc_corr, ecc_uncorr;
     unsigned long long pcie_tx, pcie_rx, nvlink_tx, nvlink_rx;
+    unsigned int remap, remap_corr, remap_unc, remap_pending, remap_failed, pcie_replays;
     int gpm, ngpm;                                    /* GPM supported; how many metrics it answers */
     unsigned int gpm_id[MAXGPM]; double gpm_val[MAXGPM];
 } ent_t;
@@ -81,6 +85,7 @@ static struct {
     char driver[80]; long generation; int loaded, ndev, nmig, nproc, nfail; unsigned int util_buffer;
     ent_t dev[MAXDEV], mig[MAXMIG]; proc_t_ proc[MAXPROC];
     struct { char fn[96]; int code, dev, times; } fail[MAXFAIL];
+    int nxid; struct { int dev; unsigned int code; } xid[MAXXID];
 } S;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int refcount = 0;
@@ -168,6 +173,9 @@ static void reload(void) {
             d->nvlink_tx = num(line, "nvlink_tx", 0); d->nvlink_rx = num(line, "nvlink_rx", 0);
             d->mig = num(line, "mig", 0); d->lost = num(line, "lost", 0);
             parse_gpm(line, d);
+            d->remap = num(line, "remap", 1); d->remap_corr = num(line, "remap_corr", 0);
+            d->remap_unc = num(line, "remap_unc", 0); d->remap_pending = num(line, "remap_pending", 0);
+            d->remap_failed = num(line, "remap_failed", 0); d->pcie_replays = num(line, "pcie_replays", 0);
             d->gi = d->ci = NO_ID; d->parent = -1;
         } else if (!strncmp(line, "mig\t", 4) && S.nmig < MAXMIG) {
             ent_t *m = &S.mig[S.nmig]; m->index = S.nmig++; m->is_mig = 1;
@@ -183,6 +191,8 @@ static void reload(void) {
             p->sm = num(line, "sm", 0); p->mem = num(line, "mem", 0); p->enc = num(line, "enc", 0); p->dec = num(line, "dec", 0);
             p->ts = snum(line, "ts", -1); p->util = num(line, "util", 1);
             p->gi = num(line, "gi", NO_ID); p->ci = num(line, "ci", NO_ID);
+        } else if (!strncmp(line, "xid\t", 4) && S.nxid < MAXXID) {
+            S.xid[S.nxid].dev = num(line, "dev", 0); S.xid[S.nxid++].code = num(line, "code", 0);
         } else if (!strncmp(line, "fail\t", 5) && S.nfail < MAXFAIL) {
             copyval(S.fail[S.nfail].fn, sizeof S.fail[0].fn, field(line, "fn"));
             S.fail[S.nfail].dev = snum(line, "dev", -1);
@@ -266,6 +276,7 @@ const char *nvmlErrorString(nvmlReturn_t r) {
     case NOT_FOUND: return "Not Found";
     case INSUFFICIENT_SIZE: return "Insufficient Size";
     case DRIVER_NOT_LOADED: return "Driver Not Loaded";
+    case TIMEOUT: return "Timeout";
     case GPU_IS_LOST: return "GPU is lost";
     case ARGUMENT_VERSION_MISMATCH: return "Argument version mismatch";
     default: return "Unknown Error";
@@ -397,6 +408,55 @@ nvmlReturn_t nvmlDeviceGetFieldValues(void *h, int n, nvmlFieldValue_t *v) {
         }
     }
     RET(OK);
+}
+
+/* Row remapping (A100 and newer; remap=0: not supported) and the PCIe replay counter. */
+nvmlReturn_t nvmlDeviceGetRemappedRows(void *h, unsigned int *corr, unsigned int *unc, unsigned int *pending, unsigned int *failed) {
+    ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!d->remap) RET(NOT_SUPPORTED);
+    if (!corr || !unc || !pending || !failed) RET(INVALID_ARGUMENT);
+    *corr = d->remap_corr; *unc = d->remap_unc; *pending = d->remap_pending; *failed = d->remap_failed; RET(OK);
+}
+nvmlReturn_t nvmlDeviceGetPcieReplayCounter(void *h, unsigned int *v) {
+    ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!d->pcie) RET(NOT_SUPPORTED); if (!v) RET(INVALID_ARGUMENT);
+    *v = d->pcie_replays; RET(OK);
+}
+
+/* ---- events: XID errors only ---- */
+#define XID_CRITICAL 0x8ULL
+typedef struct { void *device; unsigned long long eventType, eventData; unsigned int gpuInstanceId, computeInstanceId; } nvmlEventData_t;
+/* seen: xid lines of the GPU already past; generation: the driver's when the set was made (a reload ends the set) */
+typedef struct { int registered[MAXDEV], seen[MAXDEV]; long generation; } evset_t;
+static long evsets_live = 0;
+static int xids_of(int dev) { int n = 0; for (int i = 0; i < S.nxid; i++) n += S.xid[i].dev == dev; return n; }
+nvmlReturn_t nvmlEventSetCreate(evset_t **out) {
+    ENTER(NULL, NULL); if (!out) RET(INVALID_ARGUMENT);
+    *out = calloc(1, sizeof **out); if (!*out) RET(UNKNOWN);
+    (*out)->generation = S.generation; evsets_live++; RET(OK);
+}
+nvmlReturn_t nvmlDeviceRegisterEvents(void *h, unsigned long long types, evset_t *set) {
+    ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!set) RET(INVALID_ARGUMENT);
+    if (set->generation != S.generation) RET(UNINITIALIZED);
+    if (types & ~XID_CRITICAL) RET(NOT_SUPPORTED);
+    if (!set->registered[d->index]) set->seen[d->index] = xids_of(d->index);
+    set->registered[d->index] = 1; RET(OK);
+}
+nvmlReturn_t nvmlEventSetWait_v2(evset_t *set, nvmlEventData_t *data, unsigned int timeoutms) {
+    (void)timeoutms; ENTER(NULL, NULL); if (!set || !data) RET(INVALID_ARGUMENT);
+    if (set->generation != S.generation) RET(UNINITIALIZED);
+    for (int dev = 0; dev < S.ndev; dev++) {
+        if (!set->registered[dev] || xids_of(dev) <= set->seen[dev]) continue;
+        for (int i = 0, k = 0; i < S.nxid; i++) {
+            if (S.xid[i].dev != dev || k++ < set->seen[dev]) continue;
+            set->seen[dev]++;
+            *data = (nvmlEventData_t){ &S.dev[dev], XID_CRITICAL, S.xid[i].code, NO_ID, NO_ID };
+            RET(OK);
+        }
+    }
+    RET(TIMEOUT);
+}
+nvmlReturn_t nvmlEventSetFree(evset_t *set) {
+    pthread_mutex_lock(&mu); count_call(__func__); if (!set) RET(INVALID_ARGUMENT);
+    free(set); evsets_live--; RET(OK);
 }
 
 /* ---- MIG ---- */
@@ -572,6 +632,12 @@ unsigned long long fakeNvmlLastSeen(unsigned int dev) {
 long fakeNvmlGpmSamples(void) {
     pthread_mutex_lock(&mu);
     long v = gpm_live;
+    pthread_mutex_unlock(&mu);
+    return v;
+}
+long fakeNvmlEventSets(void) {
+    pthread_mutex_lock(&mu);
+    long v = evsets_live;
     pthread_mutex_unlock(&mu);
     return v;
 }
