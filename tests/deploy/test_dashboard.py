@@ -13,6 +13,7 @@ Prometheus scrapes both the metrics (:9464) and the agent's own telemetry (:8888
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -280,7 +281,7 @@ def live(tmp_path_factory):
     require(shutil.which("gcc") is not None, "needs gcc to build the fake libnvidia-ml.so.1")
     from harness.apiserver import ApiServer
     from harness.apiserver import pod as api_pod
-    from harness.fake_nvml import GPU, MigDevice, Process, Scenario, build_fake_nvml
+    from harness.fake_nvml import GPU, MigDevice, Process, Scenario, Xid, build_fake_nvml
 
     tmp_path = tmp_path_factory.mktemp("dashboard")
     lib = build_fake_nvml()
@@ -313,13 +314,17 @@ def live(tmp_path_factory):
         cleanup.append(lambda: kubelet.stop(0).wait())
 
         scenario = str(tmp_path / "nvml-scenario.txt")
-        Scenario(gpus=[GPU(uuid=UUID0, mem_used=12 * GiB, util_gpu=65), GPU(uuid=UUID1, util_gpu=0),
-                       GPU(uuid=UUID2, mem_used=10 * GiB, mig=1)],
-                 mig=[MigDevice(gpu=2, gi=1, uuid=MIG1, mem_used=9 * GiB),
-                      MigDevice(gpu=2, gi=2, uuid=MIG2, mem_used=1 * GiB)],
-                 processes=[Process(pid=burners[0].pid, gpu=0, used_mem=10 * GiB, sm=70),
-                            Process(pid=burners[1].pid, gpu=2, gi=1, ci=0, used_mem=8 * GiB),
-                            Process(pid=host_daemon.pid, gpu=0, used_mem=1 * GiB, sm=20)]).write(scenario)
+        # GPU 1 is an older model: no GPM, and a remapped row waiting for a reset
+        nvml_scenario = Scenario(
+            gpus=[GPU(uuid=UUID0, mem_used=12 * GiB, util_gpu=65, gpm={2: 60, 5: 30}),
+                  GPU(uuid=UUID1, util_gpu=0, remap_unc=2, remap_pending=1),
+                  GPU(uuid=UUID2, mem_used=10 * GiB, mig=1, gpm={})],
+            mig=[MigDevice(gpu=2, gi=1, uuid=MIG1, mem_used=9 * GiB, gpm={2: 40, 5: 20}),
+                 MigDevice(gpu=2, gi=2, uuid=MIG2, mem_used=1 * GiB, gpm={2: 10, 5: 0})],
+            processes=[Process(pid=burners[0].pid, gpu=0, used_mem=10 * GiB, sm=70),
+                       Process(pid=burners[1].pid, gpu=2, gi=1, ci=0, used_mem=8 * GiB),
+                       Process(pid=host_daemon.pid, gpu=0, used_mem=1 * GiB, sm=20)])
+        nvml_scenario.write(scenario)
 
         # the DaemonSet's pipelines.yaml, with host paths, ports and the API server of this machine merged over it
         port, health, telemetry = free_port(), free_port(), free_port()
@@ -330,7 +335,7 @@ def live(tmp_path_factory):
                 "podresources": {"endpoint": f"unix://{socket_path}", "collection_interval": "1s", "timeout": "10s",
                                  "refresh_interval": "1s", "initial_delay": "0s"},
                 "nvml": {"library_path": lib, "proc_root": "/proc", "collection_interval": "1s", "timeout": "10s",
-                         "initial_delay": "0s"},
+                         "initial_delay": "0s", "gpm": True},
                 "ebpf": {"cgroup_root": "/sys/fs/cgroup", "collection_interval": "1s", "timeout": "10s", "initial_delay": "0s"},
                 "cri": {"endpoint": f"unix://{tmp_path}/no-containerd/containerd.sock"},
             },
@@ -367,7 +372,11 @@ def live(tmp_path_factory):
             except AssertionError as exc:
                 pytest.fail(f"{exc}\nagent log:\n{log_path.read_text()[-6000:]}")
 
-            # events while everything watches: an OOM kill in web-0, TCP retransmissions in trainer-0
+            # events while everything watches: two XID errors on GPU 1 and PCIe replays on GPU 0, an OOM kill in
+            # web-0, TCP retransmissions in trainer-0
+            gpus = list(nvml_scenario.gpus)
+            gpus[0] = dataclasses.replace(gpus[0], pcie_replays=40)
+            dataclasses.replace(nvml_scenario, gpus=gpus, xids=[Xid(1, 48), Xid(1, 63)]).write(scenario)
             victim = web.spawn([sys.executable, WORKLOAD, "alloc", "512"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
             assert victim.wait(timeout=120) == -9, "the memory-limited process was not OOM-killed"
@@ -478,6 +487,7 @@ def test_every_panel_shows_what_the_workload_did(live):
     mib = 1 << 20
     pods = lambda labels: (labels.get("k8s_pod_name", ""), labels.get("hw_id", ""))  # noqa: E731
     errs = lambda labels: (labels.get("component", ""), labels.get("cause", ""))  # noqa: E731
+    gpus = lambda labels: labels.get("hw_gpu_index", "")  # noqa: E731
     checks = [
         # GPU: trainer-0's two processes (10 GiB on GPU 0, 8 GiB on a MIG device); the host daemon is in no pod
         ("GPU memory by pod", "A", None, lambda s: s == {"ml/trainer-0": 18 * GiB}),
@@ -499,6 +509,16 @@ def test_every_panel_shows_what_the_workload_did(live):
         # GPU 0: 12 of 80 GiB; GPU 1: none; GPU 2 (MIG mode): 10 of 80 GiB, its MIG devices 9 and 1 of 10 GiB
         ("GPU device memory used", "A", None,
          lambda s: len(s) == 5 and all(_near(a, b) for a, b in zip(sorted(s.values()), [0, .1, .125, .15, .9], strict=True))),
+        # GPU health: GPU 1's two XIDs and its remapped row, GPU 0's replays; GPU 2 (MIG) has had none
+        ("GPU health", "A", gpus, lambda s: s == {"0": 0, "1": 2, "2": 0}),
+        ("GPU health", "B", gpus, lambda s: s == {"0": 0, "1": 2, "2": 0}),
+        ("GPU health", "C", gpus, lambda s: s == {"0": 0, "1": 1, "2": 0}),
+        ("GPU health", "D", gpus, lambda s: s.get("0", 0) >= 40 and s.get("1") == 0),
+        # GPM: GPU 0, and GPU 2's two MIG instances; GPU 1 has no GPM
+        ("GPU SM activity", "A", None,
+         lambda s: s == {f"{NODE} GPU 0  SMs": .6, f"{NODE} GPU 2 1 SMs": .4, f"{NODE} GPU 2 2 SMs": .1}),
+        ("GPU SM activity", "B", None,
+         lambda s: s == {f"{NODE} GPU 0  tensor": .3, f"{NODE} GPU 2 1 tensor": .2, f"{NODE} GPU 2 2 tensor": 0}),
         # CPU: two busy processes under a quota of half a core; web-0 sleeps
         ("CPU by pod", "A", None,
          lambda s: s.keys() == {"ml/trainer-0", "web/web-0"} and .35 <= s["ml/trainer-0"] <= .7
