@@ -269,6 +269,7 @@ class NvmlReceiver(Receiver):
             self._gpm.close()  # samples of the old session do not pair with the new one's
         if self._xid is not None:
             self._xid.close()  # the new session registers its GPUs on a new event set
+            self._xid.reading = True  # and a new driver may read events an old one could not
         # the driver restarted after the latest collection: every counter read from now on restarted there
         self._session += 1
         self._session_ns = self._collect_ns + 1
@@ -664,6 +665,13 @@ class NvmlReceiver(Receiver):
         except N.NVMLError as exc:
             if exc.value in REINIT_CODES:
                 raise _Reinit(f"nvmlEventSetWait: {self._name(exc)}") from None
+            if exc.value in SKIP_CODES:
+                # a driver without event reads: said once, and not asked again until another driver is loaded
+                self.telemetry.error(f"nvmlEventSetWait: {self._name(exc)}",
+                                     f"XID errors are not watched: nvmlEventSetWait: {exc}")
+                self._xid.close()
+                self._xid.reading = False
+                return
             self._fail(node, "nvmlEventSetWait", f"nvmlEventSetWait: {self._name(exc)}",
                        f"reading XID events failed: {exc}; read again at the next collection (they stay queued)")
         else:

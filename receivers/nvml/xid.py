@@ -28,10 +28,13 @@ class XidWatcher:
         self._events = None                  # this session's nvmlEventSet_t
         self._watched: dict[int, str] = {}   # registered device handle (address) -> GPU UUID
         self.counts: dict[str, dict[int, int]] = {}  # GPU UUID -> XID -> events seen; bounded by the node's GPUs
+        self.reading = True  # False once the driver turned out unable to read events (until the next session)
 
     def watch(self, call: Call, handle, uuid: str) -> None:
         """Register a GPU for XID events (once per session: handles are the session's)."""
         addr = _address(handle)
+        if not self.reading:
+            return
         if addr in self._watched:
             self._watched[addr] = uuid
             return
@@ -50,7 +53,7 @@ class XidWatcher:
 
     def drain(self) -> None:
         """Count the queued XID events. Raises NVMLError when the set cannot be read (not for an empty queue)."""
-        if self._events is None:
+        if self._events is None or not self.reading:
             return
         N = self.nvml
         for _ in range(MAX_EVENTS):
@@ -69,7 +72,8 @@ class XidWatcher:
                 seen[xid] = seen.get(xid, 0) + 1
 
     def close(self) -> None:
-        """Free the event set (at shutdown, and when the NVML session is lost: a new one registers again)."""
+        """Free the event set (at shutdown, and when the NVML session is lost: a new one registers again); the
+        counts stay."""
         events, self._events = self._events, None
         self._watched.clear()
         if events is not None:

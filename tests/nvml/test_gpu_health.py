@@ -83,3 +83,25 @@ def test_remapped_rows_and_pcie_replays(fake, make_receiver):
     md = r.collect()
     assert calls(fake.lib, "nvmlDeviceGetRemappedRows") - asked == 1  # GPU 0 only
     assert errors(r, "nvmlDeviceGetRemappedRows: NOT_SUPPORTED") == 1
+
+
+def test_a_driver_that_cannot_read_events_is_said_once_and_the_counts_stay(fake, make_receiver):
+    gpus = [GPU(uuid=UUID0, pcie_replays=3)]
+    fake.write(Scenario(gpus=gpus))
+    r = make_receiver()
+    r.collect()
+    fake.write(Scenario(gpus=gpus, xids=[Xid(0, 79)]))
+    assert xids(r.collect()) == {(UUID0, 79): 1}
+    # FUNCTION_NOT_FOUND from then on: not asked again, said once; what was counted is still reported
+    fake.write(Scenario(gpus=gpus, xids=[Xid(0, 79)], fail=[Fail("nvmlEventSetWait_v2", 13)]))
+    waits = calls(fake.lib, "nvmlEventSetWait_v2")
+    for _ in range(3):
+        md = r.collect()
+    assert calls(fake.lib, "nvmlEventSetWait_v2") - waits == 1
+    assert errors(r, "nvmlEventSetWait: FUNCTION_NOT_FOUND") == 1
+    assert xids(md) == {(UUID0, 79): 1} and value(md, "hw.gpu.pcie.replays", hw__id=UUID0) == 3
+    # a driver reloaded (another driver) is asked again
+    fake.write(Scenario(gpus=gpus, xids=[Xid(0, 79)], generation=1))
+    r.collect()
+    fake.write(Scenario(gpus=gpus, xids=[Xid(0, 79), Xid(0, 31)], generation=1))
+    assert xids(r.collect()) == {(UUID0, 79): 1, (UUID0, 31): 1}
