@@ -2,9 +2,9 @@
 (kubernetes-validate, strict: unknown fields are errors), the security posture holds in every variant, and the
 agent configuration each variant ships passes `podmeter validate`.
 
-ServiceMonitor and PodMonitor are Prometheus Operator CRDs, for which kubernetes-validate has no schema: they are
-checked against PROMETHEUS_OPERATOR_SUBSET below, our own structural schema of the fields we use (names, types and
-patterns as in the operator's monitoring.coreos.com/v1 API), with unknown fields rejected.
+ServiceMonitor, PodMonitor and PrometheusRule are Prometheus Operator CRDs, for which kubernetes-validate has no
+schema: they are checked against PROMETHEUS_OPERATOR_SUBSET below, our own structural schema of the fields we use
+(names, types and patterns as in the operator's monitoring.coreos.com/v1 API), with unknown fields rejected.
 """
 
 from __future__ import annotations
@@ -78,6 +78,30 @@ PROMETHEUS_OPERATOR_SUBSET = {
             "spec": {"type": "object", "additionalProperties": False, "required": ["selector", "endpoints"],
                      "properties": {"selector": _SELECTOR, "jobLabel": {"type": "string"},
                                     "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}},
+        },
+    },
+    "PrometheusRule": {
+        "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+            "metadata": _META,
+            "spec": {"type": "object", "additionalProperties": False, "required": ["groups"], "properties": {
+                "groups": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["name", "rules"], "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "interval": {"type": "string", "pattern": _DURATION},
+                        "rules": {"type": "array", "minItems": 1, "items": {
+                            "type": "object", "additionalProperties": False, "required": ["expr"],
+                            "oneOf": [{"required": ["alert"]}, {"required": ["record"]}], "properties": {
+                                "alert": {"type": "string", "pattern": _LABEL},
+                                "record": {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+                                "expr": {"type": "string", "minLength": 1},
+                                "for": {"type": "string", "pattern": _DURATION},
+                                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                            }}},
+                    }}},
+            }},
         },
     },
     "PodMonitor": {
