@@ -35,7 +35,7 @@ class GpmSampler:
 
     def sample(self, key: str, q: Query, call: str, fn, *args) -> list[tuple[M.MetricSpec, dict | None, float]]:
         """Take a sample of source `key` with fn(*args, sample); the metrics since the source's previous sample
-        (none the first time, or when a call failed)."""
+        (none for its first sample, or when a call failed)."""
         N = self.nvml
         pair = self._samples.setdefault(key, [None, None])
         if pair[1] is None:
@@ -80,5 +80,5 @@ class GpmSampler:
     def close(self) -> None:
         self.keep(set())
 
-    def __len__(self) -> int:
-        return len(self._samples)
+    def __contains__(self, key: str) -> bool:
+        return key in self._samples

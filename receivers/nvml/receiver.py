@@ -192,6 +192,9 @@ class NvmlReceiver(Receiver):
         self._session_ns = self.start_ns  # start time of series first seen in this session
         self._collect_ns = self.start_ns  # time of the latest collection
         self._gpm: GpmSampler | None = None  # with `gpm: true`, once pynvml is loaded
+        # GPM figures compare two samples, the first taken when a GPU is discovered: `podmeter collect --once` waits
+        # one interval for the second, as it does for the event-counting receivers
+        self.counts_events = config.gpm
         self._no_gpm_said: set[str] = set()  # GPUs said to have no GPM (bounded by the node's GPUs)
         self._xid: XidWatcher | None = None  # with `health` (the default), once pynvml is loaded
 
@@ -428,6 +431,9 @@ class NvmlReceiver(Receiver):
             dev.migs = self._discover_migs(dev)
         if self._gpm is not None:
             self._discover_gpm(dev)
+            for key, call, fn, args, _ in self._gpm_sources(dev):
+                if key not in self._gpm:  # a new GPU or instance: the first collection then has its figures
+                    self._gpm.sample(key, partial(self._q, dev), call, fn, *args)
         if self._xid is not None:
             self._xid.watch(lambda name, fn, *args: self._static(dev, name, fn, *args, optional=True), handle, dev.uuid)
         if self.config.interconnect:

@@ -57,7 +57,7 @@ def test_run_with_shipped_config_on_this_host(tmp_path):
                              str(override)], stderr=subprocess.PIPE, text=True, env=env)
     try:
         status = wait_for(lambda: (r := http_get(f"http://127.0.0.1:{health}/")) and not json.loads(r[1]).get("starting")
-                          and r, timeout=30, what="health after start (503 while components start)")
+                          and r, timeout=90, what="health after start (503 while components start)")
         assert status[0] == 200, status
         body = wait_for(lambda: (r := http_get(f"http://127.0.0.1:{prom}/metrics")) and pod.uid in r[1] and r[1],
                         timeout=30, what="the pod's cgroup metrics on the prometheus endpoint")

@@ -1,10 +1,13 @@
 """GPM (GPU performance metrics: SM activity and occupancy, pipes, memory bandwidth) through the real nvidia-ml-py
 against the fake libnvidia-ml.so.1 (no NVIDIA GPU can run here). The fake answers, per GPU or MIG GPU instance,
-the percentages its scenario gives, from two samples taken in order on the same source, as NVML computes them."""
+the percentages its scenario gives, from two samples taken in order on the same source in one driver session, as
+NVML computes them; other pairs it refuses."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -35,12 +38,17 @@ def grew(before: dict, lib: str) -> dict[str, int]:
     return {fn: n - before[fn] for fn, n in counts(lib).items() if n != before[fn]}
 
 
+def gpm_errors(receiver) -> dict[str, float]:
+    reg = receiver.telemetry.telemetry.registry
+    return {s.labels["cause"]: s.value for m in reg.collect() for s in m.samples
+            if s.name == "podmeter_component_errors_total" and s.labels["cause"].startswith("nvmlGpm")}
+
+
 def test_gpu_metrics_come_from_two_samples_of_that_gpu(fake, make_receiver):
     fake.write(Scenario(gpus=[GPU(uuid=UUID0, gpm=BUSY)]))
     live, before = gpm_samples(fake.lib), counts(fake.lib)
     r = make_receiver(gpm=True)
-    # one sample is not a rate: nothing the first time, as for per-process utilization
-    assert gpm_points(r.collect()) == []
+    # the first sample is taken when the GPU is discovered (at start): the first collection has the figures since
     md = r.collect()
     g = {"hw__id": UUID0}
     assert value(md, "hw.gpu.engine.utilization", **g) == 0.875
@@ -52,7 +60,8 @@ def test_gpu_metrics_come_from_two_samples_of_that_gpu(fake, make_receiver):
     assert pipes == {"tensor": 0.55, "fp64": 0.0, "fp32": 0.12, "integer": 0.08}
     fake.write(Scenario(gpus=[GPU(uuid=UUID0, gpm={**BUSY, 2: 20})]))
     assert value(r.collect(), "hw.gpu.sm.utilization", **g) == 0.20  # the newer sample's figures
-    # two samples for the GPU, reused: three taken, two compared, none allocated per collection
+    # two samples for the GPU, reused: three taken (at discovery and at each collection), two compared, none
+    # allocated per collection
     assert grew(before, fake.lib) == {"nvmlGpmQueryDeviceSupport": 1, "nvmlGpmSampleAlloc": 2,
                                       "nvmlGpmSampleGet": 3, "nvmlGpmMetricsGet": 2}
     assert gpm_samples(fake.lib) - live == 2
@@ -68,7 +77,6 @@ def test_each_mig_device_reports_its_gpu_instance(fake, make_receiver):
     ]))
     before = counts(fake.lib)
     r = make_receiver(gpm=True)
-    r.collect()
     md = r.collect()
     # device utilization is not available in MIG mode; GPM gives each instance's
     assert value(md, "hw.gpu.utilization", hw__gpu__task="general", hw__id=UUID0) is None
@@ -93,7 +101,7 @@ def test_gpus_without_gpm_are_said_once_not_counted(fake, make_receiver, caplog)
     said = [rec.getMessage() for rec in caplog.records if "has no GPM" in rec.getMessage()]
     assert len(said) == 1 and UUID0 in said[0] and "A100" in said[0], said
     assert all(p[0]["hw.id"] == UUID1 for p in gpm_points(md)) and value(md, "hw.gpu.sm.utilization", hw__id=UUID1)
-    assert grew(before, fake.lib)["nvmlGpmSampleGet"] == 3  # GPU 1's only
+    assert grew(before, fake.lib)["nvmlGpmSampleGet"] == 4  # GPU 1's only: at its discovery, then each collection
     assert errors(r, "nvmlGpmQueryDeviceSupport: NOT_SUPPORTED") == 0
 
     fake.write(Scenario(gpus=[GPU(uuid=UUID0, gpm=BUSY)], fail=[Fail("nvmlGpmQueryDeviceSupport", 13)]))
@@ -130,7 +138,8 @@ def ids(md) -> set[str]:
 @pytest.mark.parametrize("change", ["gpu_lost", "driver_reload", "gpu_removed", "mig_reconfigured"])
 def test_samples_are_freed_and_never_paired_across_a_change(fake, make_receiver, change):
     """A sample from before a GPU fell off the bus, a driver reload or a MIG reconfiguration is not compared with one
-    after it; the samples of a GPU or instance that went away are freed."""
+    after it (the fake refuses such pairs, as a rate across them means nothing); the samples of a GPU or instance
+    that went away are freed."""
     mig = [MigDevice(gpu=1, gi=1, uuid=MIG1, gpm=BUSY)]
     gpus = [GPU(uuid=UUID0, gpm=BUSY), GPU(uuid=UUID1, mig=1, gpm={})]
     before = Scenario(gpus=gpus, mig=mig)
@@ -138,7 +147,6 @@ def test_samples_are_freed_and_never_paired_across_a_change(fake, make_receiver,
     live = gpm_samples(fake.lib)
     # a GPU lost is noticed by a collection; the others by a discovery (here at every collection)
     r = make_receiver(gpm=True, discovery_interval="60s" if change == "gpu_lost" else "1ns")
-    r.collect()
     assert ids(r.collect()) == {UUID0, MIG1}
     assert gpm_samples(fake.lib) - live == 4  # two per source: GPU 0, and GPU 1's instance 1
     after = {
@@ -149,14 +157,27 @@ def test_samples_are_freed_and_never_paired_across_a_change(fake, make_receiver,
     }[change]
     fake.write(after)
     md = r.collect()
-    # what went away is freed; a source started over has one sample and no figure
-    assert ids(md) == {"gpu_lost": {MIG1}, "driver_reload": set(), "gpu_removed": {MIG1},
-                       "mig_reconfigured": {UUID0}}[change]
-    assert gpm_samples(fake.lib) - live == {"gpu_lost": 2, "driver_reload": 2, "gpu_removed": 2,
-                                            "mig_reconfigured": 3}[change]
+    # what went away is freed; what was found again starts over with a sample at its discovery
+    assert ids(md) == {"gpu_lost": {MIG1}, "driver_reload": {UUID0, MIG1}, "gpu_removed": {MIG1},
+                       "mig_reconfigured": {UUID0, MIG2}}[change]
+    assert gpm_samples(fake.lib) - live == {"gpu_lost": 2, "driver_reload": 4, "gpu_removed": 2,
+                                            "mig_reconfigured": 4}[change]
     if change in ("gpu_lost", "gpu_removed"):
-        fake.write(before)  # GPU 0 is back: it starts over
-        assert ids(r.collect()) == {MIG1}
+        fake.write(before)  # GPU 0 is back: after a fall off the bus it starts over at the collection that sees it
+        assert ids(r.collect()) == ({MIG1} if change == "gpu_lost" else {UUID0, MIG1})
     assert ids(r.collect()) == {UUID0, MIG2 if change == "mig_reconfigured" else MIG1}
+    assert gpm_errors(r) == {}  # no pair the library refused
     r.shutdown()
     assert gpm_samples(fake.lib) == live
+
+
+def test_podmeter_collect_once_waits_one_interval_for_the_gpm_figures(fake, tmp_path):
+    fake.write(Scenario(gpus=[GPU(uuid=UUID0, gpm=BUSY)]))
+    config = tmp_path / "nvml.yaml"
+    config.write_text(f"receivers:\n  nvml: {{library_path: {fake.lib}, gpm: true, collection_interval: 1s}}\n"
+                      "exporters:\n  debug: {}\n"
+                      "service:\n  pipelines:\n    metrics: {receivers: [nvml], exporters: [debug]}\n")
+    out = subprocess.run([sys.executable, "-m", "podmeter.cli", "collect", "--once", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "hw.gpu.sm.utilization = 0.71" in out.stdout, out.stdout[-3000:]

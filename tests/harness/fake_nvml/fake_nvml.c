@@ -20,7 +20,8 @@
  * GPM (GPU performance metrics, Hopper and newer): a device line with gpm=<metric id>:<percent>,... supports GPM and
  * answers those metrics (any other id: NOT_SUPPORTED in its slot); without gpm= it is a GPU without GPM. A mig
  * line's gpm= is its GPU instance's (nvmlGpmMigSampleGet). nvmlGpmMetricsGet answers sample2's values, and refuses
- * (INVALID_ARGUMENT) two samples of different devices or instances, or taken out of order.
+ * (INVALID_ARGUMENT) two samples of different devices or instances (a reconfigured instance is another one), of
+ * different driver sessions, or taken out of order.
  *
  * Driver reload: a change of `generation` invalidates every open NVML session (calls return UNINITIALIZED until
  * nvmlInit is called again), as a driver unload/reload does to a long-running agent. `loaded=0` makes nvmlInit
@@ -563,7 +564,10 @@ typedef struct {
     unsigned int metricId; nvmlReturn_t nvmlReturn; double value;
     struct { char *shortName, *longName, *unit; } metricInfo;
 } nvmlGpmMetric_t;
-typedef struct gpm_sample { int filled; ent_t *src; unsigned long long seq; int n; unsigned int id[MAXGPM]; double val[MAXGPM]; } gpm_sample_t;
+/* uuid: the GPU's, or the first MIG device's of the instance (new at a reconfiguration); generation: the driver's */
+typedef struct gpm_sample {
+    int filled; char uuid[96]; long generation; unsigned long long seq; int n; unsigned int id[MAXGPM]; double val[MAXGPM];
+} gpm_sample_t;
 typedef struct { unsigned int version, numMetrics; gpm_sample_t *sample1, *sample2; nvmlGpmMetric_t metrics[]; } nvmlGpmMetricsGet_t;
 static unsigned long long gpm_seq = 0;
 static long gpm_live = 0;
@@ -585,7 +589,8 @@ nvmlReturn_t nvmlGpmSampleFree(gpm_sample_t *smp) {
 }
 static nvmlReturn_t take(ent_t *src, gpm_sample_t *smp) {
     if (!smp) return INVALID_ARGUMENT;
-    smp->filled = 1; smp->src = src; smp->seq = ++gpm_seq; smp->n = src->ngpm;
+    smp->filled = 1; smp->seq = ++gpm_seq; smp->n = src->ngpm; smp->generation = S.generation;
+    memcpy(smp->uuid, src->uuid, sizeof smp->uuid);
     memcpy(smp->id, src->gpm_id, sizeof smp->id); memcpy(smp->val, src->gpm_val, sizeof smp->val);
     return OK;
 }
@@ -602,9 +607,8 @@ nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *mg) {
     ENTER(NULL, NULL); if (!mg) RET(INVALID_ARGUMENT);
     if (mg->version != 1) RET(ARGUMENT_VERSION_MISMATCH);
     gpm_sample_t *a = mg->sample1, *b = mg->sample2;
-    if (!a || !b || !a->filled || !b->filled || a->seq >= b->seq) RET(INVALID_ARGUMENT);
-    /* samples of one GPU instance: any MIG device of it (they share the instance's counters) */
-    if (a->src != b->src && !(a->src->is_mig && b->src->is_mig && a->src->parent == b->src->parent && a->src->gi == b->src->gi))
+    /* two samples of one GPU or GPU instance, in order, in one driver session */
+    if (!a || !b || !a->filled || !b->filled || a->seq >= b->seq || strcmp(a->uuid, b->uuid) || a->generation != b->generation)
         RET(INVALID_ARGUMENT);
     for (unsigned int i = 0; i < mg->numMetrics; i++) {
         nvmlGpmMetric_t *m = &mg->metrics[i];
