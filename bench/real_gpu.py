@@ -39,7 +39,7 @@ from harness import free_port
 from prometheus_client import generate_latest
 
 from podmeter.metrics import count_points
-from receivers.nvml.gpm import GPM_METRICS, METRICS_GET_VERSION
+from receivers.nvml.gpm import GPM_METRICS, metrics_request
 from receivers.nvml.xid import XID_CRITICAL
 
 from . import REPO
@@ -130,22 +130,13 @@ def _gpm_metrics(h, seconds: float = 1.0) -> dict:
         N.nvmlGpmSampleGet(h, samples[0])
         time.sleep(seconds)
         N.nvmlGpmSampleGet(h, samples[1])
-        req = _gpm_request(*samples)
+        req = metrics_request(N, *samples)
         N.nvmlGpmMetricsGet(req)
         return {metric_id: (req.metrics[i].nvmlReturn, round(req.metrics[i].value, 2))
                 for i, (metric_id, _, _) in enumerate(GPM_METRICS)}
     finally:
         for sample in samples:
             N.nvmlGpmSampleFree(sample)
-
-
-def _gpm_request(first, second):
-    import pynvml as N
-    req = N.c_nvmlGpmMetricsGet_t()
-    req.version, req.numMetrics, req.sample1, req.sample2 = METRICS_GET_VERSION, len(GPM_METRICS), first, second
-    for i, (metric_id, _, _) in enumerate(GPM_METRICS):
-        req.metrics[i].metricId = metric_id
-    return req
 
 
 def probe(label: str) -> dict:
@@ -242,7 +233,7 @@ def costs(repeat: int = 10) -> dict:
     except N.NVMLError as exc:
         calls["gpm: a first sample"] = lambda exc=exc: exc  # no GPM here: why, in the table
     if len(gpm) == 2:
-        req = _gpm_request(*gpm)
+        req = metrics_request(N, *gpm)
         calls["gpm: nvmlGpmSampleGet"] = lambda: N.nvmlGpmSampleGet(h, gpm[1]) and "sample"
         calls["gpm: nvmlGpmMetricsGet of two samples"] = lambda: N.nvmlGpmMetricsGet(req).numMetrics
     out = {}

@@ -23,6 +23,15 @@ GPM_METRICS = (
 )
 METRICS_GET_VERSION = 1  # NVML_GPM_METRICS_GET_VERSION
 
+def metrics_request(nvml, first, second):
+    """An nvmlGpmMetricsGet_t asking GPM_METRICS of two samples (19 KB with pynvml's metric array)."""
+    req = nvml.c_nvmlGpmMetricsGet_t()
+    req.version, req.numMetrics, req.sample1, req.sample2 = METRICS_GET_VERSION, len(GPM_METRICS), first, second
+    for i, (metric_id, _, _) in enumerate(GPM_METRICS):
+        req.metrics[i].metricId = metric_id
+    return req
+
+
 # q(call name, function, *args): the receiver's value call (None on an error it counted; raises on a lost GPU)
 Query = Callable[..., Any]
 
@@ -31,7 +40,7 @@ class GpmSampler:
     def __init__(self, nvml) -> None:
         self.nvml = nvml
         self._samples: dict[str, list] = {}  # source key -> [sample taken last time or None, sample to fill]
-        self._request = None                  # one nvmlGpmMetricsGet_t (19 KB with pynvml's metric array), reused
+        self._request = None                  # one nvmlGpmMetricsGet_t, reused
 
     def sample(self, key: str, q: Query, call: str, fn, *args) -> list[tuple[M.MetricSpec, dict | None, float]]:
         """Take a sample of source `key` with fn(*args, sample); the metrics since the source's previous sample
@@ -50,11 +59,7 @@ class GpmSampler:
             return []
         req = self._request
         if req is None:
-            req = self._request = N.c_nvmlGpmMetricsGet_t()
-            req.version = METRICS_GET_VERSION
-            req.numMetrics = len(GPM_METRICS)
-            for i, (metric_id, _, _) in enumerate(GPM_METRICS):
-                req.metrics[i].metricId = metric_id
+            req = self._request = metrics_request(N, last, taken)
         req.sample1, req.sample2 = last, taken
         if q("nvmlGpmMetricsGet", N.nvmlGpmMetricsGet, req) is None:
             return []
