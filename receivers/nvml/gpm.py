@@ -23,6 +23,7 @@ GPM_METRICS = (
 )
 METRICS_GET_VERSION = 1  # NVML_GPM_METRICS_GET_VERSION
 
+
 def metrics_request(nvml, first, second):
     """An nvmlGpmMetricsGet_t asking GPM_METRICS of two samples (19 KB with pynvml's metric array)."""
     req = nvml.c_nvmlGpmMetricsGet_t()
@@ -57,9 +58,9 @@ class GpmSampler:
         pair[0], pair[1] = taken, last  # the older sample is filled next time
         if last is None:
             return []
+        if self._request is None:
+            self._request = metrics_request(N, last, taken)
         req = self._request
-        if req is None:
-            req = self._request = metrics_request(N, last, taken)
         req.sample1, req.sample2 = last, taken
         if q("nvmlGpmMetricsGet", N.nvmlGpmMetricsGet, req) is None:
             return []

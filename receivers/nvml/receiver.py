@@ -435,7 +435,7 @@ class NvmlReceiver(Receiver):
                 if key not in self._gpm:  # a new GPU or instance: the first collection then has its figures
                     self._gpm.sample(key, partial(self._q, dev), call, fn, *args)
         if self._xid is not None:
-            self._xid.watch(lambda name, fn, *args: self._static(dev, name, fn, *args, optional=True), handle, dev.uuid)
+            self._xid.watch(partial(self._static, dev, optional=True), handle, dev.uuid)
         if self.config.interconnect:
             dev.fields = [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES]
             links = self._field_values(dev, [FI_NVLINK_LINK_COUNT])

@@ -32,9 +32,9 @@ class XidWatcher:
 
     def watch(self, call: Call, handle, uuid: str) -> None:
         """Register a GPU for XID events (once per session: handles are the session's)."""
-        addr = _address(handle)
         if not self.reading:
             return
+        addr = _address(handle)
         if addr in self._watched:
             self._watched[addr] = uuid
             return
