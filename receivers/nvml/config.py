@@ -13,7 +13,12 @@ class NvmlConfig(ScraperConfig):
         "/proc", description="Where the host's /proc is visible. Per-process metrics need hostPID: true with current "
                              "drivers (they list only the processes of the caller's PID namespace); with older "
                              "drivers, which report host PIDs to every caller, mounting the host /proc here also works")
-    per_process: bool = Field(True, description="Collect per-process GPU memory and utilization, attributed to pods")
+    per_process: bool = Field(True, description="Collect per-process GPU memory and utilization, attributed to pods "
+                                                "(process.gpu.*: series per PID, new with every process)")
+    per_container: bool = Field(
+        True, description="Collect GPU memory and utilization per container and GPU or MIG device, its processes "
+                          "summed (container.gpu.*): series that stay the same while PIDs come and go. With "
+                          "per_process: false, the series of a GPU node no longer grow with process churn")
     discovery_interval: Duration = Field(
         60.0, gt=0, description="How often to re-enumerate GPUs and MIG devices (their static info is cached)")
     energy: bool = Field(

@@ -85,11 +85,24 @@ PROCESS_MEM_CTRL_UTILIZATION = S("process.gpu.memory.controller.utilization", "g
                                  "Fraction of time device memory was read or written for the process since the "
                                  "previous collection (not available on MIG devices: left out, never zero)")
 
+# Per-container metrics (`per_container`): the processes of one container on one GPU or MIG device, summed;
+# resource: k8s.pod.uid, container.id (as attributed), container.runtime.name, k8s.pod.qos_class and the device's hw.*
+CONTAINER_MEMORY = S("container.gpu.memory.usage", "updowncounter", "By",
+                     "GPU memory used by the container's processes on this GPU or MIG device (their sum)")
+CONTAINER_UTILIZATION = S("container.gpu.utilization", "gauge", "1",
+                          "Fraction of the GPU the container's processes used since the previous collection, by task "
+                          "(their sum, at most 1; not available on MIG devices: left out, never zero)",
+                          attributes=("hw.gpu.task",))
+CONTAINER_MEM_CTRL_UTILIZATION = S("container.gpu.memory.controller.utilization", "gauge", "1",
+                                   "Fraction of time device memory was read or written for the container's processes "
+                                   "since the previous collection (their sum, at most 1; not on MIG devices)")
+
 METRICS = (GPU_UTILIZATION, MEM_CTRL_UTILIZATION, MEM_UTILIZATION, MEM_USAGE, MEM_LIMIT, MEM_FREE, MEM_RESERVED,
            TEMPERATURE, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, ENGINE_UTILIZATION,
            SM_UTILIZATION, SM_OCCUPANCY, PIPE_UTILIZATION, MEM_BANDWIDTH_UTILIZATION, XID_ERRORS, REMAPPED_ROWS,
            REMAP_PENDING, REMAP_FAILED, PCIE_REPLAYS, STATUS, ALLOCATION,
-           PROCESS_MEMORY, PROCESS_UTILIZATION, PROCESS_MEM_CTRL_UTILIZATION)
+           PROCESS_MEMORY, PROCESS_UTILIZATION, PROCESS_MEM_CTRL_UTILIZATION,
+           CONTAINER_MEMORY, CONTAINER_UTILIZATION, CONTAINER_MEM_CTRL_UTILIZATION)
 
 RESOURCE_ATTRIBUTES = (
     "hw.id", "hw.type", "hw.name", "hw.model", "hw.vendor", "hw.driver_version", "hw.serial_number", "hw.parent",

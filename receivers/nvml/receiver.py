@@ -58,6 +58,9 @@ CLOCKS = ((0, "graphics"), (1, "sm"), (2, "memory"))  # NVML_CLOCK_GRAPHICS, _SM
 
 
 MAX_OWNERS = 1024  # uid -> user name entries kept
+# what names a container among a process's attributes, and what its per-container resource carries from them
+CONTAINER_IDENTITY = ("k8s.pod.uid", "container.id")
+CONTAINER_ATTRIBUTES = CONTAINER_IDENTITY + ("container.runtime.name", "k8s.pod.qos_class")
 
 
 def _exe_path(link: str) -> str | None:
@@ -169,6 +172,10 @@ class NvmlReceiver(Receiver):
         self.attributor = ProcessAttributor(config.proc_root)
         self._procs: dict[int, _Proc] = {}  # NVML pid -> the process, attributed (only those on a GPU now)
         self._checked: set[int] = set()      # pids whose _Proc was confirmed in this collection
+        # (device uuid, container identity) -> (device resource, container attributes, Resource): containers with a
+        # process on a GPU at the last collection, and those found in this one
+        self._container_resources: dict[tuple, tuple[dict, list, Resource]] = {}
+        self._containers_seen: set[tuple] = set()
         try:
             soft = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[0]
         except (OSError, ValueError):
@@ -630,6 +637,7 @@ class NvmlReceiver(Receiver):
         assignments = self._assignments()
         seen_pids: set[int] = set()
         self._checked = set()
+        self._containers_seen = set()
         parts: list[MetricsBuilder] = []
         for dev in self.devices:
             # each GPU's points go to a builder of their own: a GPU that falls off the bus part-way through a
@@ -658,6 +666,9 @@ class NvmlReceiver(Receiver):
                 if self._gpm is not None:
                     self._gpm.forget_gpu(dev.key)
         self._forget_exited(seen_pids)
+        if len(self._container_resources) > len(self._containers_seen):
+            self._container_resources = {k: v for k, v in self._container_resources.items()
+                                         if k in self._containers_seen}
         # the builders' resources are disjoint (every resource carries its device's hw.id); an empty builder's
         # placeholder is kept only when nothing at all was collected
         rms = [rm for part in parts for rm in part.build().resource_metrics
@@ -739,12 +750,13 @@ class NvmlReceiver(Receiver):
         if self._xid is not None:
             self._health(b, dev)
         self._allocation(b, dev, assignments)
-        if self.config.per_process and not dev.mig_mode:
+        processes = self.config.per_process or self.config.per_container
+        if processes and not dev.mig_mode:
             self._processes(b, dev, seen, utilization=True)
         for mig in dev.migs:
             self._memory(b, mig)
             self._allocation(b, mig, assignments)
-            if self.config.per_process:
+            if processes:
                 # MIG: NVML has no per-process utilization (nvmlDeviceGetProcessUtilization is NOT_SUPPORTED)
                 self._processes(b, mig, seen, utilization=False)
         if self._gpm is not None:
@@ -873,20 +885,70 @@ class NvmlReceiver(Receiver):
         if not memory:
             return
         samples = self._samples(dev) if utilization else None
+        per_process = self.config.per_process
+        # container identity -> [its Resource, then the sums of the figures below]: each None until one of its
+        # processes gives that figure, so that a figure no process had is left out rather than summed to zero
+        containers: dict[tuple, list] | None = {} if self.config.per_container else None
         for pid, used in memory.items():
-            add = b.adder(self._process_resource(pid, dev))  # the process's Resource, kept across collections
+            resource = self._process_resource(pid, dev)  # the process's Resource, kept across collections
             seen.add(pid)
-            add(M.PROCESS_MEMORY, used)
+            # memory, then the samples' sm, memory controller, encoder, decoder: no sample since the last call is
+            # idle; samples None (not supported: MIG; or failed) leaves them out
+            figures = (used,) + (() if samples is None else samples.get(pid, (0, 0, 0, 0)))
+            if per_process:
+                self._process_points(b.adder(resource), figures)
+            if containers is not None:
+                sums = self._container_sums(containers, resource, dev)
+                if sums is not None:
+                    for k, v in enumerate(figures, 1):
+                        if v is not None:
+                            sums[k] = v if sums[k] is None else sums[k] + v
+        for resource, used, *util in (containers or {}).values():
+            add = b.adder(resource)
+            add(M.CONTAINER_MEMORY, used)
             if samples is None:
-                continue  # not supported (MIG) or failed: left out, never reported as zero
-            sm, mem, enc, dec = samples.get(pid, (0, 0, 0, 0))  # no sample since the last call: idle
-            # NVML's SM utilization is the device's `general` task (hw.gpu.utilization's value for the same measure);
-            # the memory controller's share is not a task: its own metric, as on the device
+                continue
+            # a sum over processes can pass 100% where their samples overlap (MPS clients running at once): a
+            # container cannot use more than the whole GPU
+            sm, mem, enc, dec = (None if v is None else min(v, 100) for v in util)
             for task, v in (("general", sm), ("encoder", enc), ("decoder", dec)):
                 if v is not None:
-                    add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task})
+                    add(M.CONTAINER_UTILIZATION, v / 100, {"hw.gpu.task": task})
             if mem is not None:
-                add(M.PROCESS_MEM_CTRL_UTILIZATION, mem / 100)
+                add(M.CONTAINER_MEM_CTRL_UTILIZATION, mem / 100)
+
+    @staticmethod
+    def _process_points(add, figures: tuple) -> None:
+        add(M.PROCESS_MEMORY, figures[0])
+        if len(figures) == 1:
+            return
+        _used, sm, mem, enc, dec = figures
+        # NVML's SM utilization is the device's `general` task (hw.gpu.utilization's value for the same measure);
+        # the memory controller's share is not a task: its own metric, as on the device
+        for task, v in (("general", sm), ("encoder", enc), ("decoder", dec)):
+            if v is not None:
+                add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task})
+        if mem is not None:
+            add(M.PROCESS_MEM_CTRL_UTILIZATION, mem / 100)
+
+    def _container_sums(self, containers: dict, process: Resource, dev: Device) -> list | None:
+        """The running sums of the container `process` belongs to on `dev`; None for a process outside any pod or
+        container. Each container keeps one Resource per device while both live (found again by identity
+        downstream, as processes' are)."""
+        attrs = process.attributes
+        ident = tuple(attrs.get(k) for k in CONTAINER_IDENTITY)
+        if not any(ident):
+            return None
+        sums = containers.get(ident)
+        if sums is None:
+            key, own = (dev.uuid, ident), [attrs.get(k) for k in CONTAINER_ATTRIBUTES]
+            hit = self._container_resources.get(key)
+            if hit is None or hit[0] is not dev.resource or hit[1] != own:  # new, or its device rediscovered
+                labels = {k: v for k, v in zip(CONTAINER_ATTRIBUTES, own) if v is not None}
+                hit = self._container_resources[key] = (dev.resource, own, Resource({**dev.resource, **labels}))
+            self._containers_seen.add(key)
+            sums = containers[ident] = [hit[2], None, None, None, None, None]
+        return sums
 
     def _samples(self, dev: Device) -> dict[int, tuple[float | None, ...]] | None:
         """Per-PID utilization averaged over the samples newer than this device's last-seen timestamp.
