@@ -170,6 +170,8 @@ def probe(label: str) -> dict:
                 ("ecc_uncorrected", N.nvmlDeviceGetTotalEccErrors, (1, 0)),
                 ("pcie_tx_rx_bytes", lambda h: [(v.nvmlReturn, v.value.ullVal)
                                                 for v in N.nvmlDeviceGetFieldValues(h, [197, 198])], ()),
+                ("memory_temp_field_82", lambda h: [(v.nvmlReturn, v.valueType, v.value.uiVal)
+                                                    for v in N.nvmlDeviceGetFieldValues(h, [82])], ()),
                 ("nvlink_tx_rx_kib_link0_1", lambda h: [(v.nvmlReturn, v.value.ullVal) for v in
                                                         N.nvmlDeviceGetFieldValues(h, [(138, 0), (139, 0),
                                                                                        (138, 1), (139, 1)])], ()),
@@ -203,6 +205,7 @@ def costs(repeat: int = 10) -> dict:
         "energy: field 83": lambda: N.nvmlDeviceGetFieldValues(h, [83]),
         "pcie: fields 197,198": lambda: N.nvmlDeviceGetFieldValues(h, [197, 198]),
         "pcie+energy: fields 197,198,83": lambda: N.nvmlDeviceGetFieldValues(h, [197, 198, 83]),
+        "pcie+memory temperature: fields 82,197,198": lambda: N.nvmlDeviceGetFieldValues(h, [82, 197, 198]),
         "power: nvmlDeviceGetPowerUsage": lambda: N.nvmlDeviceGetPowerUsage(h),
         "health: nvmlDeviceGetRemappedRows": lambda: N.nvmlDeviceGetRemappedRows(h),
         "health: nvmlDeviceGetPcieReplayCounter": lambda: N.nvmlDeviceGetPcieReplayCounter(h),

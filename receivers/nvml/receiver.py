@@ -48,6 +48,7 @@ REINIT_CODES = (UNINITIALIZED, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH)
 SKIP_CODES = (NOT_SUPPORTED, FUNCTION_NOT_FOUND)
 
 FI_NVLINK_LINK_COUNT, FI_NVLINK_TX_KIB, FI_NVLINK_RX_KIB, FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES = 91, 138, 139, 197, 198
+FI_MEMORY_TEMP = 82  # NVML_FI_DEV_MEMORY_TEMP: the memory's (HBM's) own sensor, DCGM's DCGM_FI_DEV_MEMORY_TEMP
 
 THROTTLE_REASONS = (
     (0x1, "gpu_idle"), (0x2, "applications_clocks_setting"), (0x4, "sw_power_cap"), (0x8, "hw_slowdown"),
@@ -443,8 +444,11 @@ class NvmlReceiver(Receiver):
                     self._gpm.sample(key, partial(self._q, dev), call, fn, *args)
         if self._xid is not None:
             self._xid.watch(partial(self._static, dev, optional=True), handle, dev.uuid)
+        # one nvmlDeviceGetFieldValues call per collection asks for all of these; a field the GPU answers
+        # NOT_SUPPORTED for is dropped until the next discovery
+        dev.fields = [FI_MEMORY_TEMP]
         if self.config.interconnect:
-            dev.fields = [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES]
+            dev.fields += [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES]
             links = self._field_values(dev, [FI_NVLINK_LINK_COUNT])
             dev.nvlink_links = int(links.get((FI_NVLINK_LINK_COUNT, 0), 0) or 0)
             for link in range(dev.nvlink_links):
@@ -735,8 +739,9 @@ class NvmlReceiver(Receiver):
             for etype, label in ((0, "corrected"), (1, "uncorrected")):
                 v = q(dev, f"nvmlDeviceGetTotalEccErrors({label})", N.nvmlDeviceGetTotalEccErrors, h, etype, 0)
                 self._counter(b, dev, M.ERRORS, v, {"error.type": label})
-        if self.config.interconnect and dev.fields:
-            values = self._field_values(dev, list(dev.fields))
+        values = self._field_values(dev, list(dev.fields)) if dev.fields else {}
+        b.add(M.MEMORY_TEMPERATURE, values.get((FI_MEMORY_TEMP, 0)), None, res)
+        if self.config.interconnect and values:
             for fid, direction in ((FI_PCIE_TX_BYTES, "transmit"), (FI_PCIE_RX_BYTES, "receive")):
                 if (fid, 0) in values:
                     self._counter(b, dev, M.IO, values[(fid, 0)], {"network.io.direction": direction})

@@ -165,7 +165,7 @@ def test_dcgm_compat_series_on_real_prometheus(fake, tmp_path):
     stack = contextlib.ExitStack()
     try:
         a1, b1 = a.spawn(["sleep", "300"]), b.spawn(["sleep", "300"])
-        fake.write(Scenario(gpus=[GPU(uuid=UUID0, temp=63, power_mw=250_500, energy_mj=7_000_000, clock_sm=1410,
+        fake.write(Scenario(gpus=[GPU(uuid=UUID0, temp=63, mem_temp=71, power_mw=250_500, energy_mj=7_000_000, clock_sm=1410,
                                       mem_used=30 * GiB, mem_reserved=512 * MiB, ecc_corr=4, pcie_replays=5,
                                       remap_corr=3, remap_unc=1,
                                       gpm={1: 90, 2: 40, 3: 25, 5: 20, 10: 30, 11: 0, 12: 5, 13: 10})],
@@ -183,6 +183,8 @@ def test_dcgm_compat_series_on_real_prometheus(fake, tmp_path):
             assert {k: labels[k] for k in ("gpu", "UUID", "device", "modelName", "Hostname", "pci_bus_id")} == {
                 "gpu": "0", "UUID": UUID0, "device": "nvidia0", "modelName": "NVIDIA H100 80GB HBM3",
                 "Hostname": "gpu-node-1", "pci_bus_id": "00000000:18:00.0"}
+            (labels, mem_temp), = prom.query("DCGM_FI_DEV_MEMORY_TEMP")
+            assert mem_temp == 71 and labels["UUID"] == UUID0 and labels["gpu"] == "0"
             assert prom.query("DCGM_FI_DEV_POWER_USAGE")[0][1] == pytest.approx(250.5)
             assert prom.query("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")[0][1] == pytest.approx(7_000_000)
             assert prom.query("DCGM_FI_DEV_SM_CLOCK")[0][1] == pytest.approx(1410)

@@ -25,6 +25,7 @@ from harness.fake_nvml import (
     Process,
     Scenario,
     calls,
+    field_reads,
     last_seen,
 )
 
@@ -111,7 +112,7 @@ def test_device_metrics_and_attributes(fake, make_receiver):
 @pytest.mark.parametrize("key, metrics, nvml_calls", [
     ("energy", ("hw.energy",), ("nvmlDeviceGetTotalEnergyConsumption",)),
     ("ecc", ("hw.errors",), ("nvmlDeviceGetTotalEccErrors",)),
-    ("interconnect", ("hw.gpu.io", "hw.gpu.nvlink.io"), ("nvmlDeviceGetFieldValues",)),
+    ("interconnect", ("hw.gpu.io", "hw.gpu.nvlink.io"), ("field 91", "field 138", "field 139", "field 197", "field 198")),
     ("health", ("hw.gpu.memory.remapped_rows", "hw.gpu.pcie.replays"),
      ("nvmlDeviceGetRemappedRows", "nvmlDeviceGetPcieReplayCounter", "nvmlEventSetCreate", "nvmlEventSetWait_v2")),
 ])
@@ -662,3 +663,25 @@ def test_allocation_of_a_gpu_claimed_through_dra(fake, make_receiver, tmp_path):
             got = {(res["hw.id"], a["k8s.pod.name"], a["k8s.resource.name"])
                    for res, a, v in points(make_receiver(host=host).collect(), "hw.gpu.allocation") if v == 1}
             assert got == {(UUID1, "train-0", "gpu.nvidia.com")}
+
+
+def test_memory_temperature_where_the_gpu_has_a_sensor(fake, make_receiver):
+    """hw.gpu.memory.temperature from field value 82 (DCGM's DCGM_FI_DEV_MEMORY_TEMP), asked in the one field-values
+    call with the PCIe and NVLink counters; a GPU without the sensor is not asked again until the next discovery."""
+    fake.write(Scenario(gpus=[GPU(uuid=UUID0, mem_temp=52, pcie_tx=1000), GPU(uuid=UUID1)]))
+    r = make_receiver()
+    md = r.collect()
+    assert value(md, "hw.gpu.memory.temperature", hw__id=UUID0) == 52
+    assert value(md, "hw.gpu.memory.temperature", hw__id=UUID1) is None  # no sensor: left out, never 0
+    assert value(md, "hw.gpu.temperature", hw__id=UUID1) == 40  # its die temperature as before
+    assert value(md, "hw.gpu.io", hw__id=UUID0, network__io__direction="transmit") == 1000
+    asked, made = field_reads(fake.lib, 82), calls(fake.lib, "nvmlDeviceGetFieldValues")
+    r.collect()
+    assert field_reads(fake.lib, 82) == asked + 1  # GPU 0 only: GPU 1 answered NOT_SUPPORTED once
+    assert calls(fake.lib, "nvmlDeviceGetFieldValues") == made + 2  # one call per GPU for all its fields
+    assert not r.telemetry.failing()
+    # with the interconnect counters off, the memory temperature is still read, alone
+    before = {f: field_reads(fake.lib, f) for f in (82, 197)}
+    md = make_receiver(interconnect=False).collect()
+    assert value(md, "hw.gpu.memory.temperature", hw__id=UUID0) == 52
+    assert field_reads(fake.lib, 197) == before[197] and field_reads(fake.lib, 82) > before[82]

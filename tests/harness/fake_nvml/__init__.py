@@ -104,6 +104,7 @@ class GPU:
     remap_pending: int = 0
     remap_failed: int = 0
     pcie_replays: int = 0      # PCIe replay counter (not supported where pcie=0)
+    mem_temp: int = 0          # memory (HBM) temperature, Celsius, field 82; 0: the GPU has none (NOT_SUPPORTED)
 
 
 @dataclass
@@ -215,6 +216,11 @@ def _lib(path: str):
 def calls(lib_path: str, fn: str) -> int:
     """How many times this process called NVML symbol `fn` of the fake library."""
     return _lib(lib_path).fakeNvmlCalls(fn.encode())
+
+
+def field_reads(lib_path: str, field_id: int) -> int:
+    """How many times this process asked for field value `field_id` (nvmlDeviceGetFieldValues, any GPU)."""
+    return calls(lib_path, f"field {field_id}")
 
 
 def last_seen(lib_path: str, gpu: int) -> int:

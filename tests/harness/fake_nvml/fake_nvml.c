@@ -76,6 +76,7 @@ typedef struct {
     unsigned long long mem_total, mem_used, mem_reserved, energy_mj, throttle, ecc_corr, ecc_uncorr;
     unsigned long long pcie_tx, pcie_rx, nvlink_tx, nvlink_rx;
     unsigned int remap, remap_corr, remap_unc, remap_pending, remap_failed, pcie_replays;
+    unsigned int mem_temp;                            /* Celsius; 0: no memory temperature (field 82 NOT_SUPPORTED) */
     int gpm, ngpm;                                    /* GPM supported; how many metrics it answers */
     unsigned int gpm_id[MAXGPM]; double gpm_val[MAXGPM];
 } ent_t;
@@ -177,6 +178,7 @@ static void reload(void) {
             d->remap = num(line, "remap", 1); d->remap_corr = num(line, "remap_corr", 0);
             d->remap_unc = num(line, "remap_unc", 0); d->remap_pending = num(line, "remap_pending", 0);
             d->remap_failed = num(line, "remap_failed", 0); d->pcie_replays = num(line, "pcie_replays", 0);
+            d->mem_temp = num(line, "mem_temp", 0);
             d->gi = d->ci = NO_ID; d->parent = -1;
         } else if (!strncmp(line, "mig\t", 4) && S.nmig < MAXMIG) {
             ent_t *m = &S.mig[S.nmig]; m->index = S.nmig++; m->is_mig = 1;
@@ -394,7 +396,12 @@ nvmlReturn_t nvmlDeviceGetFieldValues(void *h, int n, nvmlFieldValue_t *v) {
     for (int i = 0; i < n; i++) {
         nvmlFieldValue_t *f = &v[i];
         f->timestamp = ts; f->latencyUsec = 0; f->valueType = 3; f->nvmlReturn = OK; f->value.ullVal = 0;
+        char asked[32]; snprintf(asked, sizeof asked, "field %u", f->fieldId); count_call(asked);  /* field_reads(lib, id) */
         switch (f->fieldId) {
+        case 82:
+            if (!d->mem_temp) f->nvmlReturn = NOT_SUPPORTED;
+            else { f->valueType = 1; f->value.uiVal = d->mem_temp; }
+            break;
         case 197: case 198:
             if (!d->pcie) f->nvmlReturn = NOT_SUPPORTED;
             else f->value.ullVal = f->fieldId == 197 ? d->pcie_tx : d->pcie_rx;
