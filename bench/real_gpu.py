@@ -185,6 +185,9 @@ def probe(label: str) -> dict:
                 ("processes_utilization_info_10s", N.nvmlDeviceGetProcessesUtilizationInfo,
                  (now_us - 10_000_000,))):
             d[name] = _call(fn, h, *args)
+        d["temperature_thresholds"] = {name: _call(N.nvmlDeviceGetTemperatureThreshold, h, kind)
+                                       for kind, name in ((0, "shutdown"), (1, "slowdown"), (2, "mem_max"),
+                                                          (3, "gpu_max"))}
         d["gpm_support"] = _call(N.nvmlGpmQueryDeviceSupport, h)
         d["gpm_metrics_1s"] = _call(_gpm_metrics, h, repeat=1)
         for since, tag in ((0, "all"), (now_us - 10_000_000, "10s"), (now_us + 60_000_000, "future")):

@@ -20,6 +20,12 @@ MEM_RESERVED = S("hw.gpu.memory.reserved", "updowncounter", "By", "GPU memory re
 TEMPERATURE = S("hw.gpu.temperature", "gauge", "Cel", "GPU die temperature")
 MEMORY_TEMPERATURE = S("hw.gpu.memory.temperature", "gauge", "Cel",
                        "GPU memory (HBM) temperature, where the GPU has a sensor for it (data-center GPUs with HBM)")
+TEMPERATURE_LIMIT = S("hw.gpu.temperature.limit", "gauge", "Cel",
+                      "GPU die temperature limits: throttled (the driver slows the clocks down), max (the highest "
+                      "operating temperature), high.critical (the GPU shuts down)", attributes=("hw.limit_type",))
+MEMORY_TEMPERATURE_LIMIT = S("hw.gpu.memory.temperature.limit", "gauge", "Cel",
+                             "GPU memory temperature limit: max (the highest operating temperature)",
+                             attributes=("hw.limit_type",))
 POWER = S("hw.power", "gauge", "W", "Power drawn by the GPU")
 POWER_LIMIT = S("hw.gpu.power.limit", "gauge", "W", "Enforced power limit of the GPU")
 ENERGY = S("hw.energy", "sum", "J", "Energy consumed by the GPU since the driver was loaded")
@@ -100,7 +106,7 @@ CONTAINER_MEM_CTRL_UTILIZATION = S("container.gpu.memory.controller.utilization"
                                    "since the previous collection (their sum, at most 1; not on MIG devices)")
 
 METRICS = (GPU_UTILIZATION, MEM_CTRL_UTILIZATION, MEM_UTILIZATION, MEM_USAGE, MEM_LIMIT, MEM_FREE, MEM_RESERVED,
-           TEMPERATURE, MEMORY_TEMPERATURE, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, ENGINE_UTILIZATION,
+           TEMPERATURE, MEMORY_TEMPERATURE, TEMPERATURE_LIMIT, MEMORY_TEMPERATURE_LIMIT, POWER, POWER_LIMIT, ENERGY, CLOCK, THROTTLE, ERRORS, IO, NVLINK_IO, ENGINE_UTILIZATION,
            SM_UTILIZATION, SM_OCCUPANCY, PIPE_UTILIZATION, MEM_BANDWIDTH_UTILIZATION, XID_ERRORS, REMAPPED_ROWS,
            REMAP_PENDING, REMAP_FAILED, PCIE_REPLAYS, STATUS, ALLOCATION,
            PROCESS_MEMORY, PROCESS_UTILIZATION, PROCESS_MEM_CTRL_UTILIZATION,

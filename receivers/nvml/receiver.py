@@ -56,6 +56,12 @@ THROTTLE_REASONS = (
     (0x80, "hw_power_brake_slowdown"), (0x100, "display_clock_setting"),
 )
 CLOCKS = ((0, "graphics"), (1, "sm"), (2, "memory"))  # NVML_CLOCK_GRAPHICS, _SM, _MEM
+# nvmlDeviceGetTemperatureThreshold types, as semconv's hw.limit_type: NVML_TEMPERATURE_THRESHOLD_SHUTDOWN,
+# _SLOWDOWN, _GPU_MAX (the die) and _MEM_MAX (the memory)
+TEMPERATURE_LIMITS = ((0, "shutdown", M.TEMPERATURE_LIMIT, "high.critical"),
+                      (1, "slowdown", M.TEMPERATURE_LIMIT, "throttled"),
+                      (3, "gpu_max", M.TEMPERATURE_LIMIT, "max"),
+                      (2, "mem_max", M.MEMORY_TEMPERATURE_LIMIT, "max"))
 
 
 MAX_OWNERS = 1024  # uid -> user name entries kept
@@ -116,6 +122,7 @@ class Device:
     nvlink_links: int = 0
     unsupported: set[str] = field(default_factory=set)  # calls that answered NOT_SUPPORTED: not made again
     fields: list = field(default_factory=list)           # field value ids still asked for
+    temperature_limits: list = field(default_factory=list)  # (spec, hw.limit_type, Celsius), read at discovery
     last_seen: int = 0                                   # process utilization lastSeenTimeStamp (us)
     failing: dict = field(default_factory=dict)          # call -> its error cause on this device (receiver-owned)
     gpm: bool = False                                    # GPM sampling supported (and `gpm` on): GPUs only
@@ -429,6 +436,12 @@ class NvmlReceiver(Receiver):
         serial = self._static(dev, "nvmlDeviceGetSerial", N.nvmlDeviceGetSerial, handle, optional=True)
         if serial:
             dev.resource["hw.serial_number"] = _text(serial)
+        dev.temperature_limits = []
+        for kind, name, spec, limit_type in TEMPERATURE_LIMITS:
+            v = self._static(dev, f"nvmlDeviceGetTemperatureThreshold({name})", N.nvmlDeviceGetTemperatureThreshold,
+                             handle, kind, optional=True)
+            if v:  # a limit of 0 Celsius is a driver's way of not knowing one
+                dev.temperature_limits.append((spec, limit_type, v))
         mode = self._static(dev, "nvmlDeviceGetMigMode", N.nvmlDeviceGetMigMode, handle, optional=True)
         dev.mig_mode = bool(mode and mode[0])
         if prev is not None and prev.mig_mode != dev.mig_mode:
@@ -717,6 +730,8 @@ class NvmlReceiver(Receiver):
                 b.add(M.GPU_UTILIZATION, v[0] / 100, {"hw.gpu.task": task}, res)
         v = q(dev, "nvmlDeviceGetTemperature", N.nvmlDeviceGetTemperature, h, 0)
         b.add(M.TEMPERATURE, v, None, res)
+        for spec, limit_type, v in dev.temperature_limits:
+            b.add(spec, v, {"hw.limit_type": limit_type}, res)
         v = q(dev, "nvmlDeviceGetPowerUsage", N.nvmlDeviceGetPowerUsage, h)
         b.add(M.POWER, None if v is None else v / 1000, None, res)
         v = q(dev, "nvmlDeviceGetEnforcedPowerLimit", N.nvmlDeviceGetEnforcedPowerLimit, h)

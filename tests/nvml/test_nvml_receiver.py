@@ -685,3 +685,22 @@ def test_memory_temperature_where_the_gpu_has_a_sensor(fake, make_receiver):
     md = make_receiver(interconnect=False).collect()
     assert value(md, "hw.gpu.memory.temperature", hw__id=UUID0) == 52
     assert field_reads(fake.lib, 197) == before[197] and field_reads(fake.lib, 82) > before[82]
+
+
+def test_temperature_limits_are_read_at_discovery(fake, make_receiver):
+    """The die's slowdown, highest operating and shutdown temperatures and the memory's highest operating one, as
+    semconv's hw.limit_type (what a panel or an alert compares hw.gpu.temperature and hw.gpu.memory.temperature
+    with); static, so asked once per discovery; a GPU that knows none has none."""
+    fake.write(Scenario(gpus=[GPU(uuid=UUID0, temp=61, mem_temp=70, temp_shutdown=92, temp_slowdown=89,
+                                  temp_gpu_max=87, temp_mem_max=95), GPU(uuid=UUID1)]))
+    r = make_receiver()
+    md = r.collect()
+    die = {a["hw.limit_type"]: v for res, a, v in points(md, "hw.gpu.temperature.limit") if res["hw.id"] == UUID0}
+    assert die == {"throttled": 89, "max": 87, "high.critical": 92}
+    assert value(md, "hw.gpu.memory.temperature.limit", hw__id=UUID0, hw__limit_type="max") == 95
+    assert [res["hw.id"] for res, _, _ in points(md, "hw.gpu.temperature.limit")].count(UUID1) == 0
+    made = calls(fake.lib, "nvmlDeviceGetTemperatureThreshold")
+    md = r.collect()
+    assert calls(fake.lib, "nvmlDeviceGetTemperatureThreshold") == made  # not asked again until the next discovery
+    assert value(md, "hw.gpu.temperature.limit", hw__id=UUID0, hw__limit_type="throttled") == 89
+    assert not r.telemetry.failing()  # a GPU without limits is not an error

@@ -77,6 +77,8 @@ typedef struct {
     unsigned long long pcie_tx, pcie_rx, nvlink_tx, nvlink_rx;
     unsigned int remap, remap_corr, remap_unc, remap_pending, remap_failed, pcie_replays;
     unsigned int mem_temp;                            /* Celsius; 0: no memory temperature (field 82 NOT_SUPPORTED) */
+    unsigned int temp_limit[4];                       /* thresholds by NVML type (shutdown, slowdown, mem max, gpu
+                                                         max); 0: NOT_SUPPORTED */
     int gpm, ngpm;                                    /* GPM supported; how many metrics it answers */
     unsigned int gpm_id[MAXGPM]; double gpm_val[MAXGPM];
 } ent_t;
@@ -179,6 +181,8 @@ static void reload(void) {
             d->remap_unc = num(line, "remap_unc", 0); d->remap_pending = num(line, "remap_pending", 0);
             d->remap_failed = num(line, "remap_failed", 0); d->pcie_replays = num(line, "pcie_replays", 0);
             d->mem_temp = num(line, "mem_temp", 0);
+            d->temp_limit[0] = num(line, "temp_shutdown", 0); d->temp_limit[1] = num(line, "temp_slowdown", 0);
+            d->temp_limit[2] = num(line, "temp_mem_max", 0); d->temp_limit[3] = num(line, "temp_gpu_max", 0);
             d->gi = d->ci = NO_ID; d->parent = -1;
         } else if (!strncmp(line, "mig\t", 4) && S.nmig < MAXMIG) {
             ent_t *m = &S.mig[S.nmig]; m->index = S.nmig++; m->is_mig = 1;
@@ -360,6 +364,11 @@ nvmlReturn_t nvmlDeviceGetDecoderUtilization(void *h, unsigned int *u, unsigned 
 /* ---- health, power, clocks ---- */
 nvmlReturn_t nvmlDeviceGetTemperature(void *h, int sensor, unsigned int *t) {
     ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!t || sensor != 0) RET(INVALID_ARGUMENT); *t = d->temp; RET(OK);
+}
+nvmlReturn_t nvmlDeviceGetTemperatureThreshold(void *h, int type, unsigned int *t) {
+    ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!t || type < 0) RET(INVALID_ARGUMENT);
+    if (type > 3 || !d->temp_limit[type]) RET(NOT_SUPPORTED);
+    *t = d->temp_limit[type]; RET(OK);
 }
 nvmlReturn_t nvmlDeviceGetPowerUsage(void *h, unsigned int *p) { ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!p) RET(INVALID_ARGUMENT); *p = d->power_mw; RET(OK); }
 nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(void *h, unsigned int *p) { ent_t *d; ENTER(h, &d); GPU_ONLY(d); if (!p) RET(INVALID_ARGUMENT); *p = d->power_limit_mw; RET(OK); }
