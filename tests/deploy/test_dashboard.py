@@ -316,8 +316,9 @@ def live(tmp_path_factory):
         scenario = str(tmp_path / "nvml-scenario.txt")
         # GPU 1 is an older model: no GPM, and a remapped row waiting for a reset
         nvml_scenario = Scenario(
-            gpus=[GPU(uuid=UUID0, mem_used=12 * GiB, util_gpu=65, gpm={2: 60, 5: 30}),
-                  GPU(uuid=UUID1, util_gpu=0, remap_unc=2, remap_pending=1),
+            gpus=[GPU(uuid=UUID0, mem_used=12 * GiB, util_gpu=65, gpm={2: 60, 5: 30}, temp=61, temp_slowdown=89,
+                      mem_temp=70, temp_mem_max=95),
+                  GPU(uuid=UUID1, util_gpu=0, remap_unc=2, remap_pending=1, temp_slowdown=90),
                   GPU(uuid=UUID2, mem_used=10 * GiB, mig=1, gpm={})],
             mig=[MigDevice(gpu=2, gi=1, uuid=MIG1, mem_used=9 * GiB, gpm={2: 40, 5: 20}),
                  MigDevice(gpu=2, gi=2, uuid=MIG2, mem_used=1 * GiB, gpm={2: 10, 5: 0})],
@@ -514,6 +515,10 @@ def test_every_panel_shows_what_the_workload_did(live):
         ("GPU health", "B", gpus, lambda s: s == {"0": 0, "1": 2, "2": 0}),
         ("GPU health", "C", gpus, lambda s: s == {"0": 0, "1": 1, "2": 0}),
         ("GPU health", "D", gpus, lambda s: s.get("0", 0) >= 40 and s.get("1") == 0),
+        # degrees below each GPU's own limits: GPU 0 at 61 of 89 and its memory at 70 of 95; GPU 1 at 40 of 90 and
+        # no memory sensor; GPU 2 reports no limit
+        ("GPU health", "E", gpus, lambda s: s == {"0": 28, "1": 50}),
+        ("GPU health", "F", gpus, lambda s: s == {"0": 25}),
         # GPM: GPU 0, and GPU 2's two MIG instances; GPU 1 has no GPM
         ("GPU SM activity", "A", None,
          lambda s: s == {f"{NODE} GPU 0  SMs": .6, f"{NODE} GPU 2 1 SMs": .4, f"{NODE} GPU 2 2 SMs": .1}),
