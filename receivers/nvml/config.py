@@ -16,9 +16,10 @@ class NvmlConfig(ScraperConfig):
     per_process: bool = Field(True, description="Collect per-process GPU memory and utilization, attributed to pods "
                                                 "(process.gpu.*: series per PID, new with every process)")
     per_container: bool = Field(
-        True, description="Collect GPU memory and utilization per container and GPU or MIG device, its processes "
-                          "summed (container.gpu.*): series that stay the same while PIDs come and go. With "
-                          "per_process: false, the series of a GPU node no longer grow with process churn")
+        False, description="Collect GPU memory and utilization per container and GPU or MIG device, its processes "
+                           "summed (container.gpu.*): series that stay the same while PIDs come and go. With "
+                           "per_process: false, a GPU node's series no longer change with process churn. On in the "
+                           "shipped DaemonSet configuration, whose dashboard uses it")
     discovery_interval: Duration = Field(
         60.0, gt=0, description="How often to re-enumerate GPUs and MIG devices (their static info is cached)")
     energy: bool = Field(

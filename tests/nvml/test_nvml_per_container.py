@@ -38,7 +38,7 @@ def test_a_containers_processes_are_summed_per_gpu(fake, make_receiver, pods):
                        Process(pid=a1.pid, gpu=1, used_mem=GiB, sm=7),
                        Process(pid=b1.pid, used_mem=20 * GiB, sm=30, enc=12, type="mps"),
                        Process(pid=outside.pid, used_mem=GiB, sm=5)]))
-        md = make_receiver().collect()
+        md = make_receiver(per_container=True).collect()
         a, b = (pod_a.uid, pod_a.container_id), (pod_b.uid, pod_b.container_id)
         assert by_container(md, "container.gpu.memory.usage") == {
             (UUID0, *a): 15 * GiB, (UUID1, *a): GiB, (UUID0, *b): 20 * GiB}  # not the process outside any pod
@@ -54,6 +54,8 @@ def test_a_containers_processes_are_summed_per_gpu(fake, make_receiver, pods):
         assert not any(k.startswith("process.") for k in res)
         # the per-process series are there as well, by default
         assert len(points(md, "process.gpu.memory.usage")) == 5
+        # and the per-container ones only when asked for
+        assert not points(make_receiver().collect(), "container.gpu.memory.usage")
     finally:
         outside.kill()
         outside.wait()
@@ -64,7 +66,7 @@ def test_container_series_stay_while_pids_churn_and_go_with_the_container(fake, 
     other, (o1,) = pods(1)
     fake.write(Scenario(gpus=[GPU(uuid=UUID0)], processes=[
         Process(pid=p1.pid, used_mem=GiB, sm=20), Process(pid=o1.pid, used_mem=GiB)]))
-    r = make_receiver(per_process=False)
+    r = make_receiver(per_process=False, per_container=True)
     md = r.collect()
     assert points(md, "process.gpu.memory.usage") == []  # per_process: false
     first = {rm.resource.attributes.get("container.id"): rm.resource for rm in md.resource_metrics}
@@ -92,7 +94,7 @@ def test_utilization_summed_over_overlapping_samples_is_at_most_the_whole_gpu(fa
     pod, (p1, p2) = pods(2)
     fake.write(Scenario(gpus=[GPU(uuid=UUID0)], processes=[
         Process(pid=p1.pid, used_mem=GiB, sm=70, type="mps"), Process(pid=p2.pid, used_mem=GiB, sm=70, type="mps")]))
-    md = make_receiver(per_process=False).collect()
+    md = make_receiver(per_process=False, per_container=True).collect()
     assert by_container(md, "container.gpu.utilization", "general") == {(UUID0, pod.uid, pod.container_id): 1.0}
 
 
@@ -106,7 +108,7 @@ def test_mig_devices_have_memory_per_container_and_no_utilization(fake, make_rec
         processes=[Process(pid=a1.pid, used_mem=3 * GiB, gi=1, ci=0, sm=50),
                    Process(pid=a2.pid, used_mem=2 * GiB, gi=1, ci=0, sm=50),
                    Process(pid=b1.pid, used_mem=7 * GiB, gi=2, ci=0, sm=50)]))
-    md = make_receiver(per_process=False).collect()
+    md = make_receiver(per_process=False, per_container=True).collect()
     assert by_container(md, "container.gpu.memory.usage") == {
         (MIG1, pod_a.uid, pod_a.container_id): 5 * GiB, (MIG2, pod_b.uid, pod_b.container_id): 7 * GiB}
     res = next(r for r, _, _ in points(md, "container.gpu.memory.usage") if r["hw.id"] == MIG2)
@@ -126,7 +128,7 @@ def test_without_per_process_nor_per_container_no_process_is_asked_for(fake, mak
     assert not any(points(md, name) for name in CONTAINER_METRICS + ("process.gpu.memory.usage",))
     assert points(md, "hw.gpu.memory.usage")  # the device's own metrics as before
     # per_container alone asks NVML as per_process does, and reports only containers
-    md = make_receiver(per_process=False).collect()
+    md = make_receiver(per_process=False, per_container=True).collect()
     assert all(calls(fake.lib, fn) > before[fn] for fn in asked)
     assert all(points(md, name) for name in CONTAINER_METRICS)
     assert points(md, "process.gpu.memory.usage") == []
