@@ -82,6 +82,13 @@ class CgroupPaths:
         cache = self._cache
         return {i: cache.get(i) for i in ids}
 
+    def remember(self, cgid: int, path: str) -> tuple[str, CgroupRef]:
+        """Cache the path of a cgroup already gone, as its removal gave it (the kernel's cgroup_rmdir): a cgroup
+        made and removed between two collections is attributed all the same."""
+        self._negative.pop(cgid, None)
+        entry = self._cache[cgid] = (path, parse_cgroup(path))
+        return entry
+
     def _by_handle(self, cgid: int) -> bool:
         """Resolve one id through open_by_handle_at; False if it is gone. Turns itself off where refused."""
         if self._mount_fd is None:

@@ -524,26 +524,49 @@ int major_fault(struct bpf_perf_event_data *ctx)
 
 /* ---- cgroup removal: mark the entry so userspace emits a last sample and deletes it ------------------- */
 
-static __always_inline void mark_removed(struct cgroup *cgrp)
+/* The path of each removed cgroup that has counts, for userspace to attribute a cgroup made and removed between two
+ * collections (an init container, a short Job): by then it cannot be looked up by its id. Entries go with the
+ * cgroup's counters entry; the LRU bounds them if more cgroups go in one interval than it holds. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct removed_path);
+} removed_paths SEC(".maps");
+
+/* the path is read here first: a struct removed_path is too big for the BPF stack */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct removed_path);
+} path_scratch SEC(".maps");
+
+static __always_inline void mark_removed(struct cgroup *cgrp, const char *path)
 {
 	if (BPF_CORE_READ(cgrp, root, hierarchy_id) != 0) /* cgroup v2 only (the default hierarchy) */
 		return;
 	__u64 id = BPF_CORE_READ(cgrp, kn, id);
 	struct cg_counters *c = bpf_map_lookup_elem(&counters, &id);
-	if (c)
-		c->removed_ns = bpf_ktime_get_ns();
+	if (!c)
+		return;
+	c->removed_ns = bpf_ktime_get_ns();
+	__u32 zero = 0;
+	struct removed_path *p = bpf_map_lookup_elem(&path_scratch, &zero);
+	if (p && bpf_probe_read_kernel_str(p->path, sizeof(p->path), path) > 0)
+		bpf_map_update_elem(&removed_paths, &id, p, BPF_ANY);
 }
 
 SEC("tp_btf/cgroup_rmdir")
 int BPF_PROG(rmdir_btf, struct cgroup *cgrp, const char *path)
 {
-	mark_removed(cgrp);
+	mark_removed(cgrp, path);
 	return 0;
 }
 
 SEC("raw_tp/cgroup_rmdir")
 int BPF_PROG(rmdir_raw, struct cgroup *cgrp, const char *path)
 {
-	mark_removed(cgrp);
+	mark_removed(cgrp, path);
 	return 0;
 }

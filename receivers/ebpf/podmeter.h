@@ -41,6 +41,13 @@ struct sc_counters {
 	__u64 lat_slots[LAT_SLOTS];
 };
 
+/* the cgroup_rmdir tracepoint's path (relative to the cgroup2 root), NUL-terminated; longer ones are cut and not
+ * attributed */
+#define REMOVED_PATH_LEN 256
+struct removed_path {
+	char path[REMOVED_PATH_LEN];
+};
+
 /* `diag` array map slots */
 enum diag_slot {
 	DIAG_COUNTERS_FULL = 0, /* counters map update failed */

@@ -149,6 +149,7 @@ class Programs:
         self.counters: lb.Map | None = None
         self.syscalls: lb.Map | None = None
         self.diag: lb.Map | None = None
+        self.removed_paths: lb.Map | None = None
         self.result = LoadResult()
 
     def _variants(self, hook: str, sock_length_tracepoints: bool = False) -> list[Variant]:
@@ -276,6 +277,7 @@ class Programs:
             self.counters = obj.map("counters")
             self.syscalls = obj.map("syscalls")
             self.diag = obj.map("diag")
+            self.removed_paths = obj.map("removed_paths")
             if self.counters.value_size != 8 * COUNTERS_WORDS or self.syscalls.value_size != 8 * SC_WORDS:
                 raise lb.BPFError(errno.EINVAL, f"{self.path}: map layout differs from this podmeter (run make bpf)")
         except BaseException:
@@ -329,8 +331,19 @@ class Programs:
             out[name] = struct.unpack("=Q", raw)[0] if raw else 0
         return out
 
+    def removed_path(self, cgroup_id: int) -> str | None:
+        """The path cgroup_rmdir gave for a removed cgroup with counts (relative to the cgroup2 root); None if none
+        was kept or it was cut at REMOVED_PATH_LEN."""
+        raw = self.removed_paths.lookup(struct.pack("=Q", cgroup_id))
+        path = raw[:raw.find(b"\0")] if raw else b""
+        if not path or len(path) >= len(raw) - 1:  # none, or as long as the buffer holds: cut
+            return None
+        return path.decode(errors="surrogateescape")
+
     def forget(self, cgroup_ids: list[int], syscall_keys: list[tuple[int, int]]) -> tuple[int, int]:
         """Delete entries of removed cgroups; how many were deleted from (counters, syscalls)."""
+        if cgroup_ids:
+            self.removed_paths.delete(struct.pack("=Q", c) for c in cgroup_ids)
         n_cg = self.counters.delete(struct.pack("=Q", c) for c in cgroup_ids) if cgroup_ids else 0
         n_sc = self.syscalls.delete(SC_KEY.pack(c, nr, 0) for c, nr in syscall_keys) if syscall_keys else 0
         return n_cg, n_sc

@@ -218,7 +218,14 @@ class EbpfReceiver(Receiver):
 
         ids = set(counters) | {cg for cg, _ in sc}
         resolved = paths.resolve(ids)
-        gone = [cg for cg, e in resolved.items() if e is None]
+        gone = []
+        for cg in [cg for cg, e in resolved.items() if e is None]:
+            # gone before it was first looked up: its removal left its path, if it had counts
+            path = progs.removed_path(cg) if cg in counters else None
+            if path is None:
+                gone.append(cg)
+            else:
+                resolved[cg] = paths.remember(cg, path)
         removed = [cg for cg, words in counters.items() if words[REMOVED]]
         # A cgroup's syscall entries without its counters entry: that was evicted, so the cgroup's removal marked
         # nothing and its entries (and series) would stay for good. Such cgroups (rare: the map was full) are

@@ -415,3 +415,24 @@ def test_histogram_count_is_its_buckets_sum_while_the_kernel_adds(receiver_facto
             p.kill()
             p.wait()
     assert seen > 4000 and not bad, (seen, bad[:5])
+
+
+def test_a_cgroup_made_and_removed_between_two_collections_is_attributed(receiver_factory, workload, series):
+    """An init container, a short Job: its cgroup is gone before the first collection that sees its counts, so its
+    id can no longer be looked up. cgroup_rmdir leaves its path for the receiver: the counts are its pod's, in one
+    last sample, and then every trace of it goes."""
+    r = receiver_factory(profile="minimal")
+    r.collect()
+    pod = PodCgroup().create()
+    try:
+        workload(pod, "syscalls", 10_000, 0)
+        cgid = pod.cgroup_id()
+    finally:
+        pod.destroy()
+    unattributed = r._unattributed.labels()._value.get()
+    last = series(r.collect(), pod)
+    assert last[("container.syscalls", ())] >= 10_000
+    assert r._unattributed.labels()._value.get() == unattributed
+    assert series(r.collect(), pod) == {}
+    assert cgid not in r.programs.read_counters() and cgid not in r.paths._cache
+    assert r.programs.removed_path(cgid) is None  # deleted with the counters entry
