@@ -964,7 +964,7 @@ class NvmlReceiver(Receiver):
             key, own = (dev.uuid, ident), [attrs.get(k) for k in CONTAINER_ATTRIBUTES]
             hit = self._container_resources.get(key)
             if hit is None or hit[0] is not dev.resource or hit[1] != own:  # new, or its device rediscovered
-                labels = {k: v for k, v in zip(CONTAINER_ATTRIBUTES, own) if v is not None}
+                labels = {k: v for k, v in zip(CONTAINER_ATTRIBUTES, own, strict=True) if v is not None}
                 hit = self._container_resources[key] = (dev.resource, own, Resource({**dev.resource, **labels}))
             self._containers_seen.add(key)
             sums = containers[ident] = [hit[2], None, None, None, None, None]
