@@ -755,7 +755,8 @@ class NvmlReceiver(Receiver):
                 v = q(dev, f"nvmlDeviceGetTotalEccErrors({label})", N.nvmlDeviceGetTotalEccErrors, h, etype, 0)
                 self._counter(b, dev, M.ERRORS, v, {"error.type": label})
         values = self._field_values(dev, list(dev.fields)) if dev.fields else {}
-        b.add(M.MEMORY_TEMPERATURE, values.get((FI_MEMORY_TEMP, 0)), None, res)
+        # 0 Celsius is no reading of a running GPU's memory: a driver's way of not knowing, as for the limits
+        b.add(M.MEMORY_TEMPERATURE, values.get((FI_MEMORY_TEMP, 0)) or None, None, res)
         if self.config.interconnect and values:
             for fid, direction in ((FI_PCIE_TX_BYTES, "transmit"), (FI_PCIE_RX_BYTES, "receive")):
                 if (fid, 0) in values:

@@ -34,6 +34,7 @@ from receivers.nvml.receiver import LIB_RM_VERSION_MISMATCH, DriverUpgraded
 
 UUID0 = "GPU-00000000-1111-2222-3333-444444444444"
 UUID1 = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+UUID2 = "GPU-22222222-bbbb-cccc-dddd-eeeeeeeeeeee"
 MIG1 = "MIG-11111111-2222-3333-4444-555555555555"
 MIG2 = "MIG-66666666-7777-8888-9999-000000000000"
 
@@ -668,17 +669,19 @@ def test_allocation_of_a_gpu_claimed_through_dra(fake, make_receiver, tmp_path):
 def test_memory_temperature_where_the_gpu_has_a_sensor(fake, make_receiver):
     """hw.gpu.memory.temperature from field value 82 (DCGM's DCGM_FI_DEV_MEMORY_TEMP), asked in the one field-values
     call with the PCIe and NVLink counters; a GPU without the sensor is not asked again until the next discovery."""
-    fake.write(Scenario(gpus=[GPU(uuid=UUID0, mem_temp=52, pcie_tx=1000), GPU(uuid=UUID1)]))
+    fake.write(Scenario(gpus=[GPU(uuid=UUID0, mem_temp=52, pcie_tx=1000), GPU(uuid=UUID1),
+                              GPU(uuid=UUID2, mem_temp=-1)]))
     r = make_receiver()
     md = r.collect()
     assert value(md, "hw.gpu.memory.temperature", hw__id=UUID0) == 52
     assert value(md, "hw.gpu.memory.temperature", hw__id=UUID1) is None  # no sensor: left out, never 0
+    assert value(md, "hw.gpu.memory.temperature", hw__id=UUID2) is None  # answered 0: no reading either
     assert value(md, "hw.gpu.temperature", hw__id=UUID1) == 40  # its die temperature as before
     assert value(md, "hw.gpu.io", hw__id=UUID0, network__io__direction="transmit") == 1000
     asked, made = field_reads(fake.lib, 82), calls(fake.lib, "nvmlDeviceGetFieldValues")
     r.collect()
-    assert field_reads(fake.lib, 82) == asked + 1  # GPU 0 only: GPU 1 answered NOT_SUPPORTED once
-    assert calls(fake.lib, "nvmlDeviceGetFieldValues") == made + 2  # one call per GPU for all its fields
+    assert field_reads(fake.lib, 82) == asked + 2  # GPUs 0 and 2: GPU 1 answered NOT_SUPPORTED once
+    assert calls(fake.lib, "nvmlDeviceGetFieldValues") == made + 3  # one call per GPU for all its fields
     assert not r.telemetry.failing()
     # with the interconnect counters off, the memory temperature is still read, alone
     before = {f: field_reads(fake.lib, f) for f in (82, 197)}

@@ -104,7 +104,8 @@ class GPU:
     remap_pending: int = 0
     remap_failed: int = 0
     pcie_replays: int = 0      # PCIe replay counter (not supported where pcie=0)
-    mem_temp: int = 0          # memory (HBM) temperature, Celsius, field 82; 0: the GPU has none (NOT_SUPPORTED)
+    mem_temp: int = 0          # memory (HBM) temperature, Celsius, field 82; 0: the GPU has none (NOT_SUPPORTED);
+    #                            -1: answered as 0 (a driver that cannot read the sensor)
     temp_shutdown: int = 0     # nvmlDeviceGetTemperatureThreshold, Celsius, by type; 0: NOT_SUPPORTED
     temp_slowdown: int = 0
     temp_gpu_max: int = 0

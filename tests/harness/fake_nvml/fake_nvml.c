@@ -76,7 +76,8 @@ typedef struct {
     unsigned long long mem_total, mem_used, mem_reserved, energy_mj, throttle, ecc_corr, ecc_uncorr;
     unsigned long long pcie_tx, pcie_rx, nvlink_tx, nvlink_rx;
     unsigned int remap, remap_corr, remap_unc, remap_pending, remap_failed, pcie_replays;
-    unsigned int mem_temp;                            /* Celsius; 0: no memory temperature (field 82 NOT_SUPPORTED) */
+    int mem_temp;                                     /* Celsius; 0: no memory temperature (field 82 NOT_SUPPORTED);
+                                                         -1: answers 0, as a driver that cannot read it may */
     unsigned int temp_limit[4];                       /* thresholds by NVML type (shutdown, slowdown, mem max, gpu
                                                          max); 0: NOT_SUPPORTED */
     int gpm, ngpm;                                    /* GPM supported; how many metrics it answers */
@@ -180,7 +181,7 @@ static void reload(void) {
             d->remap = num(line, "remap", 1); d->remap_corr = num(line, "remap_corr", 0);
             d->remap_unc = num(line, "remap_unc", 0); d->remap_pending = num(line, "remap_pending", 0);
             d->remap_failed = num(line, "remap_failed", 0); d->pcie_replays = num(line, "pcie_replays", 0);
-            d->mem_temp = num(line, "mem_temp", 0);
+            d->mem_temp = snum(line, "mem_temp", 0);
             d->temp_limit[0] = num(line, "temp_shutdown", 0); d->temp_limit[1] = num(line, "temp_slowdown", 0);
             d->temp_limit[2] = num(line, "temp_mem_max", 0); d->temp_limit[3] = num(line, "temp_gpu_max", 0);
             d->gi = d->ci = NO_ID; d->parent = -1;
@@ -409,7 +410,7 @@ nvmlReturn_t nvmlDeviceGetFieldValues(void *h, int n, nvmlFieldValue_t *v) {
         switch (f->fieldId) {
         case 82:
             if (!d->mem_temp) f->nvmlReturn = NOT_SUPPORTED;
-            else { f->valueType = 1; f->value.uiVal = d->mem_temp; }
+            else { f->valueType = 1; f->value.uiVal = d->mem_temp < 0 ? 0 : (unsigned int)d->mem_temp; }
             break;
         case 197: case 198:
             if (!d->pcie) f->nvmlReturn = NOT_SUPPORTED;
