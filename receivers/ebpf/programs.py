@@ -334,7 +334,10 @@ class Programs:
     def removed_path(self, cgroup_id: int) -> str | None:
         """The path cgroup_rmdir gave for a removed cgroup with counts (relative to the cgroup2 root); None if none
         was kept or it was cut at REMOVED_PATH_LEN."""
-        raw = self.removed_paths.lookup(struct.pack("=Q", cgroup_id))
+        try:
+            raw = self.removed_paths.lookup(struct.pack("=Q", cgroup_id))
+        except lb.BPFError:
+            return None  # the cgroup is then counted as unattributed, as before this map existed
         path = raw[:raw.find(b"\0")] if raw else b""
         if not path or len(path) >= len(raw) - 1:  # none, or as long as the buffer holds: cut
             return None
