@@ -8,7 +8,8 @@ a machine with the real driver. Run it as root (it makes pod-shaped cgroups) fro
 
 With PyTorch importable, it starts GPU processes on GPU 0, each in its own pod-shaped cgroup: one busy with matrix
 products and N (31) idle ones holding GPU memory, 32 in all, as one GPU of issue 10's 8 GPUs x 32 processes. Then:
-the receiver in process (CPU per collection, with `energy` on and off and with `gpm` on, a profile, the scrape),
+the receiver in process (CPU per collection, with `energy` on and off, with `gpm` on and with `per_container` on, a
+profile, the scrape),
 what GPM and the health calls (XID events, remapped rows, PCIe replays) answer and cost, nvitop-exporter on
 the same processes, `podmeter run` with the nvml and cgroup receivers, and `podmeter collect` in a PID namespace of
 its own (a pod without hostPID). It writes DIR/report.md (readable), DIR/report.json (everything), DIR/metrics.txt
@@ -467,6 +468,8 @@ def report_md(r: dict) -> str:
               without_profile("in_process_without_energy"), "",
               "## The same with `gpm: true`", "",
               without_profile("in_process_with_gpm"), "",
+              "## The same with `per_container: true` (as the shipped DaemonSet configuration)", "",
+              without_profile("in_process_per_container"), "",
               "## nvitop-exporter on the same GPUs", "", json.dumps(r.get("nvitop"), indent=1), "",
               "## Agent", "", json.dumps(r.get("agent"), indent=1), "",
               "## In its own PID namespace (no hostPID)", "", json.dumps(r.get("pid_namespace"), indent=1), ""]
@@ -503,6 +506,8 @@ def main() -> int:
         steps = (("in_process", lambda: in_process(args.iterations, 20)),
                  ("in_process_without_energy", lambda: in_process(args.iterations, 20, energy=False)),
                  ("in_process_with_gpm", lambda: in_process(args.iterations, 20, gpm=True)),
+                 # as the shipped DaemonSet configuration: per-container series beside the per-process ones
+                 ("in_process_per_container", lambda: in_process(args.iterations, 20, per_container=True)),
                  ("nvitop", lambda: _nvitop(args.iterations)),
                  ("pid_namespace", lambda: pid_namespace(args.out, r.get("workloads", {}).get("started", []))),
                  ("agent", lambda: run_agent(args.out, args.agent_seconds)))

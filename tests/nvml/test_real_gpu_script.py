@@ -35,6 +35,9 @@ def test_real_gpu_check_reports_every_call_and_the_agents_metrics(fake, tmp_path
     assert gpu["gpm_support"]["value"]["isSupportedDevice"] == 1
     assert gpu["gpm_metrics_1s"]["value"]["2"] == [0, 50.0] and gpu["gpm_metrics_1s"]["value"]["1"][0] == 3
     assert report["in_process_with_gpm"]["cpu_collect"]["n"] == 3
+    assert report["in_process_per_container"]["cpu_collect"]["n"] == 3  # as the shipped DaemonSet configuration
+    assert gpu["memory_temp_field_82"]["value"] == [[3, 3, 0]]  # the fake GPU has no memory sensor: NOT_SUPPORTED
+    assert gpu["temperature_thresholds"]["slowdown"]["code"] == 3
     assert gpu["remapped_rows"]["value"] == [0, 0, 0, 0] and gpu["pcie_replays"]["value"] == 0
     costs = report["costs"]  # per call on GPU 0, beside the alternatives
     assert costs["gpm: nvmlGpmSampleGet"]["answer"] == "sample" and costs["health: nvmlDeviceGetPcieReplayCounter"]
