@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from podmeter.component import KINDS, Factory, registry
-from podmeter.metrics import metrics_table
+from podmeter.metrics import MetricSpec, metrics_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- generated:(config|metrics) -->\n).*?(<!-- end:\2 -->)", re.S)
@@ -78,6 +78,15 @@ def config_table(model: type[BaseModel]) -> str:
     return "\n".join(["| key | default | description |", "| --- | --- | --- |", *rows])
 
 
+def prometheus_name(spec: MetricSpec) -> str:
+    """The metric's family name on the prometheus exporter with its default settings (suffixes added, no namespace);
+    a histogram's series add `_bucket`, `_sum` and `_count` to it."""
+    from exporters.prometheus.translate import metric_name
+
+    kind = "counter" if spec.instrument == "sum" else spec.instrument
+    return metric_name(spec.name, spec.unit, kind, True)
+
+
 def readme_path(factory: Factory) -> str:
     module = importlib.import_module(factory.create.__module__)
     folder = os.path.dirname(module.__file__)
@@ -89,7 +98,8 @@ def render(factory: Factory, text: str) -> str:
         if m.group(2) == "config":
             body = config_table(factory.config_model)
         else:
-            body = metrics_table(factory.metrics) if factory.metrics else "This component emits no metrics of its own."
+            body = (metrics_table(factory.metrics, prometheus_name) if factory.metrics
+                    else "This component emits no metrics of its own.")
             if factory.resource_attributes:
                 body += "\n\nResource attributes: " + ", ".join(f"`{a}`" for a in factory.resource_attributes) + "."
         return f"{m.group(1)}{body}\n{m.group(3)}"

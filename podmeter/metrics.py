@@ -344,11 +344,15 @@ def merge(batches: Iterable[MetricsData]) -> MetricsData:
     return MetricsData(resource_metrics=[rm for b in batches if b is not None for rm in b.resource_metrics])
 
 
-def metrics_table(specs: Iterable[MetricSpec]) -> str:
-    """The Markdown table of a component's metrics, generated into its README."""
-    rows = ["| metric | type | unit | attributes | description |", "| --- | --- | --- | --- | --- |"]
+def metrics_table(specs: Iterable[MetricSpec], prometheus_name: Callable[[MetricSpec], str] | None = None) -> str:
+    """The Markdown table of a component's metrics, generated into its README; with `prometheus_name`, a column
+    with each metric's name on the prometheus exporter (what a PromQL query or a dashboard spells)."""
+    promql = prometheus_name is not None
+    rows = ["| metric | " + ("Prometheus | " if promql else "") + "type | unit | attributes | description |",
+            "| --- | " + ("--- | " if promql else "") + "--- | --- | --- | --- |"]
     for s in specs:
         attrs = ", ".join(f"`{a}`" for a in s.attributes) or "-"
         default = "" if s.enabled else " (off by default)"
-        rows.append(f"| `{s.name}` | {s.instrument} | `{s.unit}` | {attrs} | {s.description}{default} |")
+        prom = f"`{prometheus_name(s)}` | " if promql else ""
+        rows.append(f"| `{s.name}` | {prom}{s.instrument} | `{s.unit}` | {attrs} | {s.description}{default} |")
     return "\n".join(rows)

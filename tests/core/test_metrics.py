@@ -8,6 +8,7 @@ SUM = MetricSpec("container.cpu.time", "sum", "s", "cpu", ("cpu.mode",))
 GAUGE = MetricSpec("container.memory.usage", "gauge", "By", "mem")
 OFF = MetricSpec("container.memory.rss", "gauge", "By", "rss", enabled=False)
 HIST = MetricSpec("container.cpu.run_queue.latency", "histogram", "s", "latency")
+RATIO = MetricSpec("hw.gpu.utilization", "gauge", "1", "busy")
 
 
 def test_points_grouped_by_resource_value_not_dict_identity():
@@ -45,6 +46,18 @@ def test_metrics_table_lists_disabled_ones():
     table = metrics_table([SUM, OFF])
     assert "`container.cpu.time` | sum | `s` | `cpu.mode`" in table
     assert "(off by default)" in table
+
+
+def test_metrics_table_gives_the_prometheus_name_of_each_metric():
+    """The README tables say what a PromQL query spells: the exporter's own translation, one source of truth."""
+    from podmeter.docs import prometheus_name
+
+    table = metrics_table([SUM, GAUGE, HIST, RATIO], prometheus_name)
+    assert table.splitlines()[0] == "| metric | Prometheus | type | unit | attributes | description |"
+    assert "| `container.cpu.time` | `container_cpu_time_seconds_total` | sum |" in table
+    assert "| `container.memory.usage` | `container_memory_usage_bytes` | gauge |" in table
+    assert "| `container.cpu.run_queue.latency` | `container_cpu_run_queue_latency_seconds` | histogram |" in table
+    assert "| `hw.gpu.utilization` | `hw_gpu_utilization_ratio` | gauge |" in table
 
 
 def test_adder_is_add_bound_to_one_resource_and_points_equal_the_sdks():

@@ -33,6 +33,7 @@ from harness.cgroups import PodCgroup, v2_root
 from harness.prometheus import PrometheusServer, prometheus_binary
 
 from podmeter.component import registry
+from podmeter.docs import prometheus_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DASHBOARD = os.path.join(ROOT, "dashboards", "podmeter.json")
@@ -83,16 +84,13 @@ def selectors(expr: str) -> set[str]:
 
 def declared_prometheus_names() -> dict[str, str]:
     """Prometheus family name -> component type, from every registered receiver's MetricSpecs."""
-    from exporters.prometheus.translate import metric_name
-
-    kinds = {"sum": "counter", "updowncounter": "updowncounter", "gauge": "gauge", "histogram": "histogram"}
     out: dict[str, str] = {}
     for type_ in RECEIVERS:
         factory = registry().get("receiver", type_)
         if factory is None:
             continue
         for spec in factory.metrics:
-            name = metric_name(spec.name, spec.unit, kinds[spec.instrument], True)
+            name = prometheus_name(spec)
             out[name] = type_
             if spec.instrument == "histogram":
                 for suffix in ("_bucket", "_sum", "_count"):
