@@ -9,11 +9,10 @@ a machine with the real driver. Run it as root (it makes pod-shaped cgroups) fro
 With PyTorch importable, it starts GPU processes on GPU 0, each in its own pod-shaped cgroup: one busy with matrix
 products and N (31) idle ones holding GPU memory, 32 in all, as one GPU of issue 10's 8 GPUs x 32 processes. Then:
 the receiver in process (CPU per collection, with `energy` on and off, with `gpm` on and with `per_container` on, a
-profile, the scrape),
-what GPM and the health calls (XID events, remapped rows, PCIe replays) answer and cost, nvitop-exporter on
-the same processes, `podmeter run` with the nvml and cgroup receivers, and `podmeter collect` in a PID namespace of
-its own (a pod without hostPID). It writes DIR/report.md (readable), DIR/report.json (everything), DIR/metrics.txt
-(the agent's /metrics), DIR/telemetry.txt (its self-telemetry) and DIR/agent.log.
+profile, the scrape), what GPM and the health calls (XID events, remapped rows, PCIe replays) answer and cost,
+nvitop-exporter on the same processes, `podmeter run` with the nvml and cgroup receivers, and `podmeter collect` in
+a PID namespace of its own (a pod without hostPID). It writes DIR/report.md (readable), DIR/report.json
+(everything), DIR/metrics.txt (the agent's /metrics), DIR/telemetry.txt (its self-telemetry) and DIR/agent.log.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from prometheus_client import generate_latest
 
 from podmeter.metrics import count_points
 from receivers.nvml.gpm import GPM_METRICS, metrics_request
+from receivers.nvml.receiver import TEMPERATURE_LIMITS
 from receivers.nvml.xid import XID_CRITICAL
 
 from . import REPO
@@ -187,8 +187,7 @@ def probe(label: str) -> dict:
                  (now_us - 10_000_000,))):
             d[name] = _call(fn, h, *args)
         d["temperature_thresholds"] = {name: _call(N.nvmlDeviceGetTemperatureThreshold, h, kind)
-                                       for kind, name in ((0, "shutdown"), (1, "slowdown"), (2, "mem_max"),
-                                                          (3, "gpu_max"))}
+                                       for kind, name, _spec, _limit in TEMPERATURE_LIMITS}
         d["gpm_support"] = _call(N.nvmlGpmQueryDeviceSupport, h)
         d["gpm_metrics_1s"] = _call(_gpm_metrics, h, repeat=1)
         for since, tag in ((0, "all"), (now_us - 10_000_000, "10s"), (now_us + 60_000_000, "future")):

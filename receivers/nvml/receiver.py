@@ -68,6 +68,9 @@ MAX_OWNERS = 1024  # uid -> user name entries kept
 # what names a container among a process's attributes, and what its per-container resource carries from them
 CONTAINER_IDENTITY = ("k8s.pod.uid", "container.id")
 CONTAINER_ATTRIBUTES = CONTAINER_IDENTITY + ("container.runtime.name", "k8s.pod.qos_class")
+# what a process's and a container's GPU use are reported as: memory, utilization, memory controller utilization
+PROCESS_SPECS = (M.PROCESS_MEMORY, M.PROCESS_UTILIZATION, M.PROCESS_MEM_CTRL_UTILIZATION)
+CONTAINER_SPECS = (M.CONTAINER_MEMORY, M.CONTAINER_UTILIZATION, M.CONTAINER_MEM_CTRL_UTILIZATION)
 
 
 def _exe_path(link: str) -> str | None:
@@ -917,7 +920,7 @@ class NvmlReceiver(Receiver):
             # idle; samples None (not supported: MIG; or failed) leaves them out
             figures = (used,) + (() if samples is None else samples.get(pid, (0, 0, 0, 0)))
             if per_process:
-                self._process_points(b.adder(resource), figures)
+                self._usage_points(b.adder(resource), figures, PROCESS_SPECS)
             if containers is not None:
                 sums = self._container_sums(containers, resource, dev)
                 if sums is not None:
@@ -925,22 +928,17 @@ class NvmlReceiver(Receiver):
                         if v is not None:
                             sums[k] = v if sums[k] is None else sums[k] + v
         for resource, used, *util in (containers or {}).values():
-            add = b.adder(resource)
-            add(M.CONTAINER_MEMORY, used)
-            if samples is None:
-                continue
             # a sum over processes can pass 100% where their samples overlap (MPS clients running at once): a
             # container cannot use more than the whole GPU
-            sm, mem, enc, dec = (None if v is None else min(v, 100) for v in util)
-            for task, v in (("general", sm), ("encoder", enc), ("decoder", dec)):
-                if v is not None:
-                    add(M.CONTAINER_UTILIZATION, v / 100, {"hw.gpu.task": task})
-            if mem is not None:
-                add(M.CONTAINER_MEM_CTRL_UTILIZATION, mem / 100)
+            figures = (used,) + (() if samples is None else tuple(None if v is None else min(v, 100) for v in util))
+            self._usage_points(b.adder(resource), figures, CONTAINER_SPECS)
 
     @staticmethod
-    def _process_points(add, figures: tuple) -> None:
-        add(M.PROCESS_MEMORY, figures[0])
+    def _usage_points(add, figures: tuple, specs: tuple) -> None:
+        """Points of `figures` (memory, then, if sampled, the sm, memory controller, encoder and decoder percentages)
+        as `specs` (memory, utilization, memory controller utilization): a process's or a container's."""
+        memory, utilization, mem_ctrl = specs
+        add(memory, figures[0])
         if len(figures) == 1:
             return
         _used, sm, mem, enc, dec = figures
@@ -948,9 +946,9 @@ class NvmlReceiver(Receiver):
         # the memory controller's share is not a task: its own metric, as on the device
         for task, v in (("general", sm), ("encoder", enc), ("decoder", dec)):
             if v is not None:
-                add(M.PROCESS_UTILIZATION, v / 100, {"hw.gpu.task": task})
+                add(utilization, v / 100, {"hw.gpu.task": task})
         if mem is not None:
-            add(M.PROCESS_MEM_CTRL_UTILIZATION, mem / 100)
+            add(mem_ctrl, mem / 100)
 
     def _container_sums(self, containers: dict, process: Resource, dev: Device) -> list | None:
         """The running sums of the container `process` belongs to on `dev`; None for a process outside any pod or
