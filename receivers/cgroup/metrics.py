@@ -36,6 +36,9 @@ KINDS = (
                                                            "metrics only for a cgroup with a CPU limit (a quota)"),
     Kind("cpu.throttling_data.throttled_periods", "sum", "{period}", "CFS periods in which the cgroup was throttled"),
     Kind("cpu.throttling_data.throttled_time", "sum", "s", "Time the cgroup was throttled by its CPU limit"),
+    Kind("cpu.limit", "gauge", "{cpu}", "CPU limit in CPUs, the CFS quota over its period (cpu.max / "
+                                        "cpu.cfs_quota_us and cpu.cfs_period_us), as the runtime applied it; absent "
+                                        "when there is none"),
     Kind("memory.usage", "gauge", "By", "Memory in use, page cache included (memory.current / memory.usage_in_bytes)",
          group="memory"),
     Kind("memory.working_set", "gauge", "By", "Usage minus inactive file cache, floored at 0, as cAdvisor's "

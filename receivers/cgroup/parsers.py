@@ -49,6 +49,26 @@ def parse_int(data: bytes | None) -> int | None:
         return None
 
 
+def parse_cpu_max(data: bytes | None) -> float | None:
+    """cgroup v2 cpu.max, `quota period` in microseconds: the limit in CPUs; `max ...` (no limit) gives 0.0;
+    nothing or garbage gives None."""
+    if not data:
+        return None
+    words = data.split()
+    if len(words) == 2:
+        if words[0] == b"max":
+            return 0.0
+        try:
+            quota, period = int(words[0]), int(words[1])
+        except ValueError:
+            pass
+        else:
+            if quota > 0 and period > 0:
+                return quota / period
+    _malformed(data)
+    return None
+
+
 def parse_flat(data: bytes | None, keys: tuple[bytes, ...] | None = None) -> dict[bytes, int]:
     """Flat keyed files: `key value` per line (cpu.stat, memory.stat, memory.events, memory.oom_control...).
 

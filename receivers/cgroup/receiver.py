@@ -265,6 +265,7 @@ class CgroupReceiver(Receiver):
             add(specs.periods, s.periods)
             add(specs.throttled_periods, s.throttled_periods)
             add(specs.throttled_time, s.throttled_time)
+        add(specs.cpu_limit, s.cpu_limit)
         add(specs.mem_usage, s.mem_usage)
         add(specs.mem_working_set, s.mem_working_set)
         add(specs.mem_rss, s.mem_rss)
@@ -407,21 +408,22 @@ class _SummedPod:
 
 # the metrics whose values add up across containers (Stats.ADDITIVE); limits and pressure do not
 _ADDITIVE = frozenset(k.suffix for k in KINDS if k.group in ("cpu", "memory", "io", "pids")
-                      and k.suffix not in ("memory.limit", "pids.limit"))
+                      and k.suffix not in ("cpu.limit", "memory.limit", "pids.limit"))
 
 
 class _Specs:
     """The metric specs of one level (container or pod) resolved once, for the per point hot path."""
 
     __slots__ = ("cpu_time", "cpu_usage", "cpu_percent", "periods", "throttled_periods", "throttled_time",
-                 "mem_usage", "mem_working_set", "mem_rss", "mem_cache", "mem_kernel_stack", "mem_page_tables",
+                 "cpu_limit", "mem_usage", "mem_working_set", "mem_rss", "mem_cache", "mem_kernel_stack", "mem_page_tables",
                  "mem_swap", "mem_limit", "oom_events", "oom_kills", "faults", "disk_io", "disk_ops", "pids",
                  "pids_limit", "stall")
 
     def __init__(self, specs: dict) -> None:
         for attr, suffix in zip(self.__slots__, (
                 "cpu.time", "cpu.usage", "cpu.percent", "cpu.throttling_data.periods",
-                "cpu.throttling_data.throttled_periods", "cpu.throttling_data.throttled_time", "memory.usage",
+                "cpu.throttling_data.throttled_periods", "cpu.throttling_data.throttled_time", "cpu.limit",
+                "memory.usage",
                 "memory.working_set", "memory.rss", "memory.cache", "memory.kernel_stack", "memory.page_tables",
                 "memory.swap", "memory.limit", "memory.oom.events", "memory.oom.kills", "memory.paging.faults",
                 "disk.io", "disk.operations", "pids.count", "pids.limit", "pressure.stall_time"), strict=True):

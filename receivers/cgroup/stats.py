@@ -27,6 +27,7 @@ class Stats:
     periods: int | None = None
     throttled_periods: int | None = None
     throttled_time: float | None = None  # seconds
+    cpu_limit: float | None = None  # CPUs: the CFS quota over its period
     mem_usage: int | None = None
     mem_working_set: int | None = None
     mem_rss: int | None = None
@@ -77,7 +78,8 @@ class Stats:
 
 # What each metric (by its suffix, the same for containers and pods) needs read. Files: cpu = the CPU time file(s)
 # (v2 cpu.stat, v1 cpuacct.usage_all or its fallbacks); throttle = the CPU quota (cpu.max / cpu.cfs_quota_us) and,
-# where the CFS counters are not in the cpu.stat already read, their cpu.stat; mem_usage = memory.current /
+# where the CFS counters are not in the cpu.stat already read, their cpu.stat; cpu_limit = the CPU quota and its
+# period (v2 cpu.max, v1 cpu.cfs_quota_us and cpu.cfs_period_us); mem_usage = memory.current /
 # memory.usage_in_bytes; mem_stat / mem_stat_v1 = memory.stat on cgroup v2 / v1 (v1 has swap there, not kernel
 # stacks nor page tables); mem_limit = memory.max / memory.limit_in_bytes; swap = memory.swap.current (v2);
 # oom_v2 = memory.events; oom_v1 = memory.oom_control (kills only); io = io.stat / blkio; pids_count =
@@ -89,6 +91,7 @@ READS_OF: dict[str, tuple[str, ...]] = {
     "cpu.throttling_data.periods": ("cpu", "throttle"),
     "cpu.throttling_data.throttled_periods": ("cpu", "throttle"),
     "cpu.throttling_data.throttled_time": ("cpu", "throttle"),
+    "cpu.limit": ("cpu_limit",),
     "memory.usage": ("mem_usage",),
     "memory.working_set": ("mem_usage", "mem_stat", "mem_stat_v1"),
     "memory.rss": ("mem_stat", "mem_stat_v1"),
@@ -106,7 +109,7 @@ READS_OF: dict[str, tuple[str, ...]] = {
     "pids.limit": ("pids_limit",),
     "pressure.stall_time": ("pressure",),
 }
-_FLAGS = ("cpu", "throttle", "mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2", "oom_v1", "io",
+_FLAGS = ("cpu", "throttle", "cpu_limit", "mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2", "oom_v1", "io",
           "pids_count", "pids_limit", "pressure")
 _MEMORY_READS = ("mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2", "oom_v1")
 
@@ -125,7 +128,8 @@ class Reads:
             setattr(self, name, name in flags)
         self.memory = any(name in flags for name in _MEMORY_READS)
         self.pids = self.pids_count or self.pids_limit
-        self.limits = self.mem_limit or self.pids_limit  # (the CPU quota goes with the counters it gates)
+        # (the CPU quota read for the throttling counters it gates is remembered with these, but read only with them)
+        self.limits = self.mem_limit or self.pids_limit or self.cpu_limit
         # nothing but limits is read: on the collections that take the limits from what was read before, no file
         # is read and the cgroup is there as discovery listed it; `nothing`: no file at all (the pod's network)
         self.listed = not (self.cpu or self.mem_usage or self.mem_stat or self.mem_stat_v1 or self.swap
@@ -243,8 +247,8 @@ class Reader:
         self._vanished = False  # a kept fd of the cgroup being read said it was removed
         self._renewed = False  # ...and the file opened again by path: a new cgroup of the same name
         self._partial = False  # a file of the cgroup being read by path was read without keeping its fd
-        # cgroup -> (memory limit, pids limit, whether a CPU quota is set)
-        self._limits: dict[str, tuple[int | None, int | None, bool | None]] = {}
+        # cgroup -> (memory limit, pids limit, CPU quota in CPUs: 0.0 none, None not read or unreadable)
+        self._limits: dict[str, tuple[int | None, int | None, float | None]] = {}
         self._collections = 0
         self._refresh_limits = True
         self.psi_disabled = False  # the kernel answers EOPNOTSUPP to pressure files: PSI is off (see _psi_errors)
@@ -425,7 +429,6 @@ class Reader:
         s = Stats()
         lay = self.layout
         limits = self._limits.get(rel) if not self._refresh_limits else None
-        cpu_limited = None
         v2_cpu_stat: dict[bytes, int] | None = None
         if w.cpu and lay.cpu is not None:
             base = lay.cpu.root + rel
@@ -457,24 +460,33 @@ class Reader:
                         hz = _user_hz()
                         if b"user" in ticks and b"system" in ticks:
                             s.cpu_user, s.cpu_system = ticks[b"user"] / hz, ticks[b"system"] / hz
-            # the throttling counters and the quota that gates them: read only when a throttling metric is wanted
-            thr = lay.throttle if w.throttle else None
-            if thr is not None:
-                # CFS counters mean something only under a CPU limit (without one they stay 0 forever): they are read
-                # and emitted only for a cgroup with a quota, as cAdvisor emits them only with one
-                cpu_limited = self._cpu_quota_set(thr.root + rel, thr.v2) if limits is None else limits[2]
-            if thr is not None and cpu_limited is not False:
-                if thr.v2 and lay.cpu.v2 and thr.root == lay.cpu.root:
-                    stat = v2_cpu_stat or {}
-                else:
-                    stat = p.parse_flat(text(thr.root + rel + "/cpu.stat"))
-                if b"nr_periods" in stat:
-                    s.periods = stat[b"nr_periods"]
-                    s.throttled_periods = stat.get(b"nr_throttled")
-                    if b"throttled_usec" in stat:
-                        s.throttled_time = stat[b"throttled_usec"] / 1e6
-                    elif b"throttled_time" in stat:  # v1: nanoseconds
-                        s.throttled_time = stat[b"throttled_time"] / 1e9
+        # the CPU quota, in CPUs (0.0: none; None: not read, or unreadable), read with the other limits: for the
+        # limit itself, and to gate the throttling counters. CFS counters mean something only under a CPU limit
+        # (without one they stay 0 forever): they are read and emitted only for a cgroup with a quota, as cAdvisor
+        # emits them only with one (and read as they come when the quota could not be read)
+        quota = None
+        thr = lay.throttle if w.throttle or w.cpu_limit else None
+        if thr is not None:
+            if limits is None:
+                quota = self._cpu_quota(thr.root + rel, thr.v2, in_cpus=w.cpu_limit)
+                if quota is not None and w.cpu_limit:
+                    s.found = True
+            else:
+                quota = limits[2]
+            if w.cpu_limit and quota:
+                s.cpu_limit = quota
+        if w.throttle and thr is not None and quota != 0.0 and lay.cpu is not None:
+            if thr.v2 and lay.cpu.v2 and thr.root == lay.cpu.root:
+                stat = v2_cpu_stat or {}
+            else:
+                stat = p.parse_flat(text(thr.root + rel + "/cpu.stat"))
+            if b"nr_periods" in stat:
+                s.periods = stat[b"nr_periods"]
+                s.throttled_periods = stat.get(b"nr_throttled")
+                if b"throttled_usec" in stat:
+                    s.throttled_time = stat[b"throttled_usec"] / 1e6
+                elif b"throttled_time" in stat:  # v1: nanoseconds
+                    s.throttled_time = stat[b"throttled_time"] / 1e9
         mem_limit = pids_limit = None
         if w.memory and lay.memory is not None:
             mem_limit = self._memory(lay.memory.root + rel, lay.memory.v2, s, limits, text, w)
@@ -511,7 +523,7 @@ class Reader:
         psi_off = lay.psi is None or self.psi_disabled
         if limits is None:
             if s.found:
-                self._limits[rel] = (mem_limit, pids_limit, cpu_limited)
+                self._limits[rel] = (mem_limit, pids_limit, quota)
             elif w.nothing or psi_off and w.nothing_but_psi:
                 s.found = True  # nothing to read here (the pod's network only): the cgroup is there, as listed
         elif w.listed or psi_off and w.listed_but_psi:
@@ -528,14 +540,19 @@ class Reader:
             self.errors[since:] = [e for e in self.errors[since:] if e[1].errno != errno.EOPNOTSUPP]
             self.psi_disabled = True
 
-    def _cpu_quota_set(self, base: str, v2: bool) -> bool | None:
-        """Whether the cgroup has a CPU limit: v2 cpu.max other than `max ...`, v1 cpu.cfs_quota_us other than -1;
-        None when the file cannot be read (the counters are then read as they come)."""
+    def _cpu_quota(self, base: str, v2: bool, in_cpus: bool) -> float | None:
+        """The cgroup's CPU limit in CPUs, its CFS quota over its period (v2 cpu.max `quota period`, v1
+        cpu.cfs_quota_us and cpu.cfs_period_us); 0.0 when it has none (`max`, -1); None when it cannot be read.
+        Without `in_cpus` only whether there is one matters: v1's period is not read, and a quota answers 1.0."""
         if v2:
-            data = read_small(base + "/cpu.max", self.errors)
-            return None if not data else not data.startswith(b"max")
+            return p.parse_cpu_max(read_small(base + "/cpu.max", self.errors))
         quota = p.parse_int(read_small(base + "/cpu.cfs_quota_us", self.errors))
-        return None if quota is None else quota > 0
+        if quota is None or quota <= 0:
+            return None if quota is None else 0.0
+        if not in_cpus:
+            return 1.0
+        period = p.parse_int(read_small(base + "/cpu.cfs_period_us", self.errors))
+        return quota / period if period else None
 
     def _memory(self, base: str, v2: bool, s: Stats, limits: tuple | None, text, w: Reads) -> int | None:
         """Memory statistics into `s`, of the files `w` says; returns the limit as read (or as remembered in

@@ -128,7 +128,9 @@ def test_memory_limit_and_throttling_from_the_kernel(pod):
             f.write("20000")
     receiver = make_receiver()
     c = {"container.id": pod.container_id}
-    assert value(receiver.collect(), "container.memory.limit", c) == 512 << 20
+    first = receiver.collect()
+    assert value(first, "container.memory.limit", c) == 512 << 20
+    assert value(first, "container.cpu.limit", c) == pytest.approx(0.2)  # the kernel's own period (100 ms)
 
     def throttled():
         # the kernel adds throttled time when the cgroup is unthrottled: it may lag the period count

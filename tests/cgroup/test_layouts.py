@@ -180,6 +180,50 @@ def test_throttling_only_for_a_cgroup_with_a_cpu_limit(tmp_path, layout):
     assert value(data, THROTTLING[2], {"container.id": cid}) == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS[:3], ids=[lay.name for lay in LAYOUTS[:3]])
+def test_cpu_limit_is_the_cfs_quota_over_its_period(tmp_path, layout):
+    """container.cpu.limit and k8s.pod.cpu.limit: the quota the runtime applied, in CPUs (v1 divides by the
+    cgroup's own cpu.cfs_period_us, which kubelet's --cpu-cfs-quota-period changes); no series without a quota;
+    an in-place resize shows within limits_every collections. The fixture's quota is 50000 of 100000 us."""
+    root = build(str(tmp_path), layout)
+    thr = detect_layout(root).throttle
+    pod = layout.pods[0]
+    (cdir, cid, _rt), (other_dir, other, _r) = pod.containers[:2]
+    receiver = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"), limits_every=2)
+    data = receiver.collect()
+    assert value(data, "container.cpu.limit", {"container.id": cid}) == pytest.approx(0.5)
+    assert value(data, "k8s.pod.cpu.limit", {"k8s.pod.uid": pod.uid}) == pytest.approx(0.5)
+
+    def write(rel, v2_text, quota, period=None):
+        if thr.v2:
+            with open(f"{thr.root}{rel}/cpu.max", "w") as f:
+                f.write(v2_text)
+            return
+        with open(f"{thr.root}{rel}/cpu.cfs_quota_us", "w") as f:
+            f.write(quota)
+        if period is not None:
+            with open(f"{thr.root}{rel}/cpu.cfs_period_us", "w") as f:
+                f.write(period)
+
+    write(cdir, "max 100000\n", "-1\n")  # the limit removed
+    write(other_dir, "300000 200000\n", "300000\n", "200000\n")  # resized to 1.5 CPUs, over another period
+    data = receiver.collect()  # limits are not read again yet
+    assert value(data, "container.cpu.limit", {"container.id": cid}) == pytest.approx(0.5)
+    data = receiver.collect()
+    assert value(data, "container.cpu.limit", {"container.id": cid}) is None
+    assert value(data, "container.cpu.limit", {"container.id": other}) == pytest.approx(1.5)
+    assert value(data, "k8s.pod.cpu.limit", {"k8s.pod.uid": pod.uid}) == pytest.approx(0.5)
+    # a quota file that says nothing sensible: no limit series, the line reported as malformed, and the
+    # throttling counters read as they come (the quota cannot tell they mean nothing)
+    write(other_dir, "lots 100000\n", "lots\n")
+    receiver.collect()
+    data = receiver.collect()
+    assert value(data, "container.cpu.limit", {"container.id": other}) is None
+    assert value(data, THROTTLING[0], {"container.id": other}) == 100
+    assert receiver.reader.malformed
+    receiver.shutdown()
+
+
 def test_a_pod_summed_from_its_containers_keeps_their_throttling_when_a_cpu_limit_goes(tmp_path):
     """In-place resize removes a container's CPU limit: its throttling series go (as cAdvisor's), but a pod without
     a cgroup of its own sums its containers' counters, and that sum must not go backward (a reset to a backend,

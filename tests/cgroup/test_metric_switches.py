@@ -32,7 +32,9 @@ MEMORY_STAT = ("memory.rss", "memory.cache", "memory.kernel_stack", "memory.page
 
 # switch -> the metric suffixes it turns off
 SWITCHES = {
-    "throttling": THROTTLING,
+    # the CPU quota is read for the limit and to gate the throttling counters: both off, it is not read
+    "cpu.quota": (*THROTTLING, "cpu.limit"),
+    "cpu.limit": ("cpu.limit",),
     "memory.limit": ("memory.limit",),
     "memory.swap": ("memory.swap",),
     "oom": ("memory.oom.events", "memory.oom.kills"),
@@ -42,13 +44,18 @@ SWITCHES = {
     "pids.count": ("pids.count",),
 }
 # limits and PSI do not add up: the only files a container skips when its pod still wants the metric
-NOT_ADDITIVE = ("memory.limit", "pids.limit")
+NOT_ADDITIVE = ("cpu.limit", "memory.limit", "pids.limit")
 
 
 def skipped_files(switch: str, layout) -> list[tuple[str, str]]:
     """(hierarchy root, file name) that nothing but the switch's metrics needs on this layout."""
     mem, thr, pids = layout.memory, layout.throttle, layout.pids
-    if switch == "throttling":
+    # v1 divides the quota by the cgroup's cpu.cfs_period_us, read for the limit alone (v2's cpu.max has both)
+    period = [] if thr.v2 else [(thr.root, "cpu.cfs_period_us")]
+    if switch == "cpu.limit":
+        return period
+    if switch == "cpu.quota":
+        # (v1's period is the cpu.limit switch's: a container whose pod sums its throttling still reads the quota)
         out = [(thr.root, "cpu.max" if thr.v2 else "cpu.cfs_quota_us")]
         if not (thr.v2 and layout.cpu.v2 and thr.root == layout.cpu.root):
             out.append((thr.root, "cpu.stat"))  # v1: the counters' own cpu.stat, in the cpu hierarchy
@@ -72,7 +79,7 @@ def off(switch: str, level: str) -> dict:
 
 
 def group_of(switch: str) -> str:
-    return {"throttling": "cpu", "pids.limit": "pids", "pids.count": "pids"}.get(switch, "memory")
+    return {"cpu.quota": "cpu", "cpu.limit": "cpu", "pids.limit": "pids", "pids.count": "pids"}.get(switch, "memory")
 
 
 def by_metric(data, where: dict) -> dict[tuple, float]:
@@ -161,7 +168,8 @@ def pod():
         cg.destroy()
 
 
-KERNEL_SWITCHES = [s for s in SWITCHES if s != "memory.swap"]  # v2's memory.swap.current: on fixtures
+# on fixtures only: v2's memory.swap.current, v1's cpu.cfs_period_us (the kernel here may have either)
+KERNEL_SWITCHES = [s for s in SWITCHES if s not in ("memory.swap", "cpu.limit")]
 
 
 @pytest.mark.parametrize("level", ["both", "container", "pod"])
@@ -175,7 +183,7 @@ def test_a_switched_off_metric_skips_its_files_on_the_kernel(pod, switch, level)
 def test_limits_and_counts_on_the_kernel_are_the_kernels(pod):
     """What the switches leave is right on its own terms too: the limits written and the one sleeping task."""
     r = make_receiver(metrics={**off("pids.count", "both"), **off("memory.usage", "both"),
-                               **off("throttling", "both")})
+                               **off("cpu.quota", "both")})
     try:
         data = r.collect()
         c, p = {"container.id": pod.container_id}, {"k8s.pod.uid": pod.uid}
@@ -185,6 +193,7 @@ def test_limits_and_counts_on_the_kernel_are_the_kernels(pod):
         assert value(data, "container.pids.count", c) is None
         assert value(data, "container.memory.rss", c) is not None
         assert value(data, "container.cpu.throttling_data.periods", c) is None
+        assert value(data, "container.cpu.limit", c) is None
         assert value(data, "container.cpu.time", c, {"cpu.mode": "user"}) is not None
     finally:
         r.shutdown()
@@ -205,9 +214,11 @@ def _fixture_dirs(layout) -> tuple[dict, dict]:
     return dirs, where
 
 
-# v1 reads swap from memory.stat, which other metrics need: memory.swap has no file of its own there
+# v1 reads swap from memory.stat, which other metrics need: memory.swap has no file of its own there; v2's
+# cpu.max holds the period with the quota: cpu.limit has no file of its own there
 FIXTURE_CASES = [(name, switch) for name in FIXTURE_LAYOUTS for switch in SWITCHES
-                 if not (switch == "memory.swap" and not name.startswith("v2"))]
+                 if not (switch == "memory.swap" and not name.startswith("v2"))
+                 and not (switch == "cpu.limit" and name.startswith("v2"))]
 
 
 @pytest.mark.parametrize("level", ["both", "container", "pod"])
@@ -338,14 +349,14 @@ def test_a_cgroup_with_only_limits_read_is_found_and_goes_when_removed(tmp_path)
 
 # the IO schedulers' (BFQ, CFQ) files are looked for first, and again with the limits: the fixtures have none
 V1_SCHEDULER_IO = ["blkio/blkio.bfq.io_service_bytes_recursive", "blkio/blkio.io_service_bytes_recursive"]
-V1_FILES = ["cpuacct/cpuacct.usage_all", "cpu/cpu.cfs_quota_us", "cpu/cpu.stat", "memory/memory.usage_in_bytes",
+V1_FILES = ["cpuacct/cpuacct.usage_all", "cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us", "cpu/cpu.stat", "memory/memory.usage_in_bytes",
             "memory/memory.stat", "memory/memory.limit_in_bytes", "memory/memory.oom_control",
             *V1_SCHEDULER_IO, "blkio/blkio.throttle.io_service_bytes_recursive",
             "blkio/blkio.throttle.io_serviced_recursive", "pids/pids.current", "pids/pids.max"]
 V2_FILES = ["cpu.stat", "cpu.max", "memory.current", "memory.stat", "memory.max", "memory.swap.current",
             "memory.events", "io.stat", "pids.current", "pids.max", "cpu.pressure", "memory.pressure", "io.pressure"]
 PSI_HYBRID = ["unified/cpu.pressure", "unified/memory.pressure", "unified/io.pressure"]
-V1_LIMITS = ["cpu/cpu.cfs_quota_us", "memory/memory.limit_in_bytes", *V1_SCHEDULER_IO, "pids/pids.max"]
+V1_LIMITS = ["cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us", "memory/memory.limit_in_bytes", *V1_SCHEDULER_IO, "pids/pids.max"]
 V2_LIMITS = ["cpu.max", "memory.max", "pids.max"]
 # what the receiver read of each cgroup, in this order, before metric switches skipped files (the same for pods and
 # containers with the default configuration): on the first collection, and on a later one that reads limits
@@ -421,7 +432,7 @@ def test_a_trimmed_metric_set_keeps_fewer_files(tmp_path, name):
     """What users trimming the metric set get: fewer files read (and kept) per cgroup, the same values for the rest."""
     layout = LAYOUTS[name]
     root = build(str(tmp_path), layout)
-    trim = {**off("throttling", "both"), **off("memory.limit", "both"), **off("oom", "both"),
+    trim = {**off("cpu.quota", "both"), **off("memory.limit", "both"), **off("oom", "both"),
             **off("pids.limit", "both"), **off("memory.swap", "both")}
     full = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"))
     trimmed = make_receiver(cgroup_root=root, proc_root=str(tmp_path / "noproc"), metrics=trim)

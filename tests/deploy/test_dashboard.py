@@ -529,6 +529,9 @@ def test_every_panel_shows_what_the_workload_did(live):
         ("CPU by namespace", "A", None, lambda s: s.keys() == {"ml", "web"} and .35 <= s["ml"] <= .7 and s["web"] < .05),
         ("CPU throttling by pod", "A", None, lambda s: s.get("periods ml/trainer-0", 0) > .8),
         ("CPU throttling by pod", "B", None, lambda s: s.get("throttled time ml/trainer-0", 0) > .1),
+        # trainer-0 runs at its quota of half a core (as "CPU by pod" sees it); web-0 has no CPU limit
+        ("CPU usage vs limit by container", "A", None,
+         lambda s: s.keys() == {"ml/trainer-0/main"} and .7 <= s["ml/trainer-0/main"] <= 1.4),
         # memory: the kernel's own working set of each pod now
         ("Memory working set by pod", "A", None,
          lambda s: s.keys() == {"ml/trainer-0", "web/web-0"}
