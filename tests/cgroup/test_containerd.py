@@ -28,6 +28,9 @@ def test_containerd_pod_is_measured_and_attributed(ctrd):
         data = receiver.collect()
         c = {"k8s.pod.uid": pod.uid, "container.id": cid}
         assert value(data, "container.memory.limit", c) == 96 << 20
+        # runc wrote the CRI request's CPU quota and period (50000 of 100000 us); the pause container has none
+        assert value(data, "container.cpu.limit", c) == pytest.approx(0.5)
+        assert value(data, "container.cpu.limit", {"container.id": pod.sandbox_id}) is None
         # the sandbox (pause) container is a container of the pod too
         ids = {dict(rm.resource.attributes).get("container.id") for rm in data.resource_metrics
                if rm.resource.attributes.get("k8s.pod.uid") == pod.uid}
