@@ -109,8 +109,8 @@ READS_OF: dict[str, tuple[str, ...]] = {
     "pids.limit": ("pids_limit",),
     "pressure.stall_time": ("pressure",),
 }
-_FLAGS = ("cpu", "throttle", "cpu_limit", "mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2", "oom_v1", "io",
-          "pids_count", "pids_limit", "pressure")
+_FLAGS = ("cpu", "throttle", "cpu_limit", "mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2",
+          "oom_v1", "io", "pids_count", "pids_limit", "pressure")
 _MEMORY_READS = ("mem_usage", "mem_stat", "mem_stat_v1", "mem_limit", "swap", "oom_v2", "oom_v1")
 
 
@@ -128,7 +128,8 @@ class Reads:
             setattr(self, name, name in flags)
         self.memory = any(name in flags for name in _MEMORY_READS)
         self.pids = self.pids_count or self.pids_limit
-        # (the CPU quota read for the throttling counters it gates is remembered with these, but read only with them)
+        # limits: read when a cgroup is first seen and every limits_every-th collection, remembered in between (the
+        # CPU quota too when only the throttling counters want it, but those read the CPU files anyway)
         self.limits = self.mem_limit or self.pids_limit or self.cpu_limit
         # nothing but limits is read: on the collections that take the limits from what was read before, no file
         # is read and the cgroup is there as discovery listed it; `nothing`: no file at all (the pod's network)
