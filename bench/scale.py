@@ -23,6 +23,7 @@ from .components import Built, create, start_all
 from .measure import Stats, cpu_per_call, proc_rss_bytes, scrape
 from .node import NODE_NAME, SyntheticNode
 from .peers import NvitopResult, OpenTracer, raw_read, run_nvitop
+from .report import GPU_PIPELINE, GPU_PIPELINE_DAEMONSET
 
 LOG = logging.getLogger("bench")
 OTLP_MAX_BYTES = OTLPExporter.max_request_bytes
@@ -60,6 +61,11 @@ def component_configs(node: SyntheticNode, api) -> list[tuple[str, str, str, dic
         ("exporter", "prometheus", "", {"endpoint": f"127.0.0.1:{free_port()}"}),
         # a second exporter fed by the GPU pipeline alone: what compares with nvitop-exporter's exposition
         ("exporter", "prometheus", "gpu", {"endpoint": f"127.0.0.1:{free_port()}"}),
+        # the same GPU pipeline as the shipped DaemonSet configuration runs it: per-container series beside the
+        # per-process ones (k8s/base/pipelines.yaml), each with its own exporter
+        ("receiver", "nvml", "daemonset", {"library_path": node.nvml_lib, "proc_root": "/proc",
+                                           "per_container": True}),
+        ("exporter", "prometheus", "gpu-daemonset", {"endpoint": f"127.0.0.1:{free_port()}"}),
     ]
     if api is not None:
         cfgs.append(("processor", "k8sattributes", "", api.k8sattributes_config(NODE_NAME)))
@@ -207,7 +213,19 @@ def _measure(node: SyntheticNode, built: Built, res: ScaleResult, iterations: in
             if gpu_prom is not None:
                 gpu_prom.export(data)
 
-        res.cpu["gpu pipeline (nvml+k8sattributes+prometheus)"] = cpu_per_call(gpu_pipeline, iterations)
+        res.cpu[GPU_PIPELINE] = cpu_per_call(gpu_pipeline, iterations)
+    nvml_ds, prom_ds = built.get("nvml/daemonset"), built.get("prometheus/gpu-daemonset")
+    if nvml_ds is not None:
+
+        def gpu_pipeline_daemonset() -> None:
+            data = nvml_ds.collect()
+            if k8s is not None:
+                data = k8s.process(data) or data
+            if prom_ds is not None:
+                prom_ds.export(data)
+
+        res.cpu[GPU_PIPELINE_DAEMONSET] = cpu_per_call(gpu_pipeline_daemonset, iterations)
+        res.points[GPU_PIPELINE_DAEMONSET] = count_points(nvml_ds.collect())
         if gpu_prom is not None and gpu_prom.port:
             s = scrape(f"http://127.0.0.1:{gpu_prom.port}/metrics", scrapes)
             res.gpu_scrape = {"latency": s.latency, "bytes": s.bytes_plain, "bytes_gzip": s.bytes_gzip,
