@@ -206,30 +206,16 @@ def _measure(node: SyntheticNode, built: Built, res: ScaleResult, iterations: in
     if nvml is not None:
         res.attribution = check_attribution(node, batches["nvml"], processed if k8s is not None else None)
 
-        def gpu_pipeline() -> None:
-            data = nvml.collect()
-            if k8s is not None:
-                data = k8s.process(data) or data
-            if gpu_prom is not None:
-                gpu_prom.export(data)
-
-        res.cpu[GPU_PIPELINE] = cpu_per_call(gpu_pipeline, iterations)
-    nvml_ds, prom_ds = built.get("nvml/daemonset"), built.get("prometheus/gpu-daemonset")
-    if nvml_ds is not None:
-
-        def gpu_pipeline_daemonset() -> None:
-            data = nvml_ds.collect()
-            if k8s is not None:
-                data = k8s.process(data) or data
-            if prom_ds is not None:
-                prom_ds.export(data)
-
-        res.cpu[GPU_PIPELINE_DAEMONSET] = cpu_per_call(gpu_pipeline_daemonset, iterations)
-        res.points[GPU_PIPELINE_DAEMONSET] = count_points(nvml_ds.collect())
+        res.cpu[GPU_PIPELINE] = cpu_per_call(_gpu_pipeline(nvml, k8s, gpu_prom), iterations)
         if gpu_prom is not None and gpu_prom.port:
             s = scrape(f"http://127.0.0.1:{gpu_prom.port}/metrics", scrapes)
             res.gpu_scrape = {"latency": s.latency, "bytes": s.bytes_plain, "bytes_gzip": s.bytes_gzip,
                               "series": s.series}
+    nvml_ds = built.get("nvml/daemonset")
+    if nvml_ds is not None:
+        res.cpu[GPU_PIPELINE_DAEMONSET] = cpu_per_call(
+            _gpu_pipeline(nvml_ds, k8s, built.get("prometheus/gpu-daemonset")), iterations)
+        res.points[GPU_PIPELINE_DAEMONSET] = count_points(nvml_ds.collect())
     if prom is not None and prom.port and receivers:
         end_to_end()
         s = scrape(f"http://127.0.0.1:{prom.port}/metrics", scrapes)
@@ -239,6 +225,19 @@ def _measure(node: SyntheticNode, built: Built, res: ScaleResult, iterations: in
         _raw_floor(node, res, iterations)
         _model_floor(batches["cgroup"], res, iterations)
     res.rss_in_process = proc_rss_bytes()
+
+
+def _gpu_pipeline(nvml, k8s, prom):
+    """One collection of a GPU pipeline as the runtime runs it: nvml -> k8sattributes -> its own exporter."""
+
+    def run() -> None:
+        data = nvml.collect()
+        if k8s is not None:
+            data = k8s.process(data) or data
+        if prom is not None:
+            prom.export(data)
+
+    return run
 
 
 def _model_floor(batch, res: ScaleResult, iterations: int) -> None:
